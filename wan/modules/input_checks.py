@@ -1,0 +1,188 @@
+"""Checks of a forward call's inputs, run before anything is computed or written to a cache.
+
+Upstream fails late (an assert, a shape error deep inside, or silently wrong output). Here every
+problem is a ValueError/TypeError that names the argument, what was expected and what came, raised
+before any cache is touched. The checks read only what upstream's CausalWanModel also has
+(`patch_size`, `in_dim`, `num_layers`, `num_heads`, `dim`, `local_attn_size`, `blocks[i].self_attn`,
+`blocks[i].action_model`, `patch_embedding`), so they serve the optimized model over either parent.
+"""
+import torch
+
+SELF_CACHE_KEYS = ("k", "v", "global_end_index", "local_end_index")
+CROSS_CACHE_KEYS = ("k", "v", "is_init")
+
+
+def model_dtype(model) -> torch.dtype:
+    return model.patch_embedding.weight.dtype
+
+
+def action_modules(model):
+    return [b.action_model for b in model.blocks if b.action_model is not None]
+
+
+def _check_dtype(name, tensor, dtype):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} has dtype {tensor.dtype} but the model runs in {dtype}; "
+                        f"cast the input (or the model) so they agree")
+
+
+def _check_cache_list(name, caches, num_layers, keys):
+    if not isinstance(caches, (list, tuple)):
+        raise TypeError(f"{name} must be a list of {num_layers} dicts (one per layer), "
+                        f"got {type(caches).__name__}")
+    if len(caches) != num_layers:
+        raise ValueError(f"{name} has {len(caches)} entries but the model has {num_layers} layers")
+    missing = [k for k in keys if k not in caches[0]]
+    if missing:
+        raise ValueError(f"{name}[0] lacks the keys {missing} (expected {list(keys)})")
+
+
+def _check_cache_tensor(name, tensor, shape_desc, expected, dtype):
+    """expected: tuple with None where any size is allowed."""
+    _check_dtype(name, tensor, dtype)
+    ok = tensor.ndim == len(expected) and all(
+        e is None or s == e for s, e in zip(tensor.shape, expected))
+    if not ok:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape_desc} = "
+                         f"{tuple('*' if e is None else e for e in expected)}")
+
+
+def _check_position(name, cache, start, length, unit):
+    """A block either advances the stream (start == end so far) or repeats the latest block."""
+    written = int(cache["global_end_index"].reshape(-1)[0].item())
+    if start == written or start + length == written:
+        return
+    raise ValueError(
+        f"{name}: this call covers {unit} [{start}, {start + length}) but the cache holds the stream "
+        f"up to {unit} {written}; a call must start at {written} (next block) or repeat the latest "
+        f"block. Going backwards or skipping needs a fresh (reset) cache.")
+
+
+def _check_action_condition(name, cond, batch, steps, width, dtype, last_frame, ratio):
+    _check_dtype(name, cond, dtype)
+    if cond.ndim != 3 or cond.shape[0] != batch or cond.shape[2] != width:
+        raise ValueError(f"{name} has shape {tuple(cond.shape)}, expected [{batch}, steps, {width}]")
+    if cond.shape[1] != steps:
+        raise ValueError(f"{name} has {cond.shape[1]} steps; up to latent frame {last_frame} it must "
+                         f"hold the whole history: 1 + {ratio} * {last_frame} = {steps} steps")
+
+
+def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
+                         kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
+                         current_start):
+    dtype = model_dtype(model)
+    for name, tensor in (("x", x), ("cond_concat", cond_concat), ("visual_context", visual_context)):
+        _check_dtype(name, tensor, dtype)
+    if x.ndim != 5 or cond_concat.ndim != 5:
+        raise ValueError(f"x and cond_concat must be [B, C, F, H, W], got {tuple(x.shape)} and "
+                         f"{tuple(cond_concat.shape)}")
+    if x.shape[0] != cond_concat.shape[0] or x.shape[2:] != cond_concat.shape[2:]:
+        raise ValueError(f"x {tuple(x.shape)} and cond_concat {tuple(cond_concat.shape)} must agree "
+                         f"in batch, frames and latent size")
+    if x.shape[1] + cond_concat.shape[1] != model.in_dim:
+        raise ValueError(f"x has {x.shape[1]} channels and cond_concat {cond_concat.shape[1]}; "
+                         f"together they must make the model's in_dim {model.in_dim}")
+    batch = x.shape[0]
+    pt, ph, pw = model.patch_size
+    if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+        raise ValueError(f"latent size {tuple(x.shape[2:])} (F, H, W) is not divisible by the patch "
+                         f"size {tuple(model.patch_size)}")
+    frames, tokens_per_frame = x.shape[2] // pt, (x.shape[3] // ph) * (x.shape[4] // pw)
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, frames):
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"t must be a tensor of shape [batch, frames] = [{batch}, {frames}], got {got}")
+    clip_dim = model.img_emb.proj[0].normalized_shape[0]
+    if visual_context.ndim != 3 or visual_context.shape[0] != batch or visual_context.shape[2] != clip_dim:
+        raise ValueError(f"visual_context has shape {tuple(visual_context.shape)}, expected "
+                         f"[{batch}, tokens, {clip_dim}]")
+
+    streaming = kv_cache is not None
+    if streaming:
+        if not isinstance(current_start, int) or isinstance(current_start, bool) or current_start < 0:
+            raise ValueError(f"current_start must be a non-negative int, got {current_start!r}")
+        if current_start % tokens_per_frame:
+            raise ValueError(f"current_start {current_start} is not a multiple of the "
+                             f"{tokens_per_frame} tokens of one latent frame")
+    start_frame = current_start // tokens_per_frame if streaming else 0
+    _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype)
+    if streaming:
+        _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
+                      kv_cache_keyboard, crossattn_cache, dtype)
+
+
+def _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype):
+    modules = action_modules(model)
+    if not modules:
+        if mouse_cond is not None or keyboard_cond is not None:
+            raise ValueError("this model has no action module; pass mouse_cond=None and "
+                             "keyboard_cond=None")
+        return
+    action = modules[0]
+    ratio = action.vae_time_compression_ratio
+    last_frame = start_frame + frames - 1
+    steps = 1 + ratio * last_frame
+    window_steps = ratio * action.windows_size
+    if action.enable_mouse:
+        if mouse_cond is None:
+            raise ValueError("this model has a mouse branch: mouse_cond is required")
+        mouse_width = (action.mouse_mlp[0].in_features - action.proj_mouse.out_features) // window_steps
+        _check_action_condition("mouse_cond", mouse_cond, batch, steps, mouse_width, dtype,
+                                 last_frame, ratio)
+    elif mouse_cond is not None:
+        raise ValueError("this model has no mouse branch (enable_mouse is false); pass mouse_cond=None")
+    if action.enable_keyboard:
+        if keyboard_cond is None:
+            raise ValueError("this model has a keyboard branch: keyboard_cond is required")
+        _check_action_condition("keyboard_cond", keyboard_cond, batch, steps,
+                                action.keyboard_embed[0].in_features, dtype, last_frame, ratio)
+    elif keyboard_cond is not None:
+        raise ValueError("this model has no keyboard branch; pass keyboard_cond=None")
+
+
+def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
+                  kv_cache_keyboard, crossattn_cache, dtype):
+    layers = model.num_layers
+    heads, head_dim = model.num_heads, model.dim // model.num_heads
+    sink_frames = model.blocks[0].self_attn.sink_size
+    _check_cache_list("kv_cache", kv_cache, layers, SELF_CACHE_KEYS)
+    for i, cache in enumerate(kv_cache):
+        for key in ("k", "v"):
+            _check_cache_tensor(f"kv_cache[{i}]['{key}']", cache[key], "[B, tokens, heads, head_dim]",
+                                (batch, None, heads, head_dim), dtype)
+    capacity = kv_cache[0]["k"].shape[1]
+    if capacity % tokens_per_frame or capacity < (sink_frames + frames) * tokens_per_frame:
+        raise ValueError(
+            f"kv_cache holds {capacity} tokens: it must be a whole number of {tokens_per_frame}-token "
+            f"frames and fit the {sink_frames} sink frame(s) plus this call's {frames} frames "
+            f"(is the latent size the one the cache was made for?)")
+    _check_position("kv_cache", kv_cache[0], start_frame * tokens_per_frame,
+                    frames * tokens_per_frame, "tokens")
+    if crossattn_cache is not None:
+        _check_cache_list("crossattn_cache", crossattn_cache, layers, CROSS_CACHE_KEYS)
+
+    modules = action_modules(model)
+    if not modules:
+        return
+    action = modules[0]
+    a_heads = action.heads_num
+    for name, caches, enabled, rows in (
+            ("kv_cache_mouse", kv_cache_mouse, action.enable_mouse, batch * tokens_per_frame),
+            ("kv_cache_keyboard", kv_cache_keyboard, action.enable_keyboard, batch)):
+        if not enabled:
+            continue
+        if caches is None:
+            raise ValueError(f"{name} is required for streaming with this model's action modules")
+        _check_cache_list(name, caches, layers, SELF_CACHE_KEYS)
+        for i, block in enumerate(model.blocks):
+            if block.action_model is None:
+                continue
+            for key in ("k", "v"):
+                _check_cache_tensor(f"{name}[{i}]['{key}']", caches[i][key],
+                                    "[rows, frames, heads, head_dim]", (rows, None, a_heads, None), dtype)
+            if caches[i]["k"].shape[1] < frames:
+                raise ValueError(f"{name}[{i}] holds {caches[i]['k'].shape[1]} frames, fewer than "
+                                 f"this call's {frames}")
+        first = next(i for i, b in enumerate(model.blocks) if b.action_model is not None)
+        _check_position(f"{name}[{first}]", caches[first], start_frame, frames, "frames")
