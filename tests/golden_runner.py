@@ -71,8 +71,3 @@ def run_train(model, meta, inputs, dtype=torch.float64):
     t = torch.full((1, frames), float(meta["train"]["t"]), dtype=dtype)
     return model(inputs["noise"][:, :, :frames].to(dtype), t,
                  **block_conditions(inputs, 0, frames, dtype))
-
-
-def rel_err(out, ref) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()

@@ -86,6 +86,11 @@ class ActionModule(nn.Module):
 
         # upstream builds one table (from mouse_qk_dim_list) and uses it for mouse and keyboard
         self.rope = ActionRope(self.mouse_qk_dim_list, rope_theta)
+        for name, width, on in (("mouse_hidden_dim", mouse_hidden_dim, enable_mouse),
+                                ("keyboard_hidden_dim", keyboard_hidden_dim, enable_keyboard)):
+            if on and width != heads_num * self.rope.head_dim:
+                raise ValueError(f"{name} {width} / heads_num {heads_num} must give heads of "
+                                 f"sum(mouse_qk_dim_list) = {self.rope.head_dim} channels")
 
     @property
     def window_frames(self) -> int:

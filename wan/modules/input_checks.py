@@ -104,12 +104,13 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
             raise ValueError(f"current_start must be a non-negative int, got {current_start!r}")
         if current_start % tokens_per_frame:
             raise ValueError(f"current_start {current_start} is not a multiple of the "
-                             f"{tokens_per_frame} tokens of one latent frame")
+                             f"{tokens_per_frame} tokens of one latent frame (latent size "
+                             f"{tuple(x.shape[3:])}: is it the one the stream started with?)")
     start_frame = current_start // tokens_per_frame if streaming else 0
-    _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype)
-    if streaming:
+    if streaming:  # first: a cache made for another latent size explains many other mismatches
         _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
                       kv_cache_keyboard, crossattn_cache, dtype)
+    _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype)
 
 
 def _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype):
