@@ -1,4 +1,4 @@
-"""Realistic random weights for tests and benchmarks without a checkpoint.
+"""Realistic random weights and inputs for tests and benchmarks without a checkpoint.
 
 The default initialisation zeroes the output head and the action projections, which would hide
 most of the network from any comparison. Here every parameter is drawn: linear and conv weights with
@@ -23,3 +23,29 @@ def randomize_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module
             value = draw / param[0].numel() ** 0.5
         param.copy_(value.to(param.dtype))
     return model
+
+
+def random_inputs(model, latent_hw, frames: int = 3, start_frame: int = 0, batch: int = 1,
+                  seed: int = 1, t: float = 500.0) -> dict:
+    """Forward keyword arguments for a call covering frames [start_frame, start_frame + frames):
+    latents, CLIP context, and action histories of the length the pipeline passes."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = latent_hw
+    dtype, device = model.patch_embedding.weight.dtype, model.patch_embedding.weight.device
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    steps = 1 + 4 * (start_frame + frames - 1)
+    inputs = {"x": rand(batch, 16, frames, h, w),
+              "t": torch.full((batch, frames), t, dtype=dtype, device=device),
+              "visual_context": rand(batch, 257, 1280),
+              "cond_concat": rand(batch, 20, frames, h, w),
+              "mouse_cond": None, "keyboard_cond": None}
+    action = next((b.action_model for b in model.blocks if b.action_model is not None), None)
+    if action is not None and action.enable_mouse:
+        inputs["mouse_cond"] = 0.1 * rand(batch, steps, 2)
+    if action is not None and action.enable_keyboard:
+        width = action.keyboard_embed[0].in_features
+        inputs["keyboard_cond"] = (rand(batch, steps, width) > 0).to(dtype)
+    return inputs

@@ -1,0 +1,220 @@
+"""Streaming benchmark and demo with random weights.
+
+Runs Matrix-Game-2's call pattern on a model with realistic random weights and reports latency:
+
+* seed protocol: one streaming forward at current_start=0 with 15-frame caches, after warm-up;
+* pipeline protocol: N blocks of 3 latent frames, each `len(denoising steps)` forwards plus one
+  cache-update forward at t=0, caches sized by the attention window (6 frames for universal).
+  Steady state is every forward of the blocks after the window has filled (evictions under way).
+
+On a GPU it defaults to the universal config in bf16, on a CPU to the tiny config in float32.
+Timing uses CUDA events on the GPU (perf_counter on the CPU); medians over all timed calls.
+Writes a JSON report (device, torch, date, command, results) and prints a table last.
+
+    python benchmarks/stream.py                     # auto: GPU universal bf16 / CPU tiny fp32
+    python benchmarks/stream.py --blocks 8 --out benchmarks/results/h100.json
+"""
+import argparse
+import datetime
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from wan import CausalWanModel  # noqa: E402
+from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
+from wan.presets import LATENT_SIZE, model_config  # noqa: E402
+from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
+
+MODEL_CLASSES = {"reference": CausalWanModel}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "fp64": torch.float64}
+SEED_CACHE_FRAMES = 15
+VIDEO_FRAMES_PER_LATENT = 4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    p.add_argument("--preset", default="auto", help="tiny, universal, gta_drive, templerun or auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    p.add_argument("--models", default="reference", help=f"comma list of {list(MODEL_CLASSES)}")
+    p.add_argument("--blocks", type=int, default=None, help="pipeline blocks (default 8 GPU, 5 CPU)")
+    p.add_argument("--denoising-steps", default="1000,666,333")
+    p.add_argument("--seed-runs", type=int, default=None, help="timed seed forwards (default 10)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON report path (default: print only)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if args.device == "auto":
+        args.device = "cuda" if cuda else "cpu"
+    if args.device == "cuda" and not cuda:
+        p.error("--device cuda requested but torch sees no CUDA GPU")
+    on_gpu = args.device == "cuda"
+    args.preset = args.preset if args.preset != "auto" else ("universal" if on_gpu else "tiny")
+    args.dtype = DTYPES[args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")]
+    args.blocks = args.blocks or (8 if on_gpu else 5)
+    args.seed_runs = args.seed_runs or 10
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODEL_CLASSES]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; available: {list(MODEL_CLASSES)}")
+    args.denoising_steps = [float(s) for s in args.denoising_steps.split(",")]
+    return args
+
+
+class Timer:
+    """Milliseconds of one call: CUDA events on the GPU, perf_counter on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            torch.cuda.synchronize()
+            return result, start.elapsed_time(end)
+        begin = time.perf_counter()
+        result = fn()
+        return result, (time.perf_counter() - begin) * 1e3
+
+
+def summarize(ms):
+    ordered = sorted(ms)
+    return {"n": len(ordered), "mean_ms": statistics.mean(ordered),
+            "median_ms": statistics.median(ordered),
+            "p95_ms": ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)],
+            "min_ms": ordered[0]}
+
+
+def build_models(args):
+    """Every requested model class with the same random weights."""
+    config = model_config(args.preset)
+    models = {}
+    for name in args.models:
+        model = MODEL_CLASSES[name].from_config(config)
+        if not models:
+            randomize_weights_(model, seed=0)
+            weights = model.state_dict()
+        else:
+            model.load_state_dict(weights)
+        model.num_frame_per_block = 3
+        models[name] = model.to(device=args.device, dtype=args.dtype).eval()
+    return models
+
+
+def tokens_per_frame(preset):
+    h, w = LATENT_SIZE[preset]
+    return (h // 2) * (w // 2)
+
+
+@torch.no_grad()
+def seed_protocol(model, args, timer):
+    inputs = random_inputs(model, LATENT_SIZE[args.preset])
+    times = []
+    for i in range(args.warmup + args.seed_runs):
+        caches = new_stream_caches(model, 1, SEED_CACHE_FRAMES, tokens_per_frame(args.preset))
+        out, ms = timer(lambda: model(**inputs, **caches, current_start=0))
+        if i >= args.warmup:
+            times.append(ms)
+    if not torch.isfinite(out).all():
+        raise RuntimeError("seed forward produced non-finite values")
+    return summarize(times)
+
+
+@torch.no_grad()
+def pipeline_protocol(model, args, timer, label):
+    nfpb = 3
+    window = model.local_attn_size
+    steady_from = math.ceil(window / nfpb)  # first block that evicts: the window is full
+    caches = new_stream_caches(model, 1, window, tokens_per_frame(args.preset))
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steady, block_ms = [], []
+    for block in range(args.blocks):
+        s = nfpb * block
+        inputs = random_inputs(model, LATENT_SIZE[args.preset], nfpb, s, seed=100 + block)
+        call = dict(inputs, **caches, current_start=s * tokens_per_frame(args.preset))
+        forward_ms = []
+        for t in args.denoising_steps + [0.0]:
+            call["t"] = torch.full_like(inputs["t"], t)
+            out, ms = timer(lambda: model(**call))
+            forward_ms.append(ms)
+            if t:
+                call["x"] = 0.5 * call["x"] + 0.5 * out
+        block_ms.append(sum(forward_ms))
+        if block >= steady_from:
+            steady.extend(forward_ms)
+        print(f"  [{label}] block {block + 1}/{args.blocks}: {len(forward_ms)} forwards, "
+              f"{block_ms[-1]:.1f} ms", file=sys.stderr, flush=True)
+    if not steady:
+        raise ValueError(f"--blocks {args.blocks} never reaches steady state (block {steady_from})")
+    stats = summarize(steady)
+    steady_block = statistics.median(block_ms[steady_from:])
+    stats.update({
+        "steady_state_from_block": steady_from,
+        "block_median_ms": steady_block,
+        "dit_fps": nfpb * VIDEO_FRAMES_PER_LATENT / (steady_block / 1e3),
+        "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2 ** 30
+                            if args.device == "cuda" else None),
+    })
+    return stats
+
+
+def device_name(device):
+    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+
+
+def print_table(report):
+    print(f"\n{report['device']} | torch {report['torch']} | {report['preset']} {report['dtype']}")
+    header = f"{'model':<12}{'seed median':>13}{'seed p95':>10}{'pipe median':>13}" \
+             f"{'pipe p95':>10}{'block':>10}{'DiT fps':>9}"
+    print(header)
+    print("-" * len(header))
+    for name in report["models"]:
+        seed, pipe = report["seed"][name], report["pipeline"][name]
+        print(f"{name:<12}{seed['median_ms']:>11.2f}ms{seed['p95_ms']:>8.2f}ms"
+              f"{pipe['median_ms']:>11.2f}ms{pipe['p95_ms']:>8.2f}ms"
+              f"{pipe['block_median_ms']:>8.1f}ms{pipe['dit_fps']:>9.1f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    timer = Timer(args.device)
+    print(f"building {args.models} ({args.preset}, {args.dtype}, {args.device})", file=sys.stderr)
+    models = build_models(args)
+    report = {
+        "device": device_name(args.device), "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "preset": args.preset, "dtype": str(args.dtype).replace("torch.", ""),
+        "models": list(models), "denoising_steps": args.denoising_steps, "blocks": args.blocks,
+        "seed": {}, "pipeline": {},
+    }
+    for name, model in models.items():
+        print(f"seed protocol: {name}", file=sys.stderr, flush=True)
+        report["seed"][name] = seed_protocol(model, args, timer)
+        print(f"pipeline protocol: {name}", file=sys.stderr, flush=True)
+        report["pipeline"][name] = pipeline_protocol(model, args, timer, name)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    print_table(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
