@@ -103,7 +103,8 @@ def build_models(args):
     config = model_config(args.preset)
     models = {}
     for name in args.models:
-        model = MODEL_CLASSES[name].from_config(config)
+        with torch.device(args.device):
+            model = MODEL_CLASSES[name].from_config(config)
         if not models:
             randomize_weights_(model, seed=0)
             weights = model.state_dict()

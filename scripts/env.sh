@@ -4,7 +4,7 @@
 # pip takes the local CPU build rather than downloading a CUDA one).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-NEEDED="import torch, safetensors, einops, omegaconf, pytest"
+NEEDED="import torch, numpy, safetensors, einops, omegaconf, pytest"
 if python3 -c "$NEEDED" 2>/dev/null; then
     PYTHON=python3
 else

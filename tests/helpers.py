@@ -14,10 +14,11 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run o
 def build_model(preset="tiny", dtype=torch.float64, device="cpu", seed=0, cls=CausalWanModel,
                 **overrides):
     """A model with realistic random weights, frames-per-block 3 as the pipeline sets it."""
-    model = cls.from_config(model_config(preset), **overrides)
+    with torch.device(device):
+        model = cls.from_config(model_config(preset), **overrides)
     randomize_weights_(model, seed)
     model.num_frame_per_block = 3
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(dtype=dtype).eval()
 
 
 def make_inputs(model, frames=3, start_frame=0, batch=1, preset="tiny", seed=1):
