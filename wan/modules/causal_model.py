@@ -25,7 +25,7 @@ import torch.nn as nn
 from .action_module import ActionModule, GLOBAL_ATTENTION_FRAMES
 from .attention import attention, block_causal_mask
 from .checkpoint import load_safetensors_checkpoint
-from .input_checks import check_forward_inputs
+from ..kernels.input_checks import check_forward_inputs
 from .layers import (MLPProj, WAN_CROSSATTENTION_CLASSES, WanLayerNorm, WanRMSNorm,
                      sinusoidal_embedding_1d)
 from .rolling_cache import write_and_read_window

@@ -1,5 +1,8 @@
 """Checks of a forward call's inputs, run before anything is computed or written to a cache.
 
+Shared by the reference and the optimized model. It lives in wan/kernels so that
+optimized_causal_model.py plus this package can be copied into an upstream tree.
+
 Upstream fails late (an assert, a shape error deep inside, or silently wrong output). Here every
 problem is a ValueError/TypeError that names the argument, what was expected and what came, raised
 before any cache is touched. The checks read only what upstream's CausalWanModel also has
@@ -49,15 +52,18 @@ def _check_cache_tensor(name, tensor, shape_desc, expected, dtype):
                          f"{tuple('*' if e is None else e for e in expected)}")
 
 
-def _check_position(name, cache, start, length, unit):
+def check_stream_position(name, written, start, length, unit):
     """A block either advances the stream (start == end so far) or repeats the latest block."""
-    written = int(cache["global_end_index"].reshape(-1)[0].item())
     if start == written or start + length == written:
         return
     raise ValueError(
         f"{name}: this call covers {unit} [{start}, {start + length}) but the cache holds the stream "
         f"up to {unit} {written}; a call must start at {written} (next block) or repeat the latest "
         f"block. Going backwards or skipping needs a fresh (reset) cache.")
+
+
+def _written(cache) -> int:
+    return int(cache["global_end_index"].reshape(-1)[0].item())
 
 
 def _check_action_condition(name, cond, batch, steps, width, dtype, last_frame, ratio):
@@ -71,7 +77,9 @@ def _check_action_condition(name, cond, batch, steps, width, dtype, last_frame, 
 
 def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                          kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
-                         current_start):
+                         current_start, read_cache_position: bool = True):
+    """Raise on any problem. `read_cache_position` checks `current_start` against the caches'
+    `global_end_index` (a host sync); the optimized model tracks the position itself instead."""
     dtype = model_dtype(model)
     for name, tensor in (("x", x), ("cond_concat", cond_concat), ("visual_context", visual_context)):
         _check_dtype(name, tensor, dtype)
@@ -109,7 +117,7 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
     start_frame = current_start // tokens_per_frame if streaming else 0
     if streaming:  # first: a cache made for another latent size explains many other mismatches
         _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
-                      kv_cache_keyboard, crossattn_cache, dtype)
+                      kv_cache_keyboard, crossattn_cache, dtype, read_cache_position)
     _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype)
 
 
@@ -143,7 +151,7 @@ def _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond,
 
 
 def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
-                  kv_cache_keyboard, crossattn_cache, dtype):
+                  kv_cache_keyboard, crossattn_cache, dtype, read_position):
     layers = model.num_layers
     heads, head_dim = model.num_heads, model.dim // model.num_heads
     sink_frames = model.blocks[0].self_attn.sink_size
@@ -158,8 +166,9 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
             f"kv_cache holds {capacity} tokens: it must be a whole number of {tokens_per_frame}-token "
             f"frames and fit the {sink_frames} sink frame(s) plus this call's {frames} frames "
             f"(is the latent size the one the cache was made for?)")
-    _check_position("kv_cache", kv_cache[0], start_frame * tokens_per_frame,
-                    frames * tokens_per_frame, "tokens")
+    if read_position:
+        check_stream_position("kv_cache", _written(kv_cache[0]), start_frame * tokens_per_frame,
+                              frames * tokens_per_frame, "tokens")
     if crossattn_cache is not None:
         _check_cache_list("crossattn_cache", crossattn_cache, layers, CROSS_CACHE_KEYS)
 
@@ -185,5 +194,7 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
             if caches[i]["k"].shape[1] < frames:
                 raise ValueError(f"{name}[{i}] holds {caches[i]['k'].shape[1]} frames, fewer than "
                                  f"this call's {frames}")
-        first = next(i for i, b in enumerate(model.blocks) if b.action_model is not None)
-        _check_position(f"{name}[{first}]", caches[first], start_frame, frames, "frames")
+        if read_position:
+            first = next(i for i, b in enumerate(model.blocks) if b.action_model is not None)
+            check_stream_position(f"{name}[{first}]", _written(caches[first]), start_frame, frames,
+                                  "frames")
