@@ -77,9 +77,10 @@ def _check_action_condition(name, cond, batch, steps, width, dtype, last_frame, 
 
 def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                          kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
-                         current_start, read_cache_position: bool = True):
+                         current_start, read_cache_position: bool = True, streaming=None):
     """Raise on any problem. `read_cache_position` checks `current_start` against the caches'
-    `global_end_index` (a host sync); the optimized model tracks the position itself instead."""
+    `global_end_index` (a host sync); the optimized model tracks the position itself instead.
+    `streaming` defaults to "kv_cache was given"; the optimized model's own cache streams without."""
     dtype = model_dtype(model)
     for name, tensor in (("x", x), ("cond_concat", cond_concat), ("visual_context", visual_context)):
         _check_dtype(name, tensor, dtype)
@@ -106,7 +107,7 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
         raise ValueError(f"visual_context has shape {tuple(visual_context.shape)}, expected "
                          f"[{batch}, tokens, {clip_dim}]")
 
-    streaming = kv_cache is not None
+    streaming = kv_cache is not None if streaming is None else streaming
     if streaming:
         if not isinstance(current_start, int) or isinstance(current_start, bool) or current_start < 0:
             raise ValueError(f"current_start must be a non-negative int, got {current_start!r}")
@@ -115,7 +116,7 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
                              f"{tokens_per_frame} tokens of one latent frame (latent size "
                              f"{tuple(x.shape[3:])}: is it the one the stream started with?)")
     start_frame = current_start // tokens_per_frame if streaming else 0
-    if streaming:  # first: a cache made for another latent size explains many other mismatches
+    if kv_cache is not None:  # first: a cache for another latent size explains other mismatches
         _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
                       kv_cache_keyboard, crossattn_cache, dtype, read_cache_position)
     _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype)

@@ -1,0 +1,47 @@
+"""The eager backend: every op in plain torch, on any device and dtype. The twin every other
+backend is tested against, and numerically the reference model's math."""
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention without a mask: [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D].
+    Scores in float32 at least (float64 stays float64), scale 1/sqrt(D)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qh, kh, vh = (t.transpose(1, 2).to(acc) for t in (q, k, v))
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    out = torch.matmul(scores.softmax(dim=-1), vh)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def layer_norm_modulate(x, shift, scale, eps):
+    """x [B, F*S, C]; shift, scale [B, F, 1, C] -> LayerNorm(x) * (1 + scale) + shift."""
+    frames = shift.shape[1]
+    normed = F.layer_norm(x, (x.shape[-1],), eps=eps).unflatten(1, (frames, -1))
+    return (normed * (1 + scale) + shift).flatten(1, 2)
+
+
+def rms_norm(x, weight, eps, compute_dtype=None):
+    """RMS norm over the last dim, computed in `compute_dtype` (default x's), then [* weight]."""
+    xc = x.to(compute_dtype or x.dtype)
+    out = (xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    return out if weight is None else out * weight
+
+
+def rope(x, cos, sin, compute_dtype):
+    """Rotate the channel pairs (2i, 2i+1) of x [N, L, H, D] by angles with cos/sin [L, D/2]."""
+    pairs = x.to(compute_dtype).unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+OPS = {
+    "self_attention": attention,
+    "cross_attention": attention,
+    "mouse_attention": attention,
+    "keyboard_attention": attention,
+    "layer_norm_modulate": layer_norm_modulate,
+    "rms_norm": rms_norm,
+    "rope": rope,
+}

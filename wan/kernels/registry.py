@@ -1,0 +1,161 @@
+"""The backend registry: which implementation runs each op of OptimizedCausalWanModel.
+
+Ops (one signature each, every backend implements a subset):
+
+    self_attention(q, k, v)      q [B, Lq, H, D] over the cache window k, v [B, Lk, H, D]
+    cross_attention(q, k, v)     video tokens over the 257 image tokens
+    mouse_attention(q, k, v)     B*880 sequences of 3 frames over <= window frames
+    keyboard_attention(q, k, v)  every token over the <= window key frames (keys shared, not copied)
+    layer_norm_modulate(x, shift, scale, eps)   LayerNorm(x) * (1 + scale) + shift, per frame
+    rms_norm(x, weight, eps, compute_dtype)     x * rsqrt(mean(x^2) + eps) [* weight]
+    rope(x, cos, sin, compute_dtype)            rotate channel pairs of x [N, L, H, D] by [L, D/2]
+
+Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
+importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels).
+`auto` takes, per op, the first of triton, flash, eager that can run it; it never fails.
+
+Selection, strongest first: the `backend=` keyword of the model, the WAN_BACKEND environment
+variable, then `auto`. Each is a backend name (all ops), a {op: name} mapping, or the path of an
+omegaconf YAML (configs/backends/*.yaml) with `default:` and optional `ops:` entries.
+"""
+import importlib
+import importlib.util
+import os
+from typing import Callable, Dict, Mapping, Optional, Union
+
+import torch
+
+ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
+OPS = ATTENTION_OPS + ("layer_norm_modulate", "rms_norm", "rope")
+AUTO_ORDER = ("triton", "flash", "eager")
+ENV_VAR = "WAN_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run an op here."""
+
+
+class Backend:
+    """A named set of op implementations that can say why it cannot run."""
+    name = ""
+    module = ""          # imported lazily, only when the backend is used
+    install_hint = ""
+
+    def ops(self) -> Dict[str, Callable]:
+        return importlib.import_module(self.module, __package__).OPS
+
+    def problem(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+        """None when `op` can run for these inputs, else the reason it cannot."""
+        raise NotImplementedError
+
+
+class EagerBackend(Backend):
+    name = "eager"
+    module = ".eager"
+
+    def problem(self, op, device, dtype, head_dim):
+        if not dtype.is_floating_point:
+            return f"{dtype} is not a floating-point dtype"
+        return None
+
+
+class FlashBackend(Backend):
+    name = "flash"
+    module = ".flash"
+    install_hint = ("install FlashAttention (`pip install wan[flash]`: FA2 `flash_attn`, FA3 "
+                    "`flash_attn_interface`, FA4 `flash_attn.cute`) or use a CUDA build of torch "
+                    "for its SDPA kernels")
+
+    def problem(self, op, device, dtype, head_dim):
+        if op not in ATTENTION_OPS:
+            return "implements attention only"
+        if torch.device(device).type != "cuda":
+            return f"needs a CUDA device, got {device}"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"needs float16 or bfloat16, got {dtype}"
+        if head_dim % 8 or head_dim > 256:
+            return f"head_dim {head_dim} must be a multiple of 8 and at most 256"
+        return None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    module = ".triton"
+    install_hint = "install Triton (`pip install wan[triton]`); on a CPU set TRITON_INTERPRET=1"
+
+    def ops(self):
+        return importlib.import_module(self.module, __package__).OPS
+
+    def problem(self, op, device, dtype, head_dim):
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed"
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if torch.device(device).type != "cuda" and not interpret:
+            return f"needs a CUDA device (or TRITON_INTERPRET=1 on a CPU), got {device}"
+        if op not in self.ops():
+            return "no Triton kernel for this op yet"
+        return None
+
+
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (EagerBackend(), FlashBackend(), TritonBackend())}
+
+Selection = Dict[str, str]
+
+
+def load_selection(spec: Union[None, str, os.PathLike, Mapping[str, str]] = None) -> Selection:
+    """{op: backend name or 'auto'} for every op, from a name, mapping, YAML path, env or default."""
+    if spec is None:
+        spec = os.environ.get(ENV_VAR) or "auto"
+    default, per_op = "auto", {}
+    if isinstance(spec, Mapping):
+        per_op = dict(spec)
+    elif str(spec).endswith((".yaml", ".yml")):
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.to_container(OmegaConf.load(os.fspath(spec)))
+        default, per_op = cfg.get("default", "auto"), dict(cfg.get("ops") or {})
+    else:
+        default = str(spec)
+    unknown_ops = sorted(set(per_op) - set(OPS))
+    if unknown_ops:
+        raise ValueError(f"unknown op(s) {unknown_ops}; ops are {list(OPS)}")
+    selection = {op: per_op.get(op, default) for op in OPS}
+    for op, name in selection.items():
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r} for {op}; choose from auto, "
+                             f"{', '.join(BACKENDS)}")
+    return selection
+
+
+def resolve(op: str, choice: str, device, dtype, head_dim: int):
+    """(backend name, implementation) for one op; raises BackendUnavailableError for an explicit
+    choice that cannot run, listing the reason and what to install."""
+    if choice == "auto":
+        for name in AUTO_ORDER:
+            if BACKENDS[name].problem(op, device, dtype, head_dim) is None:
+                return name, BACKENDS[name].ops()[op]
+        raise BackendUnavailableError(f"no backend can run {op} for {dtype} on {device}: "
+                                      + explain(op, device, dtype, head_dim))
+    backend = BACKENDS[choice]
+    reason = backend.problem(op, device, dtype, head_dim)
+    if reason is not None:
+        hint = f" ({backend.install_hint})" if backend.install_hint else ""
+        raise BackendUnavailableError(
+            f"backend {choice!r} cannot run {op} for {dtype} on {device}: {reason}{hint}. "
+            f"Other backends: " + explain(op, device, dtype, head_dim, skip=choice))
+    return choice, backend.ops()[op]
+
+
+def explain(op, device, dtype, head_dim, skip=None) -> str:
+    parts = []
+    for name, backend in BACKENDS.items():
+        if name != skip:
+            reason = backend.problem(op, device, dtype, head_dim)
+            parts.append(f"{name}: {reason or 'available'}")
+    return "; ".join(parts)
+
+
+def resolve_all(selection: Selection, device, dtype, head_dims: Mapping[str, int]):
+    """{op: (backend name, implementation)} for every op."""
+    return {op: resolve(op, selection[op], device, dtype, head_dims.get(op, 128)) for op in OPS}

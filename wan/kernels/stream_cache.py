@@ -1,0 +1,199 @@
+"""The static ring-buffer caches of OptimizedCausalWanModel.
+
+Upstream keeps each cache as a buffer that it shifts left when full (a copy of the whole window per
+layer and call) and reads back the last `window` entries. Keys are cached with the RoPE of their
+absolute frame, so attention does not care in which order the cached frames sit. Here a frame has a
+fixed slot: the first `sink` frames keep slots [0, sink); every later frame f goes to slot
+`sink + (f - sink) % ring`. A call ending at frame E attends to the prefix [0, min(E, sink + ring))
+of the slots: while the stream is young that prefix is frames [0, E) in order, afterwards it holds
+exactly the frames upstream would attend to. No shifting, no host sync: the slots of a call are
+computed on the device from the start frame, so one captured CUDA graph serves every block of a
+phase (a phase = the prefix length).
+
+Which (sink, ring) reproduces upstream for a buffer of `capacity` frames, an attention `window`
+and `sink` frames (all in frames; the action caches of upstream always have sink 0):
+* window >= capacity: upstream attends to everything it holds, the sink plus the latest
+  capacity - sink frames: (sink, capacity - sink).
+* window < capacity and (sink == 0 or window <= capacity - sink): upstream's view is a plain
+  sliding window of the latest `window` frames: (0, window).
+* otherwise upstream would attend to part of the sink and a shorter recent window once the buffer
+  is full; that layout is not supported (make the cache `window` frames long).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    sink: int  # slots that keep the first `sink` frames
+    ring: int  # slots that cycle through the later frames
+
+    @staticmethod
+    def matching_upstream(capacity: int, window: int, sink: int, name: str) -> "RingLayout":
+        if window >= capacity:
+            layout = RingLayout(sink, capacity - sink)
+        elif sink == 0 or window <= capacity - sink:
+            layout = RingLayout(0, window)
+        else:
+            raise ValueError(
+                f"{name}: a {capacity}-frame cache with a {window}-frame attention window and "
+                f"{sink} sink frame(s) makes upstream attend to part of the sink; not supported by "
+                f"the ring cache: use a cache of {window} frames")
+        if layout.ring < 1:
+            raise ValueError(f"{name}: a {capacity}-frame cache leaves no room after {sink} sink "
+                             f"frame(s)")
+        return layout
+
+    @property
+    def slots(self) -> int:
+        return self.sink + self.ring
+
+    def attended(self, end_frame: int) -> int:
+        """How many leading slots a call ending at `end_frame` attends to."""
+        return min(end_frame, self.slots)
+
+    def slot_of(self, frames: torch.Tensor) -> torch.Tensor:
+        """Slot index of each absolute frame (device tensor in, device tensor out)."""
+        if self.sink == 0:
+            return frames % self.ring
+        return torch.where(frames < self.sink, frames, self.sink + (frames - self.sink) % self.ring)
+
+
+class StreamCache:
+    """Per-layer K/V storage of one stream (or of several streams in lockstep: batch > 1).
+
+    `self_k[i]`, `self_v[i]`: [B, slots * S, H, D]; `mouse_k/v[i]`: [B * S, slots, Ha, Da];
+    `keyboard_k/v[i]`: [B, slots, Ha, Da] (None for layers without the branch); `cross_k/v[i]`:
+    [B, context, H, D]. `end_frame` is the host-side stream position (frames written so far).
+    """
+
+    def __init__(self, self_k, self_v, mouse_k, mouse_v, keyboard_k, keyboard_v, cross, self_layout,
+                 action_layout, tokens_per_frame, owner=None):
+        self.self_k, self.self_v = self_k, self_v
+        self.mouse_k, self.mouse_v = mouse_k, mouse_v
+        self.keyboard_k, self.keyboard_v = keyboard_k, keyboard_v
+        self.cross = cross  # list of upstream-style dicts {"k", "v", "is_init"}
+        self.self_layout, self.action_layout = self_layout, action_layout
+        self.tokens_per_frame = tokens_per_frame
+        self.owner = owner
+        self.end_frame = 0
+
+    @property
+    def key(self):
+        """Identifies the storage (for CUDA-graph reuse)."""
+        return self.self_k[0].data_ptr()
+
+    @property
+    def cross_ready(self) -> bool:
+        return all(c["is_init"] for c in self.cross)
+
+    def reset(self):
+        """Start a new stream in the same storage: the position rewinds and the image context will
+        be projected again on the next call. Slots need no clearing: only written ones are read."""
+        self.end_frame = 0
+        for c in self.cross:
+            c["is_init"] = False
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def allocate(cls, model, batch: int, tokens_per_frame: int, context_tokens: int = 257,
+                 dtype=None, device=None) -> "StreamCache":
+        """Caches owned by the model, sized by the attention window (+ sink) and nothing more."""
+        dtype = dtype or model.patch_embedding.weight.dtype
+        device = device or model.patch_embedding.weight.device
+        window = _window_frames(model)
+        self_layout = RingLayout.matching_upstream(window, window, _sink_frames(model), "kv_cache")
+        action_layout = RingLayout(0, window)
+        heads, head_dim = model.num_heads, model.dim // model.num_heads
+
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        layers = range(model.num_layers)
+        self_k = [zeros(batch, self_layout.slots * tokens_per_frame, heads, head_dim) for _ in layers]
+        self_v = [zeros(batch, self_layout.slots * tokens_per_frame, heads, head_dim) for _ in layers]
+        mouse_k, mouse_v, keyboard_k, keyboard_v = ([None] * model.num_layers for _ in range(4))
+        for i, block in enumerate(model.blocks):
+            action = block.action_model
+            if action is None:
+                continue
+            a_heads = action.heads_num
+            if action.enable_mouse:
+                a_dim = action.t_qkv.in_features // a_heads
+                mouse_k[i] = zeros(batch * tokens_per_frame, action_layout.slots, a_heads, a_dim)
+                mouse_v[i] = zeros(batch * tokens_per_frame, action_layout.slots, a_heads, a_dim)
+            if action.enable_keyboard:
+                k_dim = action.mouse_attn_q.out_features // a_heads
+                keyboard_k[i] = zeros(batch, action_layout.slots, a_heads, k_dim)
+                keyboard_v[i] = zeros(batch, action_layout.slots, a_heads, k_dim)
+        cross = [{"k": zeros(batch, context_tokens, heads, head_dim),
+                  "v": zeros(batch, context_tokens, heads, head_dim), "is_init": False}
+                 for _ in layers]
+        return cls(self_k, self_v, mouse_k, mouse_v, keyboard_k, keyboard_v, cross, self_layout,
+                   action_layout, tokens_per_frame, owner="model")
+
+    @classmethod
+    def from_upstream_dicts(cls, model, kv_cache, kv_cache_mouse, kv_cache_keyboard,
+                            crossattn_cache, tokens_per_frame: int) -> "StreamCache":
+        """Use the caller's upstream-style dicts as ring storage (drop-in). Their index tensors
+        are not read or updated: the position comes from `current_start`."""
+        window = _window_frames(model)
+        capacity = kv_cache[0]["k"].shape[1] // tokens_per_frame
+        self_layout = RingLayout.matching_upstream(capacity, window, _sink_frames(model), "kv_cache")
+        action_capacity = _action_capacity(model, kv_cache_mouse, kv_cache_keyboard)
+        action_layout = RingLayout.matching_upstream(action_capacity or window, window, 0,
+                                                     "action caches")
+
+        def per_layer(caches, key):
+            if caches is None:
+                return [None] * model.num_layers
+            return [c[key] if b.action_model is not None else None
+                    for c, b in zip(caches, model.blocks)]
+
+        if crossattn_cache is None:  # upstream requires one; without it, project on every call
+            crossattn_cache = [{"k": None, "v": None, "is_init": False} for _ in model.blocks]
+        return cls([c["k"] for c in kv_cache], [c["v"] for c in kv_cache],
+                   per_layer(kv_cache_mouse, "k"), per_layer(kv_cache_mouse, "v"),
+                   per_layer(kv_cache_keyboard, "k"), per_layer(kv_cache_keyboard, "v"),
+                   crossattn_cache, self_layout, action_layout, tokens_per_frame, owner="caller")
+
+    # ------------------------------------------------------------------ reads and writes
+    def write_self(self, layer: int, k, v, slots):
+        """k, v [B, T*S, H, D] for the frames whose slots are `slots` [T]."""
+        for buf, new in ((self.self_k[layer], k), (self.self_v[layer], v)):
+            b, _, h, d = buf.shape
+            buf.view(b, -1, self.tokens_per_frame, h, d).index_copy_(
+                1, slots, new.view(b, -1, self.tokens_per_frame, h, d))
+
+    def self_window(self, layer: int, attended_slots: int):
+        n = attended_slots * self.tokens_per_frame
+        return self.self_k[layer][:, :n], self.self_v[layer][:, :n]
+
+    def write_action(self, k_bufs, v_bufs, layer, k, v, slots):
+        k_bufs[layer].index_copy_(1, slots, k)
+        v_bufs[layer].index_copy_(1, slots, v)
+
+    @staticmethod
+    def action_window(k_bufs, v_bufs, layer, attended_slots):
+        return k_bufs[layer][:, :attended_slots], v_bufs[layer][:, :attended_slots]
+
+
+def _window_frames(model) -> int:
+    # upstream's default when local attention is off: 15 frames
+    return model.local_attn_size if model.local_attn_size != -1 else 15
+
+
+def _sink_frames(model) -> int:
+    return model.blocks[0].self_attn.sink_size
+
+
+def _action_capacity(model, kv_cache_mouse, kv_cache_keyboard) -> Optional[int]:
+    for caches in (kv_cache_mouse, kv_cache_keyboard):
+        if caches is None:
+            continue
+        for cache, block in zip(caches, model.blocks):
+            if block.action_model is not None:
+                return cache["k"].shape[1]
+    return None

@@ -1,0 +1,377 @@
+"""OptimizedCausalWanModel: the same model, a faster streaming forward.
+
+Change one import: `OptimizedCausalWanModel` takes the constructor, config, checkpoint and forward
+keywords of `CausalWanModel` and gives the same outputs. What differs is the streaming path:
+
+* every attention, norm and RoPE goes through the backend registry (wan/kernels/registry.py);
+* caches are ring buffers (wan/kernels/stream_cache.py): a frame's K/V is written once into a
+  fixed slot, nothing shifts, and the stream position lives on the host, so the forward has no
+  `.item()` and no host sync. Either the model owns them (`start_stream`) or the caller's
+  upstream-style dicts serve as the storage (drop-in);
+* optionally the whole streaming forward is replayed from a CUDA graph (`cuda_graphs=True`).
+
+It relies on its parent only through the constructor, the module tree, parameter names and public
+attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-2's CausalWanModel.
+The cache-free (training) forward is the parent's.
+"""
+import functools
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.cuda_graphs import GraphRunner
+from ..kernels.input_checks import check_forward_inputs, check_stream_position
+from ..kernels.registry import load_selection, resolve_all
+from ..kernels.rope_tables import action_rope_table, split_self_attention_freqs
+from ..kernels.stream_cache import StreamCache
+from .causal_model import CausalWanModel
+
+
+class OptimizedCausalWanModel(CausalWanModel):
+
+    def __init__(self, *args, backend=None, cuda_graphs: bool = False, **kwargs):
+        """Arguments of CausalWanModel, plus `backend` (a name, {op: name}, or a YAML path; default
+        WAN_BACKEND or 'auto') and `cuda_graphs` (replay the streaming forward from CUDA graphs)."""
+        super().__init__(*args, **kwargs)
+        self.backend = load_selection(backend)
+        self.cuda_graphs = cuda_graphs
+        self._stream: Optional[StreamCache] = None
+        self._graphs = GraphRunner()
+        self._dict_positions = {}  # end frame of each caller-owned cache storage
+        self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
+        self._warned_no_graphs = False
+
+    # ------------------------------------------------------------------ configuration
+    def set_backend(self, backend=None):
+        """Select backends again (same forms as the constructor's `backend`)."""
+        self.backend = load_selection(backend)
+        self._per_device.clear()
+        self._graphs.clear()
+
+    def enable_cuda_graphs(self, enabled: bool = True):
+        self.cuda_graphs = enabled
+        if not enabled:
+            self._graphs.clear()
+
+    def backend_report(self, device=None, dtype=None) -> dict:
+        """{op: backend name} that runs for the model's (or the given) device and dtype."""
+        ops = self._state(torch.device(device or self.patch_embedding.weight.device),
+                          dtype or self.patch_embedding.weight.dtype)["ops"]
+        return {op: name for op, (name, _) in ops.items()}
+
+    # ------------------------------------------------------------------ owned stream
+    def start_stream(self, batch: int = 1, latent_size=(44, 80)):
+        """Start a stream in caches the model owns (allocated once per batch/latent/dtype/device
+        and reused). Then call forward without kv_cache arguments, `current_start` advancing one
+        block at a time, as the pipeline does."""
+        _, ph, pw = self.patch_size
+        tokens = (latent_size[0] // ph) * (latent_size[1] // pw)
+        dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
+        s = self._stream
+        if (s is None or s.self_k[0].shape[0] != batch or s.tokens_per_frame != tokens
+                or s.self_k[0].dtype != dtype or s.self_k[0].device != device):
+            self._stream = StreamCache.allocate(self, batch, tokens)
+        self._stream.reset()
+        return self._stream
+
+    def reset_stream(self):
+        """Rewind the owned stream to frame 0 (new image context on the next call)."""
+        if self._stream is None:
+            raise RuntimeError("no stream was started: call start_stream() first")
+        self._stream.reset()
+
+    def end_stream(self):
+        """Free the owned caches; forward without kv_cache is the cache-free forward again."""
+        self._stream = None
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, t, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
+                kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None, crossattn_cache=None,
+                current_start: int = 0, cache_start: int = 0):
+        if kv_cache is None and self._stream is None:
+            return super().forward(x, t, visual_context, cond_concat, mouse_cond=mouse_cond,
+                                   keyboard_cond=keyboard_cond)
+        return self._forward_inference(x, t, visual_context, cond_concat, mouse_cond,
+                                       keyboard_cond, kv_cache, kv_cache_mouse, kv_cache_keyboard,
+                                       crossattn_cache, current_start, cache_start)
+
+    def _forward_inference(self, x, t, visual_context, cond_concat, mouse_cond=None,
+                           keyboard_cond=None, kv_cache=None, kv_cache_mouse=None,
+                           kv_cache_keyboard=None, crossattn_cache=None, current_start: int = 0,
+                           cache_start: int = 0):
+        check_forward_inputs(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
+                             kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
+                             current_start, read_cache_position=False, streaming=True)
+        pt, ph, pw = self.patch_size
+        tokens_per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
+        frames = x.shape[2] // pt
+        start = current_start // tokens_per_frame
+        if kv_cache is not None:
+            cache = StreamCache.from_upstream_dicts(self, kv_cache, kv_cache_mouse,
+                                                    kv_cache_keyboard, crossattn_cache,
+                                                    tokens_per_frame)
+            # upstream pipelines start a new stream at frame 0 after resetting their dicts
+            cache.end_frame = 0 if start == 0 else self._dict_positions.get(cache.key, 0)
+        else:
+            cache = self._stream
+            if cache.self_k[0].shape[0] != x.shape[0] or cache.tokens_per_frame != tokens_per_frame:
+                raise ValueError(
+                    f"the stream was started for batch {cache.self_k[0].shape[0]} and "
+                    f"{cache.tokens_per_frame} tokens per frame; got batch {x.shape[0]} and "
+                    f"{tokens_per_frame}: call start_stream(batch=..., latent_size=...)")
+        check_stream_position("stream", cache.end_frame, start, frames, "frames")
+
+        if not cache.cross_ready:
+            self._project_image_context(cache, visual_context)
+        inputs = {"x": x, "t": t, "cond_concat": cond_concat}
+        action = self._first_action_module()
+        if action is not None and action.enable_mouse:
+            inputs["mouse_window"] = self._condition_window(action, mouse_cond, start, frames)
+        if action is not None and action.enable_keyboard:
+            inputs["keyboard_window"] = self._condition_window(action, keyboard_cond, start, frames)
+        state = self._state(x.device, x.dtype)
+        state["start_frame"].fill_(start)
+        end = start + frames
+        phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
+        compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
+        if self._graphs_usable(x):
+            key = (x.shape[0], frames, tokens_per_frame, phase, cache.key, x.dtype,
+                   tuple(sorted(inputs)))
+            out = self._graphs.run(key, compute, inputs)
+        else:
+            out = compute(**inputs)
+        cache.end_frame = max(cache.end_frame, end)
+        if cache.owner == "caller":
+            self._dict_positions[cache.key] = cache.end_frame
+        return out
+
+    # ------------------------------------------------------------------ pieces run outside graphs
+    def _graphs_usable(self, x) -> bool:
+        if not self.cuda_graphs:
+            return False
+        if x.is_cuda:
+            return True
+        if not self._warned_no_graphs:
+            warnings.warn("cuda_graphs=True needs a CUDA device; running the forward eagerly")
+            self._warned_no_graphs = True
+        return False
+
+    def _first_action_module(self):
+        return next((b.action_model for b in self.blocks if b.action_model is not None), None)
+
+    def _state(self, device, dtype) -> dict:
+        """Resolved ops, RoPE tables and the device-side start frame for (device, dtype)."""
+        key = (device, dtype)
+        if key not in self._per_device:
+            action = self._first_action_module()
+            head_dims = {op: self.dim // self.num_heads for op in ("self_attention",
+                                                                   "cross_attention")}
+            if action is not None:
+                head_dims["mouse_attention"] = head_dims["keyboard_attention"] = \
+                    sum(action.mouse_qk_dim_list)
+            # float64 models keep float64 RoPE (as upstream); others rotate in float32
+            rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            state = {
+                "ops": resolve_all(self.backend, device, dtype, head_dims),
+                "rope_dtype": rope_dtype,
+                "self_rope": [(c.to(device, rope_dtype), s.to(device, rope_dtype))
+                              for c, s in split_self_attention_freqs(self.freqs.cpu())],
+                "start_frame": torch.zeros((), dtype=torch.long, device=device),
+            }
+            if action is not None:
+                cos, sin = action_rope_table(action.mouse_qk_dim_list, action.rope_theta)
+                state["action_rope"] = (cos.to(device), sin.to(device))
+            self._per_device[key] = state
+        return self._per_device[key]
+
+    @torch.no_grad()
+    def _project_image_context(self, cache: StreamCache, visual_context):
+        """Cross-attention keys/values of the image context, once per stream."""
+        ops = self._state(visual_context.device, visual_context.dtype)["ops"]
+        context = self.img_emb(visual_context)
+        b = context.shape[0]
+        for block, slot in zip(self.blocks, cache.cross):
+            attn = block.cross_attn
+            k = _model_rms(ops, attn.norm_k, attn.k(context)).view(b, -1, attn.num_heads,
+                                                                    attn.head_dim)
+            v = attn.v(context).view(b, -1, attn.num_heads, attn.head_dim)
+            for name, value in (("k", k), ("v", v)):
+                if isinstance(slot[name], torch.Tensor) and slot[name].shape == value.shape:
+                    slot[name].copy_(value)
+                else:
+                    slot[name] = value
+            slot["is_init"] = True
+
+    @staticmethod
+    def _condition_window(action, cond, start_frame: int, frames: int):
+        """The action steps frames [start, start + frames) read: [B, ratio*(frames-1) + window, C].
+        Steps before the first one read the first one (upstream pads that way)."""
+        ratio = action.vae_time_compression_ratio
+        window = ratio * action.windows_size
+        first = ratio * start_frame - window  # may be negative: padding
+        last = ratio * (start_frame + frames - 1)
+        if first >= 0:
+            return cond[:, first:last]
+        return torch.cat([cond[:, :1].expand(-1, -first, -1), cond[:, :last]], dim=1)
+
+    # ------------------------------------------------------------------ the captured part
+    def _compute(self, x, t, cond_concat, mouse_window=None, keyboard_window=None, *, cache,
+                 phase, state):
+        """Device work only (no host sync, shapes fixed by the inputs and `phase`)."""
+        ops = state["ops"]
+        b = x.shape[0]
+        tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1))
+        _, c, frames, h, w = tokens.shape
+        tokens = tokens.flatten(2).transpose(1, 2)
+        e = self.time_embedding(_timestep_embedding(t.flatten(), self.freq_dim).to(tokens.dtype))
+        e0 = self.time_projection(e).unflatten(1, (6, c)).unflatten(0, (b, frames))
+
+        frame_ids = state["start_frame"] + torch.arange(frames, device=x.device)
+        rope = _self_rope(state["self_rope"], frame_ids, h, w)
+        action_rope = None
+        if "action_rope" in state:
+            action_rope = tuple(table[frame_ids] for table in state["action_rope"])
+        slots = (cache.self_layout.slot_of(frame_ids), cache.action_layout.slot_of(frame_ids))
+        step = dict(ops=ops, cache=cache, phase=phase, slots=slots, rope=rope,
+                    action_rope=action_rope, rope_dtype=state["rope_dtype"],
+                    mouse_window=mouse_window, keyboard_window=keyboard_window, frames=frames)
+        for i, block in enumerate(self.blocks):
+            tokens = self._block(i, block, tokens, e0, step)
+
+        shift, scale = (self.head.modulation.unsqueeze(1)
+                        + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
+        out = self.head.head(ops["layer_norm_modulate"][1](tokens, shift, scale, self.head.norm.eps))
+        pt, ph, pw = self.patch_size
+        out = out.view(b, frames, h, w, pt, ph, pw, self.out_dim)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
+            b, self.out_dim, frames * pt, h * ph, w * pw)
+
+    def _block(self, i, block, tokens, e0, step):
+        ops, cache = step["ops"], step["cache"]
+        n_self, _ = step["phase"]
+        self_slots, _ = step["slots"]
+        frames = step["frames"]
+        b, length, c = tokens.shape
+        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = \
+            (block.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+        modulate = ops["layer_norm_modulate"][1]
+
+        def gated(update, gate):
+            return (update.unflatten(1, (frames, -1)) * gate).flatten(1, 2)
+
+        # self-attention over this block and the cached frames
+        attn = block.self_attn
+        hn = modulate(tokens, shift_msa, scale_msa, block.norm1.eps)
+        heads, head_dim = attn.num_heads, attn.head_dim
+        q = _model_rms(ops, attn.norm_q, attn.q(hn)).view(b, length, heads, head_dim)
+        k = _model_rms(ops, attn.norm_k, attn.k(hn)).view(b, length, heads, head_dim)
+        v = attn.v(hn).view(b, length, heads, head_dim)
+        rope = ops["rope"][1]
+        q = rope(q, *step["rope"], step["rope_dtype"])
+        k = rope(k, *step["rope"], step["rope_dtype"])
+        cache.write_self(i, k, v, self_slots)
+        y = ops["self_attention"][1](q, *cache.self_window(i, n_self))
+        tokens = tokens + gated(attn.o(y.flatten(2)), gate_msa)
+
+        # cross-attention to the image context (keys/values projected once per stream)
+        cross = block.cross_attn
+        normed = (F.layer_norm(tokens, (c,), block.norm3.weight, block.norm3.bias, block.norm3.eps)
+                  if isinstance(block.norm3, nn.LayerNorm) else tokens)
+        q = _model_rms(ops, cross.norm_q, cross.q(normed)).view(b, length, heads, head_dim)
+        y = ops["cross_attention"][1](q, cache.cross[i]["k"], cache.cross[i]["v"])
+        tokens = tokens + cross.o(y.flatten(2))
+
+        if block.action_model is not None:
+            tokens = self._action(i, block.action_model, tokens, step)
+
+        hn = modulate(tokens, shift_ffn, scale_ffn, block.norm2.eps)
+        return tokens + gated(block.ffn(hn), gate_ffn)
+
+    def _action(self, i, action, tokens, step):
+        ops, cache = step["ops"], step["cache"]
+        _, n_action = step["phase"]
+        _, slots = step["slots"]
+        cos, sin = step["action_rope"]
+        frames = step["frames"]
+        rope = ops["rope"][1]
+        b, length, c = tokens.shape
+        spatial = length // frames
+        heads = action.heads_num
+        ratio = action.vae_time_compression_ratio
+        window = ratio * action.windows_size
+
+        def windows(steps):  # [B, steps, C] -> [B, frames, window * C], step-major
+            return steps.unfold(1, window, ratio).transpose(2, 3).flatten(2)
+
+        if action.enable_mouse:
+            # per spatial token, over frames; the mouse window is shared by all tokens of a frame,
+            # so the first MLP layer is split instead of concatenating 880 copies of it
+            first = action.mouse_mlp[0]
+            per_token = tokens.view(b, frames, spatial, c).transpose(1, 2)
+            h = (F.linear(per_token, first.weight[:, :c])
+                 + F.linear(windows(step["mouse_window"]), first.weight[:, c:], first.bias)[:, None])
+            h = action.mouse_mlp[1:](h.reshape(b * spatial, frames, -1))
+            q, k, v = action.t_qkv(h).view(b * spatial, frames, 3, heads, -1).unbind(2)
+            q = rope(_action_rms(ops, action.img_attn_q_norm, q), cos, sin, torch.float32)
+            k = rope(_action_rms(ops, action.img_attn_k_norm, k), cos, sin, torch.float32)
+            cache.write_action(cache.mouse_k, cache.mouse_v, i, k, v, slots)
+            y = ops["mouse_attention"][1](q, *cache.action_window(cache.mouse_k, cache.mouse_v, i,
+                                                                   n_action))
+            y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
+            tokens = tokens + action.proj_mouse(y)
+
+        if action.enable_keyboard:
+            # every token attends to the few key frames directly: the keys are never repeated
+            q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
+            head_dim = q.shape[-1]
+            q = _action_rms(ops, action.key_attn_q_norm, q).view(b, frames, spatial * heads, head_dim)
+            q = rope(q, cos, sin, torch.float32).view(b, length, heads, head_dim)
+            embedded = action.keyboard_embed(step["keyboard_window"])
+            k, v = action.keyboard_attn_kv(windows(embedded)).view(b, frames, 2, heads, -1).unbind(2)
+            k = rope(_action_rms(ops, action.key_attn_k_norm, k), cos, sin, torch.float32)
+            cache.write_action(cache.keyboard_k, cache.keyboard_v, i, k, v, slots)
+            y = ops["keyboard_attention"][1](q, *cache.action_window(
+                cache.keyboard_k, cache.keyboard_v, i, n_action))
+            tokens = tokens + action.proj_keyboard(y.flatten(2))
+        return tokens
+
+
+def _model_rms(ops, norm, x):
+    """The backbone's RMS norm (float32 inside, learned scale), or nothing when qk_norm is off."""
+    if isinstance(norm, nn.Identity):
+        return x
+    return ops["rms_norm"][1](x, norm.weight, norm.eps, torch.float32)
+
+
+def _action_rms(ops, norm, x):
+    """The action module's RMS norm: upstream never applies its weight and stays in x's dtype."""
+    if isinstance(norm, nn.Identity):
+        return x
+    return ops["rms_norm"][1](x, None, norm.eps, None)
+
+
+def _timestep_embedding(t, dim: int):
+    """[N] timesteps -> [N, dim] float64 sinusoid (cosines, then sines), as upstream."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    inv_freq = torch.pow(10000, -torch.arange(half, device=t.device).to(t).div(half))
+    angles = t[:, None] * inv_freq[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def _self_rope(axis_tables, frame_ids, h: int, w: int):
+    """Per-token (cos, sin) [frames*h*w, D/2] for frames `frame_ids` on an h x w grid."""
+    frames = frame_ids.shape[0]
+    out = []
+    for part in (0, 1):  # cos, sin
+        frame_t, row_t, col_t = (table[part] for table in axis_tables)
+        out.append(torch.cat([
+            frame_t[frame_ids][:, None, None, :].expand(frames, h, w, -1),
+            row_t[:h][None, :, None, :].expand(frames, h, w, -1),
+            col_t[:w][None, None, :, :].expand(frames, h, w, -1),
+        ], dim=-1).reshape(frames * h * w, -1))
+    return tuple(out)
