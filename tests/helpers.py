@@ -11,11 +11,26 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run on the device)")
 
 
+def tiny_variant_config(variant="universal"):
+    """The tiny preset shaped like one upstream variant: gta_drive (keyboard 2, 4-frame window),
+    templerun (keyboard 7, no mouse) or universal."""
+    config = model_config("tiny")
+    if variant == "gta_drive":
+        config["local_attn_size"] = 4
+        config["action_config"]["keyboard_dim_in"] = 2
+    elif variant == "templerun":
+        config["action_config"]["keyboard_dim_in"] = 7
+        config["action_config"]["enable_mouse"] = False
+    elif variant != "universal":
+        raise ValueError(variant)
+    return config
+
+
 def build_model(preset="tiny", dtype=torch.float64, device="cpu", seed=0, cls=CausalWanModel,
-                **overrides):
+                config=None, **overrides):
     """A model with realistic random weights, frames-per-block 3 as the pipeline sets it."""
     with torch.device(device):
-        model = cls.from_config(model_config(preset), **overrides)
+        model = cls.from_config(config or model_config(preset), **overrides)
     randomize_weights_(model, seed)
     model.num_frame_per_block = 3
     return model.to(dtype=dtype).eval()
@@ -34,3 +49,26 @@ def make_caches(model, batch=1, cache_frames=6, preset="tiny"):
 def rel_err(out, ref) -> float:
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def run_stream(model, blocks, batch=1, preset="tiny", caches=None, steps=(1000.0, 500.0), seed=10):
+    """The pipeline's call pattern: per block of 3 frames, one call per denoising step (feeding
+    0.5 * x + 0.5 * output on) and a cache update at t=0. caches: upstream dicts, or None for a
+    model whose own stream was started. Returns every call's output."""
+    tokens_per_frame = (LATENT_SIZE[preset][0] // 2) * (LATENT_SIZE[preset][1] // 2)
+    outputs = []
+    for block in range(blocks):
+        s = 3 * block
+        inputs = make_inputs(model, 3, s, batch, preset, seed=seed + block)
+        for t in (*steps, 0.0):
+            inputs["t"] = torch.full_like(inputs["t"], t)
+            out = model(**inputs, **(caches or {}), current_start=s * tokens_per_frame)
+            outputs.append(out)
+            if t:
+                inputs["x"] = 0.5 * inputs["x"] + 0.5 * out
+    return outputs
+
+
+def max_rel_err(outputs, references) -> float:
+    assert len(outputs) == len(references)
+    return max(rel_err(o, r) for o, r in zip(outputs, references))

@@ -15,8 +15,9 @@ importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (f
 `auto` takes, per op, the first of triton, flash, eager that can run it; it never fails.
 
 Selection, strongest first: the `backend=` keyword of the model, the WAN_BACKEND environment
-variable, then `auto`. Each is a backend name (all ops), a {op: name} mapping, or the path of an
-omegaconf YAML (configs/backends/*.yaml) with `default:` and optional `ops:` entries.
+variable, then `auto`. Each is a backend name (for the ops that backend implements; the others stay
+on `auto`), a {op: name} mapping, or the path of an omegaconf YAML (configs/backends/*.yaml) with
+`default:` and optional `ops:` entries. A requested backend that cannot run is an error.
 """
 import importlib
 import importlib.util
@@ -44,6 +45,9 @@ class Backend:
     def ops(self) -> Dict[str, Callable]:
         return importlib.import_module(self.module, __package__).OPS
 
+    def implements(self, op: str) -> bool:
+        return op in OPS
+
     def problem(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
         """None when `op` can run for these inputs, else the reason it cannot."""
         raise NotImplementedError
@@ -66,17 +70,20 @@ class FlashBackend(Backend):
                     "`flash_attn_interface`, FA4 `flash_attn.cute`) or use a CUDA build of torch "
                     "for its SDPA kernels")
 
+    def implements(self, op):
+        return op in ATTENTION_OPS
+
     def problem(self, op, device, dtype, head_dim):
         if op not in ATTENTION_OPS:
             return "implements attention only"
-        if torch.device(device).type != "cuda":
-            return f"needs a CUDA device, got {device}"
-        if not torch.cuda.is_available():
-            return "torch sees no CUDA device"
         if dtype not in (torch.float16, torch.bfloat16):
             return f"needs float16 or bfloat16, got {dtype}"
         if head_dim % 8 or head_dim > 256:
             return f"head_dim {head_dim} must be a multiple of 8 and at most 256"
+        if torch.device(device).type != "cuda":
+            return f"needs a CUDA device, got {device}"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
         return None
 
 
@@ -85,8 +92,8 @@ class TritonBackend(Backend):
     module = ".triton"
     install_hint = "install Triton (`pip install wan[triton]`); on a CPU set TRITON_INTERPRET=1"
 
-    def ops(self):
-        return importlib.import_module(self.module, __package__).OPS
+    def implements(self, op):
+        return op in self.ops()
 
     def problem(self, op, device, dtype, head_dim):
         if importlib.util.find_spec("triton") is None:
@@ -105,27 +112,39 @@ Selection = Dict[str, str]
 
 
 def load_selection(spec: Union[None, str, os.PathLike, Mapping[str, str]] = None) -> Selection:
-    """{op: backend name or 'auto'} for every op, from a name, mapping, YAML path, env or default."""
-    if spec is None:
-        spec = os.environ.get(ENV_VAR) or "auto"
-    default, per_op = "auto", {}
+    """{op: backend name or 'auto'} for every op. `spec` (a name, {op: name} or YAML path) is laid
+    over WAN_BACKEND (same forms), which is laid over `auto`: ops `spec` leaves out keep theirs."""
+    selection = {op: "auto" for op in OPS}
+    for layer in (os.environ.get(ENV_VAR), spec):
+        if layer is not None and str(layer) != "":
+            selection.update(_parse_selection(layer))
+    return selection
+
+
+def _parse_selection(spec) -> Dict[str, str]:
+    """The ops a spec names: a backend name covers the ops that backend implements."""
+    default, per_op = None, {}
     if isinstance(spec, Mapping):
         per_op = dict(spec)
     elif str(spec).endswith((".yaml", ".yml")):
         from omegaconf import OmegaConf
         cfg = OmegaConf.to_container(OmegaConf.load(os.fspath(spec)))
-        default, per_op = cfg.get("default", "auto"), dict(cfg.get("ops") or {})
+        default, per_op = cfg.get("default"), dict(cfg.get("ops") or {})
     else:
         default = str(spec)
     unknown_ops = sorted(set(per_op) - set(OPS))
     if unknown_ops:
         raise ValueError(f"unknown op(s) {unknown_ops}; ops are {list(OPS)}")
-    selection = {op: per_op.get(op, default) for op in OPS}
-    for op, name in selection.items():
-        if name != "auto" and name not in BACKENDS:
+    for op, name in [("(default)", default), *per_op.items()]:
+        if name is not None and name != "auto" and name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r} for {op}; choose from auto, "
                              f"{', '.join(BACKENDS)}")
-    return selection
+    chosen = {}
+    if default is not None:
+        chosen = {op: default for op in OPS
+                  if default == "auto" or BACKENDS[default].implements(op)}
+    chosen.update(per_op)
+    return chosen
 
 
 def resolve(op: str, choice: str, device, dtype, head_dim: int):

@@ -37,6 +37,19 @@ IGNORED_CONFIG_KEYS = {"inject_sample_info"}
 CLIP_DIM = 1280
 
 
+def _constructor_keywords(cls) -> set:
+    """Keyword names a class's constructor takes, following **kwargs up to the base classes."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        params = inspect.signature(klass.__dict__["__init__"]).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names - {"self"}
+
+
 class CausalWanSelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0,
@@ -227,7 +240,7 @@ class CausalWanModel(nn.Module):
         kwargs = {k: v for k, v in dict(config).items()
                   if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS}
         kwargs.update(overrides)
-        accepted = set(inspect.signature(CausalWanModel.__init__).parameters) - {"self"}
+        accepted = _constructor_keywords(cls)
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
             raise ValueError(f"unknown config keys for {cls.__name__}: {unknown}")

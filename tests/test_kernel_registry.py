@@ -1,0 +1,79 @@
+"""Backend selection: names, mappings, YAML, environment; clear errors; `auto` never fails."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import HAS_CUDA, build_model, make_inputs, tiny_variant_config
+from wan.kernels import eager
+from wan.kernels.registry import (OPS, BackendUnavailableError, load_selection, resolve,
+                                  resolve_all)
+from wan.modules.optimized_causal_model import OptimizedCausalWanModel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_auto_resolves_every_op_on_cpu_to_eager():
+    resolved = resolve_all(load_selection("auto"), torch.device("cpu"), torch.float32, {})
+    assert {name for name, _ in resolved.values()} == {"eager"}
+    assert resolved["rope"][1] is eager.rope
+
+
+def test_a_backend_name_covers_the_ops_it_implements():
+    selection = load_selection("flash")
+    assert {selection[op] for op in OPS if op.endswith("attention")} == {"flash"}
+    assert selection["rope"] == selection["rms_norm"] == "auto"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
+def test_explicit_backend_that_cannot_run_says_why_and_what_to_install():
+    with pytest.raises(BackendUnavailableError) as err:
+        resolve("self_attention", "flash", torch.device("cpu"), torch.bfloat16, 128)
+    message = str(err.value)
+    assert "needs a CUDA device" in message and "pip install wan[flash]" in message
+    assert "eager: available" in message
+
+
+def test_flash_refuses_float32_and_other_ops():
+    with pytest.raises(BackendUnavailableError, match="float16 or bfloat16"):
+        resolve("self_attention", "flash", torch.device("cuda"), torch.float32, 128)
+    with pytest.raises(BackendUnavailableError, match="attention only"):
+        resolve("rope", "flash", torch.device("cuda"), torch.bfloat16, 128)
+
+
+def test_unknown_names_are_errors():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        load_selection("fast")
+    with pytest.raises(ValueError, match="unknown op"):
+        load_selection({"softmax": "eager"})
+
+
+def test_yaml_and_environment(monkeypatch):
+    selection = load_selection(ROOT / "configs" / "backends" / "eager.yaml")
+    assert set(selection.values()) == {"eager"}
+    selection = load_selection(str(ROOT / "configs" / "backends" / "flash.yaml"))
+    assert selection["mouse_attention"] == "flash" and selection["rope"] == "auto"
+    monkeypatch.setenv("WAN_BACKEND", "eager")
+    assert set(load_selection().values()) == {"eager"}
+    model = OptimizedCausalWanModel.from_config(tiny_variant_config(), backend={"rope": "eager"})
+    assert model.backend["rope"] == "eager" and model.backend["self_attention"] == "eager"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
+def test_model_with_an_unrunnable_backend_fails_at_its_first_stream_call():
+    model = build_model(config=tiny_variant_config(), cls=OptimizedCausalWanModel,
+                        dtype=torch.float32, backend="flash")
+    model.start_stream(latent_size=(8, 16))
+    with pytest.raises(BackendUnavailableError, match="flash"):
+        model(**make_inputs(model), current_start=0)
+
+
+def test_cli_lists_every_op_and_backend():
+    out = subprocess.run([sys.executable, "-m", "wan.kernels"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    for op in OPS:
+        assert op in out
+    assert out.count("auto picks") == len(OPS)
+    assert "triton" in out and "flash" in out and "eager" in out
