@@ -7,9 +7,14 @@ Runs Matrix-Game-2's call pattern on a model with realistic random weights and r
   cache-update forward at t=0, caches sized by the attention window (6 frames for universal).
   Steady state is every forward of the blocks after the window has filled (evictions under way).
 
+Models (same random weights, same process): `reference` (CausalWanModel), `optimized`
+(OptimizedCausalWanModel, eager forward) and `graphs` (OptimizedCausalWanModel replaying CUDA
+graphs). All use the pipeline's upstream-style cache dicts, as a drop-in would.
+
 On a GPU it defaults to the universal config in bf16, on a CPU to the tiny config in float32.
 Timing uses CUDA events on the GPU (perf_counter on the CPU); medians over all timed calls.
-Writes a JSON report (device, torch, date, command, results) and prints a table last.
+Writes a JSON report (device, torch, date, command, results, speedups), a PNG plot beside it when
+matplotlib is installed, and prints a table last.
 
     python benchmarks/stream.py                     # auto: GPU universal bf16 / CPU tiny fp32
     python benchmarks/stream.py --blocks 8 --out benchmarks/results/h100.json
@@ -30,11 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan import CausalWanModel  # noqa: E402
+from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
 from wan.presets import LATENT_SIZE, model_config  # noqa: E402
 from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
 
-MODEL_CLASSES = {"reference": CausalWanModel}
+# name -> (class, constructor extras)
+MODEL_CLASSES = {"reference": (CausalWanModel, {}),
+                 "optimized": (OptimizedCausalWanModel, {}),
+                 "graphs": (OptimizedCausalWanModel, {"cuda_graphs": True})}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "fp64": torch.float64}
 SEED_CACHE_FRAMES = 15
@@ -46,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--preset", default="auto", help="tiny, universal, gta_drive, templerun or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    p.add_argument("--models", default="reference", help=f"comma list of {list(MODEL_CLASSES)}")
+    p.add_argument("--models", default=None,
+                   help=f"comma list of {list(MODEL_CLASSES)} (default: all; no graphs on a CPU)")
     p.add_argument("--blocks", type=int, default=None, help="pipeline blocks (default 8 GPU, 5 CPU)")
     p.add_argument("--denoising-steps", default="1000,666,333")
     p.add_argument("--seed-runs", type=int, default=None, help="timed seed forwards (default 10)")
@@ -63,7 +73,8 @@ def parse_args(argv=None):
     args.dtype = DTYPES[args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")]
     args.blocks = args.blocks or (8 if on_gpu else 5)
     args.seed_runs = args.seed_runs or 10
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.models = ([m.strip() for m in args.models.split(",") if m.strip()] if args.models
+                   else [m for m in MODEL_CLASSES if on_gpu or m != "graphs"])
     unknown = [m for m in args.models if m not in MODEL_CLASSES]
     if unknown:
         p.error(f"unknown model(s) {unknown}; available: {list(MODEL_CLASSES)}")
@@ -103,8 +114,9 @@ def build_models(args):
     config = model_config(args.preset)
     models = {}
     for name in args.models:
+        cls, extras = MODEL_CLASSES[name]
         with torch.device(args.device):
-            model = MODEL_CLASSES[name].from_config(config)
+            model = cls.from_config(config, **extras)
         if not models:
             randomize_weights_(model, seed=0)
             weights = model.state_dict()
@@ -123,9 +135,10 @@ def tokens_per_frame(preset):
 @torch.no_grad()
 def seed_protocol(model, args, timer):
     inputs = random_inputs(model, LATENT_SIZE[args.preset])
+    # one set of caches: every call repeats the first block (current_start=0), as upstream allows
+    caches = new_stream_caches(model, 1, SEED_CACHE_FRAMES, tokens_per_frame(args.preset))
     times = []
     for i in range(args.warmup + args.seed_runs):
-        caches = new_stream_caches(model, 1, SEED_CACHE_FRAMES, tokens_per_frame(args.preset))
         out, ms = timer(lambda: model(**inputs, **caches, current_start=0))
         if i >= args.warmup:
             times.append(ms)
@@ -157,7 +170,9 @@ def pipeline_protocol(model, args, timer, label):
         block_ms.append(sum(forward_ms))
         if block >= steady_from:
             steady.extend(forward_ms)
-        print(f"  [{label}] block {block + 1}/{args.blocks}: {len(forward_ms)} forwards, "
+        done = block + 1
+        bar = "#" * done + "." * (args.blocks - done)
+        print(f"  {label:<10} [{bar}] block {done}/{args.blocks}: {len(forward_ms)} forwards, "
               f"{block_ms[-1]:.1f} ms", file=sys.stderr, flush=True)
     if not steady:
         raise ValueError(f"--blocks {args.blocks} never reaches steady state (block {steady_from})")
@@ -177,17 +192,59 @@ def device_name(device):
     return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
 
 
+def speedups(per_model):
+    """reference vs the fastest optimized variant, on median milliseconds."""
+    summary = {"per_model": per_model}
+    if "reference" in per_model:
+        summary["reference_ms"] = per_model["reference"]["median_ms"]
+    others = {n: r for n, r in per_model.items() if n != "reference"}
+    if others:
+        best = min(others, key=lambda n: others[n]["median_ms"])
+        summary["optimized_model"] = best
+        summary["optimized_ms"] = others[best]["median_ms"]
+        if "reference_ms" in summary:
+            summary["speedup"] = summary["reference_ms"] / summary["optimized_ms"]
+    return summary
+
+
 def print_table(report):
     print(f"\n{report['device']} | torch {report['torch']} | {report['preset']} {report['dtype']}")
-    header = f"{'model':<12}{'seed median':>13}{'seed p95':>10}{'pipe median':>13}" \
-             f"{'pipe p95':>10}{'block':>10}{'DiT fps':>9}"
+    header = (f"{'model':<11}{'seed median':>12}{'seed p95':>10}{'pipe median':>12}{'pipe p95':>10}"
+              f"{'block':>9}{'DiT fps':>9}{'speedup':>9}")
     print(header)
     print("-" * len(header))
+    seed, pipe = report["seed"]["per_model"], report["pipeline"]["per_model"]
+    reference = pipe.get("reference", {}).get("median_ms")
     for name in report["models"]:
-        seed, pipe = report["seed"][name], report["pipeline"][name]
-        print(f"{name:<12}{seed['median_ms']:>11.2f}ms{seed['p95_ms']:>8.2f}ms"
-              f"{pipe['median_ms']:>11.2f}ms{pipe['p95_ms']:>8.2f}ms"
-              f"{pipe['block_median_ms']:>8.1f}ms{pipe['dit_fps']:>9.1f}")
+        speedup = f"{reference / pipe[name]['median_ms']:.2f}x" if reference else "-"
+        print(f"{name:<11}{seed[name]['median_ms']:>10.2f}ms{seed[name]['p95_ms']:>8.2f}ms"
+              f"{pipe[name]['median_ms']:>10.2f}ms{pipe[name]['p95_ms']:>8.2f}ms"
+              f"{pipe[name]['block_median_ms']:>7.1f}ms{pipe[name]['dit_fps']:>9.1f}{speedup:>9}")
+
+
+def plot(report, path):
+    """Bar chart of median per-forward latency (seed and pipeline protocols) per model."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    names = report["models"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    for offset, protocol in ((-width / 2, "seed"), (width / 2, "pipeline")):
+        values = [report[protocol]["per_model"][n]["median_ms"] for n in names]
+        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=protocol)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("median ms per forward")
+    ax.set_title(f"{report['preset']} {report['dtype']} on {report['device']}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return str(path)
 
 
 def main(argv=None):
@@ -209,10 +266,14 @@ def main(argv=None):
         report["seed"][name] = seed_protocol(model, args, timer)
         print(f"pipeline protocol: {name}", file=sys.stderr, flush=True)
         report["pipeline"][name] = pipeline_protocol(model, args, timer, name)
+    report["seed"] = speedups(report["seed"])
+    report["pipeline"] = speedups(report["pipeline"])
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report["plot"] = plot(report, out.with_suffix(".png"))
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
     print_table(report)
     return report
 

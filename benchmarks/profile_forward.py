@@ -1,0 +1,100 @@
+"""Where the GPU time of one steady-state streaming forward goes (per kernel and per category).
+
+Runs the pipeline pattern on the optimized model (eager forward: the same kernels a CUDA graph
+replays) until the attention window is full, then profiles a block of forwards with torch.profiler
+and prints the CUDA time per forward grouped by category and the top kernels. GPU only.
+
+    python benchmarks/profile_forward.py [--model optimized|reference] [--out profile.json]
+"""
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.stream import MODEL_CLASSES, tokens_per_frame  # noqa: E402
+from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
+from wan.presets import LATENT_SIZE, model_config  # noqa: E402
+from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("attention", r"fmha|flash|cudnn|attention|sdpa"),
+    ("gemm", r"gemm|nvjet|sm90_xmma|cutlass|cublas|splitK|conv"),
+    ("norm", r"layer_norm|LayerNorm|rms|norm"),
+    ("reduce", r"reduce"),
+    ("copy/cat", r"copy|cat|index|gather|scatter|fill"),
+    ("elementwise", r"elementwise|vectorized|unrolled|pointwise|triton"),
+]
+
+
+def category(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "other"
+
+
+@torch.no_grad()
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="optimized", choices=list(MODEL_CLASSES))
+    p.add_argument("--preset", default="universal")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    cls, extras = MODEL_CLASSES[args.model]
+    with torch.device("cuda"):
+        model = cls.from_config(model_config(args.preset), **extras)
+    randomize_weights_(model)
+    model = model.to(torch.bfloat16).eval()
+    model.num_frame_per_block = 3
+    hw = LATENT_SIZE[args.preset]
+    caches = new_stream_caches(model, 1, model.local_attn_size, tokens_per_frame(args.preset))
+    steady_block = (model.local_attn_size + 2) // 3 + 1
+    calls = []
+    for block in range(steady_block + 1):
+        inputs = random_inputs(model, hw, 3, 3 * block, seed=block)
+        calls.append(dict(inputs, current_start=3 * block * tokens_per_frame(args.preset)))
+    for call in calls[:-1]:  # fill the window, warm up
+        for _ in range(4):
+            model(**call, **caches)
+    torch.cuda.synchronize()
+    forwards = 4
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(forwards):
+            model(**calls[-1], **caches)
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name][0] += event.device_time / 1e3 / forwards
+            per_kernel[event.name][1] += 1 / forwards
+    per_category = defaultdict(float)
+    for name, (ms, _) in per_kernel.items():
+        per_category[category(name)] += ms
+    total = sum(per_category.values())
+    launches = sum(n for _, n in per_kernel.values())
+    print(f"{args.model}: {total:.2f} ms of GPU kernels per forward, {launches:.0f} launches")
+    for label, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:<12}{ms:8.2f} ms  {100 * ms / total:5.1f}%")
+    print(f"top {args.top} kernels (ms per forward, launches per forward):")
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
+    for name, (ms, n) in ranked[:args.top]:
+        print(f"  {ms:7.3f} ms {n:5.0f}x  [{category(name)}] {name[:110]}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "total_ms": total, "launches": launches, "per_category_ms": per_category,
+            "kernels": {name: {"ms": ms, "launches": n} for name, (ms, n) in ranked}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
