@@ -18,22 +18,29 @@ def layer_norm_modulate(x, shift, scale, eps):
     """x [B, F*S, C]; shift, scale [B, F, 1, C] -> LayerNorm(x) * (1 + scale) + shift."""
     frames = shift.shape[1]
     normed = F.layer_norm(x, (x.shape[-1],), eps=eps).unflatten(1, (frames, -1))
-    return (normed * (1 + scale) + shift).flatten(1, 2)
+    return torch.addcmul(shift, normed, 1 + scale).flatten(1, 2)
 
 
 def rms_norm(x, weight, eps, compute_dtype=None):
-    """RMS norm over the last dim, computed in `compute_dtype` (default x's), then [* weight]."""
-    xc = x.to(compute_dtype or x.dtype)
-    out = (xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    """RMS norm over the last dim, computed in `compute_dtype` (default x's), then [* weight].
+    Half-precision inputs asking for float32 go straight in: torch accumulates them in float32."""
+    compute = compute_dtype or x.dtype
+    if compute == x.dtype or (compute == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        out = F.rms_norm(x, (x.shape[-1],), eps=eps)
+    else:
+        out = F.rms_norm(x.to(compute), (x.shape[-1],), eps=eps).to(x.dtype)
     return out if weight is None else out * weight
 
 
 def rope(x, cos, sin, compute_dtype):
-    """Rotate the channel pairs (2i, 2i+1) of x [N, L, H, D] by angles with cos/sin [L, D/2]."""
-    pairs = x.to(compute_dtype).unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
+    """Rotate the channel pairs (2i, 2i+1) of x [N, L, H, D] by angles with cos/sin [L, D/2],
+    as one complex multiply in `compute_dtype` (float32 or float64)."""
+    xr = x.to(compute_dtype)
+    if xr.stride(-1) != 1 or any(s % 2 for s in xr.stride()[:-1]):
+        xr = xr.contiguous()
+    rotation = torch.complex(cos.to(compute_dtype), sin.to(compute_dtype))[:, None, :]
+    rotated = torch.view_as_complex(xr.unflatten(-1, (-1, 2))) * rotation
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 OPS = {

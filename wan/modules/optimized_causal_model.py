@@ -260,8 +260,9 @@ class OptimizedCausalWanModel(CausalWanModel):
             (block.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
         modulate = ops["layer_norm_modulate"][1]
 
-        def gated(update, gate):
-            return (update.unflatten(1, (frames, -1)) * gate).flatten(1, 2)
+        def add_gated(residual, update, gate):  # residual + update * gate, per frame
+            return torch.addcmul(residual.unflatten(1, (frames, -1)), update.unflatten(1, (frames, -1)),
+                                 gate).flatten(1, 2)
 
         # self-attention over this block and the cached frames
         attn = block.self_attn
@@ -275,7 +276,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         k = rope(k, *step["rope"], step["rope_dtype"])
         cache.write_self(i, k, v, self_slots)
         y = ops["self_attention"][1](q, *cache.self_window(i, n_self))
-        tokens = tokens + gated(attn.o(y.flatten(2)), gate_msa)
+        tokens = add_gated(tokens, attn.o(y.flatten(2)), gate_msa)
 
         # cross-attention to the image context (keys/values projected once per stream)
         cross = block.cross_attn
@@ -289,7 +290,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             tokens = self._action(i, block.action_model, tokens, step)
 
         hn = modulate(tokens, shift_ffn, scale_ffn, block.norm2.eps)
-        return tokens + gated(block.ffn(hn), gate_ffn)
+        return add_gated(tokens, block.ffn(hn), gate_ffn)
 
     def _action(self, i, action, tokens, step):
         ops, cache = step["ops"], step["cache"]
