@@ -153,8 +153,10 @@ def pipeline_protocol(model, args, timer, label):
     window = model.local_attn_size
     steady_from = math.ceil(window / nfpb)  # first block that evicts: the window is full
     caches = new_stream_caches(model, 1, window, tokens_per_frame(args.preset))
-    if args.device == "cuda":
+    if args.device == "cuda":  # other models stay resident: count what this run adds on top
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated()
     steady, block_ms = [], []
     for block in range(args.blocks):
         s = nfpb * block
@@ -182,8 +184,9 @@ def pipeline_protocol(model, args, timer, label):
         "steady_state_from_block": steady_from,
         "block_median_ms": steady_block,
         "dit_fps": nfpb * VIDEO_FRAMES_PER_LATENT / (steady_block / 1e3),
-        "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2 ** 30
-                            if args.device == "cuda" else None),
+        "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30,
+        "peak_extra_memory_gib": ((torch.cuda.max_memory_allocated() - resident) / 2 ** 30
+                                  if args.device == "cuda" else None),
     })
     return stats
 
