@@ -1,5 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
+import torch
+
 # the helper modules beside the tests (helpers.py, golden_runner.py) import as top-level modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Without a GPU, Triton kernels run in Triton's interpreter. It is chosen when a kernel is defined,
+# so it is set before anything imports them; `auto` never picks the interpreter (tests name it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -21,6 +21,13 @@ def layer_norm_modulate(x, shift, scale, eps):
     return torch.addcmul(shift, normed, 1 + scale).flatten(1, 2)
 
 
+def gated_residual(x, y, gate):
+    """x + y * gate; x, y [B, F*S, C], gate [B, F, 1, C]."""
+    frames = gate.shape[1]
+    return torch.addcmul(x.unflatten(1, (frames, -1)), y.unflatten(1, (frames, -1)),
+                         gate).flatten(1, 2)
+
+
 def rms_norm(x, weight, eps, compute_dtype=None):
     """RMS norm over the last dim, computed in `compute_dtype` (default x's), then [* weight].
     Half-precision inputs asking for float32 go straight in: torch accumulates them in float32."""
@@ -49,6 +56,7 @@ OPS = {
     "mouse_attention": attention,
     "keyboard_attention": attention,
     "layer_norm_modulate": layer_norm_modulate,
+    "gated_residual": gated_residual,
     "rms_norm": rms_norm,
     "rope": rope,
 }

@@ -7,12 +7,14 @@ Ops (one signature each, every backend implements a subset):
     mouse_attention(q, k, v)     B*880 sequences of 3 frames over <= window frames
     keyboard_attention(q, k, v)  every token over the <= window key frames (keys shared, not copied)
     layer_norm_modulate(x, shift, scale, eps)   LayerNorm(x) * (1 + scale) + shift, per frame
+    gated_residual(x, y, gate)                  x + y * gate, per frame
     rms_norm(x, weight, eps, compute_dtype)     x * rsqrt(mean(x^2) + eps) [* weight]
     rope(x, cos, sin, compute_dtype)            rotate channel pairs of x [N, L, H, D] by [L, D/2]
 
 Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
 importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels).
-`auto` takes, per op, the first of triton, flash, eager that can run it; it never fails.
+`auto` takes, per op, the first of triton, flash, eager that can run it (never Triton's CPU
+interpreter, which only an explicit `triton` selection uses); it never fails.
 
 Selection, strongest first: the `backend=` keyword of the model, the WAN_BACKEND environment
 variable, then `auto`. Each is a backend name (for the ops that backend implements; the others stay
@@ -27,7 +29,7 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 
 ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
-OPS = ATTENTION_OPS + ("layer_norm_modulate", "rms_norm", "rope")
+OPS = ATTENTION_OPS + ("layer_norm_modulate", "gated_residual", "rms_norm", "rope")
 AUTO_ORDER = ("triton", "flash", "eager")
 ENV_VAR = "WAN_BACKEND"
 
@@ -47,6 +49,10 @@ class Backend:
 
     def implements(self, op: str) -> bool:
         return op in OPS
+
+    def fast_on(self, device) -> bool:
+        """Whether `auto` may pick this backend on `device` (an interpreter is not)."""
+        return True
 
     def problem(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
         """None when `op` can run for these inputs, else the reason it cannot."""
@@ -93,7 +99,10 @@ class TritonBackend(Backend):
     install_hint = "install Triton (`pip install wan[triton]`); on a CPU set TRITON_INTERPRET=1"
 
     def implements(self, op):
-        return op in self.ops()
+        return importlib.util.find_spec("triton") is not None and op in self.ops()
+
+    def fast_on(self, device):
+        return torch.device(device).type == "cuda"  # TRITON_INTERPRET=1 on a CPU is for tests
 
     def problem(self, op, device, dtype, head_dim):
         if importlib.util.find_spec("triton") is None:
@@ -103,6 +112,10 @@ class TritonBackend(Backend):
             return f"needs a CUDA device (or TRITON_INTERPRET=1 on a CPU), got {device}"
         if op not in self.ops():
             return "no Triton kernel for this op yet"
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"needs float16, bfloat16 or float32, got {dtype}"
+        if op in ATTENTION_OPS and (head_dim & (head_dim - 1) or head_dim < 16):
+            return f"head_dim {head_dim} must be a power of two >= 16"
         return None
 
 
@@ -152,7 +165,8 @@ def resolve(op: str, choice: str, device, dtype, head_dim: int):
     choice that cannot run, listing the reason and what to install."""
     if choice == "auto":
         for name in AUTO_ORDER:
-            if BACKENDS[name].problem(op, device, dtype, head_dim) is None:
+            if (BACKENDS[name].fast_on(device)
+                    and BACKENDS[name].problem(op, device, dtype, head_dim) is None):
                 return name, BACKENDS[name].ops()[op]
         raise BackendUnavailableError(f"no backend can run {op} for {dtype} on {device}: "
                                       + explain(op, device, dtype, head_dim))

@@ -226,7 +226,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         b = x.shape[0]
         tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1))
         _, c, frames, h, w = tokens.shape
-        tokens = tokens.flatten(2).transpose(1, 2)
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # channels-last from here on
         e = self.time_embedding(_timestep_embedding(t.flatten(), self.freq_dim).to(tokens.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, c)).unflatten(0, (b, frames))
 
@@ -254,15 +254,12 @@ class OptimizedCausalWanModel(CausalWanModel):
         ops, cache = step["ops"], step["cache"]
         n_self, _ = step["phase"]
         self_slots, _ = step["slots"]
-        frames = step["frames"]
         b, length, c = tokens.shape
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = \
             (block.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
         modulate = ops["layer_norm_modulate"][1]
 
-        def add_gated(residual, update, gate):  # residual + update * gate, per frame
-            return torch.addcmul(residual.unflatten(1, (frames, -1)), update.unflatten(1, (frames, -1)),
-                                 gate).flatten(1, 2)
+        add_gated = ops["gated_residual"][1]  # residual + update * gate, per frame
 
         # self-attention over this block and the cached frames
         attn = block.self_attn

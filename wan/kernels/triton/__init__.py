@@ -1,3 +1,11 @@
-"""The triton backend's kernels. None are registered yet: the fused Triton kernels are the next
-issue, and until then the registry reports "no Triton kernel for this op yet" and `auto` moves on."""
-OPS = {}
+"""The triton backend's kernels (registered in OPS; the registry imports this module only when the
+backend is considered, and it needs the triton package)."""
+from .modulation import gated_residual, layer_norm_modulate
+from .short_attention import short_attention
+
+OPS = {
+    "mouse_attention": short_attention,
+    "keyboard_attention": short_attention,
+    "layer_norm_modulate": layer_norm_modulate,
+    "gated_residual": gated_residual,
+}

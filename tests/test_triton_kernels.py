@@ -1,0 +1,102 @@
+"""Each Triton kernel against its eager twin and a float64 reference, on random inputs at the
+model's shapes and awkward ones (odd sizes, 2^k + 17, strided views). On a CPU the kernels run in
+Triton's interpreter in float32 and float16 (it mishandles bfloat16); on a GPU in bfloat16 too."""
+import pytest
+import torch
+
+from helpers import HAS_CUDA, build_model, make_caches, max_rel_err, rel_err, run_stream
+from helpers import tiny_variant_config
+
+pytest.importorskip("triton")
+from wan.kernels import eager  # noqa: E402
+from wan.kernels import triton as triton_ops  # noqa: E402
+from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+# relative error against float64 allowed, per dtype (a few roundings of the output)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _randn(shape, dtype, seed):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
+ATTENTION_CASES = [  # (N, Lq, H, D, Lk)
+    (40, 3, 2, 64, 6),       # mouse-like: many sequences of 3 queries over a full window
+    (1, 2 * 32 + 17, 2, 64, 6),   # keyboard-like, 2^k + 17 queries
+    (3, 5, 3, 32, 1),        # a single key
+    (2, 70, 2, 16, 33),      # more keys than one block: the online-softmax loop
+]
+if HAS_CUDA:
+    ATTENTION_CASES += [(880, 3, 16, 64, 6), (1, 2640, 16, 64, 6)]  # the real shapes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_short_attention(case, dtype):
+    n, lq, heads, dim, lk = case
+    q = _randn((n, lq, heads, dim), dtype, 1)
+    qkv = _randn((n, lk, 2, heads, dim), dtype, 2)
+    k, v = qkv.unbind(2)  # strided views, as the model passes them
+    exact = eager.attention(q.double(), k.double(), v.double())
+    got = triton_ops.short_attention(q, k, v)
+    twin = eager.attention(q, k, v)
+    assert got.shape == exact.shape and got.dtype == dtype
+    err, twin_err = rel_err(got, exact), rel_err(twin, exact)
+    assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+
+
+MODULATION_CASES = [(1, 3, 32, 64), (2, 2, 17, 100), (1, 3, 5, 2 ** 6 + 17)]  # (B, F, S, C)
+if HAS_CUDA:
+    MODULATION_CASES += [(1, 3, 880, 1536)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODULATION_CASES, ids=str)
+def test_layer_norm_modulate(case, dtype):
+    b, frames, per_frame, c = case
+    x = _randn((b, frames * per_frame, c), dtype, 3) * 3 + 1
+    mod = _randn((b, frames, 6, c), dtype, 4)
+    shift, scale = mod[:, :, 0:1], mod[:, :, 1:2]  # strided, as chunks of the modulation
+    exact = eager.layer_norm_modulate(x.double(), shift.double(), scale.double(), 1e-6)
+    got = triton_ops.layer_norm_modulate(x, shift, scale, 1e-6)
+    twin = eager.layer_norm_modulate(x, shift, scale, 1e-6)
+    err, twin_err = rel_err(got, exact), rel_err(twin, exact)
+    assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODULATION_CASES, ids=str)
+def test_gated_residual(case, dtype):
+    b, frames, per_frame, c = case
+    x = _randn((b, frames * per_frame, c), dtype, 5)
+    y = _randn((b, frames * per_frame, c), dtype, 6)
+    gate = _randn((b, frames, 6, c), dtype, 7)[:, :, 2:3]
+    exact = eager.gated_residual(x.double(), y.double(), gate.double())
+    got = triton_ops.gated_residual(x, y, gate)
+    assert rel_err(got, exact) <= TOLERANCE[dtype]
+
+
+def test_bad_shapes_are_errors():
+    x = _randn((1, 6, 8), torch.float32, 8)
+    with pytest.raises(ValueError, match="frames"):
+        triton_ops.layer_norm_modulate(x, x[:, :4, None], x[:, :4, None], 1e-6)
+    q = _randn((2, 3, 2, 24), torch.float32, 9)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_ops.short_attention(q, q, q)
+
+
+@torch.no_grad()
+def test_model_with_triton_backend_matches_reference():
+    """The optimized model with every Triton kernel selected, over a 3-block stream (float32 on a
+    CPU through the interpreter, bfloat16 would be the GPU's business)."""
+    config = tiny_variant_config()
+    reference = build_model(config=config, dtype=torch.float64)
+    optimized = build_model(config=config, dtype=torch.float32, cls=OptimizedCausalWanModel,
+                            backend="triton")
+    assert {optimized.backend[op] for op in triton_ops.OPS} == {"triton"}
+    expected = run_stream(reference, 3, caches=make_caches(reference))
+    got = run_stream(optimized, 3, caches=make_caches(optimized))
+    assert max_rel_err(got, expected) <= 1e-4
