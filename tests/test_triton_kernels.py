@@ -100,3 +100,33 @@ def test_model_with_triton_backend_matches_reference():
     expected = run_stream(reference, 3, caches=make_caches(reference))
     got = run_stream(optimized, 3, caches=make_caches(optimized))
     assert max_rel_err(got, expected) <= 1e-4
+
+
+NORM_ROPE_CASES = [(1, 2, 32, 2, 64), (2, 3, 17, 3, 32), (1, 1, 2 ** 5 + 17, 1, 16)]  # B F S H D
+if HAS_CUDA:
+    NORM_ROPE_CASES += [(1, 3, 880, 12, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NORM_ROPE_CASES, ids=str)
+def test_norm_rope_store(case, dtype):
+    """q path (new tensor) and k path (into ring slots [2, 0, ...] of a cache) vs float64."""
+    b, frames, per_frame, heads, dim = case
+    length, c = frames * per_frame, heads * dim
+    x = _randn((b, length, c), dtype, 10) * 2
+    weight = 1 + 0.1 * _randn((c,), dtype, 11)
+    angles = _randn((length, dim // 2), torch.float32, 12) * 3
+    cos, sin = angles.cos(), angles.sin()
+    exact = eager.norm_rope_store(x.double(), weight.double(), 1e-6, cos.double(), sin.double(),
+                                  heads, rope_dtype=torch.float64)
+    got = triton_ops.norm_rope_store(x, weight, 1e-6, cos, sin, heads)
+    assert rel_err(got, exact) <= TOLERANCE[dtype]
+    slots = torch.arange(frames, device=DEVICE).flip(0) + 1   # frames land in reverse order
+    cache = torch.zeros(b, (frames + 1) * per_frame, heads, dim, dtype=dtype, device=DEVICE)
+    triton_ops.norm_rope_store(x, weight, 1e-6, cos, sin, heads, cache, slots)
+    twin = torch.zeros_like(cache)
+    eager.norm_rope_store(x, weight, 1e-6, cos, sin, heads, twin, slots)
+    assert torch.equal(cache[:, :per_frame], twin[:, :per_frame])  # slot 0 untouched: zeros
+    assert rel_err(cache, twin) <= TOLERANCE[dtype]
+    value = triton_ops.norm_rope_store(x, None, None, None, None, heads)  # v: a plain store
+    assert torch.equal(value, x.view(b, length, heads, dim))

@@ -50,6 +50,26 @@ def rope(x, cos, sin, compute_dtype):
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
+def norm_rope_store(x, weight, eps, cos, sin, heads, dest=None, slots=None,
+                    rope_dtype=torch.float32):
+    """x [B, L, H*D]: RMS norm over H*D in float32 with `weight` (skipped when None), RoPE with
+    cos/sin [L, D/2] in `rope_dtype` (skipped when None); returned as [B, L, H, D], or stored into
+    dest [B, R, H, D] at rows slots[l // S] * S + l % S (S = L / len(slots)) and dest returned."""
+    b, length, c = x.shape
+    y = rms_norm(x, weight, eps, torch.float32) if weight is not None else x
+    y = y.reshape(b, length, heads, c // heads)
+    if cos is not None:
+        y = rope(y, cos, sin, rope_dtype)
+    if dest is None:
+        return y
+    if slots is None:
+        return dest.copy_(y)
+    per_frame = length // slots.shape[0]
+    dest.view(b, -1, per_frame, heads, c // heads).index_copy_(
+        1, slots, y.view(b, -1, per_frame, heads, c // heads))
+    return dest
+
+
 OPS = {
     "self_attention": attention,
     "cross_attention": attention,
@@ -58,5 +78,6 @@ OPS = {
     "layer_norm_modulate": layer_norm_modulate,
     "gated_residual": gated_residual,
     "rms_norm": rms_norm,
+    "norm_rope_store": norm_rope_store,
     "rope": rope,
 }

@@ -160,13 +160,6 @@ class StreamCache:
                    crossattn_cache, self_layout, action_layout, tokens_per_frame, owner="caller")
 
     # ------------------------------------------------------------------ reads and writes
-    def write_self(self, layer: int, k, v, slots):
-        """k, v [B, T*S, H, D] for the frames whose slots are `slots` [T]."""
-        for buf, new in ((self.self_k[layer], k), (self.self_v[layer], v)):
-            b, _, h, d = buf.shape
-            buf.view(b, -1, self.tokens_per_frame, h, d).index_copy_(
-                1, slots, new.view(b, -1, self.tokens_per_frame, h, d))
-
     def self_window(self, layer: int, attended_slots: int):
         n = attended_slots * self.tokens_per_frame
         return self.self_k[layer][:, :n], self.self_v[layer][:, :n]

@@ -169,7 +169,8 @@ class OptimizedCausalWanModel(CausalWanModel):
         if key not in self._per_device:
             action = self._first_action_module()
             head_dims = {op: self.dim // self.num_heads for op in ("self_attention",
-                                                                   "cross_attention")}
+                                                                   "cross_attention",
+                                                                   "norm_rope_store")}
             if action is not None:
                 head_dims["mouse_attention"] = head_dims["keyboard_attention"] = \
                     sum(action.mouse_qk_dim_list)
@@ -194,10 +195,10 @@ class OptimizedCausalWanModel(CausalWanModel):
         ops = self._state(visual_context.device, visual_context.dtype)["ops"]
         context = self.img_emb(visual_context)
         b = context.shape[0]
+        store = ops["norm_rope_store"][1]
         for block, slot in zip(self.blocks, cache.cross):
             attn = block.cross_attn
-            k = _model_rms(ops, attn.norm_k, attn.k(context)).view(b, -1, attn.num_heads,
-                                                                    attn.head_dim)
+            k = store(attn.k(context), *_norm_args(attn.norm_k), None, None, attn.num_heads)
             v = attn.v(context).view(b, -1, attn.num_heads, attn.head_dim)
             for name, value in (("k", k), ("v", v)):
                 if isinstance(slot[name], torch.Tensor) and slot[name].shape == value.shape:
@@ -264,14 +265,14 @@ class OptimizedCausalWanModel(CausalWanModel):
         # self-attention over this block and the cached frames
         attn = block.self_attn
         hn = modulate(tokens, shift_msa, scale_msa, block.norm1.eps)
-        heads, head_dim = attn.num_heads, attn.head_dim
-        q = _model_rms(ops, attn.norm_q, attn.q(hn)).view(b, length, heads, head_dim)
-        k = _model_rms(ops, attn.norm_k, attn.k(hn)).view(b, length, heads, head_dim)
-        v = attn.v(hn).view(b, length, heads, head_dim)
-        rope = ops["rope"][1]
-        q = rope(q, *step["rope"], step["rope_dtype"])
-        k = rope(k, *step["rope"], step["rope_dtype"])
-        cache.write_self(i, k, v, self_slots)
+        heads = attn.num_heads
+        store = ops["norm_rope_store"][1]  # RMS norm + RoPE (+ the write into the cache slots)
+        cos, sin = step["rope"]
+        rope_dtype = step["rope_dtype"]
+        q = store(attn.q(hn), *_norm_args(attn.norm_q), cos, sin, heads, rope_dtype=rope_dtype)
+        store(attn.k(hn), *_norm_args(attn.norm_k), cos, sin, heads, cache.self_k[i], self_slots,
+              rope_dtype)
+        store(attn.v(hn), None, None, None, None, heads, cache.self_v[i], self_slots)
         y = ops["self_attention"][1](q, *cache.self_window(i, n_self))
         tokens = add_gated(tokens, attn.o(y.flatten(2)), gate_msa)
 
@@ -279,7 +280,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         cross = block.cross_attn
         normed = (F.layer_norm(tokens, (c,), block.norm3.weight, block.norm3.bias, block.norm3.eps)
                   if isinstance(block.norm3, nn.LayerNorm) else tokens)
-        q = _model_rms(ops, cross.norm_q, cross.q(normed)).view(b, length, heads, head_dim)
+        q = store(cross.q(normed), *_norm_args(cross.norm_q), None, None, heads)
         y = ops["cross_attention"][1](q, cache.cross[i]["k"], cache.cross[i]["v"])
         tokens = tokens + cross.o(y.flatten(2))
 
@@ -338,11 +339,9 @@ class OptimizedCausalWanModel(CausalWanModel):
         return tokens
 
 
-def _model_rms(ops, norm, x):
-    """The backbone's RMS norm (float32 inside, learned scale), or nothing when qk_norm is off."""
-    if isinstance(norm, nn.Identity):
-        return x
-    return ops["rms_norm"][1](x, norm.weight, norm.eps, torch.float32)
+def _norm_args(norm):
+    """(weight, eps) of the backbone's RMS norm, (None, None) when qk_norm is off."""
+    return (None, None) if isinstance(norm, nn.Identity) else (norm.weight, norm.eps)
 
 
 def _action_rms(ops, norm, x):

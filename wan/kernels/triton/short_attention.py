@@ -15,7 +15,7 @@ import triton.language as tl
 def _short_attention_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lq, lk, heads, scale,
         sq_n, sq_l, sq_h, sk_n, sk_l, sk_h, sv_n, sv_l, sv_h, so_n, so_l, so_h,
-        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     pid_nh = tl.program_id(0)
     pid_q = tl.program_id(1)
     n = pid_nh // heads
@@ -36,13 +36,20 @@ def _short_attention_kernel(
                     mask=col_ok[:, None], other=0.0)
         v = tl.load(v_ptr + n * sv_n + h * sv_h + cols[:, None] * sv_l + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+        if IEEE:  # float32 inputs: no TF32 rounding
+            scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
         scores = tl.where(col_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         correction = tl.exp(m - m_new)
         denom = denom * correction + tl.sum(p, axis=1)
-        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
+        acc = acc * correction[:, None] + pv
         m = m_new
     out = acc / denom[:, None]
     tl.store(o_ptr + n * so_n + h * so_h + rows[:, None] * so_l + dims[None, :],
@@ -69,5 +76,5 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
         q, k, v, out, lq, lk, heads, head_dim ** -0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_K=block_k)
+        HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_K=block_k, IEEE=q.dtype == torch.float32)
     return out
