@@ -90,12 +90,12 @@ def test_bad_shapes_are_errors():
 
 @torch.no_grad()
 def test_model_with_triton_backend_matches_reference():
-    """The optimized model with every Triton kernel selected, over a 3-block stream (float32 on a
-    CPU through the interpreter, bfloat16 would be the GPU's business)."""
+    """The optimized model with every Triton kernel selected, over a 3-block stream in float32
+    (on a CPU through the interpreter)."""
     config = tiny_variant_config()
-    reference = build_model(config=config, dtype=torch.float64)
-    optimized = build_model(config=config, dtype=torch.float32, cls=OptimizedCausalWanModel,
-                            backend="triton")
+    reference = build_model(config=config, dtype=torch.float64, device=DEVICE)
+    optimized = build_model(config=config, dtype=torch.float32, device=DEVICE,
+                            cls=OptimizedCausalWanModel, backend="triton")
     assert {optimized.backend[op] for op in triton_ops.OPS} == {"triton"}
     expected = run_stream(reference, 3, caches=make_caches(reference))
     got = run_stream(optimized, 3, caches=make_caches(optimized))
