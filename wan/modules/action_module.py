@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import layers
 from .attention import attention, block_causal_mask
 from .rolling_cache import write_and_read_window
 from .rope import ActionRope
@@ -23,15 +24,9 @@ from .rope import ActionRope
 GLOBAL_ATTENTION_FRAMES = 15
 
 
-class WanRMSNorm(nn.Module):
+class WanRMSNorm(layers.WanRMSNorm):
     """The action module's RMS norm. It owns a `weight` (for checkpoint compatibility) that upstream
     never applies, and it normalises in the input dtype."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.dim = dim
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)

@@ -26,7 +26,7 @@ from .action_module import ActionModule, GLOBAL_ATTENTION_FRAMES
 from .attention import attention, block_causal_mask
 from .checkpoint import load_safetensors_checkpoint
 from ..kernels.input_checks import check_forward_inputs
-from .layers import (MLPProj, WAN_CROSSATTENTION_CLASSES, WanLayerNorm, WanRMSNorm,
+from .layers import (AttentionProjections, MLPProj, WAN_CROSSATTENTION_CLASSES, WanLayerNorm,
                      sinusoidal_embedding_1d)
 from .rolling_cache import write_and_read_window
 from .rope import rope_apply_3d, rope_rotations_3d, self_attention_rope_table
@@ -50,26 +50,13 @@ def _constructor_keywords(cls) -> set:
     return names - {"self"}
 
 
-class CausalWanSelfAttention(nn.Module):
+class CausalWanSelfAttention(AttentionProjections):
 
     def __init__(self, dim: int, num_heads: int, local_attn_size: int = -1, sink_size: int = 0,
                  qk_norm: bool = True, eps: float = 1e-6):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.local_attn_size = local_attn_size
         self.sink_size = sink_size
-        self.qk_norm = qk_norm
-        self.eps = eps
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
 
     @property
     def window_frames(self) -> int:

@@ -58,22 +58,17 @@ class MLPProj(nn.Module):
         return self.proj(image_embeds)
 
 
-class WanI2VCrossAttention(nn.Module):
-    """Cross-attention from video tokens to the projected image context.
+class AttentionProjections(nn.Module):
+    """The projections every Wan attention owns (state-dict names q, k, v, o, norm_q, norm_k):
+    q/k/v/o linears of width `dim` and, with qk_norm, RMS norms of q and k over all heads."""
 
-    With `crossattn_cache` (an upstream dict with keys `k`, `v`, `is_init`) the context keys/values
-    are computed on the first call, stored in the dict, and reused while `is_init` is true.
-    """
-
-    def __init__(self, dim: int, num_heads: int, window_size=(-1, -1), qk_norm: bool = True,
-                 eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.window_size = window_size
         self.qk_norm = qk_norm
         self.eps = eps
         self.q = nn.Linear(dim, dim)
@@ -82,6 +77,19 @@ class WanI2VCrossAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+
+class WanI2VCrossAttention(AttentionProjections):
+    """Cross-attention from video tokens to the projected image context.
+
+    With `crossattn_cache` (an upstream dict with keys `k`, `v`, `is_init`) the context keys/values
+    are computed on the first call, stored in the dict, and reused while `is_init` is true.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size=(-1, -1), qk_norm: bool = True,
+                 eps: float = 1e-6):
+        super().__init__(dim, num_heads, qk_norm, eps)
+        self.window_size = window_size
 
     def context_kv(self, context: torch.Tensor):
         b, n, d = context.shape[0], self.num_heads, self.head_dim
