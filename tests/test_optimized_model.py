@@ -6,7 +6,6 @@ import torch
 from golden_runner import VARIANTS, golden_model, load_variant, run_streaming, run_train
 from helpers import (build_model, make_caches, make_inputs, max_rel_err, rel_err, run_stream,
                      tiny_variant_config)
-from wan import CausalWanModel
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
 STREAM_TOLERANCE = 1e-6

@@ -3,7 +3,6 @@ restricted to its cuDNN and flash kernels (cuDNN first: the fast path on Hopper)
 import importlib
 import importlib.util
 
-import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
