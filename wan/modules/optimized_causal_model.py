@@ -40,6 +40,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         self.cuda_graphs = cuda_graphs
         self._stream: Optional[StreamCache] = None
         self._graphs = GraphRunner()
+        self._graph_storage = None  # the cache storage the captured graphs write to
         self._dict_positions = {}  # end frame of each caller-owned cache storage
         self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
         self._warned_no_graphs = False
@@ -139,14 +140,18 @@ class OptimizedCausalWanModel(CausalWanModel):
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
         compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
         if self._graphs_usable(x):
-            key = (x.shape[0], frames, tokens_per_frame, phase, cache.key, x.dtype,
-                   tuple(sorted(inputs)))
+            if cache.key != self._graph_storage:
+                # graphs are tied to one cache storage; upstream's pipeline allocates new dicts for
+                # every video, so keep only the current storage's graphs (and their memory pool)
+                self._graphs.clear()
+                self._graph_storage = cache.key
+            key = (x.shape[0], frames, tokens_per_frame, phase, x.dtype, tuple(sorted(inputs)))
             out = self._graphs.run(key, compute, inputs)
         else:
             out = compute(**inputs)
         cache.end_frame = max(cache.end_frame, end)
-        if cache.owner == "caller":
-            self._dict_positions[cache.key] = cache.end_frame
+        if cache.owner == "caller":  # remembered for the latest caller storage only
+            self._dict_positions = {cache.key: cache.end_frame}
         return out
 
     # ------------------------------------------------------------------ pieces run outside graphs
