@@ -41,7 +41,8 @@ def test_graph_replay_equals_eager():
     graphed = copy.deepcopy(eager_model)
     graphed.enable_cuda_graphs()
     calls, expected = _record_stream(eager_model, make_caches(eager_model, preset="universal"))
-    got = _replay(graphed, calls, make_caches(graphed, preset="universal"), torch.float32)
+    first_caches = make_caches(graphed, preset="universal")  # kept alive: fresh ones differ
+    got = _replay(graphed, calls, first_caches, torch.float32)
     assert len(graphed._graphs) >= 2  # one per phase: window filling, then full
     # a new video in new dicts (as upstream's pipeline does): the old storage's graphs are dropped
     fresh = make_caches(graphed, preset="universal")

@@ -81,9 +81,12 @@ class StreamCache:
         self.end_frame = 0
 
     @property
-    def key(self):
-        """Identifies the storage (for CUDA-graph reuse)."""
-        return self.self_k[0].data_ptr()
+    def key(self) -> tuple:
+        """The addresses of every buffer: a captured CUDA graph reads and writes exactly these, so
+        it may replay only while they are the same (new dicts, even one new tensor: a new key)."""
+        buffers = (*self.self_k, *self.self_v, *self.mouse_k, *self.mouse_v, *self.keyboard_k,
+                   *self.keyboard_v, *(c["k"] for c in self.cross), *(c["v"] for c in self.cross))
+        return tuple(b.data_ptr() if isinstance(b, torch.Tensor) else 0 for b in buffers)
 
     @property
     def cross_ready(self) -> bool:

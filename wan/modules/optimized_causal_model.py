@@ -139,19 +139,20 @@ class OptimizedCausalWanModel(CausalWanModel):
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
         compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
+        storage = cache.key
         if self._graphs_usable(x):
-            if cache.key != self._graph_storage:
-                # graphs are tied to one cache storage; upstream's pipeline allocates new dicts for
-                # every video, so keep only the current storage's graphs (and their memory pool)
+            if storage != self._graph_storage:
+                # a graph is tied to the buffers it captured; upstream's pipeline allocates new
+                # dicts for every video, so keep only the current storage's graphs (and pool)
                 self._graphs.clear()
-                self._graph_storage = cache.key
+                self._graph_storage = storage
             key = (x.shape[0], frames, tokens_per_frame, phase, x.dtype, tuple(sorted(inputs)))
             out = self._graphs.run(key, compute, inputs)
         else:
             out = compute(**inputs)
         cache.end_frame = max(cache.end_frame, end)
         if cache.owner == "caller":  # remembered for the latest caller storage only
-            self._dict_positions = {cache.key: cache.end_frame}
+            self._dict_positions = {storage: cache.end_frame}
         return out
 
     # ------------------------------------------------------------------ pieces run outside graphs
