@@ -100,6 +100,7 @@ class OptimizedCausalWanModel(CausalWanModel):
                                        keyboard_cond, kv_cache, kv_cache_mouse, kv_cache_keyboard,
                                        crossattn_cache, current_start, cache_start)
 
+    @torch.no_grad()  # inference only: the Triton kernels have no backward (training: the parent)
     def _forward_inference(self, x, t, visual_context, cond_concat, mouse_cond=None,
                            keyboard_cond=None, kv_cache=None, kv_cache_mouse=None,
                            kv_cache_keyboard=None, crossattn_cache=None, current_start: int = 0,
@@ -125,6 +126,7 @@ class OptimizedCausalWanModel(CausalWanModel):
                     f"{cache.tokens_per_frame} tokens per frame; got batch {x.shape[0]} and "
                     f"{tokens_per_frame}: call start_stream(batch=..., latent_size=...)")
         check_stream_position("stream", cache.end_frame, start, frames, "frames")
+        state = self._state(x.device, x.dtype)  # an unrunnable backend fails here, before writes
 
         if not cache.cross_ready:
             self._project_image_context(cache, visual_context)
@@ -134,7 +136,6 @@ class OptimizedCausalWanModel(CausalWanModel):
             inputs["mouse_window"] = self._condition_window(action, mouse_cond, start, frames)
         if action is not None and action.enable_keyboard:
             inputs["keyboard_window"] = self._condition_window(action, keyboard_cond, start, frames)
-        state = self._state(x.device, x.dtype)
         state["start_frame"].fill_(start)
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
