@@ -130,33 +130,3 @@ def test_norm_rope_store(case, dtype):
     assert rel_err(cache, twin) <= TOLERANCE[dtype]
     value = triton_ops.norm_rope_store(x, None, None, None, None, heads)  # v: a plain store
     assert torch.equal(value, x.view(b, length, heads, dim))
-
-
-ACTION_CASES = [(40, 3, 2, 64, 1), (2, 2 * 17, 3, 32, 17), (5, 3, 1, 16, 1)]  # N R H D rows/angle
-if HAS_CUDA:
-    ACTION_CASES += [(880, 3, 16, 64, 1), (1, 2640, 16, 64, 880)]  # mouse q/k, keyboard q
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ACTION_CASES, ids=str)
-def test_norm_rope_store_action_variant(case, dtype):
-    """The action module's form: strided rows (a chunk of a fused projection), per-head norm
-    without weight, one angle row per `rows_per_angle` rows, and the per-frame cache store."""
-    n, rows, heads, dim, per_angle = case
-    c = heads * dim
-    x = _randn((n, rows, 3, c), dtype, 13)[:, :, 1]   # strided rows, like unbind(2)
-    angles = _randn((rows // per_angle, dim // 2), torch.float32, 14) * 3
-    cos, sin = angles.cos(), angles.sin()
-    exact = eager.norm_rope_store(x.double(), None, 1e-6, cos.double(), sin.double(), heads,
-                                  rope_dtype=torch.float64, per_head_norm=True,
-                                  rows_per_angle=per_angle)
-    got = triton_ops.norm_rope_store(x, None, 1e-6, cos, sin, heads, per_head_norm=True,
-                                     rows_per_angle=per_angle)
-    assert rel_err(got, exact) <= TOLERANCE[dtype]
-    if per_angle == 1:  # k: frames into slots of a cache of rows + 2 frames
-        slots = (torch.arange(rows, device=DEVICE) + 2) % (rows + 2)
-        cache = torch.zeros(n, rows + 2, heads, dim, dtype=dtype, device=DEVICE)
-        twin = torch.zeros_like(cache)
-        triton_ops.norm_rope_store(x, None, 1e-6, cos, sin, heads, cache, slots, per_head_norm=True)
-        eager.norm_rope_store(x, None, 1e-6, cos, sin, heads, twin, slots, per_head_norm=True)
-        assert rel_err(cache, twin) <= TOLERANCE[dtype]

@@ -51,31 +51,22 @@ def rope(x, cos, sin, compute_dtype):
 
 
 def norm_rope_store(x, weight, eps, cos, sin, heads, dest=None, slots=None,
-                    rope_dtype=torch.float32, per_head_norm=False, rows_per_angle=1):
-    """x [N, R, H*D] -> [N, R, H, D], or stored into dest [N, R', H, D] (returned).
-
-    Norm: the backbone's (over H*D, float32, times `weight`) when `weight` is given; the action
-    module's (per head, no weight, x's precision) when `per_head_norm`; else none. RoPE in
-    `rope_dtype` with cos/sin [R / rows_per_angle, D/2] (row r takes angle row r // rows_per_angle)
-    when given. With `slots` [F], row r goes to dest row slots[r // S] * S + r % S (S = R / F)."""
-    n, rows, c = x.shape
-    head_dim = c // heads
-    if weight is not None:
-        y = rms_norm(x, weight, eps, torch.float32).reshape(n, rows, heads, head_dim)
-    elif per_head_norm:
-        y = rms_norm(x.reshape(n, rows, heads, head_dim), None, eps)
-    else:
-        y = x.reshape(n, rows, heads, head_dim)
+                    rope_dtype=torch.float32):
+    """x [B, L, H*D]: RMS norm over H*D in float32 with `weight` (skipped when None), RoPE with
+    cos/sin [L, D/2] in `rope_dtype` (skipped when None); returned as [B, L, H, D], or stored into
+    dest [B, R, H, D] at rows slots[l // S] * S + l % S (S = L / len(slots)) and dest returned."""
+    b, length, c = x.shape
+    y = rms_norm(x, weight, eps, torch.float32) if weight is not None else x
+    y = y.reshape(b, length, heads, c // heads)
     if cos is not None:
-        grouped = y.reshape(n, rows // rows_per_angle, rows_per_angle * heads, head_dim)
-        y = rope(grouped, cos, sin, rope_dtype).view(n, rows, heads, head_dim)
+        y = rope(y, cos, sin, rope_dtype)
     if dest is None:
         return y
     if slots is None:
         return dest.copy_(y)
-    per_frame = rows // slots.shape[0]
-    dest.view(n, -1, per_frame, heads, head_dim).index_copy_(
-        1, slots, y.reshape(n, -1, per_frame, heads, head_dim))
+    per_frame = length // slots.shape[0]
+    dest.view(b, -1, per_frame, heads, c // heads).index_copy_(
+        1, slots, y.view(b, -1, per_frame, heads, c // heads))
     return dest
 
 
@@ -86,5 +77,7 @@ OPS = {
     "keyboard_attention": attention,
     "layer_norm_modulate": layer_norm_modulate,
     "gated_residual": gated_residual,
+    "rms_norm": rms_norm,
     "norm_rope_store": norm_rope_store,
+    "rope": rope,
 }

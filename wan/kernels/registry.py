@@ -8,10 +8,11 @@ Ops (one signature each, every backend implements a subset):
     keyboard_attention(q, k, v)  every token over the <= window key frames (keys shared, not copied)
     layer_norm_modulate(x, shift, scale, eps)   LayerNorm(x) * (1 + scale) + shift, per frame
     gated_residual(x, y, gate)                  x + y * gate, per frame
-    norm_rope_store(x, weight, eps, cos, sin, heads, dest, slots, rope_dtype, per_head_norm,
-                    rows_per_angle)      RMS norm (backbone: over all heads with weight; action:
-                                         per head) + RoPE of q/k, written to a new tensor or into
-                                         the cache's ring slots (v: the store alone)
+    rms_norm(x, weight, eps, compute_dtype)     x * rsqrt(mean(x^2) + eps) [* weight]
+    norm_rope_store(x, weight, eps, cos, sin, heads, dest, slots, rope_dtype)
+                                                RMS norm + RoPE of q/k (and v's store) in one
+                                                pass, written into the cache slots
+    rope(x, cos, sin, compute_dtype)            rotate channel pairs of x [N, L, H, D] by [L, D/2]
 
 Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
 importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels).
@@ -31,7 +32,8 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 
 ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
-OPS = ATTENTION_OPS + ("layer_norm_modulate", "gated_residual", "norm_rope_store")
+OPS = ATTENTION_OPS + ("layer_norm_modulate", "gated_residual", "rms_norm", "norm_rope_store",
+                       "rope")
 AUTO_ORDER = ("triton", "flash", "eager")
 ENV_VAR = "WAN_BACKEND"
 

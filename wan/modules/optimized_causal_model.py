@@ -303,7 +303,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         _, slots = step["slots"]
         cos, sin = step["action_rope"]
         frames = step["frames"]
-        store = ops["norm_rope_store"][1]  # per-head norm + time RoPE (+ the cache write)
+        rope = ops["rope"][1]
         b, length, c = tokens.shape
         spatial = length // frames
         heads = action.heads_num
@@ -321,11 +321,10 @@ class OptimizedCausalWanModel(CausalWanModel):
             h = (F.linear(per_token, first.weight[:, :c])
                  + F.linear(windows(step["mouse_window"]), first.weight[:, c:], first.bias)[:, None])
             h = action.mouse_mlp[1:](h.reshape(b * spatial, frames, -1))
-            q, k, v = action.t_qkv(h).view(b * spatial, frames, 3, -1).unbind(2)
-            q = store(q, cos=cos, sin=sin, heads=heads, **_action_norm(action.img_attn_q_norm))
-            store(k, cos=cos, sin=sin, heads=heads, dest=cache.mouse_k[i], slots=slots,
-                  **_action_norm(action.img_attn_k_norm))
-            store(v, None, None, None, None, heads, cache.mouse_v[i], slots)
+            q, k, v = action.t_qkv(h).view(b * spatial, frames, 3, heads, -1).unbind(2)
+            q = rope(_action_rms(ops, action.img_attn_q_norm, q), cos, sin, torch.float32)
+            k = rope(_action_rms(ops, action.img_attn_k_norm, k), cos, sin, torch.float32)
+            cache.write_action(cache.mouse_k, cache.mouse_v, i, k, v, slots)
             y = ops["mouse_attention"][1](q, *cache.action_window(cache.mouse_k, cache.mouse_v, i,
                                                                    n_action))
             y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
@@ -333,13 +332,14 @@ class OptimizedCausalWanModel(CausalWanModel):
 
         if action.enable_keyboard:
             # every token attends to the few key frames directly: the keys are never repeated
-            q = store(action.mouse_attn_q(tokens), cos=cos, sin=sin, heads=heads,
-                      rows_per_angle=spatial, **_action_norm(action.key_attn_q_norm))
+            q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
+            head_dim = q.shape[-1]
+            q = _action_rms(ops, action.key_attn_q_norm, q).view(b, frames, spatial * heads, head_dim)
+            q = rope(q, cos, sin, torch.float32).view(b, length, heads, head_dim)
             embedded = action.keyboard_embed(step["keyboard_window"])
-            k, v = action.keyboard_attn_kv(windows(embedded)).view(b, frames, 2, -1).unbind(2)
-            store(k, cos=cos, sin=sin, heads=heads, dest=cache.keyboard_k[i], slots=slots,
-                  **_action_norm(action.key_attn_k_norm))
-            store(v, None, None, None, None, heads, cache.keyboard_v[i], slots)
+            k, v = action.keyboard_attn_kv(windows(embedded)).view(b, frames, 2, heads, -1).unbind(2)
+            k = rope(_action_rms(ops, action.key_attn_k_norm, k), cos, sin, torch.float32)
+            cache.write_action(cache.keyboard_k, cache.keyboard_v, i, k, v, slots)
             y = ops["keyboard_attention"][1](q, *cache.action_window(
                 cache.keyboard_k, cache.keyboard_v, i, n_action))
             tokens = tokens + action.proj_keyboard(y.flatten(2))
@@ -351,12 +351,11 @@ def _norm_args(norm):
     return (None, None) if isinstance(norm, nn.Identity) else (norm.weight, norm.eps)
 
 
-def _action_norm(norm) -> dict:
-    """norm_rope_store keywords for the action module's norm: per head, its weight never applied
-    (as upstream), in the input's precision; no norm when qk_norm is off. Its RoPE is float32."""
+def _action_rms(ops, norm, x):
+    """The action module's RMS norm: upstream never applies its weight and stays in x's dtype."""
     if isinstance(norm, nn.Identity):
-        return {"weight": None, "eps": None, "per_head_norm": False}
-    return {"weight": None, "eps": norm.eps, "per_head_norm": True}
+        return x
+    return ops["rms_norm"][1](x, None, norm.eps, None)
 
 
 def _timestep_embedding(t, dim: int):
