@@ -18,9 +18,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.stream import MODEL_CLASSES, tokens_per_frame  # noqa: E402
+from benchmarks.stream import MODEL_CLASSES  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
-from wan.presets import LATENT_SIZE, model_config  # noqa: E402
+from wan.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
 from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
 
 CATEGORIES = [  # first match wins

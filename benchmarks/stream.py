@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan import CausalWanModel  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
-from wan.presets import LATENT_SIZE, model_config  # noqa: E402
+from wan.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
 from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
 
 # name -> (class, constructor extras)
@@ -125,11 +125,6 @@ def build_models(args):
         model.num_frame_per_block = 3
         models[name] = model.to(device=args.device, dtype=args.dtype).eval()
     return models
-
-
-def tokens_per_frame(preset):
-    h, w = LATENT_SIZE[preset]
-    return (h // 2) * (w // 2)
 
 
 @torch.no_grad()

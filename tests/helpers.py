@@ -4,7 +4,7 @@ import torch
 
 from wan import CausalWanModel
 from wan.modules.rolling_cache import new_stream_caches
-from wan.presets import LATENT_SIZE, model_config
+from wan.presets import LATENT_SIZE, model_config, tokens_per_frame
 from wan.random_init import random_inputs, randomize_weights_
 
 HAS_CUDA = torch.cuda.is_available()
@@ -42,8 +42,7 @@ def make_inputs(model, frames=3, start_frame=0, batch=1, preset="tiny", seed=1):
 
 
 def make_caches(model, batch=1, cache_frames=6, preset="tiny"):
-    h, w = LATENT_SIZE[preset]
-    return new_stream_caches(model, batch, cache_frames, (h // 2) * (w // 2))
+    return new_stream_caches(model, batch, cache_frames, tokens_per_frame(preset))
 
 
 def rel_err(out, ref) -> float:
@@ -55,14 +54,14 @@ def run_stream(model, blocks, batch=1, preset="tiny", caches=None, steps=(1000.0
     """The pipeline's call pattern: per block of 3 frames, one call per denoising step (feeding
     0.5 * x + 0.5 * output on) and a cache update at t=0. caches: upstream dicts, or None for a
     model whose own stream was started. Returns every call's output."""
-    tokens_per_frame = (LATENT_SIZE[preset][0] // 2) * (LATENT_SIZE[preset][1] // 2)
+    frame_tokens = tokens_per_frame(preset)
     outputs = []
     for block in range(blocks):
         s = 3 * block
         inputs = make_inputs(model, 3, s, batch, preset, seed=seed + block)
         for t in (*steps, 0.0):
             inputs["t"] = torch.full_like(inputs["t"], t)
-            out = model(**inputs, **(caches or {}), current_start=s * tokens_per_frame)
+            out = model(**inputs, **(caches or {}), current_start=s * frame_tokens)
             outputs.append(out)
             if t:
                 inputs["x"] = 0.5 * inputs["x"] + 0.5 * out

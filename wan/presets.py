@@ -31,3 +31,9 @@ def model_config(name: str) -> dict:
         raise ValueError(f"unknown preset {name!r}; choose from tiny, {', '.join(UPSTREAM_VARIANTS)}")
     with open(CONFIG_ROOT / name / "config.json") as f:
         return json.load(f)
+
+
+def tokens_per_frame(name: str) -> int:
+    """Tokens of one latent frame at a preset's latent size (patch 2 x 2): 880 for the real model."""
+    h, w = LATENT_SIZE[name]
+    return (h // 2) * (w // 2)

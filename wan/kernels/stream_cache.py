@@ -65,8 +65,9 @@ class StreamCache:
     """Per-layer K/V storage of one stream (or of several streams in lockstep: batch > 1).
 
     `self_k[i]`, `self_v[i]`: [B, slots * S, H, D]; `mouse_k/v[i]`: [B * S, slots, Ha, Da];
-    `keyboard_k/v[i]`: [B, slots, Ha, Da] (None for layers without the branch); `cross_k/v[i]`:
-    [B, context, H, D]. `end_frame` is the host-side stream position (frames written so far).
+    `keyboard_k/v[i]`: [B, slots, Ha, Da] (None for layers without the branch); `cross[i]`: an
+    upstream-style dict {"k", "v" [B, context, H, D], "is_init"}. `end_frame` is the host-side
+    stream position (frames written so far).
     """
 
     def __init__(self, self_k, self_v, mouse_k, mouse_v, keyboard_k, keyboard_v, cross, self_layout,
@@ -167,7 +168,8 @@ class StreamCache:
         n = attended_slots * self.tokens_per_frame
         return self.self_k[layer][:, :n], self.self_v[layer][:, :n]
 
-    def write_action(self, k_bufs, v_bufs, layer, k, v, slots):
+    @staticmethod
+    def write_action(k_bufs, v_bufs, layer, k, v, slots):
         k_bufs[layer].index_copy_(1, slots, k)
         v_bufs[layer].index_copy_(1, slots, v)
 

@@ -129,7 +129,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         state = self._state(x.device, x.dtype)  # an unrunnable backend fails here, before writes
 
         if not cache.cross_ready:
-            self._project_image_context(cache, visual_context)
+            self._project_image_context(cache, visual_context, state["ops"])
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}
         action = self._first_action_module()
         if action is not None and action.enable_mouse:
@@ -196,10 +196,8 @@ class OptimizedCausalWanModel(CausalWanModel):
             self._per_device[key] = state
         return self._per_device[key]
 
-    @torch.no_grad()
-    def _project_image_context(self, cache: StreamCache, visual_context):
+    def _project_image_context(self, cache: StreamCache, visual_context, ops):
         """Cross-attention keys/values of the image context, once per stream."""
-        ops = self._state(visual_context.device, visual_context.dtype)["ops"]
         context = self.img_emb(visual_context)
         b = context.shape[0]
         store = ops["norm_rope_store"][1]
