@@ -15,14 +15,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan.kernels import registry  # noqa: E402
-from wan.kernels.eager import attention as exact_attention  # noqa: E402
+from wan.kernels import eager  # noqa: E402
+from wan.random_init import random_action_attention_args  # noqa: E402
 
 # q shape, k/v shape, as OptimizedCausalWanModel calls each op (universal, batch 1, full window)
 SHAPES = {
     "self_attention": ((1, 2640, 12, 128), (1, 5280, 12, 128)),
     "cross_attention": ((1, 2640, 12, 128), (1, 257, 12, 128)),
-    "mouse_attention": ((880, 3, 16, 64), (880, 6, 16, 64)),
-    "keyboard_attention": ((1, 2640, 16, 64), (1, 6, 16, 64)),
+}
+# the action ops (raw q/k/v, norm + RoPE + cache store inside): random_action_attention_args cases
+ACTION_CASES = {
+    "mouse_attention": (880, 3, 1, 16, 64, 6, (3, 4, 5), 6),
+    "keyboard_attention": (1, 3, 880, 16, 64, 6, (0, 1, 2), 6),
 }
 
 
@@ -48,18 +52,27 @@ def main(argv=None):
     device, dtype = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
+
+    def measure(op, args, exact_args, eager_fn):
+        exact = eager_fn(*exact_args)
+        for name, backend in registry.BACKENDS.items():
+            if backend.problem(op, device, dtype, args[0].shape[-1]) is None:
+                fn = backend.ops()[op]
+                out = fn(*args)
+                err = ((out.double() - exact).norm() / exact.norm()).item()
+                rows.append({"op": op, "backend": name, "ms": time_ms(lambda: fn(*args)),
+                             "rel_err": err})
+
     for op, (q_shape, kv_shape) in SHAPES.items():
         q, k, v = (torch.randn(s, generator=gen, device=device, dtype=dtype)
                    for s in (q_shape, kv_shape, kv_shape))
-        exact = exact_attention(q.double(), k.double(), v.double())
-        for name, backend in registry.BACKENDS.items():
-            if backend.problem(op, device, dtype, q_shape[-1]) is not None:
-                continue
-            fn = backend.ops()[op]
-            out = fn(q, k, v)
-            err = ((out.double() - exact).norm() / exact.norm()).item()
-            rows.append({"op": op, "backend": name, "ms": time_ms(lambda: fn(q, k, v)),
-                         "rel_err": err})
+        measure(op, (q, k, v), (q.double(), k.double(), v.double()), eager.attention)
+    for op, case in ACTION_CASES.items():
+        q, k, v, cache, slots, attended, cos, sin = random_action_attention_args(case, dtype, device)
+        wide = cache.double()
+        measure(op, (q, k, v, cache[0], cache[1], slots, attended, cos, sin, 1e-6),
+                (q.double(), k.double(), v.double(), wide[0], wide[1], slots, attended,
+                 cos.double(), sin.double(), 1e-6), eager.action_attention)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16")
     print(f"{'op':<20}{'backend':<9}{'ms':>9}{'rel err':>10}")
     for r in rows:

@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_auto_resolves_every_op_on_cpu_to_eager():
     resolved = resolve_all(load_selection("auto"), torch.device("cpu"), torch.float32, {})
     assert {name for name, _ in resolved.values()} == {"eager"}
-    assert resolved["rope"][1] is eager.rope
+    assert resolved["norm_rope_store"][1] is eager.norm_rope_store
 
 
 def test_a_backend_name_covers_the_ops_it_implements():
     selection = load_selection("flash")
     assert {selection[op] for op in OPS if op.endswith("attention")} == {"flash"}
-    assert selection["rope"] == selection["rms_norm"] == "auto"
+    assert selection["norm_rope_store"] == selection["gated_residual"] == "auto"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
@@ -36,11 +36,20 @@ def test_explicit_backend_that_cannot_run_says_why_and_what_to_install():
     assert "eager: available" in message
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
+def test_cublas_refuses_a_cpu_whose_gelu_differs():
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
+        resolve("linear_gelu", "cublas", torch.device("cpu"), torch.float32, 0)
+    with pytest.raises(BackendUnavailableError, match="linear_gelu"):
+        resolve("self_attention", "cublas", torch.device("cuda"), torch.bfloat16, 128)
+    assert load_selection("cublas")["linear_gelu"] == "cublas"
+
+
 def test_flash_refuses_float32_and_other_ops():
     with pytest.raises(BackendUnavailableError, match="float16 or bfloat16"):
         resolve("self_attention", "flash", torch.device("cuda"), torch.float32, 128)
     with pytest.raises(BackendUnavailableError, match="attention only"):
-        resolve("rope", "flash", torch.device("cuda"), torch.bfloat16, 128)
+        resolve("norm_rope_store", "flash", torch.device("cuda"), torch.bfloat16, 128)
 
 
 def test_unknown_names_are_errors():
@@ -54,11 +63,11 @@ def test_yaml_and_environment(monkeypatch):
     selection = load_selection(ROOT / "configs" / "backends" / "eager.yaml")
     assert set(selection.values()) == {"eager"}
     selection = load_selection(str(ROOT / "configs" / "backends" / "flash.yaml"))
-    assert selection["mouse_attention"] == "flash" and selection["rope"] == "auto"
+    assert selection["mouse_attention"] == "flash" and selection["norm_rope_store"] == "auto"
     monkeypatch.setenv("WAN_BACKEND", "eager")
     assert set(load_selection().values()) == {"eager"}
-    model = OptimizedCausalWanModel.from_config(tiny_variant_config(), backend={"rope": "eager"})
-    assert model.backend["rope"] == "eager" and model.backend["self_attention"] == "eager"
+    model = OptimizedCausalWanModel.from_config(tiny_variant_config(), backend={"norm_rope_store": "eager"})
+    assert model.backend["norm_rope_store"] == "eager" and model.backend["self_attention"] == "eager"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")

@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 from wan.kernels import eager  # noqa: E402
 from wan.kernels import triton as triton_ops  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
+from wan.random_init import random_action_attention_args  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
@@ -23,29 +24,37 @@ def _randn(shape, dtype, seed):
     return torch.randn(shape, generator=gen, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
-ATTENTION_CASES = [  # (N, Lq, H, D, Lk)
-    (40, 3, 2, 64, 6),       # mouse-like: many sequences of 3 queries over a full window
-    (1, 2 * 32 + 17, 2, 64, 6),   # keyboard-like, 2^k + 17 queries
-    (3, 5, 3, 32, 1),        # a single key
-    (2, 70, 2, 16, 33),      # more keys than one block: the online-softmax loop
+ACTION_CASES = [  # (N, frames, queries per frame, H, D, cache rows, slots of the frames, attended)
+    (40, 3, 1, 2, 64, 6, (3, 4, 5), 6),      # mouse-like: sequences of 3 frames, window full
+    (1, 3, 2 ** 5 + 17, 2, 64, 6, (5, 0, 1), 6),  # keyboard-like: 2^k + 17 queries per frame
+    (3, 1, 5, 3, 32, 4, (0,), 1),            # a single key: the stream's first frame
+    (2, 2, 35, 2, 16, 40, (31, 7), 33),      # more keys than one block: the online-softmax loop
 ]
-if HAS_CUDA:
-    ATTENTION_CASES += [(880, 3, 16, 64, 6), (1, 2640, 16, 64, 6)]  # the real shapes
+if HAS_CUDA:  # the real shapes, window full
+    ACTION_CASES += [(880, 3, 1, 16, 64, 6, (3, 4, 5), 6), (1, 3, 880, 16, 64, 6, (0, 1, 2), 6)]
 
 
+@pytest.mark.parametrize("eps", [1e-6, None], ids=["qk_norm", "no_norm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
-def test_short_attention(case, dtype):
-    n, lq, heads, dim, lk = case
-    q = _randn((n, lq, heads, dim), dtype, 1)
-    qkv = _randn((n, lk, 2, heads, dim), dtype, 2)
-    k, v = qkv.unbind(2)  # strided views, as the model passes them
-    exact = eager.attention(q.double(), k.double(), v.double())
-    got = triton_ops.short_attention(q, k, v)
-    twin = eager.attention(q, k, v)
+@pytest.mark.parametrize("case", ACTION_CASES, ids=str)
+def test_action_attention(case, dtype, eps):
+    """Norm + RoPE + store + attention vs float64 math; the caches vs the eager twin's."""
+    q, k, v, cache, slots, attended, cos, sin = random_action_attention_args(case, dtype, DEVICE)
+    wide = cache.double()
+    exact = eager.action_attention(q.double(), k.double(), v.double(), wide[0], wide[1], slots,
+                                   attended, cos.double(), sin.double(), eps)
+    twin_cache = cache.clone()
+    twin = eager.action_attention(q, k, v, twin_cache[0], twin_cache[1], slots, attended, cos, sin,
+                                  eps)
+    got = triton_ops.action_attention(q, k, v, cache[0], cache[1], slots, attended, cos, sin, eps)
     assert got.shape == exact.shape and got.dtype == dtype
     err, twin_err = rel_err(got, exact), rel_err(twin, exact)
     assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+    # written slots hold the same keys/values as the twin's; the others are untouched
+    assert rel_err(cache, twin_cache) <= TOLERANCE[dtype]
+    assert rel_err(cache[0], wide[0]) <= TOLERANCE[dtype]
+    others = [r for r in range(cache.shape[2]) if r not in slots.tolist()]
+    assert torch.equal(cache[:, :, others], twin_cache[:, :, others])
 
 
 MODULATION_CASES = [(1, 3, 32, 64), (2, 2, 17, 100), (1, 3, 5, 2 ** 6 + 17)]  # (B, F, S, C)
@@ -84,8 +93,17 @@ def test_bad_shapes_are_errors():
     with pytest.raises(ValueError, match="frames"):
         triton_ops.layer_norm_modulate(x, x[:, :4, None], x[:, :4, None], 1e-6)
     q = _randn((2, 3, 2, 24), torch.float32, 9)
+    angles = torch.zeros(3, 12, device=DEVICE)
+    slots = torch.arange(3, device=DEVICE)
     with pytest.raises(ValueError, match="power of two"):
-        triton_ops.short_attention(q, q, q)
+        triton_ops.action_attention(q, q, q, q, q, slots, 3, angles, angles, None)
+    q = _randn((2, 4, 2, 16), torch.float32, 9)
+    with pytest.raises(ValueError, match="do not split into 3 frames"):
+        triton_ops.action_attention(q, q[:, :3], q[:, :3], q, q, slots, 3, angles[:, :8],
+                                    angles[:, :8], None)
+    with pytest.raises(ValueError, match="attended 5"):
+        triton_ops.action_attention(q[:, :3], q[:, :3], q[:, :3], q, q, slots, 5, angles[:, :8],
+                                    angles[:, :8], None)
 
 
 @torch.no_grad()

@@ -51,3 +51,23 @@ def random_inputs(model, latent_hw, frames: int = 3, start_frame: int = 0, batch
         width = action.keyboard_embed[0].in_features
         inputs["keyboard_cond"] = (rand(batch, steps, width) > 0).to(dtype)
     return inputs
+
+
+def random_action_attention_args(case, dtype, device, seed: int = 1):
+    """Arguments of the mouse/keyboard attention op (wan/kernels/registry.py) for
+    case = (N, frames, queries per frame, H, D, cache rows, slots of the frames, attended):
+    q, k, v (k/v strided views of one tensor, as the model passes them), the k/v caches stacked
+    [2, N, rows, H, D] with random old entries, slots, attended, cos, sin."""
+    n, frames, per_frame, heads, dim, rows, slots, attended = case
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+    q = (randn(n, frames * per_frame, heads, dim) * 2).to(dtype)
+    k, v = (randn(n, frames, 2, heads, dim) * 2).to(dtype).unbind(2)
+    cache = randn(2, n, rows, heads, dim).to(dtype)
+    angles = randn(frames, dim // 2) * 3
+    return (q, k, v, cache, torch.tensor(slots, device=device), attended, angles.cos(),
+            angles.sin())
+

@@ -70,14 +70,49 @@ def norm_rope_store(x, weight, eps, cos, sin, heads, dest=None, slots=None,
     return dest
 
 
+def linear_gelu(x, weight, bias):
+    """gelu_tanh(x @ weight^T + bias): the FFN's first layer and activation (upstream's FFN uses the
+    tanh GELU)."""
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def action_attention_over(attend):
+    """The action module's attention op with `attend(q, k, v)` as its core (the flash backend
+    passes its own): see `action_attention`."""
+
+    def action_attention(q, k, v, k_cache, v_cache, slots, attended: int, cos, sin, eps):
+        """q [N, Lq, H, D] raw queries (query row r is in frame r // (Lq / F)); k, v [N, F, H, D]
+        this call's raw keys/values of F frames. q and k are RMS-normed over D without weight
+        (skipped when eps is None; in their dtype, half types accumulating in float32), then
+        rotated by their frame's cos/sin [F, D/2] in float32; k and v are written to rows `slots`
+        [F] of k_cache/v_cache [N, R, H, D]; the result is attention over the first `attended`
+        cache rows, [N, Lq, H, D]."""
+        frames = k.shape[1]
+
+        def norm_rope(x, angle_rows):
+            if eps is not None:
+                x = rms_norm(x, None, eps)
+            # float32 whatever x's dtype, as upstream's action RoPE
+            return rope(x, cos.repeat_interleave(angle_rows, 0), sin.repeat_interleave(angle_rows, 0),
+                        torch.float32)
+
+        k_cache.index_copy_(1, slots, norm_rope(k, 1))
+        v_cache.index_copy_(1, slots, v)
+        q = norm_rope(q, q.shape[1] // frames)
+        return attend(q, k_cache[:, :attended], v_cache[:, :attended])
+
+    return action_attention
+
+
+action_attention = action_attention_over(attention)
+
 OPS = {
     "self_attention": attention,
     "cross_attention": attention,
-    "mouse_attention": attention,
-    "keyboard_attention": attention,
+    "mouse_attention": action_attention,
+    "keyboard_attention": action_attention,
     "layer_norm_modulate": layer_norm_modulate,
     "gated_residual": gated_residual,
-    "rms_norm": rms_norm,
     "norm_rope_store": norm_rope_store,
-    "rope": rope,
+    "linear_gelu": linear_gelu,
 }

@@ -6,6 +6,8 @@ import importlib.util
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .eager import action_attention_over
+
 
 def _first_flash_attention():
     """(label, func(q, k, v) on [B, L, H, D]) for FA3, FA2 or FA4, or None."""
@@ -42,5 +44,7 @@ def attention(q, k, v):
     return out[0] if isinstance(out, tuple) else out  # FA3 returns (out, lse)
 
 
-OPS = {op: attention for op in
-       ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")}
+# the action module's ops: the eager norm, RoPE and cache store, then this backend's attention
+_action_attention = action_attention_over(attention)
+OPS = {"self_attention": attention, "cross_attention": attention,
+       "mouse_attention": _action_attention, "keyboard_attention": _action_attention}

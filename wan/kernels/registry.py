@@ -4,19 +4,22 @@ Ops (one signature each, every backend implements a subset):
 
     self_attention(q, k, v)      q [B, Lq, H, D] over the cache window k, v [B, Lk, H, D]
     cross_attention(q, k, v)     video tokens over the 257 image tokens
-    mouse_attention(q, k, v)     B*880 sequences of 3 frames over <= window frames
-    keyboard_attention(q, k, v)  every token over the <= window key frames (keys shared, not copied)
+    mouse_attention(q, k, v, k_cache, v_cache, slots, attended, cos, sin, eps)
+                                 the action module's attention from raw q/k/v: q/k RMS norm +
+                                 RoPE, this call's k/v stored into their ring slots, attention over
+                                 the first `attended` slots. mouse: B*880 sequences of 3 frames
+    keyboard_attention(same)     every token over the <= window key frames (keys shared, not copied)
     layer_norm_modulate(x, shift, scale, eps)   LayerNorm(x) * (1 + scale) + shift, per frame
     gated_residual(x, y, gate)                  x + y * gate, per frame
-    rms_norm(x, weight, eps, compute_dtype)     x * rsqrt(mean(x^2) + eps) [* weight]
     norm_rope_store(x, weight, eps, cos, sin, heads, dest, slots, rope_dtype)
                                                 RMS norm + RoPE of q/k (and v's store) in one
                                                 pass, written into the cache slots
-    rope(x, cos, sin, compute_dtype)            rotate channel pairs of x [N, L, H, D] by [L, D/2]
+    linear_gelu(x, weight, bias)                gelu_tanh(x @ weight^T + bias) (the FFN's first half)
 
 Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
-importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels).
-`auto` takes, per op, the first of triton, flash, eager that can run it (never Triton's CPU
+importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels),
+`cublas` (GEMMs with a cuBLASLt epilogue; CUDA).
+`auto` takes, per op, the first of triton, flash, cublas, eager that can run it (never Triton's CPU
 interpreter, which only an explicit `triton` selection uses); it never fails.
 
 Selection, strongest first: the `backend=` keyword of the model, the WAN_BACKEND environment
@@ -32,9 +35,8 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 
 ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
-OPS = ATTENTION_OPS + ("layer_norm_modulate", "gated_residual", "rms_norm", "norm_rope_store",
-                       "rope")
-AUTO_ORDER = ("triton", "flash", "eager")
+OPS = ATTENTION_OPS + ("layer_norm_modulate", "gated_residual", "norm_rope_store", "linear_gelu")
+AUTO_ORDER = ("triton", "flash", "cublas", "eager")
 ENV_VAR = "WAN_BACKEND"
 
 
@@ -123,7 +125,28 @@ class TritonBackend(Backend):
         return None
 
 
-BACKENDS: Dict[str, Backend] = {b.name: b for b in (EagerBackend(), FlashBackend(), TritonBackend())}
+class CublasBackend(Backend):
+    name = "cublas"
+    module = ".cublas"
+    install_hint = "use a CUDA build of torch"
+
+    def implements(self, op):
+        return op in self.ops()
+
+    def problem(self, op, device, dtype, head_dim):
+        if op not in self.ops():
+            return "implements GEMMs with an epilogue only (linear_gelu)"
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"needs float16, bfloat16 or float32, got {dtype}"
+        if torch.device(device).type != "cuda":  # torch's CPU path uses the exact GELU
+            return f"needs a CUDA device, got {device}"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return None
+
+
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (EagerBackend(), FlashBackend(), TritonBackend(),
+                                                   CublasBackend())}
 
 Selection = Dict[str, str]
 

@@ -168,15 +168,6 @@ class StreamCache:
         n = attended_slots * self.tokens_per_frame
         return self.self_k[layer][:, :n], self.self_v[layer][:, :n]
 
-    @staticmethod
-    def write_action(k_bufs, v_bufs, layer, k, v, slots):
-        k_bufs[layer].index_copy_(1, slots, k)
-        v_bufs[layer].index_copy_(1, slots, v)
-
-    @staticmethod
-    def action_window(k_bufs, v_bufs, layer, attended_slots):
-        return k_bufs[layer][:, :attended_slots], v_bufs[layer][:, :attended_slots]
-
 
 def _window_frames(model) -> int:
     # upstream's default when local attention is off: 15 frames

@@ -293,7 +293,9 @@ class OptimizedCausalWanModel(CausalWanModel):
             tokens = self._action(i, block.action_model, tokens, step)
 
         hn = modulate(tokens, shift_ffn, scale_ffn, block.norm2.eps)
-        return add_gated(tokens, block.ffn(hn), gate_ffn)
+        ffn_in, ffn_out = _ffn_linears(block.ffn)
+        hidden = ops["linear_gelu"][1](hn, ffn_in.weight, ffn_in.bias)
+        return add_gated(tokens, ffn_out(hidden), gate_ffn)
 
     def _action(self, i, action, tokens, step):
         ops, cache = step["ops"], step["cache"]
@@ -301,7 +303,6 @@ class OptimizedCausalWanModel(CausalWanModel):
         _, slots = step["slots"]
         cos, sin = step["action_rope"]
         frames = step["frames"]
-        rope = ops["rope"][1]
         b, length, c = tokens.shape
         spatial = length // frames
         heads = action.heads_num
@@ -311,6 +312,8 @@ class OptimizedCausalWanModel(CausalWanModel):
         def windows(steps):  # [B, steps, C] -> [B, frames, window * C], step-major
             return steps.unfold(1, window, ratio).transpose(2, 3).flatten(2)
 
+        # the attention ops take the raw projections: q/k norm, RoPE and the cache writes of k/v
+        # happen inside them (wan/kernels/registry.py)
         if action.enable_mouse:
             # per spatial token, over frames; the mouse window is shared by all tokens of a frame,
             # so the first MLP layer is split instead of concatenating 880 copies of it
@@ -320,26 +323,20 @@ class OptimizedCausalWanModel(CausalWanModel):
                  + F.linear(windows(step["mouse_window"]), first.weight[:, c:], first.bias)[:, None])
             h = action.mouse_mlp[1:](h.reshape(b * spatial, frames, -1))
             q, k, v = action.t_qkv(h).view(b * spatial, frames, 3, heads, -1).unbind(2)
-            q = rope(_action_rms(ops, action.img_attn_q_norm, q), cos, sin, torch.float32)
-            k = rope(_action_rms(ops, action.img_attn_k_norm, k), cos, sin, torch.float32)
-            cache.write_action(cache.mouse_k, cache.mouse_v, i, k, v, slots)
-            y = ops["mouse_attention"][1](q, *cache.action_window(cache.mouse_k, cache.mouse_v, i,
-                                                                   n_action))
+            eps = _action_norm_eps(action.img_attn_q_norm, action.img_attn_k_norm)
+            y = ops["mouse_attention"][1](q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots,
+                                          n_action, cos, sin, eps)
             y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
             tokens = tokens + action.proj_mouse(y)
 
         if action.enable_keyboard:
             # every token attends to the few key frames directly: the keys are never repeated
             q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
-            head_dim = q.shape[-1]
-            q = _action_rms(ops, action.key_attn_q_norm, q).view(b, frames, spatial * heads, head_dim)
-            q = rope(q, cos, sin, torch.float32).view(b, length, heads, head_dim)
             embedded = action.keyboard_embed(step["keyboard_window"])
             k, v = action.keyboard_attn_kv(windows(embedded)).view(b, frames, 2, heads, -1).unbind(2)
-            k = rope(_action_rms(ops, action.key_attn_k_norm, k), cos, sin, torch.float32)
-            cache.write_action(cache.keyboard_k, cache.keyboard_v, i, k, v, slots)
-            y = ops["keyboard_attention"][1](q, *cache.action_window(
-                cache.keyboard_k, cache.keyboard_v, i, n_action))
+            eps = _action_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
+            y = ops["keyboard_attention"][1](q, k, v, cache.keyboard_k[i], cache.keyboard_v[i],
+                                             slots, n_action, cos, sin, eps)
             tokens = tokens + action.proj_keyboard(y.flatten(2))
         return tokens
 
@@ -349,11 +346,22 @@ def _norm_args(norm):
     return (None, None) if isinstance(norm, nn.Identity) else (norm.weight, norm.eps)
 
 
-def _action_rms(ops, norm, x):
-    """The action module's RMS norm: upstream never applies its weight and stays in x's dtype."""
-    if isinstance(norm, nn.Identity):
-        return x
-    return ops["rms_norm"][1](x, None, norm.eps, None)
+def _ffn_linears(ffn):
+    """The two Linear layers of the FFN, which must be Linear, tanh GELU, Linear (as upstream's):
+    the first layer and the GELU run as one `linear_gelu` op."""
+    if not (len(ffn) == 3 and isinstance(ffn[0], nn.Linear) and isinstance(ffn[2], nn.Linear)
+            and isinstance(ffn[1], nn.GELU) and ffn[1].approximate == "tanh"):
+        raise ValueError(f"expected an FFN of Linear, GELU(approximate='tanh'), Linear; got {ffn}")
+    return ffn[0], ffn[2]
+
+
+def _action_norm_eps(q_norm, k_norm):
+    """The eps of the action module's q/k RMS norms (upstream never applies their weight), None
+    when qk_norm is off. The fused ops take one eps for both."""
+    eps = {None if isinstance(n, nn.Identity) else n.eps for n in (q_norm, k_norm)}
+    if len(eps) != 1:
+        raise ValueError(f"the action module's q and k norms differ (eps {sorted(map(str, eps))})")
+    return eps.pop()
 
 
 def _timestep_embedding(t, dim: int):
