@@ -148,3 +148,9 @@ def test_norm_rope_store(case, dtype):
     assert rel_err(cache, twin) <= TOLERANCE[dtype]
     value = triton_ops.norm_rope_store(x, None, None, None, None, heads)  # v: a plain store
     assert torch.equal(value, x.view(b, length, heads, dim))
+
+
+def test_norm_rope_store_refuses_a_head_dim_off_its_tile():
+    x = _randn((1, 4, 2 * 24), torch.float32, 13)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_ops.norm_rope_store(x, None, None, None, None, 2)

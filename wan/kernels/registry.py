@@ -122,6 +122,8 @@ class TritonBackend(Backend):
             return f"needs float16, bfloat16 or float32, got {dtype}"
         if op in ATTENTION_OPS and (head_dim & (head_dim - 1) or head_dim < 16):
             return f"head_dim {head_dim} must be a power of two >= 16"
+        if op == "norm_rope_store" and (head_dim & (head_dim - 1) or head_dim < 2):
+            return f"head_dim {head_dim} must be a power of two"
         return None
 
 

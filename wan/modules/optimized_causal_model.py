@@ -315,19 +315,21 @@ class OptimizedCausalWanModel(CausalWanModel):
         # the attention ops take the raw projections: q/k norm, RoPE and the cache writes of k/v
         # happen inside them (wan/kernels/registry.py)
         if action.enable_mouse:
-            # per spatial token, over frames; the mouse window is shared by all tokens of a frame,
-            # so the first MLP layer is split instead of concatenating 880 copies of it
+            # attention per spatial token over frames. The MLP runs in the tokens' own frame-major
+            # layout, and its first layer is split: the mouse window is shared by all tokens of a
+            # frame, so it is projected once per frame instead of concatenated to 880 tokens
             first = action.mouse_mlp[0]
-            per_token = tokens.view(b, frames, spatial, c).transpose(1, 2)
-            h = (F.linear(per_token, first.weight[:, :c])
-                 + F.linear(windows(step["mouse_window"]), first.weight[:, c:], first.bias)[:, None])
-            h = action.mouse_mlp[1:](h.reshape(b * spatial, frames, -1))
-            q, k, v = action.t_qkv(h).view(b * spatial, frames, 3, heads, -1).unbind(2)
+            h = (F.linear(tokens, first.weight[:, :c]).view(b, frames, spatial, -1)
+                 + F.linear(windows(step["mouse_window"]), first.weight[:, c:],
+                            first.bias)[:, :, None])
+            qkv = action.t_qkv(action.mouse_mlp[1:](h)).view(b, frames, spatial, 3, heads, -1)
+            # [B*S, F, H, D] sequence views of the projection (a copy only when B > 1)
+            q, k, v = qkv.transpose(1, 2).reshape(b * spatial, frames, 3, heads, -1).unbind(2)
             eps = _action_norm_eps(action.img_attn_q_norm, action.img_attn_k_norm)
             y = ops["mouse_attention"][1](q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots,
                                           n_action, cos, sin, eps)
             y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
-            tokens = tokens + action.proj_mouse(y)
+            tokens = _add_projection(tokens, y, action.proj_mouse)
 
         if action.enable_keyboard:
             # every token attends to the few key frames directly: the keys are never repeated
@@ -337,13 +339,23 @@ class OptimizedCausalWanModel(CausalWanModel):
             eps = _action_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
             y = ops["keyboard_attention"][1](q, k, v, cache.keyboard_k[i], cache.keyboard_v[i],
                                              slots, n_action, cos, sin, eps)
-            tokens = tokens + action.proj_keyboard(y.flatten(2))
+            tokens = _add_projection(tokens, y.flatten(2), action.proj_keyboard)
         return tokens
 
 
 def _norm_args(norm):
     """(weight, eps) of the backbone's RMS norm, (None, None) when qk_norm is off."""
     return (None, None) if isinstance(norm, nn.Identity) else (norm.weight, norm.eps)
+
+
+def _add_projection(tokens, y, linear):
+    """tokens + linear(y). A bias-free layer accumulates into `tokens` inside its GEMM (beta = 1),
+    in place: callers pass a `tokens` that nothing else holds (each block's residual stream is a
+    fresh tensor from the cross-attention's add)."""
+    if linear.bias is not None:
+        return tokens + linear(y)
+    return tokens.view(-1, tokens.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]),
+                                                    linear.weight.t()).view(tokens.shape)
 
 
 def _ffn_linears(ffn):

@@ -113,7 +113,7 @@ def action_attention(q, k, v, k_cache, v_cache, slots, attended: int, cos, sin, 
     n, lq, heads, head_dim = q.shape
     frames = k.shape[1]
     _check(q, k, v, k_cache, v_cache, slots, attended, cos, sin)
-    out = torch.empty(n, lq, heads, head_dim, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)  # q's layout order: a frame-major q gives a frame-major output
     tensors = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)]
     block_q = 16 if lq <= 16 else 64
     grid = (n * heads, triton.cdiv(lq, block_q))

@@ -12,38 +12,37 @@ import triton.language as tl
 
 
 @triton.jit
-def _norm_rope_store_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, slots_ptr, c, tokens,
-                            per_frame, eps, s_xb, s_xl, s_ob, s_ol, half_head,
+def _norm_rope_store_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, slots_ptr, heads, tokens,
+                            per_frame, eps, s_xb, s_xl, s_ob, s_ol,
                             NORM: tl.constexpr, ROPE: tl.constexpr, SLOTS: tl.constexpr,
-                            BLOCK_PAIRS: tl.constexpr):
+                            HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):
+    # one token per program, as a [heads, head_dim] tile: contiguous (vectorised) loads and stores;
+    # the channel pairs are split in registers for the rotation
     row = tl.program_id(0)
     b = row // tokens
     token = row % tokens
-    pairs = tl.arange(0, BLOCK_PAIRS)
-    ok = pairs < c // 2
-    base = x_ptr + b * s_xb + token * s_xl + 2 * pairs
-    even = tl.load(base, mask=ok, other=0.0).to(tl.float32)
-    odd = tl.load(base + 1, mask=ok, other=0.0).to(tl.float32)
+    h = tl.arange(0, BLOCK_H)
+    channels = h[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    ok = (h < heads)[:, None]
+    x = tl.load(x_ptr + b * s_xb + token * s_xl + channels, mask=ok, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
     if NORM:
-        rstd = 1.0 / tl.sqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / c + eps)
-        w_even = tl.load(w_ptr + 2 * pairs, mask=ok, other=0.0).to(tl.float32)
-        w_odd = tl.load(w_ptr + 2 * pairs + 1, mask=ok, other=0.0).to(tl.float32)
-        even = ((even * rstd).to(dtype).to(tl.float32) * w_even).to(dtype).to(tl.float32)
-        odd = ((odd * rstd).to(dtype).to(tl.float32) * w_odd).to(dtype).to(tl.float32)
+        mean_square = tl.sum(tl.sum(x * x, axis=1), axis=0) / (heads * HEAD_DIM)
+        w = tl.load(w_ptr + channels, mask=ok, other=0.0).to(tl.float32)
+        x = ((x * (1.0 / tl.sqrt(mean_square + eps))).to(dtype).to(tl.float32) * w)
+        x = x.to(dtype).to(tl.float32)
     if ROPE:
-        angle = token * half_head + pairs % half_head
-        cos = tl.load(cos_ptr + angle, mask=ok, other=1.0)
-        sin = tl.load(sin_ptr + angle, mask=ok, other=0.0)
-        even, odd = even * cos - odd * sin, even * sin + odd * cos
+        even, odd = tl.split(tl.reshape(x, [BLOCK_H, HEAD_DIM // 2, 2]))
+        pairs = tl.arange(0, HEAD_DIM // 2)
+        cos = tl.load(cos_ptr + token * (HEAD_DIM // 2) + pairs)[None, :]
+        sin = tl.load(sin_ptr + token * (HEAD_DIM // 2) + pairs)[None, :]
+        x = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), [BLOCK_H, HEAD_DIM])
     if SLOTS:
         slot = tl.load(slots_ptr + token // per_frame)
         dest_row = slot * per_frame + token % per_frame
     else:
         dest_row = token
-    dest = out_ptr + b * s_ob + dest_row * s_ol + 2 * pairs
-    tl.store(dest, even.to(dtype), mask=ok)
-    tl.store(dest + 1, odd.to(dtype), mask=ok)
+    tl.store(out_ptr + b * s_ob + dest_row * s_ol + channels, x.to(dtype), mask=ok)
 
 
 def norm_rope_store(x, weight, eps, cos, sin, heads, dest=None, slots=None, rope_dtype=None):
@@ -57,6 +56,8 @@ def norm_rope_store(x, weight, eps, cos, sin, heads, dest=None, slots=None, rope
     head_dim = dest.shape[3]
     if heads * head_dim != c or dest.shape[0] != b:
         raise ValueError(f"dest {tuple(dest.shape)} does not hold x {tuple(x.shape)}")
+    if head_dim & (head_dim - 1) or head_dim < 2:
+        raise ValueError(f"head_dim {head_dim} must be a power of two (the kernel's tile width)")
     if not (dest.stride(3) == 1 and dest.stride(2) == head_dim):
         raise ValueError("dest must have contiguous heads and channels")
     if cos is not None and (cos.shape != (length, head_dim // 2) or sin.shape != cos.shape):
@@ -67,8 +68,8 @@ def norm_rope_store(x, weight, eps, cos, sin, heads, dest=None, slots=None, rope
     sin32 = sin.float().contiguous() if sin is not None else x
     _norm_rope_store_kernel[(b * length,)](
         x, weight if weight is not None else x, cos32, sin32, dest,
-        slots if slots is not None else x, c, length, per_frame, eps or 0.0,
-        x.stride(0), x.stride(1), dest.stride(0), dest.stride(1), head_dim // 2,
+        slots if slots is not None else x, heads, length, per_frame, eps or 0.0,
+        x.stride(0), x.stride(1), dest.stride(0), dest.stride(1),
         NORM=weight is not None, ROPE=cos is not None, SLOTS=slots is not None,
-        BLOCK_PAIRS=triton.next_power_of_2(c // 2))
+        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(heads))
     return dest
