@@ -7,6 +7,7 @@ from golden_runner import VARIANTS, golden_model, load_variant, run_streaming, r
 from helpers import (build_model, make_caches, make_inputs, max_rel_err, rel_err, run_stream,
                      tiny_variant_config)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
+from wan.presets import tokens_per_frame
 
 STREAM_TOLERANCE = 1e-6
 BLOCKS = 10
@@ -110,3 +111,18 @@ def test_cuda_graphs_fall_back_on_cpu_with_a_warning():
     with pytest.warns(UserWarning, match="needs a CUDA device"):
         got = run_stream(optimized, 2)
     assert max_rel_err(got, run_stream(reference, 2, caches=make_caches(reference))) <= 1e-6
+
+
+@torch.no_grad()
+def test_cache_checks_run_again_when_a_dict_tensor_changes():
+    """The per-layer cache checks run once per storage; a tensor swapped into a dict (here a view
+    at the same address with the wrong shape) is a new storage and is checked again."""
+    model = build_model(config=tiny_variant_config(), cls=OptimizedCausalWanModel)
+    caches = make_caches(model)
+    tokens = tokens_per_frame("tiny")
+    model(**make_inputs(model), **caches, current_start=0)
+    following = make_inputs(model, start_frame=3, seed=2)
+    model(**following, **caches, current_start=3 * tokens)  # same storage: checks skipped
+    caches["kv_cache"][1]["k"] = caches["kv_cache"][1]["k"][:, :, :1]
+    with pytest.raises(ValueError, match=r"kv_cache\[1\]\['k'\] has shape"):
+        model(**following, **caches, current_start=3 * tokens)

@@ -82,14 +82,6 @@ class StreamCache:
         self.end_frame = 0
 
     @property
-    def key(self) -> tuple:
-        """The addresses of every buffer: a captured CUDA graph reads and writes exactly these, so
-        it may replay only while they are the same (new dicts, even one new tensor: a new key)."""
-        buffers = (*self.self_k, *self.self_v, *self.mouse_k, *self.mouse_v, *self.keyboard_k,
-                   *self.keyboard_v, *(c["k"] for c in self.cross), *(c["v"] for c in self.cross))
-        return tuple(b.data_ptr() if isinstance(b, torch.Tensor) else 0 for b in buffers)
-
-    @property
     def cross_ready(self) -> bool:
         return all(c["is_init"] for c in self.cross)
 
@@ -150,11 +142,12 @@ class StreamCache:
         action_layout = RingLayout.matching_upstream(action_capacity or window, window, 0,
                                                      "action caches")
 
+        has_action = [b.action_model is not None for b in model.blocks]
+
         def per_layer(caches, key):
             if caches is None:
                 return [None] * model.num_layers
-            return [c[key] if b.action_model is not None else None
-                    for c, b in zip(caches, model.blocks)]
+            return [c[key] if action else None for c, action in zip(caches, has_action)]
 
         if crossattn_cache is None:  # upstream requires one; without it, project on every call
             crossattn_cache = [{"k": None, "v": None, "is_init": False} for _ in model.blocks]
@@ -167,6 +160,16 @@ class StreamCache:
     def self_window(self, layer: int, attended_slots: int):
         n = attended_slots * self.tokens_per_frame
         return self.self_k[layer][:, :n], self.self_v[layer][:, :n]
+
+
+def caller_cache_tensors(*cache_lists) -> list:
+    """Every tensor held under "k"/"v" in the caller's per-layer cache dicts, in a fixed order
+    (None where a list or entry is missing or not a tensor; the input checks say what is wrong).
+    Their identities tell whether a call brings the same storage as the last one."""
+    return [value if isinstance(value, torch.Tensor) else None
+            for caches in cache_lists if isinstance(caches, (list, tuple))
+            for cache in caches
+            for value in ((cache.get("k"), cache.get("v")) if isinstance(cache, dict) else (None,))]
 
 
 def _window_frames(model) -> int:

@@ -16,6 +16,7 @@ The cache-free (training) forward is the parent's.
 """
 import functools
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ from ..kernels.cuda_graphs import GraphRunner
 from ..kernels.input_checks import check_forward_inputs, check_stream_position
 from ..kernels.registry import load_selection, resolve_all
 from ..kernels.rope_tables import action_rope_table, split_self_attention_freqs
-from ..kernels.stream_cache import StreamCache
+from ..kernels.stream_cache import StreamCache, caller_cache_tensors
 from .causal_model import CausalWanModel
 
 
@@ -41,7 +42,11 @@ class OptimizedCausalWanModel(CausalWanModel):
         self._stream: Optional[StreamCache] = None
         self._graphs = GraphRunner()
         self._graph_storage = None  # the cache storage the captured graphs write to
-        self._dict_positions = {}  # end frame of each caller-owned cache storage
+        # the caller's cache storage of the last call (tensor ids, weak references), the input
+        # shape its tensors were checked for, and the stream position reached in it
+        self._caller_storage = None
+        self._checked_call_shape = None
+        self._caller_end_frame = 0
         self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
         self._warned_no_graphs = False
 
@@ -75,6 +80,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         if (s is None or s.self_k[0].shape[0] != batch or s.tokens_per_frame != tokens
                 or s.self_k[0].dtype != dtype or s.self_k[0].device != device):
             self._stream = StreamCache.allocate(self, batch, tokens)
+            self._graphs.clear()  # captured for the previous buffers
         self._stream.reset()
         return self._stream
 
@@ -105,9 +111,15 @@ class OptimizedCausalWanModel(CausalWanModel):
                            keyboard_cond=None, kv_cache=None, kv_cache_mouse=None,
                            kv_cache_keyboard=None, crossattn_cache=None, current_start: int = 0,
                            cache_start: int = 0):
+        caller_storage = None  # the caller's cache tensors and their ids
+        if kv_cache is not None:
+            caller_storage = _identified(caller_cache_tensors(kv_cache, kv_cache_mouse,
+                                                              kv_cache_keyboard, crossattn_cache))
+        same_storage = self._is_last_caller_storage(caller_storage)
         check_forward_inputs(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                              kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
-                             current_start, read_cache_position=False, streaming=True)
+                             current_start, read_cache_position=False, streaming=True,
+                             check_caches=not (same_storage and self._checked_call_shape == x.shape))
         pt, ph, pw = self.patch_size
         tokens_per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
         frames = x.shape[2] // pt
@@ -117,7 +129,7 @@ class OptimizedCausalWanModel(CausalWanModel):
                                                     kv_cache_keyboard, crossattn_cache,
                                                     tokens_per_frame)
             # upstream pipelines start a new stream at frame 0 after resetting their dicts
-            cache.end_frame = 0 if start == 0 else self._dict_positions.get(cache.key, 0)
+            cache.end_frame = self._caller_end_frame if same_storage and start else 0
         else:
             cache = self._stream
             if cache.self_k[0].shape[0] != x.shape[0] or cache.tokens_per_frame != tokens_per_frame:
@@ -130,6 +142,9 @@ class OptimizedCausalWanModel(CausalWanModel):
 
         if not cache.cross_ready:
             self._project_image_context(cache, visual_context, state["ops"])
+            if caller_storage is not None:  # the image context's k/v may be new tensors
+                caller_storage = _identified(caller_cache_tensors(
+                    kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache))
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}
         action = self._first_action_module()
         if action is not None and action.enable_mouse:
@@ -140,9 +155,9 @@ class OptimizedCausalWanModel(CausalWanModel):
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
         compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
-        storage = cache.key
+        storage = caller_storage[1] if caller_storage is not None else ("owned", id(cache))
         if self._graphs_usable(x):
-            if storage != self._graph_storage:
+            if storage != self._graph_storage or (caller_storage is not None and not same_storage):
                 # a graph is tied to the buffers it captured; upstream's pipeline allocates new
                 # dicts for every video, so keep only the current storage's graphs (and pool)
                 self._graphs.clear()
@@ -152,9 +167,20 @@ class OptimizedCausalWanModel(CausalWanModel):
         else:
             out = compute(**inputs)
         cache.end_frame = max(cache.end_frame, end)
-        if cache.owner == "caller":  # remembered for the latest caller storage only
-            self._dict_positions = {storage: cache.end_frame}
+        if caller_storage is not None:  # remembered for the latest caller storage only
+            tensors, ids = caller_storage
+            if not (same_storage and self._caller_storage[0] == ids):
+                self._caller_storage = (ids, [None if t is None else weakref.ref(t) for t in tensors])
+            self._checked_call_shape = x.shape
+            self._caller_end_frame = cache.end_frame
         return out
+
+    def _is_last_caller_storage(self, storage) -> bool:
+        """Whether the caller's cache tensors (tensors, ids) are the very objects of the last call,
+        all still alive (so no new tensor can have taken an old one's id)."""
+        last = self._caller_storage
+        return (storage is not None and last is not None and last[0] == storage[1]
+                and all(ref is None or ref() is not None for ref in last[1]))
 
     # ------------------------------------------------------------------ pieces run outside graphs
     def _graphs_usable(self, x) -> bool:
@@ -346,6 +372,11 @@ class OptimizedCausalWanModel(CausalWanModel):
 def _norm_args(norm):
     """(weight, eps) of the backbone's RMS norm, (None, None) when qk_norm is off."""
     return (None, None) if isinstance(norm, nn.Identity) else (norm.weight, norm.eps)
+
+
+def _identified(tensors):
+    """(tensors, their ids)."""
+    return tensors, tuple(map(id, tensors))
 
 
 def _add_projection(tokens, y, linear):
