@@ -271,8 +271,10 @@ class OptimizedCausalWanModel(CausalWanModel):
         step = dict(ops=ops, cache=cache, phase=phase, slots=slots, rope=rope,
                     action_rope=action_rope, rope_dtype=state["rope_dtype"],
                     mouse_window=mouse_window, keyboard_window=keyboard_window, frames=frames)
+        # every block's adaLN factors in two launches instead of one add per block
+        modulations = torch.stack([block.modulation for block in self.blocks])[:, None] + e0
         for i, block in enumerate(self.blocks):
-            tokens = self._block(i, block, tokens, e0, step)
+            tokens = self._block(i, block, tokens, modulations[i], step)
 
         shift, scale = (self.head.modulation.unsqueeze(1)
                         + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
@@ -282,13 +284,13 @@ class OptimizedCausalWanModel(CausalWanModel):
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
             b, self.out_dim, frames * pt, h * ph, w * pw)
 
-    def _block(self, i, block, tokens, e0, step):
+    def _block(self, i, block, tokens, modulation, step):
         ops, cache = step["ops"], step["cache"]
         n_self, _ = step["phase"]
         self_slots, _ = step["slots"]
         b, length, c = tokens.shape
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = \
-            (block.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
+            modulation.chunk(6, dim=2)
         modulate = ops["layer_norm_modulate"][1]
 
         add_gated = ops["gated_residual"][1]  # residual + update * gate, per frame
