@@ -120,6 +120,36 @@ def test_model_with_triton_backend_matches_reference():
     assert max_rel_err(got, expected) <= 1e-4
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODULATION_CASES, ids=str)
+def test_layer_norm(case, dtype, affine):
+    b, frames, per_frame, c = case
+    x = _randn((b, frames * per_frame, c), dtype, 14) * 3 + 1
+    weight = 1 + 0.1 * _randn((c,), dtype, 15) if affine else None
+    bias = 0.1 * _randn((c,), dtype, 16) if affine else None
+    wide = (weight.double(), bias.double()) if affine else (None, None)
+    exact = eager.layer_norm(x.double(), *wide, 1e-6)
+    got = triton_ops.layer_norm(x, weight, bias, 1e-6)
+    twin = eager.layer_norm(x, weight, bias, 1e-6)
+    assert got.shape == x.shape and got.dtype == dtype
+    err, twin_err = rel_err(got, exact), rel_err(twin, exact)
+    assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODULATION_CASES, ids=str)
+def test_frame_bias_gelu(case, dtype):
+    b, frames, per_frame, c = case
+    x = _randn((b, frames * per_frame, c), dtype, 17) * 2
+    bias = _randn((b, frames, 3, c), dtype, 18)[:, :, 1:2]  # strided, one row per frame
+    exact = eager.frame_bias_gelu(x.double(), bias.double())
+    got = triton_ops.frame_bias_gelu(x, bias)
+    twin = eager.frame_bias_gelu(x, bias)
+    err, twin_err = rel_err(got, exact), rel_err(twin, exact)
+    assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+
+
 NORM_ROPE_CASES = [(1, 2, 32, 2, 64), (2, 3, 17, 3, 32), (1, 1, 2 ** 5 + 17, 1, 16)]  # B F S H D
 if HAS_CUDA:
     NORM_ROPE_CASES += [(1, 3, 880, 12, 128)]

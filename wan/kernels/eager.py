@@ -28,6 +28,17 @@ def gated_residual(x, y, gate):
                          gate).flatten(1, 2)
 
 
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim with an optional affine weight/bias."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def frame_bias_gelu(x, bias):
+    """gelu_tanh(x + bias); x [B, F*S, C], bias [B, F, 1, C] (one row per frame)."""
+    frames = bias.shape[1]
+    return F.gelu(x.unflatten(1, (frames, -1)) + bias, approximate="tanh").flatten(1, 2)
+
+
 def rms_norm(x, weight, eps, compute_dtype=None):
     """RMS norm over the last dim, computed in `compute_dtype` (default x's), then [* weight].
     Half-precision inputs asking for float32 go straight in: torch accumulates them in float32."""
@@ -112,7 +123,9 @@ OPS = {
     "mouse_attention": action_attention,
     "keyboard_attention": action_attention,
     "layer_norm_modulate": layer_norm_modulate,
+    "layer_norm": layer_norm,
     "gated_residual": gated_residual,
+    "frame_bias_gelu": frame_bias_gelu,
     "norm_rope_store": norm_rope_store,
     "linear_gelu": linear_gelu,
 }

@@ -10,7 +10,9 @@ Ops (one signature each, every backend implements a subset):
                                  the first `attended` slots. mouse: B*880 sequences of 3 frames
     keyboard_attention(same)     every token over the <= window key frames (keys shared, not copied)
     layer_norm_modulate(x, shift, scale, eps)   LayerNorm(x) * (1 + scale) + shift, per frame
+    layer_norm(x, weight, bias, eps)            LayerNorm(x) [* weight + bias]
     gated_residual(x, y, gate)                  x + y * gate, per frame
+    frame_bias_gelu(x, bias)                    gelu_tanh(x + bias), bias per frame
     norm_rope_store(x, weight, eps, cos, sin, heads, dest, slots, rope_dtype)
                                                 RMS norm + RoPE of q/k (and v's store) in one
                                                 pass, written into the cache slots
@@ -35,7 +37,8 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 
 ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
-OPS = ATTENTION_OPS + ("layer_norm_modulate", "gated_residual", "norm_rope_store", "linear_gelu")
+OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual", "frame_bias_gelu",
+                       "norm_rope_store", "linear_gelu")
 AUTO_ORDER = ("triton", "flash", "cublas", "eager")
 ENV_VAR = "WAN_BACKEND"
 

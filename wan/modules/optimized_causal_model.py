@@ -311,7 +311,7 @@ class OptimizedCausalWanModel(CausalWanModel):
 
         # cross-attention to the image context (keys/values projected once per stream)
         cross = block.cross_attn
-        normed = (F.layer_norm(tokens, (c,), block.norm3.weight, block.norm3.bias, block.norm3.eps)
+        normed = (ops["layer_norm"][1](tokens, block.norm3.weight, block.norm3.bias, block.norm3.eps)
                   if isinstance(block.norm3, nn.LayerNorm) else tokens)
         q = store(cross.q(normed), *_norm_args(cross.norm_q), None, None, heads)
         y = ops["cross_attention"][1](q, cache.cross[i]["k"], cache.cross[i]["v"])
@@ -346,11 +346,12 @@ class OptimizedCausalWanModel(CausalWanModel):
             # attention per spatial token over frames. The MLP runs in the tokens' own frame-major
             # layout, and its first layer is split: the mouse window is shared by all tokens of a
             # frame, so it is projected once per frame instead of concatenated to 880 tokens
-            first = action.mouse_mlp[0]
-            h = (F.linear(tokens, first.weight[:, :c]).view(b, frames, spatial, -1)
-                 + F.linear(windows(step["mouse_window"]), first.weight[:, c:],
-                            first.bias)[:, :, None])
-            qkv = action.t_qkv(action.mouse_mlp[1:](h)).view(b, frames, spatial, 3, heads, -1)
+            first, second, norm = _mouse_mlp_layers(action.mouse_mlp)
+            h = ops["frame_bias_gelu"][1](
+                F.linear(tokens, first.weight[:, :c]),
+                F.linear(windows(step["mouse_window"]), first.weight[:, c:], first.bias)[:, :, None])
+            h = ops["layer_norm"][1](second(h), norm.weight, norm.bias, norm.eps)
+            qkv = action.t_qkv(h).view(b, frames, spatial, 3, heads, -1)
             # [B*S, F, H, D] sequence views of the projection (a copy only when B > 1)
             q, k, v = qkv.transpose(1, 2).reshape(b * spatial, frames, 3, heads, -1).unbind(2)
             eps = _action_norm_eps(action.img_attn_q_norm, action.img_attn_k_norm)
@@ -391,13 +392,31 @@ def _add_projection(tokens, y, linear):
                                                     linear.weight.t()).view(tokens.shape)
 
 
+def _layers_of(sequence, kinds, name):
+    """The modules of an nn.Sequential, which must match `kinds` (a GELU must be the tanh form,
+    as upstream's): the fused ops replace them by their math."""
+    ok = len(sequence) == len(kinds) and all(
+        isinstance(m, kind) and (kind is not nn.GELU or m.approximate == "tanh")
+        for m, kind in zip(sequence, kinds))
+    if not ok:
+        expected = ", ".join("GELU(approximate='tanh')" if k is nn.GELU else k.__name__
+                             for k in kinds)
+        raise ValueError(f"expected {name} of {expected}; got {sequence}")
+    return list(sequence)
+
+
 def _ffn_linears(ffn):
-    """The two Linear layers of the FFN, which must be Linear, tanh GELU, Linear (as upstream's):
-    the first layer and the GELU run as one `linear_gelu` op."""
-    if not (len(ffn) == 3 and isinstance(ffn[0], nn.Linear) and isinstance(ffn[2], nn.Linear)
-            and isinstance(ffn[1], nn.GELU) and ffn[1].approximate == "tanh"):
-        raise ValueError(f"expected an FFN of Linear, GELU(approximate='tanh'), Linear; got {ffn}")
-    return ffn[0], ffn[2]
+    """The FFN's two Linear layers: the first one and the GELU run as one `linear_gelu` op."""
+    first, _, second = _layers_of(ffn, (nn.Linear, nn.GELU, nn.Linear), "an FFN")
+    return first, second
+
+
+def _mouse_mlp_layers(mlp):
+    """(first Linear, second Linear, LayerNorm) of the mouse MLP; its GELU runs inside the
+    `frame_bias_gelu` op."""
+    first, _, second, norm = _layers_of(mlp, (nn.Linear, nn.GELU, nn.Linear, nn.LayerNorm),
+                                        "a mouse MLP")
+    return first, second, norm
 
 
 def _action_norm_eps(q_norm, k_norm):
