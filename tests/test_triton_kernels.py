@@ -180,6 +180,33 @@ def test_norm_rope_store(case, dtype):
     assert torch.equal(value, x.view(b, length, heads, dim))
 
 
+@pytest.mark.parametrize("with_norm", [True, False], ids=["qk_norm", "no_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NORM_ROPE_CASES, ids=str)
+def test_qkv_norm_rope_store(case, dtype, with_norm):
+    """One launch for q (returned), k and v (into reversed ring slots) vs the eager twin's three
+    calls and float64 math."""
+    b, frames, per_frame, heads, dim = case
+    length, c = frames * per_frame, heads * dim
+    q, k, v = (_randn((b, length, c), dtype, 20 + i) * 2 for i in range(3))
+    wq, wk = ((1 + 0.1 * _randn((c,), dtype, 23 + i)) if with_norm else None for i in range(2))
+    angles = _randn((length, dim // 2), torch.float32, 25) * 3
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.arange(frames, device=DEVICE).flip(0) + 1
+    caches = _randn((2, b, (frames + 1) * per_frame, heads, dim), dtype, 26)
+    wide = caches.double()
+    widen = (lambda t: None if t is None else t.double())
+    exact = eager.qkv_norm_rope_store(q.double(), k.double(), v.double(), widen(wq), widen(wk),
+                                      1e-6, cos.double(), sin.double(), heads, wide[0], wide[1],
+                                      slots, torch.float64)
+    got = triton_ops.qkv_norm_rope_store(q, k, v, wq, wk, 1e-6, cos, sin, heads, caches[0],
+                                         caches[1], slots)
+    assert got.shape == (b, length, heads, dim) and got.dtype == dtype
+    assert rel_err(got, exact) <= TOLERANCE[dtype]
+    assert rel_err(caches, wide) <= TOLERANCE[dtype]
+    assert torch.equal(caches[:, :, :per_frame], wide[:, :, :per_frame].to(dtype))  # slot 0 kept
+
+
 def test_norm_rope_store_refuses_a_head_dim_off_its_tile():
     x = _randn((1, 4, 2 * 24), torch.float32, 13)
     with pytest.raises(ValueError, match="power of two"):

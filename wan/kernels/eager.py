@@ -81,6 +81,15 @@ def norm_rope_store(x, weight, eps, cos, sin, heads, dest=None, slots=None,
     return dest
 
 
+def qkv_norm_rope_store(q, k, v, q_weight, k_weight, eps, cos, sin, heads, k_cache, v_cache,
+                        slots, rope_dtype=torch.float32):
+    """The self-attention's q, k, v [B, L, H*D]: q normed and rotated into a new [B, L, H, D]
+    tensor (returned), k normed and rotated into its ring slots of k_cache, v into v_cache's."""
+    norm_rope_store(k, k_weight, eps, cos, sin, heads, k_cache, slots, rope_dtype)
+    norm_rope_store(v, None, None, None, None, heads, v_cache, slots)
+    return norm_rope_store(q, q_weight, eps, cos, sin, heads, rope_dtype=rope_dtype)
+
+
 def linear_gelu(x, weight, bias):
     """gelu_tanh(x @ weight^T + bias): the FFN's first layer and activation (upstream's FFN uses the
     tanh GELU)."""
@@ -127,5 +136,6 @@ OPS = {
     "gated_residual": gated_residual,
     "frame_bias_gelu": frame_bias_gelu,
     "norm_rope_store": norm_rope_store,
+    "qkv_norm_rope_store": qkv_norm_rope_store,
     "linear_gelu": linear_gelu,
 }

@@ -16,6 +16,9 @@ Ops (one signature each, every backend implements a subset):
     norm_rope_store(x, weight, eps, cos, sin, heads, dest, slots, rope_dtype)
                                                 RMS norm + RoPE of q/k (and v's store) in one
                                                 pass, written into the cache slots
+    qkv_norm_rope_store(q, k, v, q_weight, k_weight, eps, cos, sin, heads, k_cache, v_cache, slots,
+                        rope_dtype)             the self-attention's three norm_rope_store calls
+                                                (q returned, k/v into their slots) in one
     linear_gelu(x, weight, bias)                gelu_tanh(x @ weight^T + bias) (the FFN's first half)
 
 Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
@@ -38,7 +41,7 @@ import torch
 
 ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
 OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual", "frame_bias_gelu",
-                       "norm_rope_store", "linear_gelu")
+                       "norm_rope_store", "qkv_norm_rope_store", "linear_gelu")
 AUTO_ORDER = ("triton", "flash", "cublas", "eager")
 ENV_VAR = "WAN_BACKEND"
 
@@ -125,7 +128,7 @@ class TritonBackend(Backend):
             return f"needs float16, bfloat16 or float32, got {dtype}"
         if op in ATTENTION_OPS and (head_dim & (head_dim - 1) or head_dim < 16):
             return f"head_dim {head_dim} must be a power of two >= 16"
-        if op == "norm_rope_store" and (head_dim & (head_dim - 1) or head_dim < 2):
+        if op.endswith("norm_rope_store") and (head_dim & (head_dim - 1) or head_dim < 2):
             return f"head_dim {head_dim} must be a power of two"
         return None
 

@@ -201,9 +201,9 @@ class OptimizedCausalWanModel(CausalWanModel):
         key = (device, dtype)
         if key not in self._per_device:
             action = self._first_action_module()
-            head_dims = {op: self.dim // self.num_heads for op in ("self_attention",
-                                                                   "cross_attention",
-                                                                   "norm_rope_store")}
+            head_dims = {op: self.dim // self.num_heads
+                         for op in ("self_attention", "cross_attention", "norm_rope_store",
+                                    "qkv_norm_rope_store")}
             if action is not None:
                 head_dims["mouse_attention"] = head_dims["keyboard_attention"] = \
                     sum(action.mouse_qk_dim_list)
@@ -299,13 +299,12 @@ class OptimizedCausalWanModel(CausalWanModel):
         attn = block.self_attn
         hn = modulate(tokens, shift_msa, scale_msa, block.norm1.eps)
         heads = attn.num_heads
-        store = ops["norm_rope_store"][1]  # RMS norm + RoPE (+ the write into the cache slots)
         cos, sin = step["rope"]
-        rope_dtype = step["rope_dtype"]
-        q = store(attn.q(hn), *_norm_args(attn.norm_q), cos, sin, heads, rope_dtype=rope_dtype)
-        store(attn.k(hn), *_norm_args(attn.norm_k), cos, sin, heads, cache.self_k[i], self_slots,
-              rope_dtype)
-        store(attn.v(hn), None, None, None, None, heads, cache.self_v[i], self_slots)
+        # RMS norm + RoPE of q and k, and the writes of k and v into their cache slots, in one op
+        q = ops["qkv_norm_rope_store"][1](
+            attn.q(hn), attn.k(hn), attn.v(hn), _norm_weight(attn.norm_q), _norm_weight(attn.norm_k),
+            _shared_norm_eps(attn.norm_q, attn.norm_k), cos, sin, heads, cache.self_k[i],
+            cache.self_v[i], self_slots, step["rope_dtype"])
         y = ops["self_attention"][1](q, *cache.self_window(i, n_self))
         tokens = add_gated(tokens, attn.o(y.flatten(2)), gate_msa)
 
@@ -313,7 +312,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         cross = block.cross_attn
         normed = (ops["layer_norm"][1](tokens, block.norm3.weight, block.norm3.bias, block.norm3.eps)
                   if isinstance(block.norm3, nn.LayerNorm) else tokens)
-        q = store(cross.q(normed), *_norm_args(cross.norm_q), None, None, heads)
+        q = ops["norm_rope_store"][1](cross.q(normed), *_norm_args(cross.norm_q), None, None, heads)
         y = ops["cross_attention"][1](q, cache.cross[i]["k"], cache.cross[i]["v"])
         tokens = tokens + cross.o(y.flatten(2))
 
@@ -354,7 +353,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             qkv = action.t_qkv(h).view(b, frames, spatial, 3, heads, -1)
             # [B*S, F, H, D] sequence views of the projection (a copy only when B > 1)
             q, k, v = qkv.transpose(1, 2).reshape(b * spatial, frames, 3, heads, -1).unbind(2)
-            eps = _action_norm_eps(action.img_attn_q_norm, action.img_attn_k_norm)
+            eps = _shared_norm_eps(action.img_attn_q_norm, action.img_attn_k_norm)
             y = ops["mouse_attention"][1](q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots,
                                           n_action, cos, sin, eps)
             y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
@@ -365,7 +364,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
             embedded = action.keyboard_embed(step["keyboard_window"])
             k, v = action.keyboard_attn_kv(windows(embedded)).view(b, frames, 2, heads, -1).unbind(2)
-            eps = _action_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
+            eps = _shared_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
             y = ops["keyboard_attention"][1](q, k, v, cache.keyboard_k[i], cache.keyboard_v[i],
                                              slots, n_action, cos, sin, eps)
             tokens = _add_projection(tokens, y.flatten(2), action.proj_keyboard)
@@ -419,9 +418,13 @@ def _mouse_mlp_layers(mlp):
     return first, second, norm
 
 
-def _action_norm_eps(q_norm, k_norm):
-    """The eps of the action module's q/k RMS norms (upstream never applies their weight), None
-    when qk_norm is off. The fused ops take one eps for both."""
+def _norm_weight(norm):
+    return None if isinstance(norm, nn.Identity) else norm.weight
+
+
+def _shared_norm_eps(q_norm, k_norm):
+    """The eps of a q/k pair of RMS norms, None when qk_norm is off: the fused ops take one eps
+    for both."""
     eps = {None if isinstance(n, nn.Identity) else n.eps for n in (q_norm, k_norm)}
     if len(eps) != 1:
         raise ValueError(f"the action module's q and k norms differ (eps {sorted(map(str, eps))})")

@@ -2,7 +2,7 @@
 backend is considered, and it needs the triton package)."""
 from .action_attention import action_attention
 from .modulation import frame_bias_gelu, gated_residual, layer_norm, layer_norm_modulate
-from .norm_rope import norm_rope_store
+from .norm_rope import norm_rope_store, qkv_norm_rope_store
 
 OPS = {
     "mouse_attention": action_attention,
@@ -12,4 +12,5 @@ OPS = {
     "gated_residual": gated_residual,
     "frame_bias_gelu": frame_bias_gelu,
     "norm_rope_store": norm_rope_store,
+    "qkv_norm_rope_store": qkv_norm_rope_store,
 }
