@@ -162,16 +162,6 @@ class StreamCache:
         return self.self_k[layer][:, :n], self.self_v[layer][:, :n]
 
 
-def caller_cache_tensors(*cache_lists) -> list:
-    """Every tensor held under "k"/"v" in the caller's per-layer cache dicts, in a fixed order
-    (None where a list or entry is missing or not a tensor; the input checks say what is wrong).
-    Their identities tell whether a call brings the same storage as the last one."""
-    return [value if isinstance(value, torch.Tensor) else None
-            for caches in cache_lists if isinstance(caches, (list, tuple))
-            for cache in caches
-            for value in ((cache.get("k"), cache.get("v")) if isinstance(cache, dict) else (None,))]
-
-
 def _window_frames(model) -> int:
     # upstream's default when local attention is off: 15 frames
     return model.local_attn_size if model.local_attn_size != -1 else 15

@@ -16,7 +16,6 @@ The cache-free (training) forward is the parent's.
 """
 import functools
 import warnings
-import weakref
 from typing import Optional
 
 import torch
@@ -27,7 +26,7 @@ from ..kernels.cuda_graphs import GraphRunner
 from ..kernels.input_checks import check_forward_inputs, check_stream_position
 from ..kernels.registry import load_selection, resolve_all
 from ..kernels.rope_tables import action_rope_table, split_self_attention_freqs
-from ..kernels.stream_cache import StreamCache, caller_cache_tensors
+from ..kernels.stream_cache import StreamCache
 from .causal_model import CausalWanModel
 
 
@@ -42,11 +41,11 @@ class OptimizedCausalWanModel(CausalWanModel):
         self._stream: Optional[StreamCache] = None
         self._graphs = GraphRunner()
         self._graph_storage = None  # the cache storage the captured graphs write to
-        # the caller's cache storage of the last call (tensor ids, weak references), the input
-        # shape its tensors were checked for, and the stream position reached in it
-        self._caller_storage = None
-        self._checked_call_shape = None
-        self._caller_end_frame = 0
+        # the caller's cache dicts of the last call: (tensor ids, the tensors, their StreamCache,
+        # the input shape they were checked for). Holding the tensors keeps every id unique, so
+        # equal ids mean the very same tensors; it also keeps them alive until a call brings other
+        # dicts or release_caches() is called.
+        self._caller = None
         self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
         self._warned_no_graphs = False
 
@@ -95,6 +94,13 @@ class OptimizedCausalWanModel(CausalWanModel):
         self._stream = None
         self._graphs.clear()
 
+    def release_caches(self):
+        """Drop every reference the model holds to cache memory: the owned stream, the caller's
+        dicts of the last call and the captured graphs (and their memory pool)."""
+        self.end_stream()
+        self._caller = None
+        self._graph_storage = None
+
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
                 kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None, crossattn_cache=None,
@@ -111,25 +117,25 @@ class OptimizedCausalWanModel(CausalWanModel):
                            keyboard_cond=None, kv_cache=None, kv_cache_mouse=None,
                            kv_cache_keyboard=None, crossattn_cache=None, current_start: int = 0,
                            cache_start: int = 0):
-        caller_storage = None  # the caller's cache tensors and their ids
-        if kv_cache is not None:
-            caller_storage = _identified(caller_cache_tensors(kv_cache, kv_cache_mouse,
-                                                              kv_cache_keyboard, crossattn_cache))
-        same_storage = self._is_last_caller_storage(caller_storage)
+        caller = self._caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
+        known = caller is not None and self._caller is not None and caller[0] == self._caller[0]
         check_forward_inputs(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                              kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
                              current_start, read_cache_position=False, streaming=True,
-                             check_caches=not (same_storage and self._checked_call_shape == x.shape))
+                             check_caches=not (known and self._caller[3] == x.shape))
         pt, ph, pw = self.patch_size
         tokens_per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
         frames = x.shape[2] // pt
         start = current_start // tokens_per_frame
         if kv_cache is not None:
-            cache = StreamCache.from_upstream_dicts(self, kv_cache, kv_cache_mouse,
-                                                    kv_cache_keyboard, crossattn_cache,
-                                                    tokens_per_frame)
-            # upstream pipelines start a new stream at frame 0 after resetting their dicts
-            cache.end_frame = self._caller_end_frame if same_storage and start else 0
+            if known and self._caller[2].tokens_per_frame == tokens_per_frame:
+                cache = self._caller[2]
+            else:
+                cache = StreamCache.from_upstream_dicts(self, kv_cache, kv_cache_mouse,
+                                                        kv_cache_keyboard, crossattn_cache,
+                                                        tokens_per_frame)
+            if start == 0:  # upstream pipelines start a new stream at frame 0 in reset dicts
+                cache.end_frame = 0
         else:
             cache = self._stream
             if cache.self_k[0].shape[0] != x.shape[0] or cache.tokens_per_frame != tokens_per_frame:
@@ -142,9 +148,9 @@ class OptimizedCausalWanModel(CausalWanModel):
 
         if not cache.cross_ready:
             self._project_image_context(cache, visual_context, state["ops"])
-            if caller_storage is not None:  # the image context's k/v may be new tensors
-                caller_storage = _identified(caller_cache_tensors(
-                    kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache))
+            if caller is not None:  # the image context's k/v may be new tensors in the dicts
+                caller = self._caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard,
+                                              crossattn_cache)
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}
         action = self._first_action_module()
         if action is not None and action.enable_mouse:
@@ -155,32 +161,35 @@ class OptimizedCausalWanModel(CausalWanModel):
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
         compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
-        storage = caller_storage[1] if caller_storage is not None else ("owned", id(cache))
+        storage = caller[0] if caller is not None else ("owned", id(cache))
         if self._graphs_usable(x):
-            if storage != self._graph_storage or (caller_storage is not None and not same_storage):
+            if storage != self._graph_storage:
                 # a graph is tied to the buffers it captured; upstream's pipeline allocates new
                 # dicts for every video, so keep only the current storage's graphs (and pool)
                 self._graphs.clear()
                 self._graph_storage = storage
-            key = (x.shape[0], frames, tokens_per_frame, phase, x.dtype, tuple(sorted(inputs)))
+            key = (phase, x.dtype, tuple((name, value.shape) for name, value in inputs.items()))
             out = self._graphs.run(key, compute, inputs)
         else:
             out = compute(**inputs)
         cache.end_frame = max(cache.end_frame, end)
-        if caller_storage is not None:  # remembered for the latest caller storage only
-            tensors, ids = caller_storage
-            if not (same_storage and self._caller_storage[0] == ids):
-                self._caller_storage = (ids, [None if t is None else weakref.ref(t) for t in tensors])
-            self._checked_call_shape = x.shape
-            self._caller_end_frame = cache.end_frame
+        if caller is not None:  # only the latest caller storage is remembered
+            self._caller = (*caller, cache, x.shape)
         return out
 
-    def _is_last_caller_storage(self, storage) -> bool:
-        """Whether the caller's cache tensors (tensors, ids) are the very objects of the last call,
-        all still alive (so no new tensor can have taken an old one's id)."""
-        last = self._caller_storage
-        return (storage is not None and last is not None and last[0] == storage[1]
-                and all(ref is None or ref() is not None for ref in last[1]))
+    @staticmethod
+    def _caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache):
+        """(ids, tensors) of everything under "k"/"v" in the caller's cache dicts, None without
+        dicts or when they are malformed (the input checks then say what is wrong)."""
+        if kv_cache is None:
+            return None
+        try:
+            tensors = [cache[key] for caches in (kv_cache, kv_cache_mouse, kv_cache_keyboard,
+                                                 crossattn_cache) if caches is not None
+                       for cache in caches for key in ("k", "v")]
+        except (KeyError, TypeError, IndexError):
+            return None
+        return tuple(map(id, tensors)), tensors
 
     # ------------------------------------------------------------------ pieces run outside graphs
     def _graphs_usable(self, x) -> bool:
@@ -374,11 +383,6 @@ class OptimizedCausalWanModel(CausalWanModel):
 def _norm_args(norm):
     """(weight, eps) of the backbone's RMS norm, (None, None) when qk_norm is off."""
     return (None, None) if isinstance(norm, nn.Identity) else (norm.weight, norm.eps)
-
-
-def _identified(tensors):
-    """(tensors, their ids)."""
-    return tensors, tuple(map(id, tensors))
 
 
 def _add_projection(tokens, y, linear):
