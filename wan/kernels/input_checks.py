@@ -19,8 +19,9 @@ def model_dtype(model) -> torch.dtype:
     return model.patch_embedding.weight.dtype
 
 
-def action_modules(model):
-    return [b.action_model for b in model.blocks if b.action_model is not None]
+def first_action_module(model):
+    """The first block's action module (all of them share one configuration), or None."""
+    return next((b.action_model for b in model.blocks if b.action_model is not None), None)
 
 
 def _check_dtype(name, tensor, dtype):
@@ -127,13 +128,12 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
 
 
 def _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype):
-    modules = action_modules(model)
-    if not modules:
+    action = first_action_module(model)
+    if action is None:
         if mouse_cond is not None or keyboard_cond is not None:
             raise ValueError("this model has no action module; pass mouse_cond=None and "
                              "keyboard_cond=None")
         return
-    action = modules[0]
     ratio = action.vae_time_compression_ratio
     last_frame = start_frame + frames - 1
     steps = 1 + ratio * last_frame
@@ -177,10 +177,9 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
     if crossattn_cache is not None:
         _check_cache_list("crossattn_cache", crossattn_cache, layers, CROSS_CACHE_KEYS)
 
-    modules = action_modules(model)
-    if not modules:
+    action = first_action_module(model)
+    if action is None:
         return
-    action = modules[0]
     a_heads = action.heads_num
     for name, caches, enabled, rows in (
             ("kv_cache_mouse", kv_cache_mouse, action.enable_mouse, batch * tokens_per_frame),

@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.cuda_graphs import GraphRunner
-from ..kernels.input_checks import check_forward_inputs, check_stream_position
+from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
+                                   first_action_module)
 from ..kernels.registry import load_selection, resolve_all
 from ..kernels.rope_tables import action_rope_table, split_self_attention_freqs
 from ..kernels.stream_cache import StreamCache
@@ -152,7 +153,7 @@ class OptimizedCausalWanModel(CausalWanModel):
                 caller = self._caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard,
                                               crossattn_cache)
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}
-        action = self._first_action_module()
+        action = first_action_module(self)
         if action is not None and action.enable_mouse:
             inputs["mouse_window"] = self._condition_window(action, mouse_cond, start, frames)
         if action is not None and action.enable_keyboard:
@@ -202,14 +203,11 @@ class OptimizedCausalWanModel(CausalWanModel):
             self._warned_no_graphs = True
         return False
 
-    def _first_action_module(self):
-        return next((b.action_model for b in self.blocks if b.action_model is not None), None)
-
     def _state(self, device, dtype) -> dict:
         """Resolved ops, RoPE tables and the device-side start frame for (device, dtype)."""
         key = (device, dtype)
         if key not in self._per_device:
-            action = self._first_action_module()
+            action = first_action_module(self)
             head_dims = {op: self.dim // self.num_heads
                          for op in ("self_attention", "cross_attention", "norm_rope_store",
                                     "qkv_norm_rope_store")}
