@@ -8,14 +8,13 @@ strided views of the projections. Here one program takes a (sequence, head) pair
 queries and:
 
 1. RMS-normalises and rotates this call's keys (one per frame), writes them and the values into
-   their ring slots of the cache and keeps them in registers;
-2. normalises and rotates its queries in registers and attends over this call's keys plus the
-   cache's other slots among the first `attended` (an online-softmax loop covers long lists).
+   their ring slots of the cache, and waits for the whole program to see those writes;
+2. normalises and rotates its queries in registers and attends over the cache's first `attended`
+   slots, all keys in registers (an online-softmax loop covers longer key lists).
 
-The slots this call writes are never read back in the same launch, so no program waits on another's
-writes. With several query blocks per sequence (keyboard) every program writes the same key rows
-with the same values, which is harmless. Inputs are read through their strides: the unbind views of
-a fused qkv projection need no copy.
+With several query blocks per sequence (keyboard) every program writes the same key rows with the
+same values, so the duplicate writes are harmless. Inputs are read through their strides: the
+unbind views of a fused qkv projection need no copy.
 """
 import torch
 import triton
@@ -40,25 +39,6 @@ def _norm_rope_rounded(x, frame, cos_ptr, sin_ptr, eps, ok, dtype: tl.constexpr,
 
 
 @triton.jit
-def _attend(q, k, v, ok, m, denom, acc, IEEE: tl.constexpr):
-    """One online-softmax step of queries q [Q, D] over keys/values [K, D] (`ok`: which keys
-    count): returns the updated running max, denominator and output accumulator."""
-    if IEEE:  # float32 inputs: no TF32 rounding
-        scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee")
-    else:
-        scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
-    scores = tl.where(ok[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, axis=1))
-    p = tl.exp(scores - m_new[:, None])
-    correction = tl.exp(m - m_new)
-    if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-    return m_new, denom * correction + tl.sum(p, axis=1), acc * correction[:, None] + pv
-
-
-@triton.jit
 def _action_attention_kernel(
         q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, o_ptr, slots_ptr, cos_ptr, sin_ptr,
         lq, frames, attended, heads, rows_per_frame, scale, eps,
@@ -73,10 +53,10 @@ def _action_attention_kernel(
     dims = tl.arange(0, HEAD_DIM)
     dtype = kc_ptr.dtype.element_ty
 
-    # 1. this call's keys (normed, rotated) and values: into their ring slots, kept in registers
+    # 1. this call's keys (normed, rotated) and values into their ring slots
     f = tl.arange(0, BLOCK_F)
     f_ok = f < frames
-    slot = tl.load(slots_ptr + f, mask=f_ok, other=-1)
+    slot = tl.load(slots_ptr + f, mask=f_ok, other=0)
     k_new = tl.load(k_ptr + n * sk_n + h * sk_h + f[:, None] * sk_l + dims[None, :],
                     mask=f_ok[:, None], other=0.0).to(tl.float32)
     k_new = _norm_rope_rounded(k_new, f, cos_ptr, sin_ptr, eps, f_ok, dtype, NORM, HEAD_DIM)
@@ -86,9 +66,9 @@ def _action_attention_kernel(
                     mask=f_ok[:, None], other=0.0)
     tl.store(vc_ptr + n * svc_n + h * svc_h + slot[:, None] * svc_l + dims[None, :], v_new,
              mask=f_ok[:, None])
+    tl.debug_barrier()  # every thread of the program sees the new slots before reading the cache
 
-    # 2. this block of queries, normed and rotated in registers, over this call's keys (first:
-    # there is at least one, so the running max is finite before any fully masked block)...
+    # 2. this block of queries, normed and rotated in registers, over the first `attended` slots
     rows = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < lq
     q = tl.load(q_ptr + n * sq_n + h * sq_h + rows[:, None] * sq_l + dims[None, :],
@@ -96,21 +76,31 @@ def _action_attention_kernel(
     q = _norm_rope_rounded(q, rows // rows_per_frame, cos_ptr, sin_ptr, eps, row_ok, dtype, NORM,
                            HEAD_DIM)
     q = (q.to(tl.float32) * scale).to(dtype)
-    m, denom, acc = _attend(q, k_new, v_new, f_ok & (slot < attended),
-                            tl.full([BLOCK_Q], float("-inf"), tl.float32),
-                            tl.zeros([BLOCK_Q], tl.float32),
-                            tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32), IEEE)
-    # ... and the cache's other slots among the first `attended`
+    m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, HEAD_DIM], tl.float32)
     for start in range(0, attended, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        written_now = tl.sum(((cols[:, None] == slot[None, :]) & f_ok[None, :]).to(tl.int32),
-                             axis=1)
-        col_ok = (cols < attended) & (written_now == 0)
+        col_ok = cols < attended
         k = tl.load(kc_ptr + n * skc_n + h * skc_h + cols[:, None] * skc_l + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
         v = tl.load(vc_ptr + n * svc_n + h * svc_h + cols[:, None] * svc_l + dims[None, :],
                     mask=col_ok[:, None], other=0.0)
-        m, denom, acc = _attend(q, k, v, col_ok, m, denom, acc, IEEE)
+        if IEEE:  # float32 inputs: no TF32 rounding
+            scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32, input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32)
+        scores = tl.where(col_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        p = tl.exp(scores - m_new[:, None])
+        correction = tl.exp(m - m_new)
+        denom = denom * correction + tl.sum(p, axis=1)
+        if IEEE:
+            pv = tl.dot(p.to(dtype), v, out_dtype=tl.float32, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(dtype), v, out_dtype=tl.float32)
+        acc = acc * correction[:, None] + pv
+        m = m_new
     out = acc / denom[:, None]
     tl.store(o_ptr + n * so_n + h * so_h + rows[:, None] * so_l + dims[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -131,7 +121,7 @@ def action_attention(q, k, v, k_cache, v_cache, slots, attended: int, cos, sin, 
         *tensors, k_cache, v_cache, out, slots, cos.float().contiguous(), sin.float().contiguous(),
         lq, frames, attended, heads, lq // frames, head_dim ** -0.5, eps or 0.0,
         *(s for t in (*tensors, k_cache, v_cache, out) for s in t.stride()[:3]),
-        HEAD_DIM=head_dim, BLOCK_F=max(16, triton.next_power_of_2(frames)), BLOCK_Q=block_q,
+        HEAD_DIM=head_dim, BLOCK_F=max(2, triton.next_power_of_2(frames)), BLOCK_Q=block_q,
         BLOCK_K=16 if attended <= 16 else 32, NORM=eps is not None,
         IEEE=q.dtype == torch.float32,
         # a mouse program holds 3 queries: one warp does it fastest (H100: 38 us vs 65 us with 4
