@@ -14,6 +14,7 @@ It relies on its parent only through the constructor, the module tree, parameter
 attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-2's CausalWanModel.
 The cache-free (training) forward is the parent's.
 """
+import contextlib
 import functools
 import warnings
 from typing import Optional
@@ -222,6 +223,8 @@ class OptimizedCausalWanModel(CausalWanModel):
                 "self_rope": [(c.to(device, rope_dtype), s.to(device, rope_dtype))
                               for c, s in split_self_attention_freqs(self.freqs.cpu())],
                 "start_frame": torch.zeros((), dtype=torch.long, device=device),
+                # the action conditions' projections run beside the backbone on CUDA
+                "side_stream": torch.cuda.Stream(device) if device.type == "cuda" else None,
             }
             if action is not None:
                 cos, sin = action_rope_table(action.mouse_qk_dim_list, action.rope_theta)
@@ -276,8 +279,9 @@ class OptimizedCausalWanModel(CausalWanModel):
             action_rope = tuple(table[frame_ids] for table in state["action_rope"])
         slots = (cache.self_layout.slot_of(frame_ids), cache.action_layout.slot_of(frame_ids))
         step = dict(ops=ops, cache=cache, phase=phase, slots=slots, rope=rope,
-                    action_rope=action_rope, rope_dtype=state["rope_dtype"],
-                    mouse_window=mouse_window, keyboard_window=keyboard_window, frames=frames)
+                    action_rope=action_rope, rope_dtype=state["rope_dtype"], frames=frames)
+        step["conditions"] = self._condition_projections(mouse_window, keyboard_window, frames,
+                                                         state.get("side_stream"))
         # every block's adaLN factors in two launches instead of one add per block
         modulations = torch.stack([block.modulation for block in self.blocks])[:, None] + e0
         for i, block in enumerate(self.blocks):
@@ -331,6 +335,39 @@ class OptimizedCausalWanModel(CausalWanModel):
         hidden = ops["linear_gelu"][1](hn, ffn_in.weight, ffn_in.bias)
         return add_gated(tokens, ffn_out(hidden), gate_ffn)
 
+    def _condition_projections(self, mouse_window, keyboard_window, frames, side_stream):
+        """{layer: (mouse window's share of the mouse MLP's first layer [B, F, 1, C], keyboard
+        keys, keyboard values, ready event)}: what the action modules compute from the conditions
+        alone. ~7 tiny launches per action layer; on CUDA they run on a side stream beside the
+        backbone, layer by layer, and each action module waits only for its own layer's event.
+        (The side stream first waits for the main one, so its memory, freed to its own pool, is
+        never reused while the main stream still reads it.)"""
+        if side_stream is not None:
+            side_stream.wait_stream(torch.cuda.current_stream())
+        projections = {}
+        on_side = torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext()
+        with on_side:
+            for i, block in enumerate(self.blocks):
+                action = block.action_model
+                if action is None:
+                    continue
+                mouse = keyboard_k = keyboard_v = None
+                if action.enable_mouse:  # the first layer's input is [tokens, mouse window]
+                    first = action.mouse_mlp[0]
+                    mouse = F.linear(_frame_windows(action, mouse_window),
+                                     first.weight[:, self.dim:], first.bias)[:, :, None]
+                if action.enable_keyboard:
+                    embedded = action.keyboard_embed(keyboard_window)
+                    keyboard_k, keyboard_v = action.keyboard_attn_kv(
+                        _frame_windows(action, embedded)).view(
+                            embedded.shape[0], frames, 2, action.heads_num, -1).unbind(2)
+                ready = None
+                if side_stream is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(side_stream)
+                projections[i] = (mouse, keyboard_k, keyboard_v, ready)
+        return projections
+
     def _action(self, i, action, tokens, step):
         ops, cache = step["ops"], step["cache"]
         _, n_action = step["phase"]
@@ -340,11 +377,9 @@ class OptimizedCausalWanModel(CausalWanModel):
         b, length, c = tokens.shape
         spatial = length // frames
         heads = action.heads_num
-        ratio = action.vae_time_compression_ratio
-        window = ratio * action.windows_size
-
-        def windows(steps):  # [B, steps, C] -> [B, frames, window * C], step-major
-            return steps.unfold(1, window, ratio).transpose(2, 3).flatten(2)
+        mouse_bias, keyboard_k, keyboard_v, ready = step["conditions"][i]
+        if ready is not None:
+            torch.cuda.current_stream().wait_event(ready)
 
         # the attention ops take the raw projections: q/k norm, RoPE and the cache writes of k/v
         # happen inside them (wan/kernels/registry.py)
@@ -353,9 +388,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             # layout, and its first layer is split: the mouse window is shared by all tokens of a
             # frame, so it is projected once per frame instead of concatenated to 880 tokens
             first, second, norm = _mouse_mlp_layers(action.mouse_mlp)
-            h = ops["frame_bias_gelu"][1](
-                F.linear(tokens, first.weight[:, :c]),
-                F.linear(windows(step["mouse_window"]), first.weight[:, c:], first.bias)[:, :, None])
+            h = ops["frame_bias_gelu"][1](F.linear(tokens, first.weight[:, :c]), mouse_bias)
             h = ops["layer_norm"][1](second(h), norm.weight, norm.bias, norm.eps)
             qkv = action.t_qkv(h).view(b, frames, spatial, 3, heads, -1)
             # [B*S, F, H, D] sequence views of the projection (a copy only when B > 1)
@@ -369,13 +402,19 @@ class OptimizedCausalWanModel(CausalWanModel):
         if action.enable_keyboard:
             # every token attends to the few key frames directly: the keys are never repeated
             q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
-            embedded = action.keyboard_embed(step["keyboard_window"])
-            k, v = action.keyboard_attn_kv(windows(embedded)).view(b, frames, 2, heads, -1).unbind(2)
             eps = _shared_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
-            y = ops["keyboard_attention"][1](q, k, v, cache.keyboard_k[i], cache.keyboard_v[i],
+            y = ops["keyboard_attention"][1](q, keyboard_k, keyboard_v, cache.keyboard_k[i],
+                                             cache.keyboard_v[i],
                                              slots, n_action, cos, sin, eps)
             tokens = _add_projection(tokens, y.flatten(2), action.proj_keyboard)
         return tokens
+
+
+def _frame_windows(action, steps):
+    """[B, steps, C] per-step conditions -> [B, frames, window * C]: each frame's window of steps,
+    step-major (as upstream concatenates them)."""
+    ratio = action.vae_time_compression_ratio
+    return steps.unfold(1, ratio * action.windows_size, ratio).transpose(2, 3).flatten(2)
 
 
 def _norm_args(norm):
