@@ -71,14 +71,13 @@ class StreamCache:
     """
 
     def __init__(self, self_k, self_v, mouse_k, mouse_v, keyboard_k, keyboard_v, cross, self_layout,
-                 action_layout, tokens_per_frame, owner=None):
+                 action_layout, tokens_per_frame):
         self.self_k, self.self_v = self_k, self_v
         self.mouse_k, self.mouse_v = mouse_k, mouse_v
         self.keyboard_k, self.keyboard_v = keyboard_k, keyboard_v
         self.cross = cross  # list of upstream-style dicts {"k", "v", "is_init"}
         self.self_layout, self.action_layout = self_layout, action_layout
         self.tokens_per_frame = tokens_per_frame
-        self.owner = owner
         self.end_frame = 0
 
     @property
@@ -128,7 +127,7 @@ class StreamCache:
                   "v": zeros(batch, context_tokens, heads, head_dim), "is_init": False}
                  for _ in layers]
         return cls(self_k, self_v, mouse_k, mouse_v, keyboard_k, keyboard_v, cross, self_layout,
-                   action_layout, tokens_per_frame, owner="model")
+                   action_layout, tokens_per_frame)
 
     @classmethod
     def from_upstream_dicts(cls, model, kv_cache, kv_cache_mouse, kv_cache_keyboard,
@@ -154,7 +153,7 @@ class StreamCache:
         return cls([c["k"] for c in kv_cache], [c["v"] for c in kv_cache],
                    per_layer(kv_cache_mouse, "k"), per_layer(kv_cache_mouse, "v"),
                    per_layer(kv_cache_keyboard, "k"), per_layer(kv_cache_keyboard, "v"),
-                   crossattn_cache, self_layout, action_layout, tokens_per_frame, owner="caller")
+                   crossattn_cache, self_layout, action_layout, tokens_per_frame)
 
     # ------------------------------------------------------------------ reads and writes
     def self_window(self, layer: int, attended_slots: int):
