@@ -42,7 +42,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         self.cuda_graphs = cuda_graphs
         self._stream: Optional[StreamCache] = None
         self._graphs = GraphRunner()
-        self._graph_storage = None  # the cache storage the captured graphs write to
+        self._graph_storage = None  # (identity, tensors) of the storage the graphs write to
         # the caller's cache dicts of the last call: (tensor ids, the tensors, their StreamCache,
         # the input shape they were checked for). Holding the tensors keeps every id unique, so
         # equal ids mean the very same tensors; it also keeps them alive until a call brings other
@@ -56,12 +56,12 @@ class OptimizedCausalWanModel(CausalWanModel):
         """Select backends again (same forms as the constructor's `backend`)."""
         self.backend = load_selection(backend)
         self._per_device.clear()
-        self._graphs.clear()
+        self._drop_graphs()
 
     def enable_cuda_graphs(self, enabled: bool = True):
         self.cuda_graphs = enabled
         if not enabled:
-            self._graphs.clear()
+            self._drop_graphs()
 
     def backend_report(self, device=None, dtype=None) -> dict:
         """{op: backend name} that runs for the model's (or the given) device and dtype."""
@@ -80,8 +80,8 @@ class OptimizedCausalWanModel(CausalWanModel):
         s = self._stream
         if (s is None or s.self_k[0].shape[0] != batch or s.tokens_per_frame != tokens
                 or s.self_k[0].dtype != dtype or s.self_k[0].device != device):
+            self._drop_graphs()  # captured for the previous buffers
             self._stream = StreamCache.allocate(self, batch, tokens)
-            self._graphs.clear()  # captured for the previous buffers
         self._stream.reset()
         return self._stream
 
@@ -94,13 +94,16 @@ class OptimizedCausalWanModel(CausalWanModel):
     def end_stream(self):
         """Free the owned caches; forward without kv_cache is the cache-free forward again."""
         self._stream = None
-        self._graphs.clear()
+        self._drop_graphs()
 
     def release_caches(self):
         """Drop every reference the model holds to cache memory: the owned stream, the caller's
         dicts of the last call and the captured graphs (and their memory pool)."""
         self.end_stream()
         self._caller = None
+
+    def _drop_graphs(self):
+        self._graphs.clear()
         self._graph_storage = None
 
     # ------------------------------------------------------------------ forward
@@ -163,12 +166,14 @@ class OptimizedCausalWanModel(CausalWanModel):
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
         compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
-        storage = caller[0] if caller is not None else ("owned", id(cache))
+        # (identity, what keeps it unique): the caller's tensors, or the owned stream (its graphs
+        # are dropped whenever it is reallocated)
+        storage = caller if caller is not None else (("owned", id(cache)), cache)
         if self._graphs_usable(x):
-            if storage != self._graph_storage:
+            if self._graph_storage is None or storage[0] != self._graph_storage[0]:
                 # a graph is tied to the buffers it captured; upstream's pipeline allocates new
                 # dicts for every video, so keep only the current storage's graphs (and pool)
-                self._graphs.clear()
+                self._drop_graphs()
                 self._graph_storage = storage
             key = (phase, x.dtype, tuple((name, value.shape) for name, value in inputs.items()))
             out = self._graphs.run(key, compute, inputs)
