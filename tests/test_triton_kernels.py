@@ -137,6 +137,32 @@ def test_layer_norm(case, dtype, affine):
     assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
 
 
+@pytest.mark.parametrize("norm", ["modulate", "affine", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODULATION_CASES, ids=str)
+def test_gated_residual_layer_norm(case, dtype, norm):
+    """The residual sum and its LayerNorm from one pass, both vs float64 and the eager twin."""
+    b, frames, per_frame, c = case
+    x = _randn((b, frames * per_frame, c), dtype, 27) * 3 + 1
+    y = _randn((b, frames * per_frame, c), dtype, 28)
+    mod = _randn((b, frames, 6, c), dtype, 29)
+    gate = mod[:, :, 2:3]
+    if norm == "modulate":
+        op, factors = "gated_residual_layer_norm_modulate", (mod[:, :, 0:1], mod[:, :, 1:2])
+    else:
+        op = "gated_residual_layer_norm"
+        factors = ((1 + 0.1 * _randn((c,), dtype, 30), 0.1 * _randn((c,), dtype, 31))
+                   if norm == "affine" else (None, None))
+    wide = tuple(None if f is None else f.double() for f in factors)
+    exact = getattr(eager, op)(x.double(), y.double(), gate.double(), *wide, 1e-6)
+    twin = getattr(eager, op)(x, y, gate, *factors, 1e-6)
+    got = getattr(triton_ops, op)(x, y, gate, *factors, 1e-6)
+    for g, t, e in zip(got, twin, exact):
+        assert g.shape == e.shape and g.dtype == dtype
+        err, twin_err = rel_err(g, e), rel_err(t, e)
+        assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", MODULATION_CASES, ids=str)
 def test_frame_bias_gelu(case, dtype):

@@ -33,6 +33,18 @@ def layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps):
+    """(s, LayerNorm(s) * (1 + scale) + shift) for s = x + y * gate (per frame)."""
+    total = gated_residual(x, y, gate)
+    return total, layer_norm_modulate(total, shift, scale, eps)
+
+
+def gated_residual_layer_norm(x, y, gate, weight, bias, eps):
+    """(s, LayerNorm(s) [* weight + bias]) for s = x + y * gate (per frame)."""
+    total = gated_residual(x, y, gate)
+    return total, layer_norm(total, weight, bias, eps)
+
+
 def frame_bias_gelu(x, bias):
     """gelu_tanh(x + bias); x [B, F*S, C], bias [B, F, 1, C] (one row per frame)."""
     frames = bias.shape[1]
@@ -134,6 +146,8 @@ OPS = {
     "layer_norm_modulate": layer_norm_modulate,
     "layer_norm": layer_norm,
     "gated_residual": gated_residual,
+    "gated_residual_layer_norm_modulate": gated_residual_layer_norm_modulate,
+    "gated_residual_layer_norm": gated_residual_layer_norm,
     "frame_bias_gelu": frame_bias_gelu,
     "norm_rope_store": norm_rope_store,
     "qkv_norm_rope_store": qkv_norm_rope_store,

@@ -12,6 +12,9 @@ Ops (one signature each, every backend implements a subset):
     layer_norm_modulate(x, shift, scale, eps)   LayerNorm(x) * (1 + scale) + shift, per frame
     layer_norm(x, weight, bias, eps)            LayerNorm(x) [* weight + bias]
     gated_residual(x, y, gate)                  x + y * gate, per frame
+    gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps)
+    gated_residual_layer_norm(x, y, gate, weight, bias, eps)
+                                                (s, the LayerNorm of s) for s = x + y * gate
     frame_bias_gelu(x, bias)                    gelu_tanh(x + bias), bias per frame
     norm_rope_store(x, weight, eps, cos, sin, heads, dest, slots, rope_dtype)
                                                 RMS norm + RoPE of q/k (and v's store) in one
@@ -40,8 +43,9 @@ from typing import Callable, Dict, Mapping, Optional, Union
 import torch
 
 ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
-OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual", "frame_bias_gelu",
-                       "norm_rope_store", "qkv_norm_rope_store", "linear_gelu")
+OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual",
+                       "gated_residual_layer_norm_modulate", "gated_residual_layer_norm",
+                       "frame_bias_gelu", "norm_rope_store", "qkv_norm_rope_store", "linear_gelu")
 AUTO_ORDER = ("triton", "flash", "cublas", "eager")
 ENV_VAR = "WAN_BACKEND"
 

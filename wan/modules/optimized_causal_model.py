@@ -287,33 +287,36 @@ class OptimizedCausalWanModel(CausalWanModel):
                     action_rope=action_rope, rope_dtype=state["rope_dtype"], frames=frames)
         step["conditions"] = self._condition_projections(mouse_window, keyboard_window, frames,
                                                          state.get("side_stream"))
-        # every block's adaLN factors in two launches instead of one add per block
+        # every block's adaLN factors in two launches instead of one add per block: [L, B, F, 6, C]
         modulations = torch.stack([block.modulation for block in self.blocks])[:, None] + e0
+        head_shift, head_scale = (self.head.modulation.unsqueeze(1)
+                                  + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
+        # (shift, scale, eps) of the LayerNorm + modulation that opens each block, then the head's
+        opening_norms = [(m[:, :, 0:1], m[:, :, 1:2], block.norm1.eps)
+                         for m, block in zip(modulations, self.blocks)]
+        opening_norms.append((head_shift, head_scale, self.head.norm.eps))
+        # each block ends with its FFN's gated residual fused with the next opening norm, so a block
+        # gets its input normalised already
+        normed = ops["layer_norm_modulate"][1](tokens, *opening_norms[0])
         for i, block in enumerate(self.blocks):
-            tokens = self._block(i, block, tokens, modulations[i], step)
-
-        shift, scale = (self.head.modulation.unsqueeze(1)
-                        + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
-        out = self.head.head(ops["layer_norm_modulate"][1](tokens, shift, scale, self.head.norm.eps))
+            tokens, normed = self._block(i, block, tokens, normed, modulations[i], step,
+                                         opening_norms[i + 1])
+        out = self.head.head(normed)
         pt, ph, pw = self.patch_size
         out = out.view(b, frames, h, w, pt, ph, pw, self.out_dim)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
             b, self.out_dim, frames * pt, h * ph, w * pw)
 
-    def _block(self, i, block, tokens, modulation, step):
+    def _block(self, i, block, tokens, hn, modulation, step, next_norm):
+        """tokens and hn (their opening LayerNorm + modulation) -> this block's output and the
+        output normalised by `next_norm` (shift, scale, eps)."""
         ops, cache = step["ops"], step["cache"]
         n_self, _ = step["phase"]
         self_slots, _ = step["slots"]
-        b, length, c = tokens.shape
-        shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = \
-            modulation.chunk(6, dim=2)
-        modulate = ops["layer_norm_modulate"][1]
-
-        add_gated = ops["gated_residual"][1]  # residual + update * gate, per frame
+        _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = modulation.chunk(6, dim=2)
 
         # self-attention over this block and the cached frames
         attn = block.self_attn
-        hn = modulate(tokens, shift_msa, scale_msa, block.norm1.eps)
         heads = attn.num_heads
         cos, sin = step["rope"]
         # RMS norm + RoPE of q and k, and the writes of k and v into their cache slots, in one op
@@ -322,12 +325,16 @@ class OptimizedCausalWanModel(CausalWanModel):
             _shared_norm_eps(attn.norm_q, attn.norm_k), cos, sin, heads, cache.self_k[i],
             cache.self_v[i], self_slots, step["rope_dtype"])
         y = ops["self_attention"][1](q, *cache.self_window(i, n_self))
-        tokens = add_gated(tokens, attn.o(y.flatten(2)), gate_msa)
+        update = attn.o(y.flatten(2))
+        # the gated residual (per frame), with the cross-attention's pre-norm in the same pass
+        if isinstance(block.norm3, nn.LayerNorm):
+            tokens, normed = ops["gated_residual_layer_norm"][1](
+                tokens, update, gate_msa, block.norm3.weight, block.norm3.bias, block.norm3.eps)
+        else:
+            tokens = normed = ops["gated_residual"][1](tokens, update, gate_msa)
 
         # cross-attention to the image context (keys/values projected once per stream)
         cross = block.cross_attn
-        normed = (ops["layer_norm"][1](tokens, block.norm3.weight, block.norm3.bias, block.norm3.eps)
-                  if isinstance(block.norm3, nn.LayerNorm) else tokens)
         q = ops["norm_rope_store"][1](cross.q(normed), *_norm_args(cross.norm_q), None, None, heads)
         y = ops["cross_attention"][1](q, cache.cross[i]["k"], cache.cross[i]["v"])
         tokens = tokens + cross.o(y.flatten(2))
@@ -335,10 +342,11 @@ class OptimizedCausalWanModel(CausalWanModel):
         if block.action_model is not None:
             tokens = self._action(i, block.action_model, tokens, step)
 
-        hn = modulate(tokens, shift_ffn, scale_ffn, block.norm2.eps)
+        hn = ops["layer_norm_modulate"][1](tokens, shift_ffn, scale_ffn, block.norm2.eps)
         ffn_in, ffn_out = _ffn_linears(block.ffn)
         hidden = ops["linear_gelu"][1](hn, ffn_in.weight, ffn_in.bias)
-        return add_gated(tokens, ffn_out(hidden), gate_ffn)
+        return ops["gated_residual_layer_norm_modulate"][1](tokens, ffn_out(hidden), gate_ffn,
+                                                            *next_norm)
 
     def _condition_projections(self, mouse_window, keyboard_window, frames, side_stream):
         """{layer: (mouse window's share of the mouse MLP's first layer [B, F, 1, C], keyboard

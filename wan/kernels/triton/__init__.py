@@ -1,7 +1,8 @@
 """The triton backend's kernels (registered in OPS; the registry imports this module only when the
 backend is considered, and it needs the triton package)."""
 from .action_attention import action_attention
-from .modulation import frame_bias_gelu, gated_residual, layer_norm, layer_norm_modulate
+from .modulation import (frame_bias_gelu, gated_residual, gated_residual_layer_norm,
+                         gated_residual_layer_norm_modulate, layer_norm, layer_norm_modulate)
 from .norm_rope import norm_rope_store, qkv_norm_rope_store
 
 OPS = {
@@ -10,6 +11,8 @@ OPS = {
     "layer_norm_modulate": layer_norm_modulate,
     "layer_norm": layer_norm,
     "gated_residual": gated_residual,
+    "gated_residual_layer_norm_modulate": gated_residual_layer_norm_modulate,
+    "gated_residual_layer_norm": gated_residual_layer_norm,
     "frame_bias_gelu": frame_bias_gelu,
     "norm_rope_store": norm_rope_store,
     "qkv_norm_rope_store": qkv_norm_rope_store,

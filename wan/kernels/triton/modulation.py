@@ -2,7 +2,8 @@
 
 * LayerNorm + adaLN modulation `LN(x) * (1 + scale) + shift` in one pass, and the same kernel as a
   plain affine LayerNorm `LN(x) * weight + bias` (the factors are then one row shared by all tokens);
-* the gated residual add `x + y * gate`;
+* the gated residual add `x + y * gate`, alone or followed in the same pass by either LayerNorm (the
+  sum is stored too: it is the residual stream);
 * `gelu_tanh(x + bias)` with a per-frame bias (the mouse MLP's first layer, whose mouse-window part
   is one row per frame).
 
@@ -19,28 +20,56 @@ NUM_WARPS = 2
 
 
 @triton.jit
+def _normalize(x, a, shift, ok, c, eps, MODULATE: tl.constexpr, dtype: tl.constexpr):
+    """One row x (float32): MODULATE: LN(x) rounded to `dtype` (as LayerNorm's output),
+    * (1 + a) + shift. Otherwise LN(x) * a + shift in float32 (as torch's affine LayerNorm)."""
+    mean = tl.sum(x, axis=0) / c
+    centered = tl.where(ok, x - mean, 0.0)
+    normed = centered * (1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / c + eps))
+    if MODULATE:
+        return normed.to(dtype).to(tl.float32) * (1.0 + a) + shift
+    return normed * a + shift
+
+
+@triton.jit
 def _layer_norm_kernel(x_ptr, a_ptr, b_ptr, out_ptr, c, tokens, per_frame, eps,
                        s_xb, s_xl, s_mb, s_mf, MODULATE: tl.constexpr, BLOCK_C: tl.constexpr):
-    """MODULATE: LN(x) rounded to the output dtype (as LayerNorm's output), * (1 + a) + b, a/b per
-    frame. Otherwise LN(x) * a + b in float32, rounded once (as torch's affine LayerNorm)."""
     row = tl.program_id(0)
     b = row // tokens
     frame = (row % tokens) // per_frame
     cols = tl.arange(0, BLOCK_C)
     ok = cols < c
     x = tl.load(x_ptr + b * s_xb + (row % tokens) * s_xl + cols, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / c
-    centered = tl.where(ok, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / c + eps)
-    normed = centered * rstd
     m_off = b * s_mb + frame * s_mf + cols
     a = tl.load(a_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
     shift = tl.load(b_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
-    if MODULATE:
-        out = normed.to(out_ptr.dtype.element_ty).to(tl.float32) * (1.0 + a) + shift
-    else:
-        out = normed * a + shift
-    tl.store(out_ptr + row * c + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + row * c + cols, _normalize(x, a, shift, ok, c, eps, MODULATE, dtype).to(dtype),
+             mask=ok)
+
+
+@triton.jit
+def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_ptr, out_ptr, c,
+                                      tokens, per_frame, eps, s_xb, s_xl, s_yb, s_yl, s_gb, s_gf,
+                                      s_mb, s_mf, MODULATE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """sum = x + y * gate (rounded, stored: the residual stream), then the LayerNorm of the sum."""
+    row = tl.program_id(0)
+    b = row // tokens
+    token = row % tokens
+    frame = token // per_frame
+    cols = tl.arange(0, BLOCK_C)
+    ok = cols < c
+    x = tl.load(x_ptr + b * s_xb + token * s_xl + cols, mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + b * s_yb + token * s_yl + cols, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * s_gb + frame * s_gf + cols, mask=ok, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    total = (x + y * gate).to(dtype)
+    tl.store(sum_ptr + row * c + cols, total, mask=ok)
+    m_off = b * s_mb + frame * s_mf + cols
+    a = tl.load(a_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
+    shift = tl.load(b_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
+    out = _normalize(total.to(tl.float32), a, shift, ok, c, eps, MODULATE, dtype)
+    tl.store(out_ptr + row * c + cols, out.to(dtype), mask=ok)
 
 
 @triton.jit
@@ -134,6 +163,43 @@ def gated_residual(x, y, gate):
         x, y, gate, out, c, length, per_frame, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         gate.stride(0), gate.stride(1), BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
     return out
+
+
+def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps):
+    """(s, LayerNorm(s) * (1 + scale) + shift) for s = x + y * gate; x, y [B, F*S, C], gate,
+    shift, scale [B, F, 1, C]."""
+    _check(x, shift, "shift")
+    _check(x, scale, "scale")
+    if shift.stride() != scale.stride() or shift.stride(-1) != 1:
+        shift, scale = shift.contiguous(), scale.contiguous()
+    return _gated_residual_layer_norm(x, y, gate, scale, shift, shift.stride(0), shift.stride(1),
+                                      eps, modulate=True)
+
+
+def gated_residual_layer_norm(x, y, gate, weight, bias, eps):
+    """(s, LayerNorm(s) [* weight + bias]) for s = x + y * gate; x, y [B, F*S, C], gate
+    [B, F, 1, C], weight/bias [C] or None."""
+    c = x.shape[-1]
+    weight = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
+    bias = bias if bias is not None else torch.zeros(c, dtype=x.dtype, device=x.device)
+    if weight.shape != (c,) or bias.shape != (c,):
+        raise ValueError(f"weight and bias must be [{c}], got {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}")
+    return _gated_residual_layer_norm(x, y, gate, weight, bias, 0, 0, eps, modulate=False)
+
+
+def _gated_residual_layer_norm(x, y, gate, a, b, s_mb, s_mf, eps, modulate):
+    batch, length, c, per_frame = _check(x, gate, "gate")
+    if y.shape != x.shape:
+        raise ValueError(f"y {tuple(y.shape)} must match x {tuple(x.shape)}")
+    x, y, gate = (_unit_channel_stride(t) for t in (x, y, gate))
+    total = torch.empty(batch, length, c, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(total)
+    _gated_residual_layer_norm_kernel[(batch * length,)](
+        x, y, gate, a, b, total, out, c, length, per_frame, eps, x.stride(0), x.stride(1),
+        y.stride(0), y.stride(1), gate.stride(0), gate.stride(1), s_mb, s_mf, MODULATE=modulate,
+        BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
+    return total, out
 
 
 def frame_bias_gelu(x, bias):
