@@ -32,6 +32,19 @@ def _normalize(x, a, shift, ok, c, eps, MODULATE: tl.constexpr, dtype: tl.conste
 
 
 @triton.jit
+def _gated_sum(x_ptr, y_ptr, gate_ptr, row, tokens, per_frame, cols, ok, s_xb, s_xl, s_yb, s_yl,
+               s_gb, s_gf):
+    """x + y * gate of one token row, in float32 (the gate is its frame's row)."""
+    b = row // tokens
+    token = row % tokens
+    x = tl.load(x_ptr + b * s_xb + token * s_xl + cols, mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + b * s_yb + token * s_yl + cols, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * s_gb + (token // per_frame) * s_gf + cols, mask=ok,
+                   other=0.0).to(tl.float32)
+    return x + y * gate
+
+
+@triton.jit
 def _layer_norm_kernel(x_ptr, a_ptr, b_ptr, out_ptr, c, tokens, per_frame, eps,
                        s_xb, s_xl, s_mb, s_mf, MODULATE: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
@@ -55,15 +68,12 @@ def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_
     """sum = x + y * gate (rounded, stored: the residual stream), then the LayerNorm of the sum."""
     row = tl.program_id(0)
     b = row // tokens
-    token = row % tokens
-    frame = token // per_frame
+    frame = (row % tokens) // per_frame
     cols = tl.arange(0, BLOCK_C)
     ok = cols < c
-    x = tl.load(x_ptr + b * s_xb + token * s_xl + cols, mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + b * s_yb + token * s_yl + cols, mask=ok, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + b * s_gb + frame * s_gf + cols, mask=ok, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    total = (x + y * gate).to(dtype)
+    total = _gated_sum(x_ptr, y_ptr, gate_ptr, row, tokens, per_frame, cols, ok, s_xb, s_xl, s_yb,
+                       s_yl, s_gb, s_gf).to(dtype)
     tl.store(sum_ptr + row * c + cols, total, mask=ok)
     m_off = b * s_mb + frame * s_mf + cols
     a = tl.load(a_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
@@ -76,15 +86,11 @@ def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_
 def _gated_residual_kernel(x_ptr, y_ptr, gate_ptr, out_ptr, c, tokens, per_frame,
                            s_xb, s_xl, s_yb, s_yl, s_gb, s_gf, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
-    b = row // tokens
-    token = row % tokens
-    frame = token // per_frame
     cols = tl.arange(0, BLOCK_C)
     ok = cols < c
-    x = tl.load(x_ptr + b * s_xb + token * s_xl + cols, mask=ok, other=0.0).to(tl.float32)
-    y = tl.load(y_ptr + b * s_yb + token * s_yl + cols, mask=ok, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + b * s_gb + frame * s_gf + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * c + cols, (x + y * gate).to(out_ptr.dtype.element_ty), mask=ok)
+    total = _gated_sum(x_ptr, y_ptr, gate_ptr, row, tokens, per_frame, cols, ok, s_xb, s_xl, s_yb,
+                       s_yl, s_gb, s_gf)
+    tl.store(out_ptr + row * c + cols, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
