@@ -75,6 +75,15 @@ class Backend:
         raise NotImplementedError
 
 
+def _cuda_problem(device) -> Optional[str]:
+    """Why `device` is not a usable CUDA device, or None."""
+    if torch.device(device).type != "cuda":
+        return f"needs a CUDA device, got {device}"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
 class EagerBackend(Backend):
     name = "eager"
     module = ".eager"
@@ -102,11 +111,7 @@ class FlashBackend(Backend):
             return f"needs float16 or bfloat16, got {dtype}"
         if head_dim % 8 or head_dim > 256:
             return f"head_dim {head_dim} must be a multiple of 8 and at most 256"
-        if torch.device(device).type != "cuda":
-            return f"needs a CUDA device, got {device}"
-        if not torch.cuda.is_available():
-            return "torch sees no CUDA device"
-        return None
+        return _cuda_problem(device)
 
 
 class TritonBackend(Backend):
@@ -150,11 +155,7 @@ class CublasBackend(Backend):
             return "implements GEMMs with an epilogue only (linear_gelu)"
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"needs float16, bfloat16 or float32, got {dtype}"
-        if torch.device(device).type != "cuda":  # torch's CPU path uses the exact GELU
-            return f"needs a CUDA device, got {device}"
-        if not torch.cuda.is_available():
-            return "torch sees no CUDA device"
-        return None
+        return _cuda_problem(device)  # (torch's CPU path uses the exact GELU)
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (EagerBackend(), FlashBackend(), TritonBackend(),

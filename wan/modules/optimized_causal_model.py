@@ -17,7 +17,7 @@ The cache-free (training) forward is the parent's.
 import contextlib
 import functools
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,14 @@ from ..kernels.stream_cache import StreamCache
 from .causal_model import CausalWanModel
 
 
+class _CallerStorage(NamedTuple):
+    """The caller's cache dicts of the last call, as the model remembers them."""
+    ids: tuple                  # id() of every tensor under "k"/"v", in a fixed order
+    tensors: list               # those tensors (held: their ids stay unique)
+    cache: StreamCache          # the ring view built over them
+    checked_shape: torch.Size   # the input shape they were checked against
+
+
 class OptimizedCausalWanModel(CausalWanModel):
 
     def __init__(self, *args, backend=None, cuda_graphs: bool = False, **kwargs):
@@ -43,11 +51,10 @@ class OptimizedCausalWanModel(CausalWanModel):
         self._stream: Optional[StreamCache] = None
         self._graphs = GraphRunner()
         self._graph_storage = None  # (identity, tensors) of the storage the graphs write to
-        # the caller's cache dicts of the last call: (tensor ids, the tensors, their StreamCache,
-        # the input shape they were checked for). Holding the tensors keeps every id unique, so
-        # equal ids mean the very same tensors; it also keeps them alive until a call brings other
-        # dicts or release_caches() is called.
-        self._caller = None
+        # the caller's cache dicts of the last call (a _CallerStorage). Holding the tensors keeps
+        # every id unique, so equal ids mean the very same tensors; it also keeps them alive until
+        # a call brings other dicts or release_caches() is called.
+        self._caller: Optional[_CallerStorage] = None
         self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
         self._warned_no_graphs = False
 
@@ -123,18 +130,18 @@ class OptimizedCausalWanModel(CausalWanModel):
                            kv_cache_keyboard=None, crossattn_cache=None, current_start: int = 0,
                            cache_start: int = 0):
         caller = self._caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
-        known = caller is not None and self._caller is not None and caller[0] == self._caller[0]
+        known = caller is not None and self._caller is not None and caller[0] == self._caller.ids
         check_forward_inputs(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                              kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
                              current_start, read_cache_position=False, streaming=True,
-                             check_caches=not (known and self._caller[3] == x.shape))
+                             check_caches=not (known and self._caller.checked_shape == x.shape))
         pt, ph, pw = self.patch_size
         tokens_per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
         frames = x.shape[2] // pt
         start = current_start // tokens_per_frame
         if kv_cache is not None:
-            if known and self._caller[2].tokens_per_frame == tokens_per_frame:
-                cache = self._caller[2]
+            if known and self._caller.cache.tokens_per_frame == tokens_per_frame:
+                cache = self._caller.cache
             else:
                 cache = StreamCache.from_upstream_dicts(self, kv_cache, kv_cache_mouse,
                                                         kv_cache_keyboard, crossattn_cache,
@@ -181,7 +188,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             out = compute(**inputs)
         cache.end_frame = max(cache.end_frame, end)
         if caller is not None:  # only the latest caller storage is remembered
-            self._caller = (*caller, cache, x.shape)
+            self._caller = _CallerStorage(*caller, cache, x.shape)
         return out
 
     @staticmethod
@@ -286,7 +293,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         step = dict(ops=ops, cache=cache, phase=phase, slots=slots, rope=rope,
                     action_rope=action_rope, rope_dtype=state["rope_dtype"], frames=frames)
         step["conditions"] = self._condition_projections(mouse_window, keyboard_window, frames,
-                                                         state.get("side_stream"))
+                                                         state["side_stream"])
         # every block's adaLN factors in two launches instead of one add per block: [L, B, F, 6, C]
         modulations = torch.stack([block.modulation for block in self.blocks])[:, None] + e0
         head_shift, head_scale = (self.head.modulation.unsqueeze(1)
@@ -358,7 +365,8 @@ class OptimizedCausalWanModel(CausalWanModel):
         if side_stream is not None:
             side_stream.wait_stream(torch.cuda.current_stream())
         projections = {}
-        on_side = torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext()
+        on_side = (torch.cuda.stream(side_stream) if side_stream is not None
+                   else contextlib.nullcontext())
         with on_side:
             for i, block in enumerate(self.blocks):
                 action = block.action_model
@@ -417,8 +425,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
             eps = _shared_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
             y = ops["keyboard_attention"][1](q, keyboard_k, keyboard_v, cache.keyboard_k[i],
-                                             cache.keyboard_v[i],
-                                             slots, n_action, cos, sin, eps)
+                                             cache.keyboard_v[i], slots, n_action, cos, sin, eps)
             tokens = _add_projection(tokens, y.flatten(2), action.proj_keyboard)
         return tokens
 
