@@ -6,9 +6,23 @@ Inputs are copied into static buffers before each replay; the output is cloned o
 caller can keep it across calls. Capture follows the usual recipe: warm up on a side stream, then
 capture the same call.
 """
-from typing import Callable, Dict
+import os
+from typing import Callable, Dict, Optional
 
 import torch
+
+ENV_VAR = "WAN_CUDA_GRAPHS"
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no", "")
+
+
+def cuda_graphs_setting(requested: Optional[bool]) -> bool:
+    """`requested` when given (a keyword or a config.json value), else WAN_CUDA_GRAPHS, else off."""
+    if requested is not None:
+        return bool(requested)
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: use 1/true/on or 0/false/off")
+    return value in _TRUE
 
 
 class GraphRunner:
@@ -36,7 +50,8 @@ class GraphRunner:
         # slow host, and the GPU waits for it
         torch._foreach_copy_([static_inputs[name] for name in inputs], list(inputs.values()))
         graph.replay()
-        return static_out.clone()
+        # fn may only write into buffers it was given (returns None)
+        return None if static_out is None else static_out.clone()
 
     def _capture(self, fn, inputs):
         static_inputs = {name: value.clone() for name, value in inputs.items()}

@@ -36,7 +36,7 @@ def _check_cache_list(name, caches, num_layers, keys):
     if not isinstance(caches, (list, tuple)):
         raise TypeError(f"{name} must be a list of {num_layers} dicts (one per layer), "
                         f"got {type(caches).__name__}")
-    if len(caches) != num_layers:
+    if len(caches) < num_layers:  # longer lists are fine: upstream's pipeline makes 30 entries
         raise ValueError(f"{name} has {len(caches)} entries but the model has {num_layers} layers")
     missing = [k for k in keys if k not in caches[0]]
     if missing:
@@ -51,6 +51,13 @@ def _check_cache_tensor(name, tensor, shape_desc, expected, dtype):
     if not ok:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape_desc} = "
                          f"{tuple('*' if e is None else e for e in expected)}")
+
+
+def per_frame_timesteps(model, x, t):
+    """t as [B, frames]: a [B, 1] t (upstream's video-extension path passes one) is broadcast over
+    the call's frames, as upstream's modulation broadcasts it."""
+    frames = x.shape[2] // model.patch_size[0]
+    return t.expand(t.shape[0], frames) if t.shape[1] != frames else t
 
 
 def check_stream_position(name, written, start, length, unit):
@@ -103,9 +110,10 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
         raise ValueError(f"latent size {tuple(x.shape[2:])} (F, H, W) is not divisible by the patch "
                          f"size {tuple(model.patch_size)}")
     frames, tokens_per_frame = x.shape[2] // pt, (x.shape[3] // ph) * (x.shape[4] // pw)
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != (batch, frames):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) not in ((batch, frames), (batch, 1)):
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"t must be a tensor of shape [batch, frames] = [{batch}, {frames}], got {got}")
+        raise ValueError(f"t must be a tensor of shape [batch, frames] = [{batch}, {frames}] (or "
+                         f"[{batch}, 1]: one timestep for every frame), got {got}")
     clip_dim = model.img_emb.proj[0].normalized_shape[0]
     if visual_context.ndim != 3 or visual_context.shape[0] != batch or visual_context.shape[2] != clip_dim:
         raise ValueError(f"visual_context has shape {tuple(visual_context.shape)}, expected "
@@ -161,7 +169,7 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
     heads, head_dim = model.num_heads, model.dim // model.num_heads
     sink_frames = model.blocks[0].self_attn.sink_size
     _check_cache_list("kv_cache", kv_cache, layers, SELF_CACHE_KEYS)
-    for i, cache in enumerate(kv_cache):
+    for i, cache in enumerate(kv_cache[:layers]):
         for key in ("k", "v"):
             _check_cache_tensor(f"kv_cache[{i}]['{key}']", cache[key], "[B, tokens, heads, head_dim]",
                                 (batch, None, heads, head_dim), dtype)

@@ -232,3 +232,18 @@ def explain(op, device, dtype, head_dim, skip=None) -> str:
 def resolve_all(selection: Selection, device, dtype, head_dims: Mapping[str, int]):
     """{op: (backend name, implementation)} for every op."""
     return {op: resolve(op, selection[op], device, dtype, head_dims.get(op, 128)) for op in OPS}
+
+
+def describe_resolved(resolved) -> str:
+    """One line of which backend runs which ops, e.g. 'flash (torch SDPA ...): self_attention, ...;
+    triton: ...', for a {op: (backend name, implementation)} mapping."""
+    by_backend: Dict[str, list] = {}
+    for op, (name, _) in resolved.items():
+        by_backend.setdefault(name, []).append(op)
+    parts = []
+    for name, ops in by_backend.items():
+        label = name
+        if name == "flash":
+            label += f" ({importlib.import_module('.flash', __package__).IMPLEMENTATION})"
+        parts.append(f"{label}: {', '.join(ops)}")
+    return "; ".join(parts)

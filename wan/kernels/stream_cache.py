@@ -133,7 +133,12 @@ class StreamCache:
     def from_upstream_dicts(cls, model, kv_cache, kv_cache_mouse, kv_cache_keyboard,
                             crossattn_cache, tokens_per_frame: int) -> "StreamCache":
         """Use the caller's upstream-style dicts as ring storage (drop-in). Their index tensors
-        are not read or updated: the position comes from `current_start`."""
+        are not read or updated: the position comes from `current_start`. Entries past the
+        model's layers (upstream's pipeline always makes 30) are left alone."""
+        layers = model.num_layers
+        kv_cache, crossattn_cache = kv_cache[:layers], crossattn_cache and crossattn_cache[:layers]
+        kv_cache_mouse = kv_cache_mouse and kv_cache_mouse[:layers]
+        kv_cache_keyboard = kv_cache_keyboard and kv_cache_keyboard[:layers]
         window = _window_frames(model)
         capacity = kv_cache[0]["k"].shape[1] // tokens_per_frame
         self_layout = RingLayout.matching_upstream(capacity, window, _sink_frames(model), "kv_cache")

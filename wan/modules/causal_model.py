@@ -25,7 +25,7 @@ import torch.nn as nn
 from .action_module import ActionModule, GLOBAL_ATTENTION_FRAMES
 from .attention import attention, block_causal_mask
 from .checkpoint import load_safetensors_checkpoint
-from ..kernels.input_checks import check_forward_inputs
+from ..kernels.input_checks import check_forward_inputs, per_frame_timesteps
 from .layers import (AttentionProjections, MLPProj, WAN_CROSSATTENTION_CLASSES, WanLayerNorm,
                      sinusoidal_embedding_1d)
 from .rolling_cache import write_and_read_window
@@ -279,6 +279,7 @@ class CausalWanModel(nn.Module):
         check_forward_inputs(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                              kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
                              current_start)
+        t = per_frame_timesteps(self, x, t)
         if kv_cache is not None:
             return self._forward_inference(x, t, visual_context, cond_concat, mouse_cond,
                                            keyboard_cond, kv_cache, kv_cache_mouse,

@@ -16,6 +16,8 @@ The cache-free (training) forward is the parent's.
 """
 import contextlib
 import functools
+import inspect
+import sys
 import warnings
 from typing import NamedTuple, Optional
 
@@ -23,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.cuda_graphs import GraphRunner
+from ..kernels.cuda_graphs import GraphRunner, cuda_graphs_setting
 from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
-                                   first_action_module)
-from ..kernels.registry import load_selection, resolve_all
+                                   first_action_module, per_frame_timesteps)
+from ..kernels.registry import describe_resolved, load_selection, resolve_all
 from ..kernels.rope_tables import action_rope_table, split_self_attention_freqs
 from ..kernels.stream_cache import StreamCache
 from .causal_model import CausalWanModel
@@ -42,12 +44,27 @@ class _CallerStorage(NamedTuple):
 
 class OptimizedCausalWanModel(CausalWanModel):
 
-    def __init__(self, *args, backend=None, cuda_graphs: bool = False, **kwargs):
-        """Arguments of CausalWanModel, plus `backend` (a name, {op: name}, or a YAML path; default
-        WAN_BACKEND or 'auto') and `cuda_graphs` (replay the streaming forward from CUDA graphs)."""
+    def __init__(self, *args, backend=None, cuda_graphs: Optional[bool] = None,
+                 inject_sample_info: bool = False, **kwargs):
+        """Arguments of CausalWanModel, plus:
+
+        * `backend`: a name, {op: name}, or a YAML path (configs/backends/); ops it leaves out
+          follow WAN_BACKEND, then 'auto';
+        * `cuda_graphs`: replay the streaming forward from CUDA graphs; None reads WAN_CUDA_GRAPHS
+          (1/true/on or 0/false/off), default off;
+        * `inject_sample_info`: a key of upstream's config.json that no constructor uses; accepted
+          (and ignored) so that building from that file keeps every key.
+
+        Both options can sit in the model's config.json, which `from_config` (this library's or
+        diffusers', upstream's parent) passes here; a value given there wins over the environment.
+        """
         super().__init__(*args, **kwargs)
+        register = getattr(self, "register_to_config", None)
+        if register is not None:  # diffusers' ConfigMixin (upstream's parent): keep them in .config
+            register(backend=backend, cuda_graphs=cuda_graphs,
+                     inject_sample_info=inject_sample_info)
         self.backend = load_selection(backend)
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
         self._stream: Optional[StreamCache] = None
         self._graphs = GraphRunner()
         self._graph_storage = None  # (identity, tensors) of the storage the graphs write to
@@ -135,6 +152,7 @@ class OptimizedCausalWanModel(CausalWanModel):
                              kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
                              current_start, read_cache_position=False, streaming=True,
                              check_caches=not (known and self._caller.checked_shape == x.shape))
+        t = per_frame_timesteps(self, x, t)
         pt, ph, pw = self.patch_size
         tokens_per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
         frames = x.shape[2] // pt
@@ -158,11 +176,31 @@ class OptimizedCausalWanModel(CausalWanModel):
         check_stream_position("stream", cache.end_frame, start, frames, "frames")
         state = self._state(x.device, x.dtype)  # an unrunnable backend fails here, before writes
 
-        if not cache.cross_ready:
-            self._project_image_context(cache, visual_context, state["ops"])
-            if caller is not None:  # the image context's k/v may be new tensors in the dicts
+        if not cache.cross_ready:  # new stream: the image context's k/v get (fixed) storage
+            self._cross_storage(cache, visual_context)
+            if caller is not None:  # that storage may be new tensors in the caller's dicts
                 caller = self._caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard,
                                               crossattn_cache)
+        # (identity, what keeps it unique): the caller's tensors, or the owned stream (its graphs
+        # are dropped whenever it is reallocated)
+        storage = caller if caller is not None else (("owned", id(cache)), cache)
+        graphs = self._graphs_usable(x)
+        if graphs and (self._graph_storage is None or storage[0] != self._graph_storage[0]):
+            # a graph is tied to the buffers it captured; upstream's pipeline allocates new
+            # dicts for every video, so keep only the current storage's graphs (and pool)
+            self._drop_graphs()
+            self._graph_storage = storage
+
+        if not cache.cross_ready:
+            project = functools.partial(self._project_image_context, cache=cache,
+                                        ops=state["ops"])
+            if graphs:  # a new stream every call (the seed protocol) costs one replay, not ~150
+                self._graphs.run(("image_context", visual_context.shape, x.dtype), project,
+                                 {"visual_context": visual_context})
+            else:
+                project(visual_context)
+            for slot in cache.cross:
+                slot["is_init"] = True
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}
         action = first_action_module(self)
         if action is not None and action.enable_mouse:
@@ -173,15 +211,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
         compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
-        # (identity, what keeps it unique): the caller's tensors, or the owned stream (its graphs
-        # are dropped whenever it is reallocated)
-        storage = caller if caller is not None else (("owned", id(cache)), cache)
-        if self._graphs_usable(x):
-            if self._graph_storage is None or storage[0] != self._graph_storage[0]:
-                # a graph is tied to the buffers it captured; upstream's pipeline allocates new
-                # dicts for every video, so keep only the current storage's graphs (and pool)
-                self._drop_graphs()
-                self._graph_storage = storage
+        if graphs:
             key = (phase, x.dtype, tuple((name, value.shape) for name, value in inputs.items()))
             out = self._graphs.run(key, compute, inputs)
         else:
@@ -242,23 +272,37 @@ class OptimizedCausalWanModel(CausalWanModel):
                 cos, sin = action_rope_table(action.mouse_qk_dim_list, action.rope_theta)
                 state["action_rope"] = (cos.to(device), sin.to(device))
             self._per_device[key] = state
+            # once per device and dtype: which implementation runs each op
+            print(f"{type(self).__name__} on {device} in {dtype}, CUDA graphs "
+                  f"{'on' if self.cuda_graphs else 'off'}: {describe_resolved(state['ops'])}",
+                  file=sys.stderr, flush=True)
         return self._per_device[key]
 
-    def _project_image_context(self, cache: StreamCache, visual_context, ops):
-        """Cross-attention keys/values of the image context, once per stream."""
+    def _cross_storage(self, cache: StreamCache, visual_context):
+        """Give every layer's cross-attention k/v a tensor of the right shape to be written in
+        place (the pipeline's preallocated dicts already have them; a dict holding None or another
+        shape gets a new one, as upstream would replace it)."""
+        b, tokens = visual_context.shape[:2]
+        for block, slot in zip(self.blocks, cache.cross):
+            attn = block.cross_attn
+            shape = (b, tokens, attn.num_heads, attn.head_dim)
+            for name in ("k", "v"):
+                held = slot[name]
+                if not (isinstance(held, torch.Tensor) and held.shape == shape
+                        and held.dtype == visual_context.dtype
+                        and held.device == visual_context.device):
+                    slot[name] = visual_context.new_empty(shape)
+
+    def _project_image_context(self, visual_context, *, cache: StreamCache, ops):
+        """Cross-attention keys/values of the image context, once per stream, written into the
+        storage `_cross_storage` prepared."""
         context = self.img_emb(visual_context)
         b = context.shape[0]
         store = ops["norm_rope_store"][1]
         for block, slot in zip(self.blocks, cache.cross):
             attn = block.cross_attn
-            k = store(attn.k(context), *_norm_args(attn.norm_k), None, None, attn.num_heads)
-            v = attn.v(context).view(b, -1, attn.num_heads, attn.head_dim)
-            for name, value in (("k", k), ("v", v)):
-                if isinstance(slot[name], torch.Tensor) and slot[name].shape == value.shape:
-                    slot[name].copy_(value)
-                else:
-                    slot[name] = value
-            slot["is_init"] = True
+            store(attn.k(context), *_norm_args(attn.norm_k), None, None, attn.num_heads, slot["k"])
+            slot["v"].copy_(attn.v(context).view(b, -1, attn.num_heads, attn.head_dim))
 
     @staticmethod
     def _condition_window(action, cond, start_frame: int, frames: int):
@@ -513,3 +557,19 @@ def _self_rope(axis_tables, frame_ids, h: int, w: int):
             col_t[:w][None, None, :, :].expand(frames, h, w, -1),
         ], dim=-1).reshape(frames * h * w, -1))
     return tuple(out)
+
+
+def _constructor_signature(parent_init, own_init) -> inspect.Signature:
+    """The parent's named parameters followed by this class's own keyword options. Tools that read
+    the constructor's signature to decide which config keys it takes (diffusers'
+    ConfigMixin.from_config, this library's from_config) then see every keyword instead of
+    *args/**kwargs, whichever CausalWanModel is the parent."""
+    named = [p for p in inspect.signature(parent_init).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    options = [p for p in inspect.signature(own_init).parameters.values()
+               if p.kind == p.KEYWORD_ONLY]
+    return inspect.Signature(named + options)
+
+
+OptimizedCausalWanModel.__init__.__signature__ = _constructor_signature(
+    CausalWanModel.__init__, OptimizedCausalWanModel.__init__)
