@@ -62,7 +62,7 @@ class CausalWanSelfAttention(AttentionProjections):
     def window_frames(self) -> int:
         return self.local_attn_size if self.local_attn_size != -1 else GLOBAL_ATTENTION_FRAMES
 
-    def forward(self, x, grid_sizes, freqs, allowed=None, kv_cache=None, current_start: int = 0):
+    def forward(self, x, grid_sizes, allowed=None, kv_cache=None, current_start: int = 0):
         """x [B, L, C] -> [B, L, C]. `allowed`: the block-causal mask of the cache-free path."""
         b, s = x.shape[:2]
         n, d = self.num_heads, self.head_dim
@@ -71,7 +71,7 @@ class CausalWanSelfAttention(AttentionProjections):
         v = self.v(x).view(b, s, n, d)
         tokens_per_frame = grid_sizes[1] * grid_sizes[2]
         start_frame = current_start // tokens_per_frame if kv_cache is not None else 0
-        rotations = rope_rotations_3d(freqs, grid_sizes, start_frame)
+        rotations = rope_rotations_3d(grid_sizes, start_frame, d, device=x.device)
         q, k = rope_apply_3d(q, rotations), rope_apply_3d(k, rotations)
         if kv_cache is None:
             out = attention(q, k, v, allowed)
@@ -115,7 +115,7 @@ class CausalWanAttentionBlock(nn.Module):
                                  nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e, grid_sizes, freqs, context, allowed=None, mouse_cond=None,
+    def forward(self, x, e, grid_sizes, context, allowed=None, mouse_cond=None,
                 keyboard_cond=None, kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None,
                 crossattn_cache=None, current_start: int = 0, num_frame_per_block: int = 1):
         """x [B, F*S, C]; e [B, F, 6, C] (per-frame time modulation)."""
@@ -127,7 +127,7 @@ class CausalWanAttentionBlock(nn.Module):
             return t.unflatten(1, (num_frames, frame_tokens))
 
         y = self.self_attn((per_frame(self.norm1(x)) * (1 + scale_msa) + shift_msa).flatten(1, 2),
-                           grid_sizes, freqs, allowed, kv_cache, current_start)
+                           grid_sizes, allowed, kv_cache, current_start)
         x = x + (per_frame(y) * gate_msa).flatten(1, 2)
 
         x = x + self.cross_attn(self.norm3(x.to(context.dtype)), context, crossattn_cache)
@@ -207,7 +207,9 @@ class CausalWanModel(nn.Module):
             for i in range(num_layers)])
         self.head = CausalHead(dim, out_dim, self.patch_size, eps)
         self.img_emb = MLPProj(CLIP_DIM, dim)
-        # complex128 RoPE table; a plain attribute (not a buffer) so .to(dtype) leaves it alone
+        # upstream's complex128 RoPE table of 1024 frames (a plain attribute, not a buffer, so
+        # .to(dtype) leaves it alone); kept for code that reads it: the forward computes the angles
+        # of any position instead (wan/kernels/rope_tables.py)
         self.freqs = self_attention_rope_table(dim // num_heads)
         self.init_weights()
         self.gradient_checkpointing = False
@@ -290,8 +292,6 @@ class CausalWanModel(nn.Module):
     def _embed(self, x, t, visual_context, cond_concat):
         """Patchify and embed. Returns tokens [B, L, C], grid (f, h, w), the time embedding
         [B, F, 1, C] (for the head), its 6-way projection [B, F, 6, C] and the image context."""
-        if self.freqs.device != x.device:
-            self.freqs = self.freqs.to(x.device)
         x = self.patch_embedding(torch.cat([x, cond_concat], dim=1))
         grid_sizes = tuple(x.shape[2:])
         tokens = x.flatten(2).transpose(1, 2)
@@ -309,7 +309,7 @@ class CausalWanModel(nn.Module):
                            cache_start: int = 0):
         tokens, grid_sizes, e_head, e0, context = self._embed(x, t, visual_context, cond_concat)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, grid_sizes, self.freqs, context, None, mouse_cond,
+            tokens = block(tokens, e0, grid_sizes, context, None, mouse_cond,
                            keyboard_cond, kv_cache[i],
                            kv_cache_mouse[i] if kv_cache_mouse is not None else None,
                            kv_cache_keyboard[i] if kv_cache_keyboard is not None else None,
@@ -326,11 +326,11 @@ class CausalWanModel(nn.Module):
         for block in self.blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = torch.utils.checkpoint.checkpoint(
-                    block, tokens, e0, grid_sizes, self.freqs, context, allowed, mouse_cond,
+                    block, tokens, e0, grid_sizes, context, allowed, mouse_cond,
                     keyboard_cond, num_frame_per_block=self.num_frame_per_block,
                     use_reentrant=False)
             else:
-                tokens = block(tokens, e0, grid_sizes, self.freqs, context, allowed, mouse_cond,
+                tokens = block(tokens, e0, grid_sizes, context, allowed, mouse_cond,
                                keyboard_cond, num_frame_per_block=self.num_frame_per_block)
         return self._finish(tokens, e_head, grid_sizes)
 

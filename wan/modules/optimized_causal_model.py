@@ -29,7 +29,7 @@ from ..kernels.cuda_graphs import GraphRunner, cuda_graphs_setting
 from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
                                    first_action_module, per_frame_timesteps)
 from ..kernels.registry import describe_resolved, load_selection, resolve_all
-from ..kernels.rope_tables import action_rope_table, split_self_attention_freqs
+from ..kernels.rope_tables import action_inverse_frequencies, angles, self_attention_angles
 from ..kernels.stream_cache import StreamCache
 from .causal_model import CausalWanModel
 
@@ -262,15 +262,13 @@ class OptimizedCausalWanModel(CausalWanModel):
             state = {
                 "ops": resolve_all(self.backend, device, dtype, head_dims),
                 "rope_dtype": rope_dtype,
-                "self_rope": [(c.to(device, rope_dtype), s.to(device, rope_dtype))
-                              for c, s in split_self_attention_freqs(self.freqs.cpu())],
                 "start_frame": torch.zeros((), dtype=torch.long, device=device),
                 # the action conditions' projections run beside the backbone on CUDA
                 "side_stream": torch.cuda.Stream(device) if device.type == "cuda" else None,
             }
             if action is not None:
-                cos, sin = action_rope_table(action.mouse_qk_dim_list, action.rope_theta)
-                state["action_rope"] = (cos.to(device), sin.to(device))
+                state["action_inv_freq"] = action_inverse_frequencies(
+                    action.mouse_qk_dim_list, action.rope_theta, device)
             self._per_device[key] = state
             # once per device and dtype: which implementation runs each op
             print(f"{type(self).__name__} on {device} in {dtype}, CUDA graphs "
@@ -329,10 +327,12 @@ class OptimizedCausalWanModel(CausalWanModel):
         e0 = self.time_projection(e).unflatten(1, (6, c)).unflatten(0, (b, frames))
 
         frame_ids = state["start_frame"] + torch.arange(frames, device=x.device)
-        rope = _self_rope(state["self_rope"], frame_ids, h, w)
+        # RoPE angles of the absolute positions, computed on the device (no table: any frame)
+        rope = _cos_sin(self_attention_angles(frame_ids, h, w, self.dim // self.num_heads),
+                        state["rope_dtype"])
         action_rope = None
-        if "action_rope" in state:
-            action_rope = tuple(table[frame_ids] for table in state["action_rope"])
+        if "action_inv_freq" in state:  # float32 whatever the model's dtype, as upstream
+            action_rope = _cos_sin(angles(frame_ids, state["action_inv_freq"]), torch.float32)
         slots = (cache.self_layout.slot_of(frame_ids), cache.action_layout.slot_of(frame_ids))
         step = dict(ops=ops, cache=cache, phase=phase, slots=slots, rope=rope,
                     action_rope=action_rope, rope_dtype=state["rope_dtype"], frames=frames)
@@ -545,31 +545,5 @@ def _timestep_embedding(t, dim: int):
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-def _self_rope(axis_tables, frame_ids, h: int, w: int):
-    """Per-token (cos, sin) [frames*h*w, D/2] for frames `frame_ids` on an h x w grid."""
-    frames = frame_ids.shape[0]
-    out = []
-    for part in (0, 1):  # cos, sin
-        frame_t, row_t, col_t = (table[part] for table in axis_tables)
-        out.append(torch.cat([
-            frame_t[frame_ids][:, None, None, :].expand(frames, h, w, -1),
-            row_t[:h][None, :, None, :].expand(frames, h, w, -1),
-            col_t[:w][None, None, :, :].expand(frames, h, w, -1),
-        ], dim=-1).reshape(frames * h * w, -1))
-    return tuple(out)
-
-
-def _constructor_signature(parent_init, own_init) -> inspect.Signature:
-    """The parent's named parameters followed by this class's own keyword options. Tools that read
-    the constructor's signature to decide which config keys it takes (diffusers'
-    ConfigMixin.from_config, this library's from_config) then see every keyword instead of
-    *args/**kwargs, whichever CausalWanModel is the parent."""
-    named = [p for p in inspect.signature(parent_init).parameters.values()
-             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    options = [p for p in inspect.signature(own_init).parameters.values()
-               if p.kind == p.KEYWORD_ONLY]
-    return inspect.Signature(named + options)
-
-
-OptimizedCausalWanModel.__init__.__signature__ = _constructor_signature(
-    CausalWanModel.__init__, OptimizedCausalWanModel.__init__)
+def _cos_sin(angle, dtype):
+    return angle.cos().to(dtype), angle.sin().to(dtype)

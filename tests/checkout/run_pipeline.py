@@ -1,0 +1,229 @@
+"""Upstream's own CausalInferencePipeline, run with upstream's CausalWanModel and with the
+OptimizedCausalWanModel that `python -m wan.integrate` put into the same checkout.
+
+Run it with the integrated Matrix-Game-2 folder as the working directory (its `wan` package, not
+this repository's, is the one imported):
+
+    cd PATH/TO/Matrix-Game-2
+    python /path/to/wan/tests/checkout/run_pipeline.py --out result.json [--device cuda --dtype bf16
+        --config universal --blocks 10 --decoder upstream --graphs]
+
+Both generators are built the way upstream builds them (`WanDiffusionWrapper(model_config=...)`):
+the integrated one must come out as OptimizedCausalWanModel, the other is built with the name
+`CausalWanModel` in utils/wan_wrapper.py pointed back at upstream's class. Same random weights,
+same noise, two videos through one pipeline each (so the pipeline's caches are made twice).
+`--oracle` adds a float32 run of upstream's model with exact attention (upstream's attention casts
+to bf16 even in float32), and reports each model's latents' error against it. Writes JSON.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())                      # the checkout's packages
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the stand-ins
+import standins  # noqa: E402
+
+standins.install()
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import utils.wan_wrapper as wan_wrapper  # noqa: E402
+from pipeline import CausalInferencePipeline  # noqa: E402
+from wan.modules.causal_model import CausalWanModel as UpstreamCausalWanModel  # noqa: E402
+from wan.random_init import randomize_weights_  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LATENT = (44, 80)
+# what upstream's pipeline hard-codes (12 x 128 self-attention heads, 16 x 64 action heads, 30
+# cache entries) at a size a CPU runs: 2 layers, a narrow FFN
+SMALL = {"num_layers": 2, "ffn_dim": 256}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--config", default="small", choices=["small", "universal"])
+    p.add_argument("--blocks", type=int, default=6, help="blocks of 3 latent frames per video")
+    p.add_argument("--videos", type=int, default=2)
+    p.add_argument("--decoder", default="none", choices=["none", "upstream"],
+                   help="none: a stand-in that returns the latents (for the latent comparison); "
+                        "upstream: demo_utils' VAEDecoderWrapper, fp16, random weights (timing)")
+    p.add_argument("--graphs", action="store_true", help="cuda_graphs=True for the optimized model")
+    p.add_argument("--oracle", action="store_true", help="also a float32 exact-attention run")
+    p.add_argument("--out", required=True)
+    return p.parse_args()
+
+
+def model_config_dirs(name: str, workdir: Path, graphs: bool):
+    """(config folder for upstream's model, config folder for the optimized one): the optimized
+    model's `cuda_graphs` comes from its config.json, as a Matrix-Game-2 user would set it."""
+    config = json.loads(Path("configs/distilled_model/universal/config.json").read_text())
+    if name == "small":
+        config.update(SMALL)
+        config["action_config"]["blocks"] = list(range(SMALL["num_layers"]))
+    folders = []
+    for label, extra in (("upstream", {}), ("optimized", {"cuda_graphs": graphs})):
+        (workdir / label).mkdir()
+        (workdir / label / "config.json").write_text(json.dumps({**config, **extra}))
+        folders.append(str(workdir / label))
+    return folders
+
+
+def build_generator(model_class, config_dir, weights, device, dtype):
+    """A WanDiffusionWrapper as upstream builds it (on `device`), with `CausalWanModel` in
+    utils/wan_wrapper.py bound to `model_class` for the time of the construction (None: the
+    checkout's own binding)."""
+    bound = wan_wrapper.CausalWanModel
+    if model_class is not None:
+        wan_wrapper.CausalWanModel = model_class
+    try:
+        with torch.device(device):
+            generator = wan_wrapper.WanDiffusionWrapper(model_config=config_dir,
+                                                        timestep_shift=5.0, is_causal=True)
+    finally:
+        wan_wrapper.CausalWanModel = bound
+    generator.model.load_state_dict(weights)
+    return generator.to(device=device, dtype=dtype)
+
+
+class Decoders:
+    """The pipeline's `vae_decoder`: upstream's VAEDecoderWrapper or a stand-in returning the
+    latents; records a CUDA event after each block's decode (the end of a block)."""
+
+    def __init__(self, kind, device):
+        self.device = device
+        self.decoder = None
+        if kind == "upstream":
+            from demo_utils.vae_block3 import VAEDecoderWrapper
+            self.decoder = VAEDecoderWrapper().to(device, torch.float16).eval().requires_grad_(False)
+        self.block_ends = []
+
+    @torch.no_grad()
+    def __call__(self, z, *cache):
+        if self.decoder is None:
+            video, cache = z.float(), list(cache)
+        else:
+            video, cache = self.decoder(z, *cache)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.block_ends.append(event)
+        else:
+            self.block_ends.append(time.perf_counter())
+        return video, cache
+
+    def block_ms(self):
+        """Milliseconds between consecutive block ends (block 1 on)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.block_ends, self.block_ends[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.block_ends, self.block_ends[1:])]
+
+
+def conditions(frames, device, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    steps = 1 + 4 * (frames - 1)
+    return {"cond_concat": randn(1, 20, frames, *LATENT), "visual_context": randn(1, 257, 1280),
+            "mouse_cond": 0.1 * randn(1, steps, 2),
+            "keyboard_cond": (randn(1, steps, 4) > 0).to(dtype)}
+
+
+def run_videos(generator, args, device, dtype, decoder_kind):
+    config = OmegaConf.load("configs/inference_yaml/inference_universal.yaml")
+    decoders = Decoders(decoder_kind, device)
+    pipe = CausalInferencePipeline(config, device=str(device), generator=generator,
+                                   vae_decoder=decoders)
+    frames = 3 * args.blocks
+    latents, block_ms, video_ms = [], [], []
+    for video in range(args.videos):
+        torch.manual_seed(100 + video)  # the pipeline's re-noising draws from the global generator
+        noise = torch.randn(1, 16, frames, *LATENT, generator=torch.Generator().manual_seed(video))
+        decoders.block_ends.clear()
+        begin = time.perf_counter()
+        with torch.no_grad():
+            out = pipe.inference(noise.to(device, dtype),
+                                 conditions(frames, device, dtype, seed=10 + video),
+                                 return_latents=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        video_ms.append((time.perf_counter() - begin) * 1e3)
+        latents.append(out.float().cpu())
+        block_ms.append(decoders.block_ms())
+    return latents, block_ms, video_ms
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main():
+    args = parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    upstream_config, optimized_config = model_config_dirs(args.config, Path(tempfile.mkdtemp()),
+                                                          args.graphs)
+    with torch.device(device):
+        seed_model = UpstreamCausalWanModel.from_config(upstream_config)
+    randomize_weights_(seed_model, seed=0)
+    weights = seed_model.state_dict()
+    del seed_model
+
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "command": " ".join(sys.argv), "checkout": os.getcwd(), "config": args.config,
+              "dtype": args.dtype, "blocks": args.blocks, "videos": args.videos,
+              "decoder": args.decoder}
+    runs = {}
+    for name, model_class, config_dir in (("upstream", UpstreamCausalWanModel, upstream_config),
+                                          ("optimized", None, optimized_config)):
+        generator = build_generator(model_class, config_dir, weights, device, dtype)
+        built = type(generator.model).__name__
+        if name == "optimized" and built != "OptimizedCausalWanModel":
+            raise SystemExit(f"utils/wan_wrapper.py builds {built}: is the checkout integrated "
+                             f"(python -m wan.integrate)?")
+        latents, block_ms, video_ms = run_videos(generator, args, device, dtype, args.decoder)
+        steady = [ms for video in block_ms for ms in video[2:]]  # blocks 0-1: windows filling
+        runs[name] = {"model_class": built, "latents": latents,
+                      "cuda_graphs": getattr(generator.model, "cuda_graphs", False),
+                      "block_ms_median": statistics.median(steady) if steady else None,
+                      "block_ms": block_ms, "video_ms": video_ms}
+        del generator
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.oracle:
+        generator = build_generator(UpstreamCausalWanModel, upstream_config, weights, device,
+                                    torch.float32)
+        with standins.upstream_attention_exact():
+            runs["oracle"] = {"latents": run_videos(generator, args, device, torch.float32,
+                                                    "none")[0]}
+
+    up, opt = runs["upstream"]["latents"], runs["optimized"]["latents"]
+    report["optimized_vs_upstream_rel_err"] = [rel_err(o, u) for o, u in zip(opt, up)]
+    if args.oracle:
+        oracle = runs["oracle"]["latents"]
+        report["upstream_vs_oracle_rel_err"] = [rel_err(u, o) for u, o in zip(up, oracle)]
+        report["optimized_vs_oracle_rel_err"] = [rel_err(p, o) for p, o in zip(opt, oracle)]
+    for name in ("upstream", "optimized"):
+        run = runs[name]
+        report[name] = {k: v for k, v in run.items() if k != "latents"}
+    if runs["optimized"]["block_ms_median"] and runs["upstream"]["block_ms_median"]:
+        report["speedup"] = runs["upstream"]["block_ms_median"] / runs["optimized"]["block_ms_median"]
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
+    for name in ("upstream", "optimized"):
+        print(f"{name:>9}: {report[name]['model_class']}, per block (steady, median) "
+              f"{report[name]['block_ms_median']} ms, per video {report[name]['video_ms']}")
+
+
+if __name__ == "__main__":
+    main()
