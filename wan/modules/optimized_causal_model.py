@@ -541,9 +541,25 @@ def _timestep_embedding(t, dim: int):
     half = dim // 2
     t = t.to(torch.float64)
     inv_freq = torch.pow(10000, -torch.arange(half, device=t.device).to(t).div(half))
-    angles = t[:, None] * inv_freq[None, :]
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    phase = t[:, None] * inv_freq[None, :]
+    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=1)
 
 
 def _cos_sin(angle, dtype):
     return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def _constructor_signature(parent_init, own_init) -> inspect.Signature:
+    """The parent's named parameters followed by this class's own keyword options. Tools that read
+    the constructor's signature to decide which config keys it takes (diffusers'
+    ConfigMixin.from_config, this library's from_config) then see every keyword instead of
+    *args/**kwargs, whichever CausalWanModel is the parent."""
+    named = [p for p in inspect.signature(parent_init).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    options = [p for p in inspect.signature(own_init).parameters.values()
+               if p.kind == p.KEYWORD_ONLY]
+    return inspect.Signature(named + options)
+
+
+OptimizedCausalWanModel.__init__.__signature__ = _constructor_signature(
+    CausalWanModel.__init__, OptimizedCausalWanModel.__init__)
