@@ -52,11 +52,12 @@ class ActionRope:
 
     def __init__(self, rope_dim_list, theta: float):
         self.head_dim = sum(rope_dim_list)
-        self.inv_freq = action_inverse_frequencies(list(rope_dim_list), theta)
+        # on the CPU whatever the default device (tables are made per call and moved)
+        self.inv_freq = action_inverse_frequencies(list(rope_dim_list), theta, device="cpu")
 
     def table(self, start_frame: int, num_frames: int, device):
         """(cos, sin) [num_frames, head_dim] float32, each angle repeated for its channel pair."""
-        frames = torch.arange(start_frame, start_frame + num_frames)
+        frames = torch.arange(start_frame, start_frame + num_frames, device="cpu")
         table = angles(frames, self.inv_freq).repeat_interleave(2, dim=1)
         return table.cos().float().to(device), table.sin().float().to(device)
 
