@@ -149,6 +149,7 @@ def run_block(model, inputs, caches, start: int, timing=None):
     return outputs
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = args.device, DTYPES[args.dtype]
