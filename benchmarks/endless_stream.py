@@ -255,7 +255,8 @@ def plot(report, path):
     if gpu and gpu[0] is not None:
         lat.plot(x, gpu, lw=0.3, label="GPU ms per forward")
     lat.plot(x, report["per_forward_host_ms"], lw=0.3, label="host ms per call")
-    lat.set_ylabel("ms")
+    lat.set_yscale("log")  # the first calls capture graphs (seconds); the stream runs in ms
+    lat.set_ylabel("ms (log)")
     lat.legend(fontsize=8)
     blocks = [c["block"] for c in report["checkpoints"]]
     if report["checkpoints"][0]["allocated_mib"] is not None:
