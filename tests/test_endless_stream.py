@@ -142,3 +142,25 @@ def test_shift_invariance_without_a_sink():
     assert worst <= 1e-6, worst  # the action RoPE rounds its cos/sin to float32, as upstream
     # not trivially so: the cached keys carry their absolute positions and differ
     assert rel_err(keys[1], keys[0]) > 1e-2
+
+
+@torch.no_grad()
+def test_a_cache_that_would_be_written_past_its_end_is_refused_before_any_kernel():
+    """The optimized model's ring layout serves every layer: a layer whose buffer is shorter would
+    be written out of range on the device (a device-side assert poisons the CUDA context). It is a
+    clear error on the host instead, the caches untouched and the stream usable after."""
+    model = build_model(config=tiny_variant_config(), cls=OptimizedCausalWanModel)
+    history = _history(1 + 4 * 12)
+    # layer 1's self-attention buffer; layer 0's mouse buffer (its keyboard one keeps 6 frames)
+    for name, layer, unit in (("kv_cache", 1, TOKENS), ("kv_cache_mouse", 0, 1)):
+        caches = make_caches(model)
+        short = caches[name][layer]
+        for key in ("k", "v"):
+            short[key] = short[key][:, :5 * unit].clone()  # 5 frames where the others hold 6
+        snapshot = [c["k"].clone() for c in caches["kv_cache"]]
+        with pytest.raises(ValueError, match="same length"):
+            model(**_stream_inputs(model, 0, seed=0, history=history), **caches, current_start=0)
+        assert all(torch.equal(a, c["k"]) for a, c in zip(snapshot, caches["kv_cache"]))
+    good = make_caches(model)
+    out = model(**_stream_inputs(model, 0, seed=0, history=history), **good, current_start=0)
+    assert torch.isfinite(out).all()

@@ -140,9 +140,12 @@ class StreamCache:
         kv_cache_mouse = kv_cache_mouse and kv_cache_mouse[:layers]
         kv_cache_keyboard = kv_cache_keyboard and kv_cache_keyboard[:layers]
         window = _window_frames(model)
-        capacity = kv_cache[0]["k"].shape[1] // tokens_per_frame
+        capacity = _common_length("kv_cache", [c["k"] for c in kv_cache]) // tokens_per_frame
         self_layout = RingLayout.matching_upstream(capacity, window, _sink_frames(model), "kv_cache")
-        action_capacity = _action_capacity(model, kv_cache_mouse, kv_cache_keyboard)
+        action_capacity = _common_length("action caches", [
+            c[key] for caches in (kv_cache_mouse, kv_cache_keyboard) if caches is not None
+            for c, block in zip(caches, model.blocks) if block.action_model is not None
+            for key in ("k", "v")])
         action_layout = RingLayout.matching_upstream(action_capacity or window, window, 0,
                                                      "action caches")
 
@@ -175,11 +178,11 @@ def _sink_frames(model) -> int:
     return model.blocks[0].self_attn.sink_size
 
 
-def _action_capacity(model, kv_cache_mouse, kv_cache_keyboard) -> Optional[int]:
-    for caches in (kv_cache_mouse, kv_cache_keyboard):
-        if caches is None:
-            continue
-        for cache, block in zip(caches, model.blocks):
-            if block.action_model is not None:
-                return cache["k"].shape[1]
-    return None
+def _common_length(name, tensors) -> Optional[int]:
+    """The length (dim 1) that every one of `tensors` has: one ring layout serves all layers, so
+    a shorter buffer would be written past its end on the device. None without tensors."""
+    lengths = sorted({t.shape[1] for t in tensors})
+    if len(lengths) > 1:
+        raise ValueError(f"{name}: every layer's buffer must have the same length (dim 1) for the "
+                         f"ring cache; got lengths {lengths}")
+    return lengths[0] if lengths else None
