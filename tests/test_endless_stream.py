@@ -17,19 +17,27 @@ TOKENS = tokens_per_frame("tiny")
 CONTEXT_TOKENS = 8  # a short image context keeps 700 reference forwards cheap
 
 
-def _stream_inputs(model, block: int, seed: int, history=None):
+def _stream_inputs(model, block: int, seed: int, history=None, batch: int = 1):
     """Inputs of block `block` (frames 3b..3b+2); `history` [1, steps, C] per condition, sliced to
-    the length the pipeline passes (1 + 4 * last frame)."""
+    the length the pipeline passes (1 + 4 * last frame); the players of a batch share it."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     steps = 1 + 4 * (3 * block + 2)
-    return {"x": randn(1, 16, 3, 8, 16), "t": torch.full((1, 3), 0.0, dtype=torch.float64),
-            "visual_context": history["visual_context"], "cond_concat": randn(1, 20, 3, 8, 16),
-            "mouse_cond": history["mouse_cond"][:, :steps],
-            "keyboard_cond": history["keyboard_cond"][:, :steps]}
+
+    def shared(tensor, steps=None):
+        if tensor is None:  # templerun has no mouse
+            return None
+        tensor = tensor if steps is None else tensor[:, :steps]
+        return tensor.expand(batch, *tensor.shape[1:])
+
+    return {"x": randn(batch, 16, 3, 8, 16), "t": torch.full((batch, 3), 0.0, dtype=torch.float64),
+            "visual_context": shared(history["visual_context"]),
+            "cond_concat": randn(batch, 20, 3, 8, 16),
+            "mouse_cond": shared(history["mouse_cond"], steps),
+            "keyboard_cond": shared(history["keyboard_cond"], steps)}
 
 
 def _history(steps: int, seed: int = 0, period: int = None):
@@ -93,23 +101,36 @@ def test_shared_angles_are_position_times_frequency():
 
 
 # ---------------------------------------------------------------------- long streams
-@pytest.mark.parametrize("owned", [False, True], ids=["upstream-dicts", "owned-stream"])
+LONG_STREAMS = [  # (variant, sink frames, batch, the model's own stream instead of dicts)
+    ("universal", 0, 1, False), ("universal", 0, 1, True), ("gta_drive", 0, 1, False),
+    ("universal", 1, 1, True), ("templerun", 1, 1, False), ("universal", 0, 2, True)]
+
+
+@pytest.mark.parametrize("variant,sink,batch,owned", LONG_STREAMS,
+                         ids=[f"{v}-sink{s}-batch{b}-{'owned' if o else 'dicts'}"
+                              for v, s, b, o in LONG_STREAMS])
 @torch.no_grad()
-def test_both_models_stream_past_frame_1024(owned):
+def test_both_models_stream_past_frame_1024(variant, sink, batch, owned):
     """344 blocks (1032 frames: past upstream's 1024-frame table) of the cache update call: the
-    optimized model equals the reference at every block, through the rolling window's evictions."""
-    config = tiny_variant_config()
-    reference = build_model(config=config)
-    optimized = build_model(config=config, cls=OptimizedCausalWanModel)
+    optimized model equals the reference at every block, through the windows' evictions (6 frames,
+    4 for gta_drive), with a sink frame, two players in lockstep, the owned stream or the dicts."""
+    config = tiny_variant_config(variant)
+    reference = build_model(config=config, sink_size=sink)
+    optimized = build_model(config=config, cls=OptimizedCausalWanModel, sink_size=sink)
+    window = reference.local_attn_size
     blocks = 344
     history = _history(1 + 4 * 3 * blocks)
-    ref_caches = make_caches(reference)
-    opt_caches = {} if owned else make_caches(optimized)
+    keys = reference.blocks[0].action_model.keyboard_embed[0].in_features  # 4, 2 or 7 keys
+    history["keyboard_cond"] = torch.cat([history["keyboard_cond"]] * 2, dim=2)[..., :keys]
+    if variant == "templerun":
+        history["mouse_cond"] = None
+    ref_caches = make_caches(reference, batch=batch, cache_frames=window)
+    opt_caches = {} if owned else make_caches(optimized, batch=batch, cache_frames=window)
     if owned:
-        optimized.start_stream(batch=1, latent_size=(8, 16))
+        optimized.start_stream(batch=batch, latent_size=(8, 16))
     worst = 0.0
     for block in range(blocks):
-        inputs = _stream_inputs(reference, block, seed=block, history=history)
+        inputs = _stream_inputs(reference, block, seed=block, history=history, batch=batch)
         expected = reference(**inputs, **ref_caches, current_start=3 * block * TOKENS)
         got = optimized(**inputs, **opt_caches, current_start=3 * block * TOKENS)
         worst = max(worst, rel_err(got, expected))
