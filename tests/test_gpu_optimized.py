@@ -151,3 +151,28 @@ def test_cublas_linear_gelu_is_the_tanh_gelu(shape, dtype):
     else:
         twin = (eager.linear_gelu(x, weight, bias).double() - wide).abs().max().item()
         assert worst <= max(2 * twin, 2e-2)
+
+
+@torch.no_grad()
+def test_long_stream_captures_nothing_and_holds_memory_after_warm_up():
+    """120 blocks of the pipeline pattern with graphs (past the first window many times): after the
+    first blocks no graph is captured and device memory stays put (benchmarks/endless_stream.py
+    measures the same over 10,000 forwards)."""
+    model = build_model("universal", torch.bfloat16, "cuda", cls=OptimizedCausalWanModel,
+                        cuda_graphs=True)
+    caches = make_caches(model, preset="universal")
+    base = make_inputs(model, 3, 0, preset="universal", seed=0)
+    graphs, allocated = [], []
+    for block in range(120):
+        steps = 1 + 4 * (3 * block + 2)
+        history = make_inputs(model, 3, 3 * block, preset="universal", seed=block)
+        inputs = dict(base, mouse_cond=history["mouse_cond"][:, :steps],
+                      keyboard_cond=history["keyboard_cond"][:, :steps])
+        for t in (*STEPS, 0.0):
+            inputs["t"] = torch.full_like(base["t"], t)
+            model(**inputs, **caches, current_start=3 * block * TOKENS_PER_FRAME)
+        torch.cuda.synchronize()
+        graphs.append(len(model._graphs))
+        allocated.append(torch.cuda.memory_allocated())
+    assert graphs[2] == graphs[-1] == 3  # image context, window filling, window full
+    assert max(allocated[2:]) - min(allocated[2:]) <= 1 << 20, (min(allocated[2:]), max(allocated[2:]))
