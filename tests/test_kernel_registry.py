@@ -1,4 +1,5 @@
-"""Backend selection: names, mappings, YAML, environment; clear errors; `auto` never fails."""
+"""Backend selection: names, mappings, YAML, environment; clear errors; `auto` finds a backend for
+every op in every floating dtype."""
 import subprocess
 import sys
 from pathlib import Path

@@ -1,7 +1,9 @@
-"""`python -m wan.kernels`: every op, every backend, available or why not, and what `auto` picks.
+"""`python -m wan.kernels`: for every op, the backends that implement it, whether each can run here
+(or why not), and what the selection (default: WAN_BACKEND, else auto) picks.
 
-Options: --device (default: cuda when available, else cpu), --dtype (default bf16 on cuda, else
-float32), --backend (a selection to resolve, as the model's `backend=`: name, or YAML path).
+Options: --device (default: cuda when available, else cpu), --dtype (bf16, fp16, fp32, fp64;
+default bf16 on cuda, else fp32), --backend (a selection to resolve, as the model's `backend=`: a
+name or a YAML path).
 """
 import argparse
 
@@ -9,37 +11,41 @@ import torch
 
 from .registry import BACKENDS, OPS, BackendUnavailableError, load_selection, resolve
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32,
-          "float64": torch.float64}
-HEAD_DIMS = {"mouse_attention": 64, "keyboard_attention": 64}  # action heads; the rest are 128
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "fp64": torch.float64, "float32": torch.float32, "float64": torch.float64}
+# head sizes the model calls the ops with: the action modules' heads are 64 wide, the rest 128
+HEAD_DIMS = {"mouse_attention": 64, "keyboard_attention": 64}
+HEAD_DIM_DEPENDENT = ("attention", "norm_rope_store")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m wan.kernels", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m wan.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--backend", default=None, help="selection to resolve (default: WAN_BACKEND or auto)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     selection = load_selection(args.backend)
     print(f"device {device}, dtype {dtype}, torch {torch.__version__}")
-    flash_note = ""
-    if BACKENDS["flash"].problem("self_attention", device, dtype, 128) is None:
-        from .flash import IMPLEMENTATION
-        flash_note = f" (flash uses {IMPLEMENTATION})"
     for op in OPS:
         head_dim = HEAD_DIMS.get(op, 128)
-        print(f"\n{op} (head_dim {head_dim})")
+        shown = f" (head_dim {head_dim})" if op.endswith(HEAD_DIM_DEPENDENT) else ""
+        print(f"\n{op}{shown}")
         for name, backend in BACKENDS.items():
+            if not backend.implements(op):
+                continue
             reason = backend.problem(op, device, dtype, head_dim)
-            print(f"  {name:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+            label = name
+            if name == "flash" and reason is None:
+                from .flash import IMPLEMENTATION
+                label = f"flash ({IMPLEMENTATION})"
+            print(f"  {label:<7} {'available' if reason is None else 'unavailable: ' + reason}")
         try:
             chosen, _ = resolve(op, selection[op], device, dtype, head_dim)
             print(f"  -> {selection[op]} picks {chosen}")
         except BackendUnavailableError as err:
             print(f"  -> {selection[op]} fails: {err}")
-    print(flash_note.strip())
 
 
 if __name__ == "__main__":

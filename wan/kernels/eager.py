@@ -6,12 +6,13 @@ import torch.nn.functional as F
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention without a mask: [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D].
-    Scores in float32 at least (float64 stays float64), scale 1/sqrt(D)."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    qh, kh, vh = (t.transpose(1, 2).to(acc) for t in (q, k, v))
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    out = torch.matmul(scores.softmax(dim=-1), vh)
-    return out.transpose(1, 2).to(q.dtype)
+    Scores in float32 at least (float64 stays float64), scale 1/sqrt(D). float32/float64 inputs go
+    through torch's SDPA in their own dtype (exact in that dtype, and several times faster on a CPU
+    than materialising the scores); half precision is widened to float32 first."""
+    if q.dtype not in (torch.float32, torch.float64):
+        return attention(q.float(), k.float(), v.float()).to(q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 def layer_norm_modulate(x, shift, scale, eps):

@@ -28,7 +28,9 @@ Backends: `eager` (plain torch, every op, any device), `flash` (attention: Flash
 importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels),
 `cublas` (GEMMs with a cuBLASLt epilogue; CUDA).
 `auto` takes, per op, the first of triton, flash, cublas, eager that can run it (never Triton's CPU
-interpreter, which only an explicit `triton` selection uses); it never fails.
+interpreter, which only an explicit `triton` selection uses); eager runs every op on any device in
+any floating dtype, so `auto` fails only for a non-floating dtype (an error listing every backend
+and why it refused).
 
 Selection, strongest first: the `backend=` keyword of the model, the WAN_BACKEND environment
 variable, then `auto`. Each is a backend name (for the ops that backend implements; the others stay

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from .conditioning import attention_window_frames
+
 
 @dataclass(frozen=True)
 class RingLayout:
@@ -98,7 +100,7 @@ class StreamCache:
         """Caches owned by the model, sized by the attention window (+ sink) and nothing more."""
         dtype = dtype or model.patch_embedding.weight.dtype
         device = device or model.patch_embedding.weight.device
-        window = _window_frames(model)
+        window = attention_window_frames(model.local_attn_size)
         self_layout = RingLayout.matching_upstream(window, window, _sink_frames(model), "kv_cache")
         action_layout = RingLayout(0, window)
         heads, head_dim = model.num_heads, model.dim // model.num_heads
@@ -139,7 +141,7 @@ class StreamCache:
         kv_cache, crossattn_cache = kv_cache[:layers], crossattn_cache and crossattn_cache[:layers]
         kv_cache_mouse = kv_cache_mouse and kv_cache_mouse[:layers]
         kv_cache_keyboard = kv_cache_keyboard and kv_cache_keyboard[:layers]
-        window = _window_frames(model)
+        window = attention_window_frames(model.local_attn_size)
         capacity = _common_length("kv_cache", [c["k"] for c in kv_cache]) // tokens_per_frame
         self_layout = RingLayout.matching_upstream(capacity, window, _sink_frames(model), "kv_cache")
         action_capacity = _common_length("action caches", [
@@ -167,11 +169,6 @@ class StreamCache:
     def self_window(self, layer: int, attended_slots: int):
         n = attended_slots * self.tokens_per_frame
         return self.self_k[layer][:, :n], self.self_v[layer][:, :n]
-
-
-def _window_frames(model) -> int:
-    # upstream's default when local attention is off: 15 frames
-    return model.local_attn_size if model.local_attn_size != -1 else 15
 
 
 def _sink_frames(model) -> int:

@@ -16,13 +16,10 @@ import torch
 import torch.nn as nn
 
 from . import layers
+from ..kernels.conditioning import attention_window_frames, condition_steps, frame_windows
 from .attention import attention, block_causal_mask
 from .rolling_cache import write_and_read_window
 from .rope import ActionRope
-
-# upstream's default cache length (frames) when local attention is off
-GLOBAL_ATTENTION_FRAMES = 15
-
 
 class WanRMSNorm(layers.WanRMSNorm):
     """The action module's RMS norm. It owns a `weight` (for checkpoint compatibility) that upstream
@@ -90,19 +87,16 @@ class ActionModule(nn.Module):
     @property
     def window_frames(self) -> int:
         """Frames each action attention may see in streaming."""
-        return self.local_attn_size if self.local_attn_size != -1 else GLOBAL_ATTENTION_FRAMES
+        return attention_window_frames(self.local_attn_size)
 
     def condition_windows(self, cond: torch.Tensor, first_frame: int, num_frames: int,
                           embed: Optional[nn.Module] = None) -> torch.Tensor:
         """cond [B, steps, C] -> [B, num_frames, window_steps * C], step-major in the last dim."""
-        ratio = self.vae_time_compression_ratio
-        window_steps = ratio * self.windows_size
-        padded = torch.cat([cond[:, :1].expand(-1, window_steps, -1), cond], dim=1)
-        needed = padded[:, ratio * first_frame: ratio * (first_frame + num_frames - 1) + window_steps]
+        steps = condition_steps(cond, first_frame, num_frames, self.vae_time_compression_ratio,
+                                self.windows_size)
         if embed is not None:
-            needed = embed(needed)
-        windows = needed.unfold(1, window_steps, ratio)  # [B, F, C, window_steps]
-        return windows.transpose(2, 3).flatten(2)
+            steps = embed(steps)
+        return frame_windows(steps, self.vae_time_compression_ratio, self.windows_size)
 
     def _attend(self, q, k, v, kv_cache, start_frame, num_frames, num_frame_per_block,
                 queries_per_frame: int):

@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .action_module import ActionModule, GLOBAL_ATTENTION_FRAMES
+from ..kernels.conditioning import attention_window_frames
+from .action_module import ActionModule
 from .attention import attention, block_causal_mask
 from .checkpoint import load_safetensors_checkpoint
 from ..kernels.input_checks import check_forward_inputs, per_frame_timesteps
@@ -60,7 +61,7 @@ class CausalWanSelfAttention(AttentionProjections):
 
     @property
     def window_frames(self) -> int:
-        return self.local_attn_size if self.local_attn_size != -1 else GLOBAL_ATTENTION_FRAMES
+        return attention_window_frames(self.local_attn_size)
 
     def forward(self, x, grid_sizes, allowed=None, kv_cache=None, current_start: int = 0):
         """x [B, L, C] -> [B, L, C]. `allowed`: the block-causal mask of the cache-free path."""

@@ -6,18 +6,8 @@ input: `WanRMSNorm` normalises in float32 and the time embedding's sinusoid is b
 import torch
 import torch.nn as nn
 
+from ..kernels.conditioning import sinusoidal_embedding_1d  # noqa: F401 (upstream's name here)
 from .attention import attention
-
-
-def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
-    """[N] positions -> [N, dim] float64 embedding: cosines of all frequencies, then sines."""
-    if dim % 2:
-        raise ValueError(f"sinusoidal embedding needs an even dim, got {dim}")
-    half = dim // 2
-    position = position.to(torch.float64)
-    inv_freq = torch.pow(10000, -torch.arange(half).to(position).div(half))
-    angles = torch.outer(position, inv_freq)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
 class WanRMSNorm(nn.Module):

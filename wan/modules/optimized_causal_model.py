@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.conditioning import condition_steps, frame_windows, sinusoidal_embedding_1d
 from ..kernels.cuda_graphs import GraphRunner, cuda_graphs_setting
 from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
                                    first_action_module, per_frame_timesteps)
@@ -204,9 +205,9 @@ class OptimizedCausalWanModel(CausalWanModel):
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}
         action = first_action_module(self)
         if action is not None and action.enable_mouse:
-            inputs["mouse_window"] = self._condition_window(action, mouse_cond, start, frames)
+            inputs["mouse_window"] = _condition_steps(action, mouse_cond, start, frames)
         if action is not None and action.enable_keyboard:
-            inputs["keyboard_window"] = self._condition_window(action, keyboard_cond, start, frames)
+            inputs["keyboard_window"] = _condition_steps(action, keyboard_cond, start, frames)
         state["start_frame"].fill_(start)
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
@@ -302,18 +303,6 @@ class OptimizedCausalWanModel(CausalWanModel):
             store(attn.k(context), *_norm_args(attn.norm_k), None, None, attn.num_heads, slot["k"])
             slot["v"].copy_(attn.v(context).view(b, -1, attn.num_heads, attn.head_dim))
 
-    @staticmethod
-    def _condition_window(action, cond, start_frame: int, frames: int):
-        """The action steps frames [start, start + frames) read: [B, ratio*(frames-1) + window, C].
-        Steps before the first one read the first one (upstream pads that way)."""
-        ratio = action.vae_time_compression_ratio
-        window = ratio * action.windows_size
-        first = ratio * start_frame - window  # may be negative: padding
-        last = ratio * (start_frame + frames - 1)
-        if first >= 0:
-            return cond[:, first:last]
-        return torch.cat([cond[:, :1].expand(-1, -first, -1), cond[:, :last]], dim=1)
-
     # ------------------------------------------------------------------ the captured part
     def _compute(self, x, t, cond_concat, mouse_window=None, keyboard_window=None, *, cache,
                  phase, state):
@@ -323,7 +312,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1))
         _, c, frames, h, w = tokens.shape
         tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # channels-last from here on
-        e = self.time_embedding(_timestep_embedding(t.flatten(), self.freq_dim).to(tokens.dtype))
+        e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t.flatten()).to(tokens.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, c)).unflatten(0, (b, frames))
 
         frame_ids = state["start_frame"] + torch.arange(frames, device=x.device)
@@ -474,11 +463,15 @@ class OptimizedCausalWanModel(CausalWanModel):
         return tokens
 
 
+def _condition_steps(action, cond, start_frame: int, frames: int):
+    """The action steps this call's frames read (host-side slicing, outside the graphs)."""
+    return condition_steps(cond, start_frame, frames, action.vae_time_compression_ratio,
+                           action.windows_size)
+
+
 def _frame_windows(action, steps):
-    """[B, steps, C] per-step conditions -> [B, frames, window * C]: each frame's window of steps,
-    step-major (as upstream concatenates them)."""
-    ratio = action.vae_time_compression_ratio
-    return steps.unfold(1, ratio * action.windows_size, ratio).transpose(2, 3).flatten(2)
+    """[B, steps, C] -> [B, frames, window * C] per-frame windows (inside the graphs)."""
+    return frame_windows(steps, action.vae_time_compression_ratio, action.windows_size)
 
 
 def _norm_args(norm):
@@ -534,15 +527,6 @@ def _shared_norm_eps(q_norm, k_norm):
     if len(eps) != 1:
         raise ValueError(f"the action module's q and k norms differ (eps {sorted(map(str, eps))})")
     return eps.pop()
-
-
-def _timestep_embedding(t, dim: int):
-    """[N] timesteps -> [N, dim] float64 sinusoid (cosines, then sines), as upstream."""
-    half = dim // 2
-    t = t.to(torch.float64)
-    inv_freq = torch.pow(10000, -torch.arange(half, device=t.device).to(t).div(half))
-    phase = t[:, None] * inv_freq[None, :]
-    return torch.cat([torch.cos(phase), torch.sin(phase)], dim=1)
 
 
 def _cos_sin(angle, dtype):
