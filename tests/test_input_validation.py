@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from helpers import build_model, make_caches, make_inputs
+from wan import CausalWanModel
+from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
 TOKENS_PER_FRAME = 32  # tiny preset: 8 x 16 latent, patch 2 x 2
 
@@ -23,9 +25,14 @@ def _same(a, b):
     return a == b
 
 
-@pytest.fixture(scope="module")
-def model():
-    return build_model("tiny", torch.float32)
+MODELS = [CausalWanModel, OptimizedCausalWanModel]
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=[m.__name__ for m in MODELS])
+def model(request):
+    """Each case runs on both models: the optimized one checks on its own path (and remembers the
+    caller's caches, so a second call with the same storage skips the per-layer checks)."""
+    return build_model("tiny", torch.float32, cls=request.param)
 
 
 @pytest.fixture
@@ -55,7 +62,10 @@ def _bad_inputs(model, inputs):
         ("t shape", {"t": inputs["t"][:, :2]}, "t must be"),
         ("visual shape", {"visual_context": inputs["visual_context"][..., :100]}, "visual_context"),
         ("start not frame aligned", {"current_start": 3 * TOKENS_PER_FRAME + 5}, "multiple"),
-        ("start skips ahead", {"current_start": 9 * TOKENS_PER_FRAME}, "must start at"),
+        # the reference reads the position from the dicts first; the optimized model checks the
+        # action histories first (they do not fit frames 9-11 either)
+        ("start skips ahead", {"current_start": 9 * TOKENS_PER_FRAME},
+         "must start at|must hold the whole history"),
     ]
 
 
@@ -72,12 +82,15 @@ def test_bad_input_raises_and_leaves_caches_untouched(model, streamed, case):
 
 
 def test_going_backwards_is_refused(model, streamed):
+    """Frames 6-8 streamed, then frames 3-5 again. (current_start=0 is not "backwards" for the
+    optimized model: it starts a new stream in the same dicts, as upstream's pipeline does.)"""
     caches, inputs = streamed
     with torch.no_grad():
         model(**inputs, **caches, current_start=3 * TOKENS_PER_FRAME)
+        model(**make_inputs(model, start_frame=6, seed=3), **caches, current_start=6 * TOKENS_PER_FRAME)
     before = _snapshot(caches)
     with pytest.raises(ValueError, match="Going backwards"):
-        model(**make_inputs(model), **caches, current_start=0)
+        model(**inputs, **caches, current_start=3 * TOKENS_PER_FRAME)
     assert _same(before, caches)
 
 
@@ -99,17 +112,18 @@ def test_bad_cache_lists(model, streamed):
         model(**call, **mouse_rows)
 
 
-def test_actions_rejected_for_models_without_them():
-    plain = build_model("tiny", torch.float32, action_config={})
+@pytest.mark.parametrize("cls", MODELS, ids=[m.__name__ for m in MODELS])
+def test_actions_rejected_for_models_without_them(cls):
+    plain = build_model("tiny", torch.float32, cls=cls, action_config={})
     inputs = make_inputs(model=build_model("tiny", torch.float32))
     with pytest.raises(ValueError, match="no action module"):
-        plain(**inputs)
-    no_mouse = build_model("tiny", torch.float32)
+        plain(**inputs, **make_caches(plain), current_start=0)
+    no_mouse = build_model("tiny", torch.float32, cls=cls)
     for block in no_mouse.blocks:
         if block.action_model is not None:
             block.action_model.enable_mouse = False
     with pytest.raises(ValueError, match="no mouse branch"):
-        no_mouse(**inputs)
+        no_mouse(**inputs, **make_caches(no_mouse), current_start=0)
 
 
 def test_valid_calls_pass(model, streamed):

@@ -26,8 +26,10 @@ def cuda_graphs_setting(requested: Optional[bool]) -> bool:
 
 
 class GraphRunner:
-    def __init__(self, warmup_calls: int = 2):
-        self.warmup_calls = warmup_calls
+    # calls on a side stream before capturing (lazy initialisation, autotuning, allocator state)
+    WARMUP_CALLS = 2
+
+    def __init__(self):
         self.graphs: Dict[tuple, tuple] = {}
         self.pool = None
 
@@ -58,7 +60,7 @@ class GraphRunner:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(self.warmup_calls):
+            for _ in range(self.WARMUP_CALLS):
                 fn(**static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()

@@ -95,11 +95,11 @@ class StreamCache:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def allocate(cls, model, batch: int, tokens_per_frame: int, context_tokens: int = 257,
-                 dtype=None, device=None) -> "StreamCache":
-        """Caches owned by the model, sized by the attention window (+ sink) and nothing more."""
-        dtype = dtype or model.patch_embedding.weight.dtype
-        device = device or model.patch_embedding.weight.device
+    def allocate(cls, model, batch: int, tokens_per_frame: int) -> "StreamCache":
+        """Caches owned by the model (its dtype and device), sized by the attention window (+ sink)
+        and nothing more; only layers with an action module get action caches. The image
+        context's k/v get their storage at the stream's first call."""
+        dtype, device = model.patch_embedding.weight.dtype, model.patch_embedding.weight.device
         window = attention_window_frames(model.local_attn_size)
         self_layout = RingLayout.matching_upstream(window, window, _sink_frames(model), "kv_cache")
         action_layout = RingLayout(0, window)
@@ -125,9 +125,7 @@ class StreamCache:
                 k_dim = action.mouse_attn_q.out_features // a_heads
                 keyboard_k[i] = zeros(batch, action_layout.slots, a_heads, k_dim)
                 keyboard_v[i] = zeros(batch, action_layout.slots, a_heads, k_dim)
-        cross = [{"k": zeros(batch, context_tokens, heads, head_dim),
-                  "v": zeros(batch, context_tokens, heads, head_dim), "is_init": False}
-                 for _ in layers]
+        cross = [{"k": None, "v": None, "is_init": False} for _ in layers]
         return cls(self_k, self_v, mouse_k, mouse_v, keyboard_k, keyboard_v, cross, self_layout,
                    action_layout, tokens_per_frame)
 
