@@ -19,6 +19,8 @@ import functools
 import inspect
 import sys
 import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import NamedTuple, Optional
 
 import torch
@@ -41,6 +43,33 @@ class _CallerStorage(NamedTuple):
     tensors: list               # those tensors (held: their ids stay unique)
     cache: StreamCache          # the ring view built over them
     checked_shape: torch.Size   # the input shape they were checked against
+
+
+@dataclass
+class _DeviceState:
+    """What the streaming forward needs per (device, dtype), made once."""
+    ops: SimpleNamespace        # op name -> the implementation chosen for it (wan/kernels/registry)
+    backends: dict              # op name -> the backend's name (the report)
+    rope_dtype: torch.dtype     # float64 models rotate in float64 (as upstream), others in float32
+    start_frame: torch.Tensor   # the call's first frame, on the device (a graph reads it by value)
+    side_stream: Optional[torch.cuda.Stream]  # the action conditions' projections run beside
+    action_inv_freq: Optional[torch.Tensor]   # the action RoPE's frequencies (None: no actions)
+
+
+@dataclass
+class _Step:
+    """What every block of one streaming call shares (inside the captured part)."""
+    ops: SimpleNamespace
+    cache: StreamCache
+    attended_self: int          # cache slots the self-attention reads (the phase)
+    attended_action: int        # ... and the action modules
+    self_slots: torch.Tensor    # this call's frames' slots in the self-attention ring
+    action_slots: torch.Tensor
+    rope: tuple                 # (cos, sin) per token, self-attention
+    action_rope: Optional[tuple]  # (cos, sin) per frame, action modules
+    rope_dtype: torch.dtype
+    frames: int
+    conditions: dict            # layer -> the action conditions' projections (+ ready event)
 
 
 class OptimizedCausalWanModel(CausalWanModel):
@@ -90,9 +119,8 @@ class OptimizedCausalWanModel(CausalWanModel):
 
     def backend_report(self, device=None, dtype=None) -> dict:
         """{op: backend name} that runs for the model's (or the given) device and dtype."""
-        ops = self._state(torch.device(device or self.patch_embedding.weight.device),
-                          dtype or self.patch_embedding.weight.dtype)["ops"]
-        return {op: name for op, (name, _) in ops.items()}
+        return dict(self._state(torch.device(device or self.patch_embedding.weight.device),
+                                dtype or self.patch_embedding.weight.dtype).backends)
 
     # ------------------------------------------------------------------ owned stream
     def start_stream(self, batch: int = 1, latent_size=(44, 80)):
@@ -193,8 +221,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             self._graph_storage = storage
 
         if not cache.cross_ready:
-            project = functools.partial(self._project_image_context, cache=cache,
-                                        ops=state["ops"])
+            project = functools.partial(self._project_image_context, cache=cache, ops=state.ops)
             if graphs:  # a new stream every call (the seed protocol) costs one replay, not ~150
                 self._graphs.run(("image_context", visual_context.shape, x.dtype), project,
                                  {"visual_context": visual_context})
@@ -208,7 +235,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             inputs["mouse_window"] = _condition_steps(action, mouse_cond, start, frames)
         if action is not None and action.enable_keyboard:
             inputs["keyboard_window"] = _condition_steps(action, keyboard_cond, start, frames)
-        state["start_frame"].fill_(start)
+        state.start_frame.fill_(start)
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
         compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
@@ -247,8 +274,8 @@ class OptimizedCausalWanModel(CausalWanModel):
             self._warned_no_graphs = True
         return False
 
-    def _state(self, device, dtype) -> dict:
-        """Resolved ops, RoPE tables and the device-side start frame for (device, dtype)."""
+    def _state(self, device, dtype) -> _DeviceState:
+        """Resolved ops, RoPE settings and the device-side start frame for (device, dtype)."""
         key = (device, dtype)
         if key not in self._per_device:
             action = first_action_module(self)
@@ -260,20 +287,19 @@ class OptimizedCausalWanModel(CausalWanModel):
                     sum(action.mouse_qk_dim_list)
             # float64 models keep float64 RoPE (as upstream); others rotate in float32
             rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            state = {
-                "ops": resolve_all(self.backend, device, dtype, head_dims),
-                "rope_dtype": rope_dtype,
-                "start_frame": torch.zeros((), dtype=torch.long, device=device),
-                # the action conditions' projections run beside the backbone on CUDA
-                "side_stream": torch.cuda.Stream(device) if device.type == "cuda" else None,
-            }
-            if action is not None:
-                state["action_inv_freq"] = action_inverse_frequencies(
-                    action.mouse_qk_dim_list, action.rope_theta, device)
+            resolved = resolve_all(self.backend, device, dtype, head_dims)
+            state = _DeviceState(
+                ops=SimpleNamespace(**{op: fn for op, (_, fn) in resolved.items()}),
+                backends={op: name for op, (name, _) in resolved.items()},
+                rope_dtype=rope_dtype,
+                start_frame=torch.zeros((), dtype=torch.long, device=device),
+                side_stream=torch.cuda.Stream(device) if device.type == "cuda" else None,
+                action_inv_freq=None if action is None else action_inverse_frequencies(
+                    action.mouse_qk_dim_list, action.rope_theta, device))
             self._per_device[key] = state
             # once per device and dtype: which implementation runs each op
             print(f"{type(self).__name__} on {device} in {dtype}, CUDA graphs "
-                  f"{'on' if self.cuda_graphs else 'off'}: {describe_resolved(state['ops'])}",
+                  f"{'on' if self.cuda_graphs else 'off'}: {describe_resolved(resolved)}",
                   file=sys.stderr, flush=True)
         return self._per_device[key]
 
@@ -297,17 +323,16 @@ class OptimizedCausalWanModel(CausalWanModel):
         storage `_cross_storage` prepared."""
         context = self.img_emb(visual_context)
         b = context.shape[0]
-        store = ops["norm_rope_store"][1]
         for block, slot in zip(self.blocks, cache.cross):
             attn = block.cross_attn
-            store(attn.k(context), *_norm_args(attn.norm_k), None, None, attn.num_heads, slot["k"])
+            ops.norm_rope_store(attn.k(context), *_norm_args(attn.norm_k), None, None, attn.num_heads, slot["k"])
             slot["v"].copy_(attn.v(context).view(b, -1, attn.num_heads, attn.head_dim))
 
     # ------------------------------------------------------------------ the captured part
     def _compute(self, x, t, cond_concat, mouse_window=None, keyboard_window=None, *, cache,
                  phase, state):
         """Device work only (no host sync, shapes fixed by the inputs and `phase`)."""
-        ops = state["ops"]
+        ops = state.ops
         b = x.shape[0]
         tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1))
         _, c, frames, h, w = tokens.shape
@@ -315,18 +340,19 @@ class OptimizedCausalWanModel(CausalWanModel):
         e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t.flatten()).to(tokens.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, c)).unflatten(0, (b, frames))
 
-        frame_ids = state["start_frame"] + torch.arange(frames, device=x.device)
+        frame_ids = state.start_frame + torch.arange(frames, device=x.device)
         # RoPE angles of the absolute positions, computed on the device (no table: any frame)
         rope = _cos_sin(self_attention_angles(frame_ids, h, w, self.dim // self.num_heads),
-                        state["rope_dtype"])
+                        state.rope_dtype)
         action_rope = None
-        if "action_inv_freq" in state:  # float32 whatever the model's dtype, as upstream
-            action_rope = _cos_sin(angles(frame_ids, state["action_inv_freq"]), torch.float32)
-        slots = (cache.self_layout.slot_of(frame_ids), cache.action_layout.slot_of(frame_ids))
-        step = dict(ops=ops, cache=cache, phase=phase, slots=slots, rope=rope,
-                    action_rope=action_rope, rope_dtype=state["rope_dtype"], frames=frames)
-        step["conditions"] = self._condition_projections(mouse_window, keyboard_window, frames,
-                                                         state["side_stream"])
+        if state.action_inv_freq is not None:  # float32 whatever the model's dtype, as upstream
+            action_rope = _cos_sin(angles(frame_ids, state.action_inv_freq), torch.float32)
+        step = _Step(ops=ops, cache=cache, attended_self=phase[0], attended_action=phase[1],
+                     self_slots=cache.self_layout.slot_of(frame_ids),
+                     action_slots=cache.action_layout.slot_of(frame_ids), rope=rope,
+                     action_rope=action_rope, rope_dtype=state.rope_dtype, frames=frames,
+                     conditions=self._condition_projections(mouse_window, keyboard_window, frames,
+                                                            state.side_stream))
         # every block's adaLN factors in two launches instead of one add per block: [L, B, F, 6, C]
         modulations = torch.stack([block.modulation for block in self.blocks])[:, None] + e0
         head_shift, head_scale = (self.head.modulation.unsqueeze(1)
@@ -337,7 +363,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         opening_norms.append((head_shift, head_scale, self.head.norm.eps))
         # each block ends with its FFN's gated residual fused with the next opening norm, so a block
         # gets its input normalised already
-        normed = ops["layer_norm_modulate"][1](tokens, *opening_norms[0])
+        normed = ops.layer_norm_modulate(tokens, *opening_norms[0])
         for i, block in enumerate(self.blocks):
             tokens, normed = self._block(i, block, tokens, normed, modulations[i], step,
                                          opening_norms[i + 1])
@@ -350,42 +376,40 @@ class OptimizedCausalWanModel(CausalWanModel):
     def _block(self, i, block, tokens, hn, modulation, step, next_norm):
         """tokens and hn (their opening LayerNorm + modulation) -> this block's output and the
         output normalised by `next_norm` (shift, scale, eps)."""
-        ops, cache = step["ops"], step["cache"]
-        n_self, _ = step["phase"]
-        self_slots, _ = step["slots"]
+        ops, cache = step.ops, step.cache
         _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = modulation.chunk(6, dim=2)
 
         # self-attention over this block and the cached frames
         attn = block.self_attn
         heads = attn.num_heads
-        cos, sin = step["rope"]
+        cos, sin = step.rope
         # RMS norm + RoPE of q and k, and the writes of k and v into their cache slots, in one op
-        q = ops["qkv_norm_rope_store"][1](
+        q = ops.qkv_norm_rope_store(
             attn.q(hn), attn.k(hn), attn.v(hn), _norm_weight(attn.norm_q), _norm_weight(attn.norm_k),
             _shared_norm_eps(attn.norm_q, attn.norm_k), cos, sin, heads, cache.self_k[i],
-            cache.self_v[i], self_slots, step["rope_dtype"])
-        y = ops["self_attention"][1](q, *cache.self_window(i, n_self))
+            cache.self_v[i], step.self_slots, step.rope_dtype)
+        y = ops.self_attention(q, *cache.self_window(i, step.attended_self))
         update = attn.o(y.flatten(2))
         # the gated residual (per frame), with the cross-attention's pre-norm in the same pass
         if isinstance(block.norm3, nn.LayerNorm):
-            tokens, normed = ops["gated_residual_layer_norm"][1](
+            tokens, normed = ops.gated_residual_layer_norm(
                 tokens, update, gate_msa, block.norm3.weight, block.norm3.bias, block.norm3.eps)
         else:
-            tokens = normed = ops["gated_residual"][1](tokens, update, gate_msa)
+            tokens = normed = ops.gated_residual(tokens, update, gate_msa)
 
         # cross-attention to the image context (keys/values projected once per stream)
         cross = block.cross_attn
-        q = ops["norm_rope_store"][1](cross.q(normed), *_norm_args(cross.norm_q), None, None, heads)
-        y = ops["cross_attention"][1](q, cache.cross[i]["k"], cache.cross[i]["v"])
+        q = ops.norm_rope_store(cross.q(normed), *_norm_args(cross.norm_q), None, None, heads)
+        y = ops.cross_attention(q, cache.cross[i]["k"], cache.cross[i]["v"])
         tokens = tokens + cross.o(y.flatten(2))
 
         if block.action_model is not None:
             tokens = self._action(i, block.action_model, tokens, step)
 
-        hn = ops["layer_norm_modulate"][1](tokens, shift_ffn, scale_ffn, block.norm2.eps)
+        hn = ops.layer_norm_modulate(tokens, shift_ffn, scale_ffn, block.norm2.eps)
         ffn_in, ffn_out = _ffn_linears(block.ffn)
-        hidden = ops["linear_gelu"][1](hn, ffn_in.weight, ffn_in.bias)
-        return ops["gated_residual_layer_norm_modulate"][1](tokens, ffn_out(hidden), gate_ffn,
+        hidden = ops.linear_gelu(hn, ffn_in.weight, ffn_in.bias)
+        return ops.gated_residual_layer_norm_modulate(tokens, ffn_out(hidden), gate_ffn,
                                                             *next_norm)
 
     def _condition_projections(self, mouse_window, keyboard_window, frames, side_stream):
@@ -423,15 +447,14 @@ class OptimizedCausalWanModel(CausalWanModel):
         return projections
 
     def _action(self, i, action, tokens, step):
-        ops, cache = step["ops"], step["cache"]
-        _, n_action = step["phase"]
-        _, slots = step["slots"]
-        cos, sin = step["action_rope"]
-        frames = step["frames"]
+        ops, cache = step.ops, step.cache
+        n_action, slots = step.attended_action, step.action_slots
+        cos, sin = step.action_rope
+        frames = step.frames
         b, length, c = tokens.shape
         spatial = length // frames
         heads = action.heads_num
-        mouse_bias, keyboard_k, keyboard_v, ready = step["conditions"][i]
+        mouse_bias, keyboard_k, keyboard_v, ready = step.conditions[i]
         if ready is not None:
             torch.cuda.current_stream().wait_event(ready)
 
@@ -442,13 +465,13 @@ class OptimizedCausalWanModel(CausalWanModel):
             # layout, and its first layer is split: the mouse window is shared by all tokens of a
             # frame, so it is projected once per frame instead of concatenated to 880 tokens
             first, second, norm = _mouse_mlp_layers(action.mouse_mlp)
-            h = ops["frame_bias_gelu"][1](F.linear(tokens, first.weight[:, :c]), mouse_bias)
-            h = ops["layer_norm"][1](second(h), norm.weight, norm.bias, norm.eps)
+            h = ops.frame_bias_gelu(F.linear(tokens, first.weight[:, :c]), mouse_bias)
+            h = ops.layer_norm(second(h), norm.weight, norm.bias, norm.eps)
             qkv = action.t_qkv(h).view(b, frames, spatial, 3, heads, -1)
             # [B*S, F, H, D] sequence views of the projection (a copy only when B > 1)
             q, k, v = qkv.transpose(1, 2).reshape(b * spatial, frames, 3, heads, -1).unbind(2)
             eps = _shared_norm_eps(action.img_attn_q_norm, action.img_attn_k_norm)
-            y = ops["mouse_attention"][1](q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots,
+            y = ops.mouse_attention(q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots,
                                           n_action, cos, sin, eps)
             y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
             tokens = _add_projection(tokens, y, action.proj_mouse)
@@ -457,7 +480,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             # every token attends to the few key frames directly: the keys are never repeated
             q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
             eps = _shared_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
-            y = ops["keyboard_attention"][1](q, keyboard_k, keyboard_v, cache.keyboard_k[i],
+            y = ops.keyboard_attention(q, keyboard_k, keyboard_v, cache.keyboard_k[i],
                                              cache.keyboard_v[i], slots, n_action, cos, sin, eps)
             tokens = _add_projection(tokens, y.flatten(2), action.proj_keyboard)
         return tokens
