@@ -1,7 +1,8 @@
 """OptimizedCausalWanModel: the same model, a faster streaming forward.
 
-Change one import: `OptimizedCausalWanModel` takes the constructor, config, checkpoint and forward
-keywords of `CausalWanModel` and gives the same outputs. What differs is the streaming path:
+`OptimizedCausalWanModel` takes the constructor, config, checkpoint and forward keywords of
+`CausalWanModel` (plus `backend` and `cuda_graphs`) and gives the same outputs. What differs is
+the streaming path:
 
 * every attention, norm and RoPE goes through the backend registry (wan/kernels/registry.py);
 * caches are ring buffers (wan/kernels/stream_cache.py): a frame's K/V is written once into a
@@ -11,8 +12,9 @@ keywords of `CausalWanModel` and gives the same outputs. What differs is the str
 * optionally the whole streaming forward is replayed from a CUDA graph (`cuda_graphs=True`).
 
 It relies on its parent only through the constructor, the module tree, parameter names and public
-attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-2's CausalWanModel.
-The cache-free (training) forward is the parent's.
+attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-2's CausalWanModel:
+`python -m wan.integrate` installs them into a checkout. The cache-free (training) forward is the
+parent's.
 """
 import contextlib
 import functools
