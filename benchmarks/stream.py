@@ -60,9 +60,13 @@ def parse_args(argv=None):
     p.add_argument("--models", default=None,
                    help=f"comma list of {list(MODEL_CLASSES)} (default: all; no graphs on a CPU)")
     p.add_argument("--blocks", type=int, default=None, help="pipeline blocks (default 8 GPU, 5 CPU)")
-    p.add_argument("--denoising-steps", default="1000,666,333")
-    p.add_argument("--seed-runs", type=int, default=None, help="timed seed forwards (default 10)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--denoising-steps", default="1000,666,333",
+                   help="timesteps of a block's denoising forwards (each block adds the t=0 cache "
+                        "update); default: the inference YAML's list")
+    p.add_argument("--seed-runs", type=int, default=None,
+                   help="timed forwards of the seed protocol (default 10, as the seed suite)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed seed-protocol forwards first (default 3; graphs capture here)")
     p.add_argument("--out", default=None, help="JSON report path (default: print only)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available()
