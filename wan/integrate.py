@@ -89,9 +89,9 @@ def _patched_wrapper(text: str) -> str:
     lines = text.splitlines(keepends=True)
     hits = [i for i, line in enumerate(lines) if line.strip() == UPSTREAM_IMPORT]
     if len(hits) != 1:
-        raise NotMatrixGame2(f"{WRAPPER}: expected the line `{UPSTREAM_IMPORT}` exactly once, found "
-                             f"it {len(hits)} times; not changing a file this command does not "
-                             f"recognise")
+        raise NotMatrixGame2(f"{WRAPPER}: expected the line `{UPSTREAM_IMPORT}` exactly once, "
+                             f"found it {len(hits)} times; not changing a file this command does "
+                             f"not recognise")
     line = lines[hits[0]]
     lines[hits[0]] = line[:len(line) - len(line.lstrip())] + OPTIMIZED_IMPORT + "\n"
     return "".join(lines)
@@ -126,8 +126,8 @@ def install(root: Path, out=print) -> list:
         path = root / relative
         recorded = manifest["installed"].get(relative)
         if path.exists() and recorded and _sha(path.read_bytes()) != recorded:
-            raise SystemExit(f"{relative} changed since wan.integrate installed it; undo your edits "
-                             f"or run --undo first")
+            raise SystemExit(f"{relative} changed since wan.integrate installed it; undo your "
+                             f"edits or run --undo first")
         if path.exists() and recorded is None:  # an upstream file: save it before replacing
             (originals / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, originals / relative)
@@ -145,7 +145,8 @@ def install(root: Path, out=print) -> list:
         manifest["installed"][relative] = _sha(data)
         written.append(relative)
         if relative == WRAPPER:
-            out("".join(difflib.unified_diff(wrapper_text.splitlines(True), data.decode().splitlines(True),
+            out("".join(difflib.unified_diff(wrapper_text.splitlines(True),
+                                             data.decode().splitlines(True),
                                              f"a/{WRAPPER}", f"b/{WRAPPER}")))
 
     for relative in REWRITTEN_BY_THE_SUITE:
@@ -215,12 +216,14 @@ def status(root: Path, out=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m wan.integrate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m wan.integrate",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("checkout", type=Path, help="the Matrix-Game-2 folder (holding wan/, pipeline/, "
                                                "utils/, configs/)")
     action = p.add_mutually_exclusive_group()
     action.add_argument("--undo", action="store_true", help="restore the checkout as it was")
-    action.add_argument("--status", action="store_true", help="say what is installed, change nothing")
+    action.add_argument("--status", action="store_true",
+                        help="say what is installed, change nothing")
     args = p.parse_args(argv)
     root = args.checkout.resolve()
     if not root.is_dir():

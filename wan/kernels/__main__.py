@@ -22,7 +22,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m wan.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    p.add_argument("--backend", default=None, help="selection to resolve (default: WAN_BACKEND or auto)")
+    p.add_argument("--backend", default=None,
+                   help="selection to resolve (default: WAN_BACKEND or auto)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]

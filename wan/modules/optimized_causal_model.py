@@ -327,7 +327,8 @@ class OptimizedCausalWanModel(CausalWanModel):
         b = context.shape[0]
         for block, slot in zip(self.blocks, cache.cross):
             attn = block.cross_attn
-            ops.norm_rope_store(attn.k(context), *_norm_args(attn.norm_k), None, None, attn.num_heads, slot["k"])
+            ops.norm_rope_store(attn.k(context), *_norm_args(attn.norm_k), None, None,
+                                attn.num_heads, slot["k"])
             slot["v"].copy_(attn.v(context).view(b, -1, attn.num_heads, attn.head_dim))
 
     # ------------------------------------------------------------------ the captured part
@@ -339,7 +340,8 @@ class OptimizedCausalWanModel(CausalWanModel):
         tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1))
         _, c, frames, h, w = tokens.shape
         tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # channels-last from here on
-        e = self.time_embedding(sinusoidal_embedding_1d(self.freq_dim, t.flatten()).to(tokens.dtype))
+        e = self.time_embedding(
+            sinusoidal_embedding_1d(self.freq_dim, t.flatten()).to(tokens.dtype))
         e0 = self.time_projection(e).unflatten(1, (6, c)).unflatten(0, (b, frames))
 
         frame_ids = state.start_frame + torch.arange(frames, device=x.device)
@@ -412,7 +414,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         ffn_in, ffn_out = _ffn_linears(block.ffn)
         hidden = ops.linear_gelu(hn, ffn_in.weight, ffn_in.bias)
         return ops.gated_residual_layer_norm_modulate(tokens, ffn_out(hidden), gate_ffn,
-                                                            *next_norm)
+                                                      *next_norm)
 
     def _condition_projections(self, mouse_window, keyboard_window, frames, side_stream):
         """{layer: (mouse window's share of the mouse MLP's first layer [B, F, 1, C], keyboard
@@ -474,7 +476,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             q, k, v = qkv.transpose(1, 2).reshape(b * spatial, frames, 3, heads, -1).unbind(2)
             eps = _shared_norm_eps(action.img_attn_q_norm, action.img_attn_k_norm)
             y = ops.mouse_attention(q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots,
-                                          n_action, cos, sin, eps)
+                                    n_action, cos, sin, eps)
             y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
             tokens = _add_projection(tokens, y, action.proj_mouse)
 
@@ -483,7 +485,7 @@ class OptimizedCausalWanModel(CausalWanModel):
             q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
             eps = _shared_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
             y = ops.keyboard_attention(q, keyboard_k, keyboard_v, cache.keyboard_k[i],
-                                             cache.keyboard_v[i], slots, n_action, cos, sin, eps)
+                                       cache.keyboard_v[i], slots, n_action, cos, sin, eps)
             tokens = _add_projection(tokens, y.flatten(2), action.proj_keyboard)
         return tokens
 
