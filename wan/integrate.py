@@ -15,8 +15,8 @@ installed *into* upstream's package instead, as new files, plus one changed line
 Files that already exist there (the zoheth fork has a template `optimized_causal_model.py` and its
 own suite) are saved under `.wan_integration/originals/` first, together with
 `tests/baseline_performance.txt`, which the suite rewrites. `--undo` restores every saved file and
-removes every installed one: the tree is then byte for byte what it was (Python's `__pycache__`
-folders aside). Running the command again updates the installed files and changes nothing else.
+removes every installed one: the tree is then byte for byte what it was (the caches Python and
+pytest write aside). Running the command again updates the installed files and changes nothing else.
 """
 import argparse
 import difflib
