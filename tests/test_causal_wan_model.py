@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from wan.modules.causal_model import CausalWanModel
+from wan.kernels.upstream_caches import new_stream_caches
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.random_init import randomize_weights_
 
@@ -293,29 +294,7 @@ def _cast(inputs: dict, model) -> dict:
 
 def _new_caches(model, frames: int) -> dict:
     """Zeroed upstream-style caches for `model`, as Matrix-Game-2's pipeline allocates them."""
-    dtype, device = model.patch_embedding.weight.dtype, model.patch_embedding.weight.device
-    tokens = LATENT[0] * LATENT[1] // 4
-
-    def cache(rows, length, heads, head_dim):
-        return {"k": torch.zeros(rows, length, heads, head_dim, dtype=dtype, device=device),
-                "v": torch.zeros(rows, length, heads, head_dim, dtype=dtype, device=device),
-                "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
-                "local_end_index": torch.tensor([0], dtype=torch.long, device=device)}
-
-    heads, head_dim = model.num_heads, model.dim // model.num_heads
-    layers = range(model.num_layers)
-    action = next(b.action_model for b in model.blocks if b.action_model is not None)
-    a_heads = action.heads_num
-    mouse_dim, keyboard_dim = (action.t_qkv.in_features // a_heads,
-                               action.mouse_attn_q.out_features // a_heads)
-    return {
-        "kv_cache": [cache(1, frames * tokens, heads, head_dim) for _ in layers],
-        "kv_cache_mouse": [cache(tokens, frames, a_heads, mouse_dim) for _ in layers],
-        "kv_cache_keyboard": [cache(1, frames, a_heads, keyboard_dim) for _ in layers],
-        "crossattn_cache": [{"k": torch.zeros(1, 257, heads, head_dim, dtype=dtype, device=device),
-                             "v": torch.zeros(1, 257, heads, head_dim, dtype=dtype, device=device),
-                             "is_init": False} for _ in layers],
-    }
+    return new_stream_caches(model, 1, frames, LATENT[0] * LATENT[1] // 4)
 
 
 def _reset(caches: dict):

@@ -52,14 +52,15 @@ class ActionRope:
 
     def __init__(self, rope_dim_list, theta: float):
         self.head_dim = sum(rope_dim_list)
-        # on the CPU whatever the default device (tables are made per call and moved)
         self.inv_freq = action_inverse_frequencies(list(rope_dim_list), theta, device="cpu")
 
     def table(self, start_frame: int, num_frames: int, device):
         """(cos, sin) [num_frames, head_dim] float32, each angle repeated for its channel pair."""
-        frames = torch.arange(start_frame, start_frame + num_frames, device="cpu")
+        if self.inv_freq.device != torch.device(device):  # moved once, like a buffer
+            self.inv_freq = self.inv_freq.to(device)
+        frames = torch.arange(start_frame, start_frame + num_frames, device=device)
         table = angles(frames, self.inv_freq).repeat_interleave(2, dim=1)
-        return table.cos().float().to(device), table.sin().float().to(device)
+        return table.cos().float(), table.sin().float()
 
     def __call__(self, x: torch.Tensor, start_frame: int) -> torch.Tensor:
         """x: [N, T, ..., head_dim] with frames on dim 1; frame t sits at `start_frame + t`."""
