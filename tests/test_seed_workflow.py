@@ -12,6 +12,7 @@ from helpers import HAS_CUDA
 ROOT = Path(__file__).resolve().parent.parent
 NODE = "tests/test_causal_wan_model.py::TestCausalWanModel::"
 SEED_COMMANDS = [
+    ("pytest tests/test_causal_wan_model.py -v", 5),
     (f"pytest {NODE}test_forward_correctness -v -s", 1),
     (f"pytest {NODE}test_forward_with_kv_cache -v -s", 1),
     (f"pytest {NODE}test_performance_benchmark -v -s", 2),
