@@ -21,6 +21,7 @@ from .attention import attention, block_causal_mask
 from .rolling_cache import write_and_read_window
 from .rope import ActionRope
 
+
 class WanRMSNorm(layers.WanRMSNorm):
     """The action module's RMS norm. It owns a `weight` (for checkpoint compatibility) that upstream
     never applies, and it normalises in the input dtype."""
