@@ -1,13 +1,15 @@
 """CUDA-graph capture and replay of the streaming forward.
 
-One graph per key (attended slots, dtype, input names and shapes; the model keeps the graphs of
-one cache storage at a time), all in one memory pool.
+One graph per key (attended slots, dtype, input names and shapes), all in one memory pool. A graph
+writes into the cache buffers it was captured with, so the runner holds the graphs of one cache
+storage at a time (`use_storage`): upstream's pipeline allocates new dicts for every video, and
+another storage drops the graphs and their pool.
 Inputs are copied into static buffers before each replay; the output is cloned out of the pool so a
 caller can keep it across calls. Capture follows the usual recipe: warm up on a side stream, then
 capture the same call.
 """
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -32,6 +34,8 @@ class GraphRunner:
     def __init__(self):
         self.graphs: Dict[tuple, tuple] = {}
         self.pool = None
+        self._storage_ids: Optional[tuple] = None
+        self._storage: List[torch.Tensor] = []  # held, so that equal ids mean the same tensors
 
     def __len__(self):
         return len(self.graphs)
@@ -39,6 +43,15 @@ class GraphRunner:
     def clear(self):
         self.graphs.clear()
         self.pool = None
+        self._storage_ids, self._storage = None, []
+
+    def use_storage(self, tensors: List[torch.Tensor]):
+        """The graphs run next write into `tensors` (a cache's buffers): keep the graphs captured
+        with these very tensors, drop all others."""
+        ids = tuple(map(id, tensors))
+        if ids != self._storage_ids:
+            self.clear()
+            self._storage_ids, self._storage = ids, list(tensors)
 
     def run(self, key: tuple, fn: Callable[..., torch.Tensor], inputs: Dict[str, torch.Tensor]):
         """fn(**inputs) through the graph of `key`, capturing it on first use. fn must only launch

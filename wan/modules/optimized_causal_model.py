@@ -23,7 +23,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -35,16 +35,9 @@ from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
                                    first_action_module, per_frame_timesteps)
 from ..kernels.registry import describe_resolved, load_selection, resolve_all
 from ..kernels.rope_tables import action_inverse_frequencies, angles, self_attention_angles
-from ..kernels.stream_cache import StreamCache
+from ..kernels.layer_plan import ActionPlan, BlockPlan, ModelPlan
+from ..kernels.stream_cache import DictBinding, StreamCache, dict_identity
 from .causal_model import CausalWanModel
-
-
-class _CallerStorage(NamedTuple):
-    """The caller's cache dicts of the last call, as the model remembers them."""
-    ids: tuple                  # id() of every tensor under "k"/"v", in a fixed order
-    tensors: list               # those tensors (held: their ids stay unique)
-    cache: StreamCache          # the ring view built over them
-    checked_shape: torch.Size   # the input shape they were checked against
 
 
 @dataclass
@@ -99,20 +92,31 @@ class OptimizedCausalWanModel(CausalWanModel):
         self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
         self._stream: Optional[StreamCache] = None
         self._graphs = GraphRunner()
-        self._graph_storage = None  # (identity, tensors) of the storage the graphs write to
-        # the caller's cache dicts of the last call (a _CallerStorage). Holding the tensors keeps
-        # every id unique, so equal ids mean the very same tensors; it also keeps them alive until
-        # a call brings other dicts or release_caches() is called.
-        self._caller: Optional[_CallerStorage] = None
+        self._bound = DictBinding()  # the caller's dicts of the last call, wrapped as a ring cache
+        self._plan: Optional[ModelPlan] = None  # built at the first streaming forward
+        self.register_load_state_dict_post_hook(_forget_plan_after_load)
         self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
         self._warned_no_graphs = False
 
     # ------------------------------------------------------------------ configuration
     def set_backend(self, backend=None):
-        """Select backends again (same forms as the constructor's `backend`)."""
+        """Select backends again (same forms as the constructor's `backend`). Also reads the module
+        tree again: call it after replacing a submodule."""
         self.backend = load_selection(backend)
         self._per_device.clear()
+        self._forget_plan()
         self._drop_graphs()
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to(), .half(), .cuda(), ... give the parameters new storage: the plan packed over the
+        old storage, and the graphs that read it, are dropped (rebuilt at the next forward)."""
+        self._forget_plan()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _forget_plan(self):
+        if getattr(self, "_plan", None) is not None:
+            self._plan = None
+            self._drop_graphs()
 
     def enable_cuda_graphs(self, enabled: bool = True):
         self.cuda_graphs = enabled
@@ -155,11 +159,10 @@ class OptimizedCausalWanModel(CausalWanModel):
         """Drop every reference the model holds to cache memory: the owned stream, the caller's
         dicts of the last call and the captured graphs (and their memory pool)."""
         self.end_stream()
-        self._caller = None
+        self._bound.clear()
 
     def _drop_graphs(self):
         self._graphs.clear()
-        self._graph_storage = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
@@ -177,53 +180,40 @@ class OptimizedCausalWanModel(CausalWanModel):
                            keyboard_cond=None, kv_cache=None, kv_cache_mouse=None,
                            kv_cache_keyboard=None, crossattn_cache=None, current_start: int = 0,
                            cache_start: int = 0):
-        caller = self._caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
-        known = caller is not None and self._caller is not None and caller[0] == self._caller.ids
+        # 1. inputs, checked (the caller's dicts only when they were not checked already)
+        dicts = (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
+        identity = dict_identity(dicts) if kv_cache is not None else None
+        dicts_checked = self._bound.checked(identity, x.shape)
         check_forward_inputs(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
-                             kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
-                             current_start, read_cache_position=False, streaming=True,
-                             check_caches=not (known and self._caller.checked_shape == x.shape))
+                             *dicts, current_start, read_cache_position=False, streaming=True,
+                             check_caches=not dicts_checked)
         t = per_frame_timesteps(self, x, t)
         pt, ph, pw = self.patch_size
         tokens_per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
         frames = x.shape[2] // pt
         start = current_start // tokens_per_frame
+
+        # 2. the cache (a ring over the caller's dicts, or the owned stream) and the position
         if kv_cache is not None:
-            if known and self._caller.cache.tokens_per_frame == tokens_per_frame:
-                cache = self._caller.cache
-            else:
-                cache = StreamCache.from_upstream_dicts(self, kv_cache, kv_cache_mouse,
-                                                        kv_cache_keyboard, crossattn_cache,
-                                                        tokens_per_frame)
+            cache = self._bound.cache_for(self, dicts, identity, tokens_per_frame)
             if start == 0:  # upstream pipelines start a new stream at frame 0 in reset dicts
                 cache.end_frame = 0
         else:
-            cache = self._stream
-            if cache.self_k[0].shape[0] != x.shape[0] or cache.tokens_per_frame != tokens_per_frame:
-                raise ValueError(
-                    f"the stream was started for batch {cache.self_k[0].shape[0]} and "
-                    f"{cache.tokens_per_frame} tokens per frame; got batch {x.shape[0]} and "
-                    f"{tokens_per_frame}: call start_stream(batch=..., latent_size=...)")
+            cache = self._owned_stream(x.shape[0], tokens_per_frame)
         check_stream_position("stream", cache.end_frame, start, frames, "frames")
         state = self._state(x.device, x.dtype)  # an unrunnable backend fails here, before writes
-
-        if not cache.cross_ready:  # new stream: the image context's k/v get (fixed) storage
-            self._cross_storage(cache, visual_context)
-            if caller is not None:  # that storage may be new tensors in the caller's dicts
-                caller = self._caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard,
-                                              crossattn_cache)
-        # (identity, what keeps it unique): the caller's tensors, or the owned stream (its graphs
-        # are dropped whenever it is reallocated)
-        storage = caller if caller is not None else (("owned", id(cache)), cache)
+        plan = self._layer_plan()
         graphs = self._graphs_usable(x)
-        if graphs and (self._graph_storage is None or storage[0] != self._graph_storage[0]):
-            # a graph is tied to the buffers it captured; upstream's pipeline allocates new
-            # dicts for every video, so keep only the current storage's graphs (and pool)
-            self._drop_graphs()
-            self._graph_storage = storage
 
-        if not cache.cross_ready:
-            project = functools.partial(self._project_image_context, cache=cache, ops=state.ops)
+        # 3. a new stream: the image context's keys/values, projected once into fixed storage
+        new_stream = not cache.cross_ready
+        if new_stream:
+            self._cross_storage(cache, visual_context)
+        if graphs:
+            self._graphs.use_storage(cache.buffers())
+        if new_stream:
+            project = functools.partial(self._project_image_context, cache=cache, ops=state.ops,
+                                        plan=plan)
             if graphs:  # a new stream every call (the seed protocol) costs one replay, not ~150
                 self._graphs.run(("image_context", visual_context.shape, x.dtype), project,
                                  {"visual_context": visual_context})
@@ -231,6 +221,10 @@ class OptimizedCausalWanModel(CausalWanModel):
                 project(visual_context)
             for slot in cache.cross:
                 slot["is_init"] = True
+        if kv_cache is not None and (new_stream or not dicts_checked):
+            self._bound.bind(dicts, cache, x.shape)
+
+        # 4. the blocks, replayed from the graph of this phase or run eagerly
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}
         action = first_action_module(self)
         if action is not None and action.enable_mouse:
@@ -240,30 +234,32 @@ class OptimizedCausalWanModel(CausalWanModel):
         state.start_frame.fill_(start)
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
-        compute = functools.partial(self._compute, cache=cache, phase=phase, state=state)
+        compute = functools.partial(self._compute, cache=cache, phase=phase, state=state,
+                                    plan=plan)
         if graphs:
             key = (phase, x.dtype, tuple((name, value.shape) for name, value in inputs.items()))
             out = self._graphs.run(key, compute, inputs)
         else:
             out = compute(**inputs)
         cache.end_frame = max(cache.end_frame, end)
-        if caller is not None:  # only the latest caller storage is remembered
-            self._caller = _CallerStorage(*caller, cache, x.shape)
         return out
 
-    @staticmethod
-    def _caller_storage(kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache):
-        """(ids, tensors) of everything under "k"/"v" in the caller's cache dicts, None without
-        dicts or when they are malformed (the input checks then say what is wrong)."""
-        if kv_cache is None:
-            return None
-        try:
-            tensors = [cache[key] for caches in (kv_cache, kv_cache_mouse, kv_cache_keyboard,
-                                                 crossattn_cache) if caches is not None
-                       for cache in caches for key in ("k", "v")]
-        except (KeyError, TypeError, IndexError):
-            return None
-        return tuple(map(id, tensors)), tensors
+    def _owned_stream(self, batch: int, tokens_per_frame: int) -> StreamCache:
+        cache = self._stream
+        if cache.self_k[0].shape[0] != batch or cache.tokens_per_frame != tokens_per_frame:
+            raise ValueError(
+                f"the stream was started for batch {cache.self_k[0].shape[0]} and "
+                f"{cache.tokens_per_frame} tokens per frame; got batch {batch} and "
+                f"{tokens_per_frame}: call start_stream(batch=..., latent_size=...)")
+        return cache
+
+    def _layer_plan(self) -> ModelPlan:
+        """The per-layer plan (wan/kernels/layer_plan.py), built again when parameters got new
+        storage; graphs captured over the old storage are dropped with it."""
+        if self._plan is None or not self._plan.is_current():
+            self._forget_plan()
+            self._plan = ModelPlan(self)
+        return self._plan
 
     # ------------------------------------------------------------------ pieces run outside graphs
     def _graphs_usable(self, x) -> bool:
@@ -320,20 +316,19 @@ class OptimizedCausalWanModel(CausalWanModel):
                         and held.device == visual_context.device):
                     slot[name] = visual_context.new_empty(shape)
 
-    def _project_image_context(self, visual_context, *, cache: StreamCache, ops):
+    def _project_image_context(self, visual_context, *, cache: StreamCache, ops, plan):
         """Cross-attention keys/values of the image context, once per stream, written into the
         storage `_cross_storage` prepared."""
         context = self.img_emb(visual_context)
         b = context.shape[0]
-        for block, slot in zip(self.blocks, cache.cross):
-            attn = block.cross_attn
-            ops.norm_rope_store(attn.k(context), *_norm_args(attn.norm_k), None, None,
-                                attn.num_heads, slot["k"])
-            slot["v"].copy_(attn.v(context).view(b, -1, attn.num_heads, attn.head_dim))
+        for layer, slot in zip(plan.blocks, cache.cross):
+            ops.norm_rope_store(layer.cross_k(context), *layer.cross_k_norm, None, None,
+                                layer.heads, slot["k"])
+            slot["v"].copy_(layer.cross_v(context).view(b, -1, layer.heads, slot["v"].shape[-1]))
 
     # ------------------------------------------------------------------ the captured part
     def _compute(self, x, t, cond_concat, mouse_window=None, keyboard_window=None, *, cache,
-                 phase, state):
+                 phase, state, plan):
         """Device work only (no host sync, shapes fixed by the inputs and `phase`)."""
         ops = state.ops
         b = x.shape[0]
@@ -355,10 +350,10 @@ class OptimizedCausalWanModel(CausalWanModel):
                      self_slots=cache.self_layout.slot_of(frame_ids),
                      action_slots=cache.action_layout.slot_of(frame_ids), rope=rope,
                      action_rope=action_rope, rope_dtype=state.rope_dtype, frames=frames,
-                     conditions=self._condition_projections(mouse_window, keyboard_window, frames,
-                                                            state.side_stream))
-        # every block's adaLN factors in two launches instead of one add per block: [L, B, F, 6, C]
-        modulations = torch.stack([block.modulation for block in self.blocks])[:, None] + e0
+                     conditions=self._condition_projections(plan, mouse_window, keyboard_window,
+                                                            frames, state.side_stream))
+        # every block's adaLN factors in one add (the modulations are packed): [L, B, F, 6, C]
+        modulations = plan.modulations.tensor[:, None] + e0
         head_shift, head_scale = (self.head.modulation.unsqueeze(1)
                                   + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
         # (shift, scale, eps) of the LayerNorm + modulation that opens each block, then the head's
@@ -368,55 +363,52 @@ class OptimizedCausalWanModel(CausalWanModel):
         # each block ends with its FFN's gated residual fused with the next opening norm, so a block
         # gets its input normalised already
         normed = ops.layer_norm_modulate(tokens, *opening_norms[0])
-        for i, block in enumerate(self.blocks):
-            tokens, normed = self._block(i, block, tokens, normed, modulations[i], step,
-                                         opening_norms[i + 1])
+        for layer in plan.blocks:
+            tokens, normed = self._block(layer, tokens, normed, modulations[layer.index], step,
+                                         opening_norms[layer.index + 1])
         out = self.head.head(normed)
         pt, ph, pw = self.patch_size
         out = out.view(b, frames, h, w, pt, ph, pw, self.out_dim)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
             b, self.out_dim, frames * pt, h * ph, w * pw)
 
-    def _block(self, i, block, tokens, hn, modulation, step, next_norm):
+    @staticmethod
+    def _block(layer: BlockPlan, tokens, hn, modulation, step, next_norm):
         """tokens and hn (their opening LayerNorm + modulation) -> this block's output and the
         output normalised by `next_norm` (shift, scale, eps)."""
-        ops, cache = step.ops, step.cache
+        ops, cache, i = step.ops, step.cache, layer.index
         _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = modulation.chunk(6, dim=2)
 
-        # self-attention over this block and the cached frames
-        attn = block.self_attn
-        heads = attn.num_heads
-        cos, sin = step.rope
-        # RMS norm + RoPE of q and k, and the writes of k and v into their cache slots, in one op
+        # self-attention over this block and the cached frames: q/k/v in one GEMM, then RMS norm +
+        # RoPE of q and k and the writes of k and v into their cache slots in one op
+        qkv = F.linear(hn, layer.qkv.tensor, layer.qkv_bias and layer.qkv_bias.tensor)
         q = ops.qkv_norm_rope_store(
-            attn.q(hn), attn.k(hn), attn.v(hn), _norm_weight(attn.norm_q), _norm_weight(attn.norm_k),
-            _shared_norm_eps(attn.norm_q, attn.norm_k), cos, sin, heads, cache.self_k[i],
-            cache.self_v[i], step.self_slots, step.rope_dtype)
+            *qkv.chunk(3, dim=-1), layer.q_norm, layer.k_norm, layer.qk_eps, *step.rope,
+            layer.heads, cache.self_k[i], cache.self_v[i], step.self_slots, step.rope_dtype)
         y = ops.self_attention(q, *cache.self_window(i, step.attended_self))
-        update = attn.o(y.flatten(2))
+        update = layer.self_out(y.flatten(2))
         # the gated residual (per frame), with the cross-attention's pre-norm in the same pass
-        if isinstance(block.norm3, nn.LayerNorm):
-            tokens, normed = ops.gated_residual_layer_norm(
-                tokens, update, gate_msa, block.norm3.weight, block.norm3.bias, block.norm3.eps)
+        norm = layer.cross_norm
+        if norm is not None:
+            tokens, normed = ops.gated_residual_layer_norm(tokens, update, gate_msa, norm.weight,
+                                                           norm.bias, norm.eps)
         else:
             tokens = normed = ops.gated_residual(tokens, update, gate_msa)
 
         # cross-attention to the image context (keys/values projected once per stream)
-        cross = block.cross_attn
-        q = ops.norm_rope_store(cross.q(normed), *_norm_args(cross.norm_q), None, None, heads)
+        q = ops.norm_rope_store(layer.cross_q(normed), *layer.cross_q_norm, None, None, layer.heads)
         y = ops.cross_attention(q, cache.cross[i]["k"], cache.cross[i]["v"])
-        tokens = tokens + cross.o(y.flatten(2))
+        tokens = tokens + layer.cross_out(y.flatten(2))
 
-        if block.action_model is not None:
-            tokens = self._action(i, block.action_model, tokens, step)
+        if layer.action is not None:
+            tokens = _action(layer.action, i, tokens, step)
 
-        hn = ops.layer_norm_modulate(tokens, shift_ffn, scale_ffn, block.norm2.eps)
-        ffn_in, ffn_out = _ffn_linears(block.ffn)
-        hidden = ops.linear_gelu(hn, ffn_in.weight, ffn_in.bias)
-        return ops.gated_residual_layer_norm_modulate(tokens, ffn_out(hidden), gate_ffn,
+        hn = ops.layer_norm_modulate(tokens, shift_ffn, scale_ffn, layer.ffn_norm_eps)
+        hidden = ops.linear_gelu(hn, layer.ffn_in.weight, layer.ffn_in.bias)
+        return ops.gated_residual_layer_norm_modulate(tokens, layer.ffn_out(hidden), gate_ffn,
                                                       *next_norm)
 
-    def _condition_projections(self, mouse_window, keyboard_window, frames, side_stream):
+    def _condition_projections(self, plan, mouse_window, keyboard_window, frames, side_stream):
         """{layer: (mouse window's share of the mouse MLP's first layer [B, F, 1, C], keyboard
         keys, keyboard values, ready event)}: what the action modules compute from the conditions
         alone. ~7 tiny launches per action layer; on CUDA they run on a side stream beside the
@@ -429,65 +421,72 @@ class OptimizedCausalWanModel(CausalWanModel):
         on_side = (torch.cuda.stream(side_stream) if side_stream is not None
                    else contextlib.nullcontext())
         with on_side:
-            for i, block in enumerate(self.blocks):
-                action = block.action_model
+            for layer in plan.blocks:
+                action = layer.action
                 if action is None:
                     continue
                 mouse = keyboard_k = keyboard_v = None
-                if action.enable_mouse:  # the first layer's input is [tokens, mouse window]
-                    first = action.mouse_mlp[0]
-                    mouse = F.linear(_frame_windows(action, mouse_window),
+                if action.mouse:  # the first layer's input is [tokens, mouse window]
+                    first = action.mouse_first
+                    mouse = F.linear(_frame_windows(action.module, mouse_window),
                                      first.weight[:, self.dim:], first.bias)[:, :, None]
-                if action.enable_keyboard:
-                    embedded = action.keyboard_embed(keyboard_window)
-                    keyboard_k, keyboard_v = action.keyboard_attn_kv(
-                        _frame_windows(action, embedded)).view(
-                            embedded.shape[0], frames, 2, action.heads_num, -1).unbind(2)
+                if action.keyboard:
+                    module = action.module
+                    embedded = module.keyboard_embed(keyboard_window)
+                    keyboard_k, keyboard_v = module.keyboard_attn_kv(
+                        _frame_windows(module, embedded)).view(
+                            embedded.shape[0], frames, 2, action.heads, -1).unbind(2)
                 ready = None
                 if side_stream is not None:
                     ready = torch.cuda.Event()
                     ready.record(side_stream)
-                projections[i] = (mouse, keyboard_k, keyboard_v, ready)
+                projections[layer.index] = (mouse, keyboard_k, keyboard_v, ready)
         return projections
 
-    def _action(self, i, action, tokens, step):
-        ops, cache = step.ops, step.cache
-        n_action, slots = step.attended_action, step.action_slots
-        cos, sin = step.action_rope
-        frames = step.frames
-        b, length, c = tokens.shape
-        spatial = length // frames
-        heads = action.heads_num
-        mouse_bias, keyboard_k, keyboard_v, ready = step.conditions[i]
-        if ready is not None:
-            torch.cuda.current_stream().wait_event(ready)
 
-        # the attention ops take the raw projections: q/k norm, RoPE and the cache writes of k/v
-        # happen inside them (wan/kernels/registry.py)
-        if action.enable_mouse:
-            # attention per spatial token over frames. The MLP runs in the tokens' own frame-major
-            # layout, and its first layer is split: the mouse window is shared by all tokens of a
-            # frame, so it is projected once per frame instead of concatenated to 880 tokens
-            first, second, norm = _mouse_mlp_layers(action.mouse_mlp)
-            h = ops.frame_bias_gelu(F.linear(tokens, first.weight[:, :c]), mouse_bias)
-            h = ops.layer_norm(second(h), norm.weight, norm.bias, norm.eps)
-            qkv = action.t_qkv(h).view(b, frames, spatial, 3, heads, -1)
-            # [B*S, F, H, D] sequence views of the projection (a copy only when B > 1)
-            q, k, v = qkv.transpose(1, 2).reshape(b * spatial, frames, 3, heads, -1).unbind(2)
-            eps = _shared_norm_eps(action.img_attn_q_norm, action.img_attn_k_norm)
-            y = ops.mouse_attention(q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots,
-                                    n_action, cos, sin, eps)
-            y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
-            tokens = _add_projection(tokens, y, action.proj_mouse)
+def _action(action: ActionPlan, i: int, tokens, step):
+    """The action module of layer i: mouse and keyboard attention added to the tokens."""
+    ops, cache = step.ops, step.cache
+    n_action, slots = step.attended_action, step.action_slots
+    cos, sin = step.action_rope
+    frames = step.frames
+    b, length, c = tokens.shape
+    spatial = length // frames
+    heads, module = action.heads, action.module
+    mouse_bias, keyboard_k, keyboard_v, ready = step.conditions[i]
+    if ready is not None:
+        torch.cuda.current_stream().wait_event(ready)
 
-        if action.enable_keyboard:
-            # every token attends to the few key frames directly: the keys are never repeated
-            q = action.mouse_attn_q(tokens).view(b, length, heads, -1)
-            eps = _shared_norm_eps(action.key_attn_q_norm, action.key_attn_k_norm)
-            y = ops.keyboard_attention(q, keyboard_k, keyboard_v, cache.keyboard_k[i],
-                                       cache.keyboard_v[i], slots, n_action, cos, sin, eps)
-            tokens = _add_projection(tokens, y.flatten(2), action.proj_keyboard)
-        return tokens
+    # the attention ops take the raw projections: q/k norm, RoPE and the cache writes of k/v
+    # happen inside them (wan/kernels/registry.py)
+    if action.mouse:
+        # attention per spatial token over frames. The MLP runs in the tokens' own frame-major
+        # layout, and its first layer is split: the mouse window is shared by all tokens of a
+        # frame, so it is projected once per frame instead of concatenated to 880 tokens
+        h = ops.frame_bias_gelu(F.linear(tokens, action.mouse_first.weight[:, :c]), mouse_bias)
+        norm = action.mouse_norm
+        h = ops.layer_norm(action.mouse_second(h), norm.weight, norm.bias, norm.eps)
+        qkv = module.t_qkv(h).view(b, frames, spatial, 3, heads, -1)
+        # [B*S, F, H, D] sequence views of the projection (a copy only when B > 1)
+        q, k, v = qkv.transpose(1, 2).reshape(b * spatial, frames, 3, heads, -1).unbind(2)
+        y = ops.mouse_attention(q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots, n_action, cos,
+                                sin, action.mouse_eps)
+        y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
+        tokens = _add_projection(tokens, y, module.proj_mouse)
+
+    if action.keyboard:
+        # every token attends to the few key frames directly: the keys are never repeated
+        q = module.mouse_attn_q(tokens).view(b, length, heads, -1)
+        y = ops.keyboard_attention(q, keyboard_k, keyboard_v, cache.keyboard_k[i],
+                                   cache.keyboard_v[i], slots, n_action, cos, sin,
+                                   action.keyboard_eps)
+        tokens = _add_projection(tokens, y.flatten(2), module.proj_keyboard)
+    return tokens
+
+
+def _forget_plan_after_load(model, incompatible_keys):
+    """load_state_dict's post hook (a module-level function: models stay picklable)."""
+    model._forget_plan()
 
 
 def _condition_steps(action, cond, start_frame: int, frames: int):
@@ -501,11 +500,6 @@ def _frame_windows(action, steps):
     return frame_windows(steps, action.vae_time_compression_ratio, action.windows_size)
 
 
-def _norm_args(norm):
-    """(weight, eps) of the backbone's RMS norm, (None, None) when qk_norm is off."""
-    return (None, None) if isinstance(norm, nn.Identity) else (norm.weight, norm.eps)
-
-
 def _add_projection(tokens, y, linear):
     """tokens + linear(y). A bias-free layer accumulates into `tokens` inside its GEMM (beta = 1),
     in place: callers pass a `tokens` that nothing else holds (each block's residual stream is a
@@ -514,46 +508,6 @@ def _add_projection(tokens, y, linear):
         return tokens + linear(y)
     return tokens.view(-1, tokens.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]),
                                                     linear.weight.t()).view(tokens.shape)
-
-
-def _layers_of(sequence, kinds, name):
-    """The modules of an nn.Sequential, which must match `kinds` (a GELU must be the tanh form,
-    as upstream's): the fused ops replace them by their math."""
-    ok = len(sequence) == len(kinds) and all(
-        isinstance(m, kind) and (kind is not nn.GELU or m.approximate == "tanh")
-        for m, kind in zip(sequence, kinds))
-    if not ok:
-        expected = ", ".join("GELU(approximate='tanh')" if k is nn.GELU else k.__name__
-                             for k in kinds)
-        raise ValueError(f"expected {name} of {expected}; got {sequence}")
-    return list(sequence)
-
-
-def _ffn_linears(ffn):
-    """The FFN's two Linear layers: the first one and the GELU run as one `linear_gelu` op."""
-    first, _, second = _layers_of(ffn, (nn.Linear, nn.GELU, nn.Linear), "an FFN")
-    return first, second
-
-
-def _mouse_mlp_layers(mlp):
-    """(first Linear, second Linear, LayerNorm) of the mouse MLP; its GELU runs inside the
-    `frame_bias_gelu` op."""
-    first, _, second, norm = _layers_of(mlp, (nn.Linear, nn.GELU, nn.Linear, nn.LayerNorm),
-                                        "a mouse MLP")
-    return first, second, norm
-
-
-def _norm_weight(norm):
-    return None if isinstance(norm, nn.Identity) else norm.weight
-
-
-def _shared_norm_eps(q_norm, k_norm):
-    """The eps of a q/k pair of RMS norms, None when qk_norm is off: the fused ops take one eps
-    for both."""
-    eps = {None if isinstance(n, nn.Identity) else n.eps for n in (q_norm, k_norm)}
-    if len(eps) != 1:
-        raise ValueError(f"the action module's q and k norms differ (eps {sorted(map(str, eps))})")
-    return eps.pop()
 
 
 def _cos_sin(angle, dtype):

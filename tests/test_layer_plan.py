@@ -1,0 +1,100 @@
+"""The streaming forward's per-layer plan (wan/kernels/layer_plan.py): packing q/k/v and the
+modulations into one tensor changes no value, name or state dict; loading in place writes through;
+new storage (`.to()`, assign loads) is noticed and the plan rebuilt; results stay the reference's."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import build_model, make_caches, max_rel_err, run_stream, tiny_variant_config
+from wan.kernels.layer_plan import ModelPlan, Packed
+from wan.modules.optimized_causal_model import OptimizedCausalWanModel
+
+
+def _pair(variant="universal", dtype=torch.float64):
+    config = tiny_variant_config(variant)
+    return (build_model(config=config, dtype=dtype),
+            build_model(config=config, dtype=dtype, cls=OptimizedCausalWanModel))
+
+
+def _stream(model, blocks=3):
+    return run_stream(model, blocks, caches=make_caches(model))
+
+
+def test_packing_keeps_parameters_values_and_names():
+    _, model = _pair()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = {name: id(p) for name, p in model.named_parameters()}
+    plan = ModelPlan(model)
+    after = dict(model.named_parameters())
+    assert {name: id(p) for name, p in after.items()} == ids
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    attn = model.blocks[1].self_attn
+    fused = plan.blocks[1].qkv.tensor
+    assert torch.equal(fused, torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+    assert attn.k.weight.data_ptr() == fused[attn.q.weight.shape[0]:].data_ptr()  # a view
+    assert plan.modulations.tensor.shape == (len(model.blocks), *model.blocks[0].modulation.shape)
+    assert plan.is_current()
+
+
+def test_load_state_dict_writes_through_the_packed_tensor():
+    reference, model = _pair()
+    plan = ModelPlan(model)
+    other = build_model(config=tiny_variant_config("universal"), seed=7)
+    model.load_state_dict(other.state_dict())
+    assert plan.is_current()
+    attn = other.blocks[0].self_attn
+    assert torch.equal(plan.blocks[0].qkv.tensor,
+                       torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+    assert torch.equal(plan.modulations.tensor[-1], other.blocks[-1].modulation.detach())
+
+
+@torch.no_grad()
+def test_new_storage_rebuilds_the_plan_and_results_follow_the_weights():
+    reference, model = _pair()
+    expected = _stream(reference)
+    assert max_rel_err(_stream(model), expected) <= 1e-6
+    plan = model._plan
+    model.float().double()  # every parameter gets storage of its own again
+    assert not plan.is_current()
+    assert max_rel_err(_stream(model), expected) <= 1e-6
+    assert model._plan is not plan and model._plan.is_current()
+    # an assign-load gives new tensors too: the next forward must read them, not the old pack
+    other = build_model(config=tiny_variant_config("universal"), seed=7)
+    model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    assert max_rel_err(_stream(model), _stream(other)) <= 1e-6
+
+
+def test_state_dict_of_a_packed_model_saves_and_loads(tmp_path):
+    reference, model = _pair()
+    ModelPlan(model)
+    path = tmp_path / "packed.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = load_file(str(path))
+    reference.load_state_dict(loaded)
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+
+def test_packed_rejects_mixed_bias():
+    from wan.kernels.layer_plan import _pack_optional
+    with pytest.raises(ValueError, match="bias"):
+        _pack_optional([torch.nn.Parameter(torch.zeros(2)), None, None])
+
+
+def test_packed_notices_a_moved_module():
+    """The safety net for what the model's own hooks do not see: a submodule converted alone."""
+    linears = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    packed = Packed([linear.weight for linear in linears])
+    assert packed.intact()
+    linears.double()
+    assert not packed.intact()
+
+
+def test_model_forgets_its_plan_on_conversion_and_load():
+    _, model = _pair()
+    _stream(model, blocks=1)
+    assert model._plan is not None
+    model.to(torch.float64)
+    assert model._plan is None
+    _stream(model, blocks=1)
+    model.load_state_dict(model.state_dict())
+    assert model._plan is None
