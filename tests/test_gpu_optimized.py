@@ -172,3 +172,24 @@ def test_long_stream_captures_nothing_and_holds_memory_after_warm_up():
         allocated.append(torch.cuda.memory_allocated())
     assert graphs[2] == graphs[-1] == 3  # image context, window filling, window full
     assert max(allocated[2:]) - min(allocated[2:]) <= 1 << 20, (min(allocated[2:]), max(allocated[2:]))
+
+
+@torch.no_grad()
+def test_graphs_follow_new_weights_and_dtype():
+    """The per-layer plan packs q/k/v into one tensor that the captured graphs read: after an
+    assign-load (new parameter objects) or a dtype change the graphs must be recaptured over the
+    new storage, not replay the old."""
+    model = build_model("universal", torch.float32, "cuda", cls=OptimizedCausalWanModel,
+                        cuda_graphs=True)
+    other = build_model("universal", torch.float32, "cuda", seed=3)
+    caches = make_caches(model, preset="universal")
+    inputs = make_inputs(model, preset="universal")
+    for _ in range(3):  # captured
+        model(**inputs, **caches, current_start=0)
+    model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    expected = other(**inputs, **make_caches(other, preset="universal"), current_start=0)
+    assert rel_err(model(**inputs, **caches, current_start=0), expected) <= 1e-4
+    model.bfloat16()
+    half = {k: (v.bfloat16() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    got = model(**half, **make_caches(model, preset="universal"), current_start=0)
+    assert rel_err(got.float(), expected) <= 0.05
