@@ -46,7 +46,7 @@ def errors(config, isolated: bool):
     caches = {m: new_stream_caches(m, 1, 6, TOKENS) for m in (ref, half)}
     out = []
     for block in range(BLOCKS):
-        inputs = random_inputs(ref, LATENT, 3, 3 * block, seed=block)
+        inputs = random_inputs(ref, LATENT, 3, 0 if isolated else 3 * block, seed=block)
         for t in (*STEPS, 0.0):
             inputs["t"] = torch.full_like(inputs["t"], t)
             start = 0 if isolated else 3 * block * TOKENS
@@ -75,6 +75,8 @@ def main():
         report["variants"][name] = errs
         per_block = [max(errs[i:i + 4]) for i in range(0, len(errs), 4)]
         print(f"{name:10s} worst per block: " + " ".join(f"{e:.3f}" for e in per_block), flush=True)
+        print(f"{'':10s} block 0 by t {(*STEPS, 0.0)}: " + " ".join(f"{e:.3f}" for e in errs[:4]),
+              flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
 

@@ -63,15 +63,21 @@ def test_bf16_error_is_within_125_percent_of_the_reference():
     reference_bf16 = copy.deepcopy(oracle).to(torch.bfloat16)
     optimized = build_model("universal", torch.bfloat16, "cuda", cls=OptimizedCausalWanModel,
                             cuda_graphs=True)
-    errors = {}
+    errors, per_call = {}, {}
     for name, model in (("reference", reference_bf16), ("optimized", optimized)):
         got = _replay(model, calls, make_caches(model, preset="universal"), torch.bfloat16)
         diffs = [(g.double() - e.double()).abs() for g, e in zip(got, expected)]
-        errors[name] = {"rel": max(rel_err(g, e) for g, e in zip(got, expected)),
-                        "max_abs": max(d.max().item() for d in diffs),
+        per_call[name] = [rel_err(g, e) for g, e in zip(got, expected)]
+        errors[name] = {"rel": max(per_call[name]), "max_abs": max(d.max().item() for d in diffs),
                         "mean_abs": sum(d.mean().item() for d in diffs) / len(diffs)}
     print("bf16 vs fp32 reference:", errors, optimized.backend_report())
-    assert errors["optimized"]["rel"] <= 1.25 * errors["reference"]["rel"]
+    # per call, not only the worst: with these random weights the first denoising step's error is
+    # ~1.8% but the second one's ~26% (benchmarks/bf16_drift.py: the same in a fresh cache, so no
+    # drift), and a 5% bug would hide under the worst call's 26%; it cannot under 1.25 x 1.8%
+    ratios = [o / r for o, r in zip(per_call["optimized"], per_call["reference"])]
+    print(f"per-call error ratio optimized / reference: max {max(ratios):.3f}, "
+          f"median {sorted(ratios)[len(ratios) // 2]:.3f}")
+    assert all(o <= 1.25 * r + 1e-4 for o, r in zip(per_call["optimized"], per_call["reference"]))
 
 
 ATTENTION_SHAPES = {  # (q shape, k/v shape) as the model calls them, plus awkward sizes
@@ -187,6 +193,8 @@ def test_graphs_follow_new_weights_and_dtype():
     for _ in range(3):  # captured
         model(**inputs, **caches, current_start=0)
     model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    for entry in caches["crossattn_cache"]:  # a new stream in the same storage (the seed protocol)
+        entry["is_init"] = False
     expected = other(**inputs, **make_caches(other, preset="universal"), current_start=0)
     assert rel_err(model(**inputs, **caches, current_start=0), expected) <= 1e-4
     model.bfloat16()

@@ -98,3 +98,19 @@ def test_model_forgets_its_plan_on_conversion_and_load():
     _stream(model, blocks=1)
     model.load_state_dict(model.state_dict())
     assert model._plan is None
+
+
+@torch.no_grad()
+def test_unfused_qkv_gives_the_same_stream(monkeypatch):
+    """WAN_FUSED_QKV=0 (the off switch): three GEMMs, parameters not packed, same results."""
+    reference, model = _pair()
+    expected = _stream(reference)
+    monkeypatch.setenv("WAN_FUSED_QKV", "0")
+    assert max_rel_err(_stream(model), expected) <= 1e-6
+    assert model._plan.blocks[0].qkv is None
+    q = model.blocks[0].self_attn.q.weight
+    assert q.untyped_storage().nbytes() == q.numel() * q.element_size()  # its own storage
+    monkeypatch.setenv("WAN_FUSED_QKV", "yes")
+    model.set_backend()
+    with pytest.raises(ValueError, match="WAN_FUSED_QKV"):
+        _stream(model, blocks=1)

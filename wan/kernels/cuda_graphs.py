@@ -36,6 +36,7 @@ class GraphRunner:
         self.pool = None
         self._storage_ids: Optional[tuple] = None
         self._storage: List[torch.Tensor] = []  # held, so that equal ids mean the same tensors
+        self._cache = None  # the StreamCache those buffers were read from
 
     def __len__(self):
         return len(self.graphs)
@@ -43,15 +44,20 @@ class GraphRunner:
     def clear(self):
         self.graphs.clear()
         self.pool = None
-        self._storage_ids, self._storage = None, []
+        self._storage_ids, self._storage, self._cache = None, [], None
 
-    def use_storage(self, tensors: List[torch.Tensor]):
-        """The graphs run next write into `tensors` (a cache's buffers): keep the graphs captured
-        with these very tensors, drop all others."""
+    def use_storage(self, cache, new_stream: bool):
+        """The graphs run next write into `cache`'s buffers (a StreamCache): keep the graphs captured
+        with these very tensors, drop all others. A cache object holds the same buffers for life,
+        except the image context's, which a new stream may replace: only then are they compared."""
+        if cache is self._cache and not new_stream:
+            return
+        tensors = cache.buffers()
         ids = tuple(map(id, tensors))
         if ids != self._storage_ids:
             self.clear()
-            self._storage_ids, self._storage = ids, list(tensors)
+            self._storage_ids, self._storage = ids, tensors
+        self._cache = cache
 
     def run(self, key: tuple, fn: Callable[..., torch.Tensor], inputs: Dict[str, torch.Tensor]):
         """fn(**inputs) through the graph of `key`, capturing it on first use. fn must only launch

@@ -3,7 +3,8 @@ once (as gpt-fast's model reads its weights once) instead of on every forward.
 
 Building the plan also packs parameters that one launch reads together into one tensor:
 
-* each layer's q, k and v weights and biases, so the self-attention projects with one GEMM;
+* each layer's q, k and v weights and biases, so the self-attention projects with one GEMM
+  (`WAN_FUSED_QKV=0` in the environment turns this off: three GEMMs, parameters left alone);
 * every block's `modulation`, so all blocks' adaLN factors come from one add.
 
 The parameters stay what they were (the same objects, names, values and state dict), but their
@@ -17,11 +18,13 @@ moved on its own). Replacing a submodule is not noticed: call `model.set_backend
 Only the module tree's attribute names are read here (no import of wan.modules), so the plan
 also works over upstream Matrix-Game-2's CausalWanModel.
 """
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Packed:
@@ -102,10 +105,14 @@ class ActionPlan:
 @dataclass
 class BlockPlan:
     """What one transformer block's streaming forward reads, in the order it runs."""
+
     index: int
     heads: int
-    qkv: Packed                        # self-attention q/k/v weights [3C, C] (one GEMM)
+    qkv: Optional[Packed]              # self-attention q/k/v weights [3C, C] (one GEMM)
     qkv_bias: Optional[Packed]
+    q: nn.Linear                       # the three projections, when not fused
+    k: nn.Linear
+    v: nn.Linear
     q_norm: Optional[torch.Tensor]     # RMS-norm weights of q and k (None: qk_norm off)
     k_norm: Optional[torch.Tensor]
     qk_eps: Optional[float]
@@ -121,6 +128,12 @@ class BlockPlan:
     ffn_norm_eps: float
     ffn_in: nn.Linear                  # the FFN's first layer; its GELU runs in `linear_gelu`
     ffn_out: nn.Linear
+
+    def project_qkv(self, x):
+        """The self-attention's q, k, v of x: one GEMM when packed (views of its output)."""
+        if self.qkv is None:
+            return self.q(x), self.k(x), self.v(x)
+        return F.linear(x, self.qkv.tensor, self.qkv_bias and self.qkv_bias.tensor).chunk(3, dim=-1)
 
 
 def _action_plan(action) -> Optional[ActionPlan]:
@@ -139,13 +152,23 @@ def _action_plan(action) -> Optional[ActionPlan]:
                                   "keyboard attention") if action.enable_keyboard else None))
 
 
-def _block_plan(index: int, block) -> BlockPlan:
+def fused_qkv_setting() -> bool:
+    """WAN_FUSED_QKV: 1 (default) packs q/k/v for one GEMM, 0 keeps three."""
+    value = os.environ.get("WAN_FUSED_QKV", "1").strip().lower()
+    if value not in ("0", "1"):
+        raise ValueError(f"WAN_FUSED_QKV={value!r}: use 1 or 0")
+    return value == "1"
+
+
+def _block_plan(index: int, block, fuse_qkv: bool) -> BlockPlan:
     attn, cross = block.self_attn, block.cross_attn
     ffn_in, _, ffn_out = _layers_of(block.ffn, (nn.Linear, nn.GELU, nn.Linear), "an FFN")
+    projections = (attn.q, attn.k, attn.v)
     return BlockPlan(
         index=index, heads=attn.num_heads,
-        qkv=Packed([attn.q.weight, attn.k.weight, attn.v.weight]),
-        qkv_bias=_pack_optional([attn.q.bias, attn.k.bias, attn.v.bias]),
+        qkv=Packed([p.weight for p in projections]) if fuse_qkv else None,
+        qkv_bias=_pack_optional([p.bias for p in projections]) if fuse_qkv else None,
+        q=attn.q, k=attn.k, v=attn.v,
         q_norm=_norm_weight(attn.norm_q), k_norm=_norm_weight(attn.norm_k),
         qk_eps=_shared_eps(attn.norm_q, attn.norm_k, "self-attention"),
         self_out=attn.o,
@@ -162,7 +185,8 @@ class ModelPlan:
     [L, 1, 6, C] tensor."""
 
     def __init__(self, model):
-        self.blocks = [_block_plan(i, block) for i, block in enumerate(model.blocks)]
+        fuse_qkv = fused_qkv_setting()
+        self.blocks = [_block_plan(i, block, fuse_qkv) for i, block in enumerate(model.blocks)]
         self.modulations = Packed([block.modulation for block in model.blocks], stack=True)
         self._packed = [self.modulations] + [p for b in self.blocks
                                              for p in (b.qkv, b.qkv_bias) if p is not None]

@@ -210,7 +210,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         if new_stream:
             self._cross_storage(cache, visual_context)
         if graphs:
-            self._graphs.use_storage(cache.buffers())
+            self._graphs.use_storage(cache, new_stream)
         if new_stream:
             project = functools.partial(self._project_image_context, cache=cache, ops=state.ops,
                                         plan=plan)
@@ -381,9 +381,8 @@ class OptimizedCausalWanModel(CausalWanModel):
 
         # self-attention over this block and the cached frames: q/k/v in one GEMM, then RMS norm +
         # RoPE of q and k and the writes of k and v into their cache slots in one op
-        qkv = F.linear(hn, layer.qkv.tensor, layer.qkv_bias and layer.qkv_bias.tensor)
         q = ops.qkv_norm_rope_store(
-            *qkv.chunk(3, dim=-1), layer.q_norm, layer.k_norm, layer.qk_eps, *step.rope,
+            *layer.project_qkv(hn), layer.q_norm, layer.k_norm, layer.qk_eps, *step.rope,
             layer.heads, cache.self_k[i], cache.self_v[i], step.self_slots, step.rope_dtype)
         y = ops.self_attention(q, *cache.self_window(i, step.attended_self))
         update = layer.self_out(y.flatten(2))

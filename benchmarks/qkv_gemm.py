@@ -1,0 +1,46 @@
+"""The self-attention's q/k/v projection: one GEMM over the packed [3C, C] weight against three
+[C, C] GEMMs, at the streaming shape (3 frames x 880 tokens, C = 1536), CUDA events, medians.
+
+    python benchmarks/qkv_gemm.py [--dtype bf16]
+"""
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+
+def median_ms(fn, reps=200, warmup=20):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--tokens", type=int, default=3 * 880)
+    p.add_argument("--dim", type=int, default=1536)
+    args = p.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    x = torch.randn(1, args.tokens, args.dim, device="cuda", dtype=dtype)
+    w = torch.randn(3 * args.dim, args.dim, device="cuda", dtype=dtype) / args.dim ** 0.5
+    b = torch.randn(3 * args.dim, device="cuda", dtype=dtype) * 0.02
+    parts = [(w[i * args.dim:(i + 1) * args.dim].clone(), b[i * args.dim:(i + 1) * args.dim].clone())
+             for i in range(3)]
+    fused = median_ms(lambda: F.linear(x, w, b))
+    three = median_ms(lambda: [F.linear(x, wi, bi) for wi, bi in parts])
+    print(f"q/k/v projection, {args.tokens} x {args.dim} {args.dtype}: one GEMM {fused * 1e3:.1f} us, "
+          f"three GEMMs {three * 1e3:.1f} us ({(three - fused) * 1e3:+.1f} us per layer)")
+
+
+if __name__ == "__main__":
+    main()
