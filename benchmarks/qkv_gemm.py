@@ -4,24 +4,11 @@
     python benchmarks/qkv_gemm.py [--dtype bf16]
 """
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-
-def median_ms(fn, reps=200, warmup=20):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from attention_ops import time_ms  # CUDA events, warm-up, median
 
 
 def main():
@@ -36,8 +23,8 @@ def main():
     b = torch.randn(3 * args.dim, device="cuda", dtype=dtype) * 0.02
     parts = [(w[i * args.dim:(i + 1) * args.dim].clone(), b[i * args.dim:(i + 1) * args.dim].clone())
              for i in range(3)]
-    fused = median_ms(lambda: F.linear(x, w, b))
-    three = median_ms(lambda: [F.linear(x, wi, bi) for wi, bi in parts])
+    fused = time_ms(lambda: F.linear(x, w, b), runs=200, warmup=20)
+    three = time_ms(lambda: [F.linear(x, wi, bi) for wi, bi in parts], runs=200, warmup=20)
     print(f"q/k/v projection, {args.tokens} x {args.dim} {args.dtype}: one GEMM {fused * 1e3:.1f} us, "
           f"three GEMMs {three * 1e3:.1f} us ({(three - fused) * 1e3:+.1f} us per layer)")
 

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from .conditioning import attention_window_frames
+from .upstream_caches import new_stream_caches
 
 
 @dataclass(frozen=True)
@@ -96,38 +97,14 @@ class StreamCache:
     # ------------------------------------------------------------------ construction
     @classmethod
     def allocate(cls, model, batch: int, tokens_per_frame: int) -> "StreamCache":
-        """Caches owned by the model (its dtype and device), sized by the attention window (+ sink)
-        and nothing more; only layers with an action module get action caches. The image
-        context's k/v get their storage at the stream's first call."""
-        dtype, device = model.patch_embedding.weight.dtype, model.patch_embedding.weight.device
+        """Caches owned by the model (its dtype and device): upstream-style dicts sized by the
+        attention window (its sink included) and nothing more, action caches only for layers with
+        an action module."""
         window = attention_window_frames(model.local_attn_size)
-        self_layout = RingLayout.matching_upstream(window, window, _sink_frames(model), "kv_cache")
-        action_layout = RingLayout(0, window)
-        heads, head_dim = model.num_heads, model.dim // model.num_heads
-
-        def zeros(*shape):
-            return torch.zeros(*shape, dtype=dtype, device=device)
-
-        layers = range(model.num_layers)
-        self_k = [zeros(batch, self_layout.slots * tokens_per_frame, heads, head_dim) for _ in layers]
-        self_v = [zeros(batch, self_layout.slots * tokens_per_frame, heads, head_dim) for _ in layers]
-        mouse_k, mouse_v, keyboard_k, keyboard_v = ([None] * model.num_layers for _ in range(4))
-        for i, block in enumerate(model.blocks):
-            action = block.action_model
-            if action is None:
-                continue
-            a_heads = action.heads_num
-            if action.enable_mouse:
-                a_dim = action.t_qkv.in_features // a_heads
-                mouse_k[i] = zeros(batch * tokens_per_frame, action_layout.slots, a_heads, a_dim)
-                mouse_v[i] = zeros(batch * tokens_per_frame, action_layout.slots, a_heads, a_dim)
-            if action.enable_keyboard:
-                k_dim = action.mouse_attn_q.out_features // a_heads
-                keyboard_k[i] = zeros(batch, action_layout.slots, a_heads, k_dim)
-                keyboard_v[i] = zeros(batch, action_layout.slots, a_heads, k_dim)
-        cross = [{"k": None, "v": None, "is_init": False} for _ in layers]
-        return cls(self_k, self_v, mouse_k, mouse_v, keyboard_k, keyboard_v, cross, self_layout,
-                   action_layout, tokens_per_frame)
+        dicts = new_stream_caches(model, batch, window, tokens_per_frame, action_layers_only=True)
+        return cls.from_upstream_dicts(model, dicts["kv_cache"], dicts["kv_cache_mouse"],
+                                       dicts["kv_cache_keyboard"], dicts["crossattn_cache"],
+                                       tokens_per_frame)
 
     @classmethod
     def from_upstream_dicts(cls, model, kv_cache, kv_cache_mouse, kv_cache_keyboard,
