@@ -9,6 +9,8 @@ but 13-26% on the second and third denoising steps, whose inputs mix earlier out
 fresh caches, so it is how this random network treats those inputs, not drift through the caches
 (H200, benchmarks/bf16_drift.py). Tests therefore compare errors call by call.
 """
+import zlib
+
 import torch
 
 
@@ -76,3 +78,23 @@ def random_action_attention_args(case, dtype, device, seed: int = 1):
     return (q, k, v, cache, torch.tensor(slots, device=device), attended, angles.cos(),
             angles.sin())
 
+
+
+@torch.no_grad()
+def randomize_decoder_weights_(decoder: torch.nn.Module) -> torch.nn.Module:
+    """The VAE decoder's random weights by state-dict name (the recipe of tests/golden's
+    vae_decoder.safetensors): each tensor from a generator seeded with crc32(name); tensors of
+    2 or more dims randn / sqrt(shape[1:].numel()) (so the [C, 1, 1, 1] RMS-norm gammas are plain
+    randn), other names ending in `gamma` 1 + 0.1 randn, the rest (biases) 0.02 randn. Drawn in
+    float64 on the CPU (73 M values, a few seconds), then copied to the decoder's device/dtype."""
+    for name, tensor in decoder.state_dict().items():
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        draw = torch.randn(tensor.shape, generator=gen, dtype=torch.float64)
+        if tensor.ndim >= 2:
+            value = draw / tensor.shape[1:].numel() ** 0.5
+        elif name.endswith("gamma"):
+            value = 1.0 + 0.1 * draw
+        else:
+            value = 0.02 * draw
+        tensor.copy_(value)
+    return decoder

@@ -1,0 +1,136 @@
+"""The streaming VAE decoders: both reproduce upstream's golden output (float64, CPU), agree with
+each other on any block split, trade caches both ways, and refuse bad input clearly without
+touching the stream; weights load from a .pth state dict (weights_only) or safetensors."""
+import functools
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from golden_runner import GOLDEN_DIR
+from helpers import rel_err
+from wan.modules.checkpoint import CheckpointMismatchError
+from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
+from wan.modules.vae_decoder import VAEDecoderWrapper, frames_out, load_decoder_weights
+from wan.random_init import randomize_decoder_weights_
+
+DECODERS = [VAEDecoderWrapper, OptimizedVAEDecoderWrapper]
+SMALL = (2, 3)  # latent h, w for the quicker checks (the decoder is fully convolutional)
+
+
+@functools.lru_cache(maxsize=None)
+def _weights():
+    return randomize_decoder_weights_(VAEDecoderWrapper().double()).state_dict()
+
+
+def _decoder(cls, dtype=torch.float64):
+    decoder = cls().to(dtype)
+    decoder.load_state_dict(_weights())
+    return decoder.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_stream(frames):
+    """The reference decoder's output for _latents(frames) in 3-frame blocks (computed once)."""
+    return _stream(_decoder(VAEDecoderWrapper), _latents(frames), 3)[0]
+
+
+def _latents(frames, hw=SMALL, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, frames, 16, *hw, generator=gen, dtype=torch.float64).to(dtype)
+
+
+@torch.no_grad()
+def _stream(decoder, latents, block_frames):
+    cache, outs = [None] * 32, []
+    for s in range(0, latents.shape[1], block_frames):
+        out, cache = decoder(latents[:, s:s + block_frames], *cache)
+        outs.append(out)
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("cls", DECODERS, ids=["reference", "optimized"])
+def test_reproduces_upstream_golden(cls):
+    golden = load_file(str(GOLDEN_DIR / "vae_decoder.safetensors"))
+    decoder = randomize_decoder_weights_(cls().double()).eval()  # the recipe itself, once
+    latents, cache = golden["input.latents"].double(), [None] * 32
+    with torch.no_grad():
+        for block in range(3):
+            out, cache = decoder(latents[:, 3 * block:3 * block + 3], *cache)
+            expected = golden[f"output.block{block}"]
+            assert out.shape == expected.shape and out.dtype == torch.float32
+            assert rel_err(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("block_frames", [1, 2, 3, 5])
+def test_optimized_matches_reference_on_any_block_split(block_frames):
+    latents, expected = _latents(7), _reference_stream(7)
+    got, _ = _stream(_decoder(OptimizedVAEDecoderWrapper), latents, block_frames)
+    assert got.shape == expected.shape == (1, frames_out(7, first_block=True), 3, 16, 24)
+    assert rel_err(got, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("first,second", [(VAEDecoderWrapper, OptimizedVAEDecoderWrapper),
+                                          (OptimizedVAEDecoderWrapper, VAEDecoderWrapper)])
+@torch.no_grad()
+def test_cache_moves_between_decoders(first, second):
+    latents, expected = _latents(6), _reference_stream(6)
+    head, cache = _decoder(first)(latents[:, :3], *[None] * 32)
+    tail, _ = _decoder(second)(latents[:, 3:], *cache)
+    assert rel_err(torch.cat([head, tail], dim=1), expected) <= 1e-10
+
+
+@pytest.mark.parametrize("cls", DECODERS, ids=["reference", "optimized"])
+@torch.no_grad()
+def test_new_stream_after_none_cache(cls):
+    decoder = _decoder(cls)
+    latents = _latents(3)
+    first, _ = decoder(latents, *[None] * 32)
+    decoder(_latents(3, seed=5), *[None] * 32)  # another stream in between
+    again, _ = decoder(latents, *[None] * 32)
+    assert torch.equal(first, again)
+
+
+BAD_CALLS = {
+    "wrong channel count": (lambda z, c: (z[:, :, :8], c), "16"),
+    "4-D latents": (lambda z, c: (z[0], c), "latents"),
+    "short cache": (lambda z, c: (z, c[:31]), "32 entries"),
+    "cache from another resolution": (lambda z, c: (_latents(3, hw=(2, 4)), c), "resolution"),
+    "cache from another batch": (lambda z, c: (z.expand(2, -1, -1, -1, -1), c), "resolution"),
+    "partly None cache": (lambda z, c: (z, [None] + c[1:]), "partly None"),
+    "dtype mismatch": (lambda z, c: (z.float(), c), "float"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+@pytest.mark.parametrize("cls", DECODERS, ids=["reference", "optimized"])
+@torch.no_grad()
+def test_bad_input_is_a_clear_error_and_leaves_the_stream(cls, case):
+    make_bad, message = BAD_CALLS[case]
+    decoder = _decoder(cls)
+    latents, expected = _latents(6), _reference_stream(6)
+    head, cache = decoder(latents[:, :3], *[None] * 32)
+    kept = [entry.clone() for entry in cache]
+    z, bad_cache = make_bad(latents[:, 3:], cache)
+    with pytest.raises(ValueError, match=message):
+        decoder(z, *bad_cache)
+    assert all(torch.equal(a, b) for a, b in zip(cache, kept))
+    tail, _ = decoder(latents[:, 3:], *cache)
+    assert rel_err(torch.cat([head, tail], dim=1), expected) <= 1e-10
+
+
+def test_weights_load_from_pth_and_safetensors(tmp_path):
+    source = _decoder(VAEDecoderWrapper, torch.float32)
+    full = {"encoder.conv1.weight": torch.zeros(2), **source.state_dict()}  # a whole VAE's dict
+    torch.save(full, tmp_path / "Wan2.1_VAE.pth")
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(tmp_path / "decoder.safetensors"))
+    for name in ("Wan2.1_VAE.pth", "decoder.safetensors"):
+        loaded = load_decoder_weights(OptimizedVAEDecoderWrapper(), tmp_path / name)
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+    broken = dict(source.state_dict())
+    broken.pop("decoder.head.2.bias")
+    broken["decoder.conv1.weight"] = broken["decoder.conv1.weight"][:10]
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointMismatchError, match="missing.*\n.*decoder.head.2.bias"):
+        load_decoder_weights(VAEDecoderWrapper(), tmp_path / "broken.pth")

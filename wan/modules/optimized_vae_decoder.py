@@ -1,0 +1,206 @@
+"""OptimizedVAEDecoderWrapper: the streaming VAE decoder, same call and outputs, faster.
+
+What differs from the reference (vae_decoder.py):
+
+* a block's latent frames go through the decoder together, not one by one (the convolutions are
+  causal in time and everything else is per frame, so the result is the same), except the
+  stream's first latent frame, which the temporal upsamplers treat differently: it goes alone;
+* every cached convolution reads its input from a static buffer [B, C, 2 + T, H, W] whose first
+  two frames are the history: the layer before writes its output straight after them, the
+  convolution runs over the buffer without padding in time, and the last two frames are copied
+  to the front for the next call. No `cat` of the history, no padding copies, no marker strings;
+* activations and weights are channels-last (cuDNN's fast layout for half precision) and the
+  nearest upsampling runs in the activations' dtype;
+* optionally (`cuda_graphs=True`, or WAN_CUDA_GRAPHS) each phase (a stream's first block, a later
+  block) is replayed from a CUDA graph.
+
+The returned cache is the decoder's live state: the list's tensors are views of its buffers, valid
+until the next call (pass it back as upstream's pipeline does). A cache made by another decoder
+(the reference's, upstream's shapes) is copied in, so streams can move between them.
+"""
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.cuda_graphs import GraphRunner, cuda_graphs_setting
+from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
+                          VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
+
+
+class _HistoryBuffers:
+    """Per cached convolution of one stream (batch, latent size, dtype, device): a channels-last
+    buffer of 2 + T frames, T the most frames a call has given that convolution."""
+
+    def __init__(self, shapes: List[tuple], dtype, device):
+        self.shapes, self.dtype, self.device = shapes, dtype, device
+        self.buffers = [self._new(shape, 0) for shape in shapes]
+        self.started = False  # whether the stream's first latent frame was decoded
+
+    def _new(self, shape, frames: int):
+        b, c, h, w = shape
+        return torch.zeros(b, c, HISTORY_FRAMES + frames, h, w, dtype=self.dtype,
+                           device=self.device).contiguous(memory_format=torch.channels_last_3d)
+
+    def reserve(self, frames_per_entry: List[int]) -> bool:
+        """Room for this call's frames after every history (buffers grow, history kept); True
+        when a buffer was replaced (graphs captured over the old ones are then stale)."""
+        grown = False
+        for index, frames in enumerate(frames_per_entry):
+            buffer = self.buffers[index]
+            if buffer.shape[2] < HISTORY_FRAMES + frames:
+                bigger = self._new(self.shapes[index], frames)
+                bigger[:, :, :HISTORY_FRAMES].copy_(buffer[:, :, :HISTORY_FRAMES])
+                self.buffers[index] = bigger
+                grown = True
+        return grown
+
+    def histories(self) -> list:
+        """The cache list handed back to the caller: views of the history frames."""
+        return [buffer[:, :, :HISTORY_FRAMES] for buffer in self.buffers]
+
+    def load(self, cache) -> None:
+        """Copy a cache from elsewhere (frames it lacks are zeros, as the causal padding)."""
+        for buffer, entry in zip(self.buffers, cache):
+            history = buffer[:, :, :HISTORY_FRAMES]
+            history.zero_()
+            frames = min(entry.shape[2], HISTORY_FRAMES)
+            if frames:
+                history[:, :, HISTORY_FRAMES - frames:].copy_(entry[:, :, -frames:])
+        self.started = True
+
+    def reset(self) -> None:
+        for buffer in self.buffers:
+            buffer[:, :, :HISTORY_FRAMES].zero_()
+        self.started = False
+
+
+class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
+
+    def __init__(self, cuda_graphs: Optional[bool] = None):
+        super().__init__()
+        self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
+        self._state: Optional[_HistoryBuffers] = None
+        self._returned: Optional[list] = None  # the cache list of the last call (live views)
+        self._graphs = GraphRunner()
+        self._channels_last_for = None  # (device, dtype) the weights were laid out for
+
+    # ------------------------------------------------------------------ the call
+    @torch.no_grad()
+    def forward(self, z: torch.Tensor, *feat_cache):
+        check_decoder_inputs(self, z, feat_cache)
+        state = self._bind(z, feat_cache)
+        z = z.permute(0, 2, 1, 3, 4)  # [B, 16, T, h, w]
+        pieces = []
+        # frames each convolution gets in this call's largest pass (the first latent frame of a
+        # stream goes alone: one frame everywhere)
+        rest = z.shape[2] - (0 if state.started else 1)
+        if state.reserve([max(t * rest, 1) for _, _, t in self.decoder.cached_layers]):
+            self._graphs.clear()
+        if not state.started:  # the first latent frame alone: the temporal upsamplers skip it
+            pieces.append(self._run("first", z[:, :, :1], state))
+            state.started = True
+            z = z[:, :, 1:]
+        if z.shape[2]:
+            pieces.append(self._run("next", z, state))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        self._returned = state.histories()
+        return out, list(self._returned)
+
+    def _bind(self, z, cache) -> _HistoryBuffers:
+        """The history buffers for this call: kept when the cache is the one returned last time,
+        zeroed for a new stream (all None), loaded from a cache made elsewhere."""
+        b, _, _, h, w = z.shape
+        shapes = expected_cache_shapes(self.decoder, b, h, w)
+        state = self._state
+        if (state is None or state.shapes != shapes or state.dtype != z.dtype
+                or state.device != z.device):
+            self._graphs.clear()  # captured over the old buffers
+            self._channels_last(z.device, z.dtype)
+            state = self._state = _HistoryBuffers(shapes, z.dtype, z.device)
+            self._returned = None
+        if cache[0] is None:
+            state.reset()
+        elif not (self._returned is not None
+                  and all(a is b for a, b in zip(cache, self._returned))):
+            state.load(cache)
+        return state
+
+    def _channels_last(self, device, dtype):
+        """Lay the conv weights out channels-last once per device/dtype (values unchanged)."""
+        if self._channels_last_for == (device, dtype):
+            return
+        for module in self.modules():
+            if isinstance(module, torch.nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous(
+                    memory_format=torch.channels_last_3d)
+            elif isinstance(module, torch.nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(
+                    memory_format=torch.channels_last)
+        self._channels_last_for = (device, dtype)
+
+    def _run(self, phase: str, z, state):
+        decode = self._first_frame if phase == "first" else self._frames
+        compute = lambda z: decode(z, state)  # noqa: E731
+        if self.cuda_graphs and z.is_cuda:
+            return self._graphs.run((phase, tuple(z.shape), z.dtype), compute, {"z": z})
+        return compute(z)
+
+    # ------------------------------------------------------------------ device work
+    def _first_frame(self, z, state):
+        return self._decode(z, state, first=True)
+
+    def _frames(self, z, state):
+        return self._decode(z, state, first=False)
+
+    def _decode(self, z, state, first: bool):
+        """Latents [B, 16, T, h, w] -> frames [B, T', 3, 8h, 8w] float32 in [-1, 1]."""
+        decoder = self.decoder
+        x = self.conv2(self.denormalize(z).contiguous(memory_format=torch.channels_last_3d))
+        x = _causal_conv(decoder.conv1, x, state, 0)
+        for layer in [*decoder.middle, *decoder.upsamples]:
+            if isinstance(layer, ResidualBlock):
+                x = _residual(layer, x, state)
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x)
+            elif isinstance(layer, Resample):
+                x = _resample(layer, x, state, first)
+        norm, _, conv = decoder.head
+        x = _causal_conv(conv, F.silu(norm(x)), state, len(state.buffers) - 1)
+        return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)
+
+
+def _causal_conv(conv, x, state: _HistoryBuffers, index: int):
+    """conv over [the two previous frames, x] through entry `index`'s buffer; keeps x's last two
+    frames (with the history where x has fewer) as the next call's history."""
+    frames = x.shape[2]
+    buffer = state.buffers[index]  # reserved for this call's frames
+    window = buffer[:, :, :HISTORY_FRAMES + frames]
+    window[:, :, HISTORY_FRAMES:].copy_(x)
+    pw, _, ph, _ = conv.spatial_padding
+    y = F.conv3d(window, conv.weight, conv.bias, conv.stride, (0, ph, pw), conv.dilation,
+                 conv.groups)
+    tail = window[:, :, frames:]  # the last two frames of [history, x]
+    buffer[:, :, :HISTORY_FRAMES].copy_(tail.clone() if frames < HISTORY_FRAMES else tail)
+    return y
+
+
+def _residual(block: ResidualBlock, x, state):
+    norm1, _, conv1, norm2, _, _, conv2 = block.residual
+    h = _causal_conv(conv1, F.silu(norm1(x)), state, block.first_index)
+    h = _causal_conv(conv2, F.silu(norm2(h)), state, block.first_index + 1)
+    return block.shortcut(x) + h
+
+
+def _resample(layer: Resample, x, state, first: bool):
+    if layer.mode == "upsample3d" and not first:
+        b, c, t, h, w = x.shape
+        y = _causal_conv(layer.time_conv, x, state, layer.index)
+        # channel half 0 -> even frames, half 1 -> odd frames
+        x = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    b, c, t, h, w = x.shape
+    frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # a view in channels-last memory
+    up = F.interpolate(frames, scale_factor=2.0, mode="nearest")
+    y = layer.resample[1](up.contiguous(memory_format=torch.channels_last))
+    return y.view(b, t, *y.shape[1:]).transpose(1, 2)
