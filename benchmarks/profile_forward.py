@@ -72,29 +72,35 @@ def main(argv=None):
         for _ in range(forwards):
             model(**calls[-1], **caches)
         torch.cuda.synchronize()
+    summary = kernel_summary(prof, forwards, args.top, f"{args.model}: per forward")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            **summary}, indent=2))
+
+
+def kernel_summary(prof, calls: int, top: int, label: str) -> dict:
+    """GPU time per call by category and by kernel from a torch.profiler run of `calls` calls;
+    prints it and returns {total_ms, launches, per_category_ms, kernels}."""
     per_kernel = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.name][0] += event.device_time / 1e3 / forwards
-            per_kernel[event.name][1] += 1 / forwards
+            per_kernel[event.name][0] += event.device_time / 1e3 / calls
+            per_kernel[event.name][1] += 1 / calls
     per_category = defaultdict(float)
     for name, (ms, _) in per_kernel.items():
         per_category[category(name)] += ms
     total = sum(per_category.values())
     launches = sum(n for _, n in per_kernel.values())
-    print(f"{args.model}: {total:.2f} ms of GPU kernels per forward, {launches:.0f} launches")
-    for label, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:<12}{ms:8.2f} ms  {100 * ms / total:5.1f}%")
-    print(f"top {args.top} kernels (ms per forward, launches per forward):")
+    print(f"{label}: {total:.2f} ms of GPU kernels, {launches:.0f} launches")
+    for name, ms in sorted(per_category.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<12}{ms:8.2f} ms  {100 * ms / total:5.1f}%")
+    print(f"top {top} kernels (ms, launches):")
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
-    for name, (ms, n) in ranked[:args.top]:
+    for name, (ms, n) in ranked[:top]:
         print(f"  {ms:7.3f} ms {n:5.0f}x  [{category(name)}] {name[:110]}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "total_ms": total, "launches": launches, "per_category_ms": per_category,
-            "kernels": {name: {"ms": ms, "launches": n} for name, (ms, n) in ranked}}, indent=2))
-
+    return {"total_ms": total, "launches": launches, "per_category_ms": dict(per_category),
+            "kernels": {name: {"ms": ms, "launches": n} for name, (ms, n) in ranked}}
 
 if __name__ == "__main__":
     main()

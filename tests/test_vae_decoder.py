@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from golden_runner import GOLDEN_DIR
-from helpers import rel_err
+from helpers import rel_err, requires_cuda
 from wan.modules.checkpoint import CheckpointMismatchError
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper, frames_out, load_decoder_weights
@@ -134,3 +134,26 @@ def test_weights_load_from_pth_and_safetensors(tmp_path):
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(CheckpointMismatchError, match="missing.*\n.*decoder.head.2.bias"):
         load_decoder_weights(VAEDecoderWrapper(), tmp_path / "broken.pth")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@torch.no_grad()
+def test_gpu_half_precision_error_within_125_percent_of_the_reference(dtype):
+    """8 blocks at the real 44 x 80 latent: each block's error against a float32 reference run
+    within 1.25x of the reference decoder's own error in the same precision; graphs = eager."""
+    latents = _latents(24, hw=(44, 80), dtype=torch.float32).cuda()
+    oracle, _ = _stream(_decoder(VAEDecoderWrapper, torch.float32).cuda(), latents, 3)
+    half = latents.to(dtype)
+    reference, _ = _stream(_decoder(VAEDecoderWrapper, dtype).cuda(), half, 3)
+    optimized, _ = _stream(_decoder(OptimizedVAEDecoderWrapper, dtype).cuda(), half, 3)
+    graphed_decoder = _decoder(OptimizedVAEDecoderWrapper, dtype).cuda()
+    graphed_decoder.cuda_graphs = True
+    graphed, _ = _stream(graphed_decoder, half, 3)
+    bounds = [0, 9] + [9 + 12 * k for k in range(1, 8)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        ref_err = rel_err(reference[:, lo:hi], oracle[:, lo:hi])
+        opt_err = rel_err(optimized[:, lo:hi], oracle[:, lo:hi])
+        print(f"{dtype} frames {lo}-{hi}: reference {ref_err:.2e}, optimized {opt_err:.2e}")
+        assert opt_err <= 1.25 * ref_err + 1e-4
+    assert torch.equal(graphed, optimized)

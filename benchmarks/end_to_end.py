@@ -1,0 +1,213 @@
+"""Time to screen: per block of 3 latent frames, the denoising forwards, the decode to 12 video
+frames and the cache update, for an upstream-equivalent reference (reference DiT + reference
+decoder, eager, update before decode, as upstream's pipeline runs them) and the optimized pair
+(CUDA graphs, the update beside the decode), in one run, random weights.
+
+Reports per steady block: the decoder alone, the whole block (throughput) and the
+action-to-frame latency (block start to its frames ready), plus fps of video frames. GPU:
+universal, DiT bf16, decoder fp16 (as upstream's pipeline); CPU: the tiny DiT, fp32, a small
+latent (a smoke run: the decoder is full size).
+
+    python benchmarks/end_to_end.py [--blocks 8] [--out e2e.json]
+"""
+import argparse
+import datetime
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.stream import Timer, device_name, summarize  # noqa: E402
+from wan import CausalWanModel  # noqa: E402
+from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
+from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
+from wan.modules.vae_decoder import VAEDecoderWrapper  # noqa: E402
+from wan.pipeline import StreamingBlockRunner  # noqa: E402
+from wan.presets import LATENT_SIZE, model_config  # noqa: E402
+from wan.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_  # noqa: E402
+
+PAIRS = {  # name: (DiT class and options, decoder class and options, cache update beside decode)
+    "reference": ((CausalWanModel, {}), (VAEDecoderWrapper, {}), False),
+    "optimized": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
+                  (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}), True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto")
+    p.add_argument("--blocks", type=int, default=None, help="blocks per run (default 8 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="blocks left out of the statistics (first block, graph capture)")
+    p.add_argument("--pairs", default="reference,optimized", help=f"of {list(PAIRS)}")
+    p.add_argument("--out", default=None, help="JSON report path (a .png plot beside it)")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.preset = "universal" if gpu else "tiny"
+    args.latent = LATENT_SIZE[args.preset] if gpu else (4, 8)
+    args.dit_dtype = torch.bfloat16 if gpu else torch.float32
+    args.decoder_dtype = torch.float16 if gpu else torch.float32
+    args.blocks = args.blocks or (8 if gpu else 3)
+    args.pairs = args.pairs.split(",")
+    if args.blocks <= args.warmup:
+        p.error(f"--blocks must exceed --warmup ({args.warmup})")
+    return args
+
+
+def build(args):
+    """Every pair's DiT and decoder, with the same random weights per kind."""
+    built, dit_weights, decoder_weights = {}, None, None
+    for name in args.pairs:
+        (dit_cls, dit_opts), (dec_cls, dec_opts), overlap = PAIRS[name]
+        with torch.device(args.device):
+            dit = dit_cls.from_config(model_config(args.preset), **dit_opts)
+        decoder = dec_cls(**dec_opts)
+        if dit_weights is None:
+            dit_weights = randomize_weights_(dit, seed=0).state_dict()
+            decoder_weights = randomize_decoder_weights_(decoder).state_dict()
+        dit.load_state_dict(dit_weights)
+        decoder.load_state_dict(decoder_weights)
+        dit.num_frame_per_block = 3
+        built[name] = (dit.to(args.device, args.dit_dtype).eval(),
+                       decoder.to(args.device, args.decoder_dtype).eval(), overlap)
+    return built
+
+
+def progress(label, done, total, text):
+    bar = "#" * done + "." * (total - done)
+    print(f"  {label:<10} [{bar}] {text}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def time_decoder(decoder, args, label):
+    """Milliseconds per block of the decoder alone (3 latent frames; 12 video frames steady)."""
+    h, w = args.latent
+    gen = torch.Generator().manual_seed(3)
+    cache, times, timer = [None] * 32, [], Timer(args.device)
+    for block in range(args.blocks):
+        z = torch.randn(1, 3, 16, h, w, generator=gen).to(args.device, args.decoder_dtype)
+        (frames, cache), ms = timer(lambda: decoder(z, *cache))
+        times.append(ms)
+        progress(label, block + 1, args.blocks, f"decode {frames.shape[1]} frames: {ms:.1f} ms")
+    return summarize(times[args.warmup:])
+
+
+@torch.no_grad()
+def time_blocks(dit, decoder, overlap, args, label):
+    runner = StreamingBlockRunner(dit, decoder, latent_hw=args.latent, overlap_update=overlap)
+    first = random_inputs(dit, args.latent, 3, 0, seed=1)
+    runner.start(first["visual_context"])
+    blocks, screen = [], []
+    for block in range(args.blocks):
+        inputs = random_inputs(dit, args.latent, 3, 3 * block, seed=1 + block)
+        frames, clock = runner.block(inputs["cond_concat"], inputs["mouse_cond"],
+                                     inputs["keyboard_cond"])
+        timing = clock.timing()
+        blocks.append(timing.block_ms)
+        screen.append(timing.action_to_frame_ms)
+        progress(label, block + 1, args.blocks, f"{frames.shape[1]} frames: block "
+                 f"{timing.block_ms:.1f} ms, action-to-frame {timing.action_to_frame_ms:.1f} ms")
+    return {"block": summarize(blocks[args.warmup:]),
+            "action_to_frame": summarize(screen[args.warmup:]), "frames_per_block": 12}
+
+
+def summary(results):
+    """The issue's `end_to_end` section from the per-pair results."""
+    out = {}
+    for name in ("reference", "optimized"):
+        if name in results:
+            r = results[name]
+            out[f"decoder_{name}_ms"] = r["decoder"]["median_ms"]
+            out[f"{name}_block_ms"] = r["blocks"]["block"]["median_ms"]
+    if "optimized" in results:
+        r = results["optimized"]["blocks"]
+        out["action_to_frame_ms"] = r["action_to_frame"]["median_ms"]
+        out["fps"] = 1e3 * r["frames_per_block"] / r["block"]["median_ms"]
+    if "reference" in results:
+        out["reference_action_to_frame_ms"] = results["reference"]["blocks"]["action_to_frame"][
+            "median_ms"]
+    if "reference_block_ms" in out and "optimized_block_ms" in out:
+        out["speedup"] = out["reference_block_ms"] / out["optimized_block_ms"]
+    return out
+
+
+def print_table(report):
+    print(f"\n{report['device']} | torch {report['torch']} | DiT {report['preset']} "
+          f"{report['dit_dtype']}, decoder {report['decoder_dtype']}, latent {report['latent']}")
+    header = (f"{'pair':<11}{'decoder':>10}{'block':>10}{'action->frame':>15}{'fps':>8}")
+    print(header)
+    print("-" * len(header))
+    for name, r in report["pairs"].items():
+        block = r["blocks"]["block"]["median_ms"]
+        print(f"{name:<11}{r['decoder']['median_ms']:>8.1f}ms{block:>8.1f}ms"
+              f"{r['blocks']['action_to_frame']['median_ms']:>13.1f}ms"
+              f"{1e3 * 12 / block:>8.1f}")
+    e2e = report["end_to_end"]
+    if "speedup" in e2e:
+        print(f"speedup per block {e2e['speedup']:.2f}x")
+
+
+def plot(report, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    names = list(report["pairs"])
+    parts = {"decoder": [report["pairs"][n]["decoder"]["median_ms"] for n in names],
+             "block": [report["pairs"][n]["blocks"]["block"]["median_ms"] for n in names],
+             "action->frame": [report["pairs"][n]["blocks"]["action_to_frame"]["median_ms"]
+                               for n in names]}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.27
+    for k, (label, values) in enumerate(parts.items()):
+        bars = ax.bar([i + (k - 1) * width for i in range(len(names))], values, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("median ms per 12-frame block")
+    ax.set_title(f"time to screen, {report['device']}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return str(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    print(f"building {args.pairs} ({args.preset}, {args.device})", file=sys.stderr, flush=True)
+    built = build(args)
+    report = {
+        "device": device_name(args.device), "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        "preset": args.preset, "latent": list(args.latent),
+        "dit_dtype": str(args.dit_dtype).replace("torch.", ""),
+        "decoder_dtype": str(args.decoder_dtype).replace("torch.", ""),
+        "blocks": args.blocks, "warmup_blocks": args.warmup, "pairs": {},
+    }
+    for name, (dit, decoder, overlap) in built.items():
+        decoder_stats = time_decoder(decoder, args, name)
+        block_stats = time_blocks(dit, decoder, overlap, args, name)
+        report["pairs"][name] = {"decoder": decoder_stats, "blocks": block_stats,
+                                 "update_beside_decode": overlap}
+    report["end_to_end"] = summary(report["pairs"])
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report["plot"] = plot(report, out.with_suffix(".png"))
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    print_table(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""What a player needs per block of 3 latent frames: the denoising forwards, the decode to video
+frames, and the t=0 forward that writes the clean block into the caches.
+
+`StreamingBlockRunner` does one block per `block()` call, in upstream's order of work (its
+`CausalInferencePipeline`) with one change: the decode is not queued behind the cache update. The
+update only matters to the next block, and the decode only needs the denoised latents, so with
+`overlap_update=True` (CUDA) the update runs on a second stream while the decoder runs on the
+first: the frames are ready after denoise + decode, and the block is done after denoise +
+max(decode, update) when the two share the GPU well.
+
+It measures both numbers a player feels, with CUDA events (CPU: host clocks):
+* action-to-frame latency: from the block's start (its action input given) to its frames ready;
+* block time: from the block's start until the next block can start (throughput).
+
+The noise schedule is upstream's flow matching as its inference configs set it (1000 training
+steps, shift 5, `warp_denoising_step: true`, `context_noise: 0`): the model's output is a flow
+prediction, x0 = x_t - sigma * flow, and the next step's input is (1 - sigma') x0 + sigma' noise.
+"""
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .kernels.conditioning import attention_window_frames
+from .kernels.upstream_caches import new_stream_caches
+
+DISTILLED_STEPS = (1000, 666, 333)  # upstream's denoising_step_list (before warping)
+
+
+class FlowMatchSchedule:
+    """Timesteps and sigmas of the denoising steps, warped onto upstream's 1000-step training
+    schedule with shift 5 (its FlowMatchScheduler(shift=5, sigma_min=0, extra_one_step=True))."""
+
+    def __init__(self, steps: Sequence[int] = DISTILLED_STEPS, shift: float = 5.0):
+        unshifted = torch.linspace(1.0, 0.0, 1001, dtype=torch.float64)[:-1]
+        sigmas = shift * unshifted / (1 + (shift - 1) * unshifted)
+        rows = [1000 - int(step) for step in steps]
+        if min(rows) < 0 or max(rows) > 999:
+            raise ValueError(f"denoising steps must lie in (0, 1000], got {list(steps)}")
+        self.sigmas = [float(sigmas[r]) for r in rows]
+        self.timesteps = [1000.0 * s for s in self.sigmas]
+
+
+@dataclass
+class BlockTiming:
+    action_to_frame_ms: float
+    block_ms: float
+
+
+class StreamingBlockRunner:
+    """Blocks of one stream through a DiT (`CausalWanModel` or the optimized one, called with
+    upstream's cache dicts) and a streaming decoder (`VAEDecoderWrapper` or the optimized one)."""
+
+    def __init__(self, model, decoder, latent_hw=(44, 80), batch: int = 1,
+                 schedule: Optional[FlowMatchSchedule] = None, overlap_update: bool = True,
+                 decoder_dtype: Optional[torch.dtype] = None):
+        self.model, self.decoder = model, decoder
+        self.latent_hw, self.batch = tuple(latent_hw), batch
+        self.schedule = schedule or FlowMatchSchedule()
+        self.frames_per_block = getattr(model, "num_frame_per_block", 3)
+        param = model.patch_embedding.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.decoder_dtype = decoder_dtype or decoder.conv2.weight.dtype
+        self.overlap = overlap_update and self.device.type == "cuda"
+        self.side = torch.cuda.Stream(self.device) if self.overlap else None
+        _, ph, pw = model.patch_size
+        self.tokens_per_frame = (latent_hw[0] // ph) * (latent_hw[1] // pw)
+        self.caches = None
+
+    def start(self, visual_context: torch.Tensor):
+        """A new stream with this image context (fresh caches, a new decoder stream)."""
+        window = attention_window_frames(self.model.local_attn_size)
+        self.caches = new_stream_caches(self.model, self.batch, window, self.tokens_per_frame)
+        self.visual_context = visual_context
+        self.decoder_cache = [None] * 32
+        self.frame = 0
+
+    @torch.no_grad()
+    def block(self, cond_concat, mouse_cond=None, keyboard_cond=None, noise=None):
+        """One block: returns (video frames [B, T, 3, H, W] float32, BlockTiming). cond_concat
+        [B, 20, 3, h, w] for this block's frames; the action histories up to its last frame."""
+        if self.caches is None:
+            raise RuntimeError("call start(visual_context) before the first block")
+        clock = _Clock(self.device)
+        clock.mark("start")
+        b, f, (h, w) = self.batch, self.frames_per_block, self.latent_hw
+        x = noise if noise is not None else torch.randn(b, 16, f, h, w, device=self.device,
+                                                        dtype=self.dtype)
+        call = dict(visual_context=self.visual_context, cond_concat=cond_concat,
+                    mouse_cond=mouse_cond, keyboard_cond=keyboard_cond, **self.caches,
+                    current_start=self.frame * self.tokens_per_frame)
+        sigmas = self.schedule.sigmas
+        for step, (t, sigma) in enumerate(zip(self.schedule.timesteps, sigmas)):
+            flow = self.model(x, _timesteps(t, b, f, self.device, self.dtype), **call)
+            x0 = x - sigma * flow
+            if step + 1 < len(sigmas):
+                next_sigma = sigmas[step + 1]
+                x = (1 - next_sigma) * x0 + next_sigma * torch.randn_like(x0)
+
+        update = lambda: self.model(x0, _timesteps(0.0, b, f, self.device, self.dtype), **call)  # noqa: E731
+        if self.overlap:  # the cache update beside the decode, on the second stream
+            self.side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side):
+                update()
+        else:
+            update()
+        latents = x0.transpose(1, 2).to(self.decoder_dtype)
+        frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
+        clock.mark("frames")
+        if self.overlap:  # the next block reads the updated caches
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
+        clock.mark("done")
+        self.frame += f
+        return frames, clock
+
+
+def _timesteps(t: float, batch: int, frames: int, device, dtype):
+    return torch.full((batch, frames), t, device=device, dtype=dtype)
+
+
+class _Clock:
+    """Marks on the GPU timeline (CUDA events) or the host's (perf_counter); read with timing()
+    after the work is done (it synchronises)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks = {}
+
+    def mark(self, name: str):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks[name] = event
+        else:
+            self.marks[name] = time.perf_counter()
+
+    def timing(self) -> BlockTiming:
+        if self.cuda:
+            self.marks["done"].synchronize()
+            start = self.marks["start"]
+            return BlockTiming(start.elapsed_time(self.marks["frames"]),
+                               start.elapsed_time(self.marks["done"]))
+        start = self.marks["start"]
+        return BlockTiming(1e3 * (self.marks["frames"] - start), 1e3 * (self.marks["done"] - start))
