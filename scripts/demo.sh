@@ -6,6 +6,14 @@
 #    frames, cache update), upstream-equivalent reference vs optimized. With `--out X.json` its
 #    report goes to X_end_to_end.json (+ .png).
 source "$(dirname "$0")/env.sh"
+for arg in "$@"; do
+    if [ "$arg" = -h ] || [ "$arg" = --help ]; then
+        "$PYTHON" benchmarks/stream.py --help
+        echo
+        echo "then, with --out and --device passed on: benchmarks/end_to_end.py"
+        exec "$PYTHON" benchmarks/end_to_end.py --help
+    fi
+done
 "$PYTHON" benchmarks/stream.py "$@"
 e2e_args=()
 while [ $# -gt 0 ]; do
