@@ -157,3 +157,15 @@ def test_gpu_half_precision_error_within_125_percent_of_the_reference(dtype):
         print(f"{dtype} frames {lo}-{hi}: reference {ref_err:.2e}, optimized {opt_err:.2e}")
         assert opt_err <= 1.25 * ref_err + 1e-4
     assert torch.equal(graphed, optimized)
+
+
+def test_optimized_with_the_triton_norm_matches_reference():
+    """backend='triton' (Triton's interpreter on a CPU): the fused norm + SiLU writes into the
+    convolutions' buffers in place of the eager twin."""
+    pytest.importorskip("triton")
+    decoder = OptimizedVAEDecoderWrapper(backend="triton").float()
+    decoder.load_state_dict(_weights())
+    latents = _latents(4, dtype=torch.float32)
+    got, _ = _stream(decoder.eval(), latents, 2)
+    expected = _reference_stream(4)
+    assert rel_err(got, expected) <= 1e-5

@@ -139,6 +139,13 @@ def action_attention_over(attend):
 
 action_attention = action_attention_over(attention)
 
+def rms_norm_silu(x, gamma, out=None):
+    """The VAE decoder's RMS norm over channels (dim 1: x / ||x|| * sqrt(C) * gamma, as upstream's
+    `RMS_norm`) then SiLU, for x [B, C, T, H, W]; written into `out` when given."""
+    y = F.silu(F.normalize(x, dim=1) * x.shape[1] ** 0.5 * gamma)
+    return y if out is None else out.copy_(y)
+
+
 OPS = {
     "self_attention": attention,
     "cross_attention": attention,
@@ -153,4 +160,5 @@ OPS = {
     "norm_rope_store": norm_rope_store,
     "qkv_norm_rope_store": qkv_norm_rope_store,
     "linear_gelu": linear_gelu,
+    "rms_norm_silu": rms_norm_silu,
 }

@@ -23,6 +23,8 @@ Ops (one signature each, every backend implements a subset):
                         rope_dtype)             the self-attention's three norm_rope_store calls
                                                 (q returned, k/v into their slots) in one
     linear_gelu(x, weight, bias)                gelu_tanh(x @ weight^T + bias) (the FFN's first half)
+    rms_norm_silu(x, gamma, out)                the VAE decoder's channel RMS norm + SiLU on
+                                                channels-last [B, C, T, H, W], into `out`
 
 Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
 importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels),
@@ -47,7 +49,8 @@ import torch
 ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
 OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual",
                        "gated_residual_layer_norm_modulate", "gated_residual_layer_norm",
-                       "frame_bias_gelu", "norm_rope_store", "qkv_norm_rope_store", "linear_gelu")
+                       "frame_bias_gelu", "norm_rope_store", "qkv_norm_rope_store", "linear_gelu",
+                       "rms_norm_silu")
 AUTO_ORDER = ("triton", "flash", "cublas", "eager")
 ENV_VAR = "WAN_BACKEND"
 

@@ -9,6 +9,9 @@ What differs from the reference (vae_decoder.py):
   two frames are the history: the layer before writes its output straight after them, the
   convolution runs over the buffer without padding in time, and the last two frames are copied
   to the front for the next call. No `cat` of the history, no padding copies, no marker strings;
+* each RMS norm + SiLU is one op of the backend registry (`rms_norm_silu`: a Triton row kernel on
+  CUDA, `backend=` / WAN_BACKEND select it like the DiT's ops) that writes the convolution's
+  input straight into its buffer;
 * activations and weights are channels-last (cuDNN's fast layout for half precision) and the
   nearest upsampling runs in the activations' dtype;
 * optionally (`cuda_graphs=True`, or WAN_CUDA_GRAPHS) each phase (a stream's first block, a later
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.cuda_graphs import GraphRunner, cuda_graphs_setting
+from ..kernels.registry import load_selection, resolve
 from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
 
@@ -77,9 +81,11 @@ class _HistoryBuffers:
 
 class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
 
-    def __init__(self, cuda_graphs: Optional[bool] = None):
+    def __init__(self, cuda_graphs: Optional[bool] = None, backend=None):
         super().__init__()
         self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
+        self.backend = load_selection(backend)
+        self._norm_silu = None  # the rms_norm_silu implementation for the stream's device/dtype
         self._state: Optional[_HistoryBuffers] = None
         self._returned: Optional[list] = None  # the cache list of the last call (live views)
         self._graphs = GraphRunner()
@@ -117,6 +123,10 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
                 or state.device != z.device):
             self._graphs.clear()  # captured over the old buffers
             self._channels_last(z.device, z.dtype)
+            _, self._norm_silu = resolve("rms_norm_silu", self.backend["rms_norm_silu"], z.device,
+                                         z.dtype, 0)
+            # plain attributes (upstream's), so .to() leaves them: on the device once, not per call
+            self.mean, self.std = self.mean.to(z.device), self.std.to(z.device)
             state = self._state = _HistoryBuffers(shapes, z.dtype, z.device)
             self._returned = None
         if cache[0] is None:
@@ -157,45 +167,54 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
         """Latents [B, 16, T, h, w] -> frames [B, T', 3, 8h, 8w] float32 in [-1, 1]."""
         decoder = self.decoder
         x = self.conv2(self.denormalize(z).contiguous(memory_format=torch.channels_last_3d))
-        x = _causal_conv(decoder.conv1, x, state, 0)
+        x = _causal_conv(decoder.conv1, _copy_of(x), x.shape[2], state, 0)
         for layer in [*decoder.middle, *decoder.upsamples]:
             if isinstance(layer, ResidualBlock):
-                x = _residual(layer, x, state)
+                x = self._residual(layer, x, state)
             elif isinstance(layer, AttentionBlock):
                 x = layer(x)
             elif isinstance(layer, Resample):
                 x = _resample(layer, x, state, first)
         norm, _, conv = decoder.head
-        x = _causal_conv(conv, F.silu(norm(x)), state, len(state.buffers) - 1)
+        x = _causal_conv(conv, self._normed(norm, x), x.shape[2], state, len(state.buffers) - 1)
         return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)
 
+    def _residual(self, block: ResidualBlock, x, state):
+        norm1, _, conv1, norm2, _, _, conv2 = block.residual
+        frames = x.shape[2]
+        h = _causal_conv(conv1, self._normed(norm1, x), frames, state, block.first_index)
+        h = _causal_conv(conv2, self._normed(norm2, h), frames, state, block.first_index + 1)
+        return block.shortcut(x) + h
 
-def _causal_conv(conv, x, state: _HistoryBuffers, index: int):
-    """conv over [the two previous frames, x] through entry `index`'s buffer; keeps x's last two
-    frames (with the history where x has fewer) as the next call's history."""
-    frames = x.shape[2]
+    def _normed(self, norm, x):
+        """A writer of silu(norm(x)) into a convolution's buffer."""
+        return lambda dest: self._norm_silu(x, norm.gamma, dest)
+
+
+def _copy_of(x):
+    """A writer of x itself into a convolution's buffer."""
+    return lambda dest: dest.copy_(x)
+
+
+def _causal_conv(conv, write, frames: int, state: _HistoryBuffers, index: int):
+    """conv over [the two previous frames, this call's `frames` input frames] through entry
+    `index`'s buffer: `write(dest)` puts the input right after the history; the last two frames
+    stay as the next call's history."""
     buffer = state.buffers[index]  # reserved for this call's frames
     window = buffer[:, :, :HISTORY_FRAMES + frames]
-    window[:, :, HISTORY_FRAMES:].copy_(x)
+    write(window[:, :, HISTORY_FRAMES:])
     pw, _, ph, _ = conv.spatial_padding
     y = F.conv3d(window, conv.weight, conv.bias, conv.stride, (0, ph, pw), conv.dilation,
                  conv.groups)
-    tail = window[:, :, frames:]  # the last two frames of [history, x]
+    tail = window[:, :, frames:]  # the last two frames of [history, input]
     buffer[:, :, :HISTORY_FRAMES].copy_(tail.clone() if frames < HISTORY_FRAMES else tail)
     return y
-
-
-def _residual(block: ResidualBlock, x, state):
-    norm1, _, conv1, norm2, _, _, conv2 = block.residual
-    h = _causal_conv(conv1, F.silu(norm1(x)), state, block.first_index)
-    h = _causal_conv(conv2, F.silu(norm2(h)), state, block.first_index + 1)
-    return block.shortcut(x) + h
 
 
 def _resample(layer: Resample, x, state, first: bool):
     if layer.mode == "upsample3d" and not first:
         b, c, t, h, w = x.shape
-        y = _causal_conv(layer.time_conv, x, state, layer.index)
+        y = _causal_conv(layer.time_conv, _copy_of(x), t, state, layer.index)
         # channel half 0 -> even frames, half 1 -> odd frames
         x = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
         x = x.contiguous(memory_format=torch.channels_last_3d)
