@@ -242,22 +242,40 @@ def test_norm_rope_store_refuses_a_head_dim_off_its_tile():
 NORM_SILU_CASES = [(1, 96, 3, 5, 7), (2, 2 ** 6 + 17, 2, 3, 4), (1, 384, 1, 4, 6)]  # B, C, T, H, W
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", NORM_SILU_CASES, ids=str)
-def test_rms_norm_silu(case, dtype):
-    """The decoder's channel RMS norm + SiLU into a strided destination (the frames after the
-    history in a channels-last buffer) vs float64, and vs its eager twin."""
+def test_rms_norm_silu(case, dtype, with_bias):
+    """The decoder's channel RMS norm + SiLU (after the previous conv's bias) into a strided
+    destination (the frames after the history in a channels-last buffer) vs float64, and vs its
+    eager twin."""
     b, c, t, h, w = case
     x = _randn(case, dtype, 0).contiguous(memory_format=torch.channels_last_3d)
     gamma = _randn((c, 1, 1, 1), dtype, 1)
-    exact = eager.rms_norm_silu(x.double(), gamma.double())
+    bias = _randn((c,), dtype, 2) if with_bias else None
+    exact = eager.rms_norm_silu(x.double(), gamma.double(), None,
+                                None if bias is None else bias.double())
     buffer = torch.zeros(b, c, 2 + t, h, w, dtype=dtype, device=DEVICE).contiguous(
         memory_format=torch.channels_last_3d)
-    got = triton_ops.rms_norm_silu(x, gamma, buffer[:, :, 2:])
+    got = triton_ops.rms_norm_silu(x, gamma, buffer[:, :, 2:], bias)
     assert got.data_ptr() == buffer[:, :, 2:].data_ptr()
     assert torch.equal(buffer[:, :, :2], torch.zeros_like(buffer[:, :, :2]))  # history untouched
-    twin = eager.rms_norm_silu(x, gamma)
+    twin = eager.rms_norm_silu(x, gamma, None, bias)
     err, twin_err = rel_err(buffer[:, :, 2:], exact), rel_err(twin, exact)
     assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
-    contiguous = triton_ops.rms_norm_silu(x.contiguous(), gamma)  # a non-channels-last input
+    contiguous = triton_ops.rms_norm_silu(x.contiguous(), gamma, None, bias)  # not channels-last
     assert rel_err(contiguous, exact) <= max(TOLERANCE[dtype], 2 * twin_err)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NORM_SILU_CASES, ids=str)
+def test_bias_residual_add(case, dtype):
+    c = case[1]
+    h = _randn(case, dtype, 0).contiguous(memory_format=torch.channels_last_3d)
+    residual = _randn(case, dtype, 1)  # contiguous, not channels-last: the kernel converts it
+    bias = _randn((c,), dtype, 2)
+    exact = eager.bias_residual_add(h.double(), bias.double(), residual.double())
+    got = triton_ops.bias_residual_add(h, bias, residual)
+    twin = eager.bias_residual_add(h, bias, residual)
+    err, twin_err = rel_err(got, exact), rel_err(twin, exact)
+    assert got.dtype == dtype and err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)

@@ -154,9 +154,11 @@ def test_gpu_half_precision_error_within_125_percent_of_the_reference(dtype):
     for lo, hi in zip(bounds, bounds[1:]):
         ref_err = rel_err(reference[:, lo:hi], oracle[:, lo:hi])
         opt_err = rel_err(optimized[:, lo:hi], oracle[:, lo:hi])
-        print(f"{dtype} frames {lo}-{hi}: reference {ref_err:.2e}, optimized {opt_err:.2e}")
-        assert opt_err <= 1.25 * ref_err + 1e-4
-    assert torch.equal(graphed, optimized)
+        graph_err = rel_err(graphed[:, lo:hi], oracle[:, lo:hi])
+        print(f"{dtype} frames {lo}-{hi}: reference {ref_err:.2e}, optimized {opt_err:.2e}, "
+              f"graphed {graph_err:.2e}")
+        # (graph replay may pick other cuDNN algorithms than the eager run: not bit-equal)
+        assert max(opt_err, graph_err) <= 1.25 * ref_err + 1e-4
 
 
 def test_optimized_with_the_triton_norm_matches_reference():

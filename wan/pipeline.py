@@ -4,9 +4,9 @@ frames, and the t=0 forward that writes the clean block into the caches.
 `StreamingBlockRunner` does one block per `block()` call, in upstream's order of work (its
 `CausalInferencePipeline`) with one change: the decode is not queued behind the cache update. The
 update only matters to the next block, and the decode only needs the denoised latents, so with
-`overlap_update=True` (CUDA) the update runs on a second stream while the decoder runs on the
-first: the frames are ready after denoise + decode, and the block is done after denoise +
-max(decode, update) when the two share the GPU well.
+`overlap_update=True` (CUDA) the decoder runs on a high-priority stream and the update on the
+default one beside it: the GPU's schedulers give the decoder's kernels precedence, the update
+fills what they leave, the frames are ready after about denoise + decode.
 
 It measures both numbers a player feels, with CUDA events (CPU: host clocks):
 * action-to-frame latency: from the block's start (its action input given) to its frames ready;
@@ -63,7 +63,8 @@ class StreamingBlockRunner:
         self.device, self.dtype = param.device, param.dtype
         self.decoder_dtype = decoder_dtype or decoder.conv2.weight.dtype
         self.overlap = overlap_update and self.device.type == "cuda"
-        self.side = torch.cuda.Stream(self.device) if self.overlap else None
+        # the decode's stream: the highest priority torch offers (lower numbers run first)
+        self.side = torch.cuda.Stream(self.device, priority=-1) if self.overlap else None
         _, ph, pw = model.patch_size
         self.tokens_per_frame = (latent_hw[0] // ph) * (latent_hw[1] // pw)
         self.caches = None
@@ -99,17 +100,20 @@ class StreamingBlockRunner:
                 x = (1 - next_sigma) * x0 + next_sigma * torch.randn_like(x0)
 
         update = lambda: self.model(x0, _timesteps(0.0, b, f, self.device, self.dtype), **call)  # noqa: E731
-        if self.overlap:  # the cache update beside the decode, on the second stream
-            self.side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.side):
-                update()
-        else:
-            update()
         latents = x0.transpose(1, 2).to(self.decoder_dtype)
-        frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
-        clock.mark("frames")
-        if self.overlap:  # the next block reads the updated caches
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
+        if self.overlap:  # the decode first on its high-priority stream, the update beside it
+            main = torch.cuda.current_stream(self.device)
+            self.side.wait_stream(main)
+            latents.record_stream(self.side)  # made on main, read on the side stream
+            with torch.cuda.stream(self.side):
+                frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
+                clock.mark("frames")
+            update()
+            main.wait_stream(self.side)
+        else:  # upstream's order
+            update()
+            frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
+            clock.mark("frames")
         clock.mark("done")
         self.frame += f
         return frames, clock

@@ -139,11 +139,19 @@ def action_attention_over(attend):
 
 action_attention = action_attention_over(attention)
 
-def rms_norm_silu(x, gamma, out=None):
+def rms_norm_silu(x, gamma, out=None, bias=None):
     """The VAE decoder's RMS norm over channels (dim 1: x / ||x|| * sqrt(C) * gamma, as upstream's
-    `RMS_norm`) then SiLU, for x [B, C, T, H, W]; written into `out` when given."""
+    `RMS_norm`) then SiLU, for x [B, C, T, H, W], after adding `bias` [C] (the preceding
+    convolution's, when given); written into `out` when given."""
+    if bias is not None:
+        x = x + bias.view(1, -1, 1, 1, 1)
     y = F.silu(F.normalize(x, dim=1) * x.shape[1] ** 0.5 * gamma)
     return y if out is None else out.copy_(y)
+
+
+def bias_residual_add(h, bias, residual):
+    """(h + bias) + residual: a convolution's output [B, C, T, H, W], its bias [C], the shortcut."""
+    return (h + bias.view(1, -1, 1, 1, 1)) + residual
 
 
 OPS = {
@@ -161,4 +169,5 @@ OPS = {
     "qkv_norm_rope_store": qkv_norm_rope_store,
     "linear_gelu": linear_gelu,
     "rms_norm_silu": rms_norm_silu,
+    "bias_residual_add": bias_residual_add,
 }

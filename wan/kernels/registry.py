@@ -23,8 +23,11 @@ Ops (one signature each, every backend implements a subset):
                         rope_dtype)             the self-attention's three norm_rope_store calls
                                                 (q returned, k/v into their slots) in one
     linear_gelu(x, weight, bias)                gelu_tanh(x @ weight^T + bias) (the FFN's first half)
-    rms_norm_silu(x, gamma, out)                the VAE decoder's channel RMS norm + SiLU on
-                                                channels-last [B, C, T, H, W], into `out`
+    rms_norm_silu(x, gamma, out, bias)          the VAE decoder's channel RMS norm + SiLU on
+                                                channels-last [B, C, T, H, W] (after the previous
+                                                conv's bias), into `out`
+    bias_residual_add(h, bias, residual)        (h + bias) + residual: a decoder conv's bias and
+                                                its residual block's shortcut in one pass
 
 Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
 importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels),
@@ -50,7 +53,7 @@ ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboa
 OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual",
                        "gated_residual_layer_norm_modulate", "gated_residual_layer_norm",
                        "frame_bias_gelu", "norm_rope_store", "qkv_norm_rope_store", "linear_gelu",
-                       "rms_norm_silu")
+                       "rms_norm_silu", "bias_residual_add")
 AUTO_ORDER = ("triton", "flash", "cublas", "eager")
 ENV_VAR = "WAN_BACKEND"
 

@@ -11,7 +11,9 @@ What differs from the reference (vae_decoder.py):
   to the front for the next call. No `cat` of the history, no padding copies, no marker strings;
 * each RMS norm + SiLU is one op of the backend registry (`rms_norm_silu`: a Triton row kernel on
   CUDA, `backend=` / WAN_BACKEND select it like the DiT's ops) that writes the convolution's
-  input straight into its buffer;
+  input straight into its buffer; inside a residual block the convolutions run without their
+  bias, which the next op adds (the norm, or `bias_residual_add` with the shortcut): cuDNN's 3-D
+  channels-last path would add it in a separate pass over the output;
 * activations and weights are channels-last (cuDNN's fast layout for half precision) and the
   nearest upsampling runs in the activations' dtype;
 * optionally (`cuda_graphs=True`, or WAN_CUDA_GRAPHS) each phase (a stream's first block, a later
@@ -21,6 +23,7 @@ The returned cache is the decoder's live state: the list's tensors are views of 
 until the next call (pass it back as upstream's pipeline does). A cache made by another decoder
 (the reference's, upstream's shapes) is copied in, so streams can move between them.
 """
+from types import SimpleNamespace
 from typing import List, Optional
 
 import torch
@@ -30,6 +33,9 @@ from ..kernels.cuda_graphs import GraphRunner, cuda_graphs_setting
 from ..kernels.registry import load_selection, resolve
 from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
+
+
+DECODER_OPS = ("rms_norm_silu", "bias_residual_add")  # the backend registry's decoder ops
 
 
 class _HistoryBuffers:
@@ -85,7 +91,7 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
         super().__init__()
         self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
         self.backend = load_selection(backend)
-        self._norm_silu = None  # the rms_norm_silu implementation for the stream's device/dtype
+        self._ops = None  # the decoder's registry ops for the stream's device/dtype
         self._state: Optional[_HistoryBuffers] = None
         self._returned: Optional[list] = None  # the cache list of the last call (live views)
         self._graphs = GraphRunner()
@@ -123,8 +129,8 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
                 or state.device != z.device):
             self._graphs.clear()  # captured over the old buffers
             self._channels_last(z.device, z.dtype)
-            _, self._norm_silu = resolve("rms_norm_silu", self.backend["rms_norm_silu"], z.device,
-                                         z.dtype, 0)
+            self._ops = SimpleNamespace(**{
+                op: resolve(op, self.backend[op], z.device, z.dtype, 0)[1] for op in DECODER_OPS})
             # plain attributes (upstream's), so .to() leaves them: on the device once, not per call
             self.mean, self.std = self.mean.to(z.device), self.std.to(z.device)
             state = self._state = _HistoryBuffers(shapes, z.dtype, z.device)
@@ -180,15 +186,19 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
         return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)
 
     def _residual(self, block: ResidualBlock, x, state):
+        """shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x)))))), each conv's bias added by the
+        op after it."""
         norm1, _, conv1, norm2, _, _, conv2 = block.residual
         frames = x.shape[2]
-        h = _causal_conv(conv1, self._normed(norm1, x), frames, state, block.first_index)
-        h = _causal_conv(conv2, self._normed(norm2, h), frames, state, block.first_index + 1)
-        return block.shortcut(x) + h
+        h = _causal_conv(conv1, self._normed(norm1, x), frames, state, block.first_index,
+                         bias=False)
+        h = _causal_conv(conv2, self._normed(norm2, h, conv1.bias), frames, state,
+                         block.first_index + 1, bias=False)
+        return self._ops.bias_residual_add(h, conv2.bias, block.shortcut(x))
 
-    def _normed(self, norm, x):
-        """A writer of silu(norm(x)) into a convolution's buffer."""
-        return lambda dest: self._norm_silu(x, norm.gamma, dest)
+    def _normed(self, norm, x, bias=None):
+        """A writer of silu(norm(x + bias)) into a convolution's buffer."""
+        return lambda dest: self._ops.rms_norm_silu(x, norm.gamma, dest, bias)
 
 
 def _copy_of(x):
@@ -196,16 +206,16 @@ def _copy_of(x):
     return lambda dest: dest.copy_(x)
 
 
-def _causal_conv(conv, write, frames: int, state: _HistoryBuffers, index: int):
+def _causal_conv(conv, write, frames: int, state: _HistoryBuffers, index: int, bias: bool = True):
     """conv over [the two previous frames, this call's `frames` input frames] through entry
     `index`'s buffer: `write(dest)` puts the input right after the history; the last two frames
-    stay as the next call's history."""
+    stay as the next call's history. bias=False leaves the conv's bias to the caller."""
     buffer = state.buffers[index]  # reserved for this call's frames
     window = buffer[:, :, :HISTORY_FRAMES + frames]
     write(window[:, :, HISTORY_FRAMES:])
     pw, _, ph, _ = conv.spatial_padding
-    y = F.conv3d(window, conv.weight, conv.bias, conv.stride, (0, ph, pw), conv.dilation,
-                 conv.groups)
+    y = F.conv3d(window, conv.weight, conv.bias if bias else None, conv.stride, (0, ph, pw),
+                 conv.dilation, conv.groups)
     tail = window[:, :, frames:]  # the last two frames of [history, input]
     buffer[:, :, :HISTORY_FRAMES].copy_(tail.clone() if frames < HISTORY_FRAMES else tail)
     return y

@@ -1,4 +1,5 @@
-"""The VAE decoder's RMS norm + SiLU over channels, on channels-last activations.
+"""The VAE decoder's row kernels on channels-last activations: RMS norm + SiLU over channels (with
+the preceding convolution's bias folded in), and a convolution's bias + the residual add.
 
 Upstream's decoder normalises each pixel's channel vector (`F.normalize(x, dim=1) * sqrt(C) *
 gamma`) and applies SiLU, as four or five separate passes in half precision. In channels-last
@@ -12,14 +13,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_silu_kernel(x_ptr, gamma_ptr, out_ptr, rows, channels, x_batch_stride,
-                          out_batch_stride, scale, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rms_norm_silu_kernel(x_ptr, bias_ptr, gamma_ptr, out_ptr, rows, channels, x_batch_stride,
+                          out_batch_stride, scale, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
     block, batch = tl.program_id(0), tl.program_id(1)
     r = block * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < channels)
     offsets = r[:, None] * channels + c[None, :]
     x = tl.load(x_ptr + batch * x_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:  # the convolution's bias, rounded to the activations' dtype as cuDNN's add would
+        bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0)
+        x = (x + bias[None, :].to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
+        x = tl.where(mask, x, 0.0)
     inverse = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
     gamma = tl.load(gamma_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
     y = x * inverse[:, None] * gamma[None, :]
@@ -35,21 +41,67 @@ def _rows_within_batch(t: torch.Tensor) -> bool:
             and t.stride(2) == h * w * c)
 
 
-def rms_norm_silu(x, gamma, out=None):
-    """silu(x / ||x||_channels * sqrt(C) * gamma) for x [B, C, T, H, W]; into `out` (same shape,
-    channels-last rows) when given, else a new channels-last tensor."""
-    b, c, frames, h, w = x.shape
-    if not _rows_within_batch(x):
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.channels_last_3d)
-    if out.shape != x.shape or not _rows_within_batch(out):
-        raise ValueError(f"out must be a channels-last {tuple(x.shape)} tensor, got "
+def _channels_last_rows(x):
+    return x if _rows_within_batch(x) else x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def _check_out(out, like):
+    if out.shape != like.shape or not _rows_within_batch(out):
+        raise ValueError(f"out must be a channels-last {tuple(like.shape)} tensor, got "
                          f"{tuple(out.shape)} with strides {out.stride()}")
+
+
+def _grid_and_blocks(x):
+    b, c, frames, h, w = x.shape
     rows = frames * h * w
     block_c = triton.next_power_of_2(c)
     block_r = max(1, 8192 // block_c)
-    _rms_norm_silu_kernel[(triton.cdiv(rows, block_r), b)](
-        x, gamma.reshape(-1).contiguous(), out, rows, c, x.stride(0), out.stride(0), c ** 0.5,
+    return (triton.cdiv(rows, block_r), b), rows, block_r, block_c
+
+
+def rms_norm_silu(x, gamma, out=None, bias=None):
+    """silu(RMSnorm(x + bias) * gamma) over the channels of x [B, C, T, H, W] (x / ||x|| *
+    sqrt(C) * gamma); into `out` (same shape, channels-last rows) when given, else a new
+    channels-last tensor. `bias` [C] (optional): the preceding convolution's, added first."""
+    x = _channels_last_rows(x)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.channels_last_3d)
+    _check_out(out, x)
+    grid, rows, block_r, block_c = _grid_and_blocks(x)
+    _rms_norm_silu_kernel[grid](
+        x, bias if bias is not None else x, gamma.reshape(-1).contiguous(), out, rows, x.shape[1],
+        x.stride(0), out.stride(0), x.shape[1] ** 0.5, HAS_BIAS=bias is not None,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return out
+
+
+@triton.jit
+def _bias_residual_add_kernel(h_ptr, bias_ptr, s_ptr, out_ptr, rows, channels, h_batch_stride,
+                              s_batch_stride, out_batch_stride, BLOCK_R: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    block, batch = tl.program_id(0), tl.program_id(1)
+    r = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < channels)
+    offsets = r[:, None] * channels + c[None, :]
+    h = tl.load(h_ptr + batch * h_batch_stride + offsets, mask=mask, other=0.0)
+    bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0)
+    h = (h.to(tl.float32) + bias[None, :].to(tl.float32)).to(h_ptr.dtype.element_ty)
+    s = tl.load(s_ptr + batch * s_batch_stride + offsets, mask=mask, other=0.0)
+    y = h.to(tl.float32) + s.to(tl.float32)
+    tl.store(out_ptr + batch * out_batch_stride + offsets, y.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def bias_residual_add(h, bias, residual):
+    """(h + bias) + residual for h, residual [B, C, T, H, W] and bias [C]: a convolution's
+    output, its bias and the residual block's shortcut, in one pass (channels-last out)."""
+    h, residual = _channels_last_rows(h), _channels_last_rows(residual)
+    if residual.shape != h.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not match h {tuple(h.shape)}")
+    out = torch.empty_like(h, memory_format=torch.channels_last_3d)
+    grid, rows, block_r, block_c = _grid_and_blocks(h)
+    _bias_residual_add_kernel[grid](h, bias, residual, out, rows, h.shape[1], h.stride(0),
+                                    residual.stride(0), out.stride(0), BLOCK_R=block_r,
+                                    BLOCK_C=block_c, num_warps=4)
     return out
