@@ -33,6 +33,9 @@ PAIRS = {  # name: (DiT class and options, decoder class and options, cache upda
     "reference": ((CausalWanModel, {}), (VAEDecoderWrapper, {}), False),
     "optimized": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
                   (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}), True),
+    # the optimized pair in upstream's order (update, then decode): what the overlap buys
+    "optimized_serial": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
+                         (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}), False),
 }
 
 
