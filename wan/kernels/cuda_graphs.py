@@ -62,17 +62,24 @@ class GraphRunner:
     def run(self, key: tuple, fn: Callable[..., torch.Tensor], inputs: Dict[str, torch.Tensor]):
         """fn(**inputs) through the graph of `key`, capturing it on first use. fn must only launch
         device work (no host syncs, no allocation that depends on values)."""
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self._capture(fn, inputs)
-            self.graphs[key] = entry
-        graph, static_inputs, static_out = entry
+        if key not in self.graphs:
+            self.capture(key, fn, inputs)
+        graph, static_inputs, static_out = self.graphs[key]
         # one dispatch for all the copies: each separate copy_ costs ~25 us of host time on a
         # slow host, and the GPU waits for it
         torch._foreach_copy_([static_inputs[name] for name in inputs], list(inputs.values()))
         graph.replay()
         # fn may only write into buffers it was given (returns None)
         return None if static_out is None else static_out.clone()
+
+    def captured(self, key: tuple) -> bool:
+        return key in self.graphs
+
+    def capture(self, key: tuple, fn, inputs):
+        """Capture fn(**inputs) as the graph of `key` without replaying it. The warm-up runs fn
+        WARMUP_CALLS times for real: a caller whose fn updates state (not idempotent) saves and
+        restores that state around this call."""
+        self.graphs[key] = self._capture(fn, inputs)
 
     def _capture(self, fn, inputs):
         static_inputs = {name: value.clone() for name, value in inputs.items()}

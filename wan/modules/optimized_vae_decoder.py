@@ -79,6 +79,13 @@ class _HistoryBuffers:
                 history[:, :, HISTORY_FRAMES - frames:].copy_(entry[:, :, -frames:])
         self.started = True
 
+    def save_histories(self) -> list:
+        return [buffer[:, :, :HISTORY_FRAMES].clone() for buffer in self.buffers]
+
+    def restore_histories(self, saved: list) -> None:
+        for buffer, history in zip(self.buffers, saved):
+            buffer[:, :, :HISTORY_FRAMES].copy_(history)
+
     def reset(self) -> None:
         for buffer in self.buffers:
             buffer[:, :, :HISTORY_FRAMES].zero_()
@@ -158,9 +165,15 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
     def _run(self, phase: str, z, state):
         decode = self._first_frame if phase == "first" else self._frames
         compute = lambda z: decode(z, state)  # noqa: E731
-        if self.cuda_graphs and z.is_cuda:
-            return self._graphs.run((phase, tuple(z.shape), z.dtype), compute, {"z": z})
-        return compute(z)
+        if not (self.cuda_graphs and z.is_cuda):
+            return compute(z)
+        key = (phase, tuple(z.shape), z.dtype)
+        if not self._graphs.captured(key):
+            # capturing warms up by decoding for real, which moves the histories on: keep them
+            saved = state.save_histories()
+            self._graphs.capture(key, compute, {"z": z})
+            state.restore_histories(saved)
+        return self._graphs.run(key, compute, {"z": z})
 
     # ------------------------------------------------------------------ device work
     def _first_frame(self, z, state):
