@@ -154,6 +154,11 @@ def bias_residual_add(h, bias, residual):
     return (h + bias.view(1, -1, 1, 1, 1)) + residual
 
 
+def upsample_nearest2x(x):
+    """Nearest-neighbour 2x upsampling of frames [N, C, H, W] (the decoder's, in x's dtype)."""
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
 OPS = {
     "self_attention": attention,
     "cross_attention": attention,
@@ -170,4 +175,5 @@ OPS = {
     "linear_gelu": linear_gelu,
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
+    "upsample_nearest2x": upsample_nearest2x,
 }

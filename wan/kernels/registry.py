@@ -28,6 +28,7 @@ Ops (one signature each, every backend implements a subset):
                                                 conv's bias), into `out`
     bias_residual_add(h, bias, residual)        (h + bias) + residual: a decoder conv's bias and
                                                 its residual block's shortcut in one pass
+    upsample_nearest2x(x)                       nearest 2x upsampling of frames [N, C, H, W]
 
 Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
 importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels),
@@ -53,7 +54,7 @@ ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboa
 OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual",
                        "gated_residual_layer_norm_modulate", "gated_residual_layer_norm",
                        "frame_bias_gelu", "norm_rope_store", "qkv_norm_rope_store", "linear_gelu",
-                       "rms_norm_silu", "bias_residual_add")
+                       "rms_norm_silu", "bias_residual_add", "upsample_nearest2x")
 AUTO_ORDER = ("triton", "flash", "cublas", "eager")
 ENV_VAR = "WAN_BACKEND"
 

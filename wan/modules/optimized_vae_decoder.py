@@ -35,7 +35,7 @@ from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resampl
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
 
 
-DECODER_OPS = ("rms_norm_silu", "bias_residual_add")  # the backend registry's decoder ops
+DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_nearest2x")  # the backend registry's decoder ops
 
 
 class _HistoryBuffers:
@@ -193,7 +193,7 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
             elif isinstance(layer, AttentionBlock):
                 x = layer(x)
             elif isinstance(layer, Resample):
-                x = _resample(layer, x, state, first)
+                x = self._resample(layer, x, state, first)
         norm, _, conv = decoder.head
         x = _causal_conv(conv, self._normed(norm, x), x.shape[2], state, len(state.buffers) - 1)
         return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)
@@ -208,6 +208,20 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
         h = _causal_conv(conv2, self._normed(norm2, h, conv1.bias), frames, state,
                          block.first_index + 1, bias=False)
         return self._ops.bias_residual_add(h, conv2.bias, block.shortcut(x))
+
+    def _resample(self, layer: Resample, x, state, first: bool):
+        """Frames doubled by the causal time conv (not at a stream's first latent frame), then
+        each frame upsampled 2x and convolved, channels-last throughout."""
+        if layer.mode == "upsample3d" and not first:
+            b, c, t, h, w = x.shape
+            y = _causal_conv(layer.time_conv, _copy_of(x), t, state, layer.index)
+            # channel half 0 -> even frames, half 1 -> odd frames
+            x = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # a view in channels-last memory
+        y = layer.resample[1](self._ops.upsample_nearest2x(frames))
+        return y.view(b, t, *y.shape[1:]).transpose(1, 2)
 
     def _normed(self, norm, x, bias=None):
         """A writer of silu(norm(x + bias)) into a convolution's buffer."""
@@ -232,17 +246,3 @@ def _causal_conv(conv, write, frames: int, state: _HistoryBuffers, index: int, b
     tail = window[:, :, frames:]  # the last two frames of [history, input]
     buffer[:, :, :HISTORY_FRAMES].copy_(tail.clone() if frames < HISTORY_FRAMES else tail)
     return y
-
-
-def _resample(layer: Resample, x, state, first: bool):
-    if layer.mode == "upsample3d" and not first:
-        b, c, t, h, w = x.shape
-        y = _causal_conv(layer.time_conv, _copy_of(x), t, state, layer.index)
-        # channel half 0 -> even frames, half 1 -> odd frames
-        x = y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    b, c, t, h, w = x.shape
-    frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # a view in channels-last memory
-    up = F.interpolate(frames, scale_factor=2.0, mode="nearest")
-    y = layer.resample[1](up.contiguous(memory_format=torch.channels_last))
-    return y.view(b, t, *y.shape[1:]).transpose(1, 2)

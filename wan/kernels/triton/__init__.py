@@ -1,7 +1,7 @@
 """The triton backend's kernels (registered in OPS; the registry imports this module only when the
 backend is considered, and it needs the triton package)."""
 from .action_attention import action_attention
-from .channel_norm import bias_residual_add, rms_norm_silu
+from .channel_norm import bias_residual_add, rms_norm_silu, upsample_nearest2x
 from .modulation import (frame_bias_gelu, gated_residual, gated_residual_layer_norm,
                          gated_residual_layer_norm_modulate, layer_norm, layer_norm_modulate)
 from .norm_rope import norm_rope_store, qkv_norm_rope_store
@@ -19,4 +19,5 @@ OPS = {
     "qkv_norm_rope_store": qkv_norm_rope_store,
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
+    "upsample_nearest2x": upsample_nearest2x,
 }
