@@ -161,10 +161,12 @@ def test_gpu_half_precision_error_within_125_percent_of_the_reference(dtype):
         assert max(opt_err, graph_err) <= 1.25 * ref_err + 1e-4
 
 
-def test_optimized_with_the_triton_norm_matches_reference():
+def test_optimized_with_the_triton_norm_matches_reference(monkeypatch):
     """backend='triton' (Triton's interpreter on a CPU): the fused norm + SiLU writes into the
     convolutions' buffers in place of the eager twin."""
     pytest.importorskip("triton")
+    # float32 convs in full precision: with TF32 two runs may differ by ~1e-3 (cuDNN's choice)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     latents = _latents(4, dtype=torch.float32)
     if torch.cuda.is_available():  # against the eager ops on the same GPU (convs may use TF32)
         latents = latents.cuda()
