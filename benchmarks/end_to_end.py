@@ -11,16 +11,13 @@ latent (a smoke run: the decoder is full size).
     python benchmarks/end_to_end.py [--blocks 8] [--out e2e.json]
 """
 import argparse
-import datetime
-import json
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.stream import Timer, device_name, summarize  # noqa: E402
+from benchmarks.stream import Timer, bar_chart, finish, run_header, summarize  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
@@ -156,30 +153,13 @@ def print_table(report):
 
 
 def plot(report, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return None
     names = list(report["pairs"])
-    parts = {"decoder": [report["pairs"][n]["decoder"]["median_ms"] for n in names],
-             "block": [report["pairs"][n]["blocks"]["block"]["median_ms"] for n in names],
-             "action->frame": [report["pairs"][n]["blocks"]["action_to_frame"]["median_ms"]
-                               for n in names]}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.27
-    for k, (label, values) in enumerate(parts.items()):
-        bars = ax.bar([i + (k - 1) * width for i in range(len(names))], values, width, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("median ms per 12-frame block")
-    ax.set_title(f"time to screen, {report['device']}", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return str(path)
+    pairs = report["pairs"]
+    groups = {"decoder": [pairs[n]["decoder"]["median_ms"] for n in names],
+              "block": [pairs[n]["blocks"]["block"]["median_ms"] for n in names],
+              "action->frame": [pairs[n]["blocks"]["action_to_frame"]["median_ms"] for n in names]}
+    return bar_chart(groups, names, "median ms per 12-frame block",
+                     f"time to screen, {report['device']}", path)
 
 
 def main(argv=None):
@@ -188,9 +168,7 @@ def main(argv=None):
     print(f"building {args.pairs} ({args.preset}, {args.device})", file=sys.stderr, flush=True)
     built = build(args)
     report = {
-        "device": device_name(args.device), "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        **run_header(args.device),
         "preset": args.preset, "latent": list(args.latent),
         "dit_dtype": str(args.dit_dtype).replace("torch.", ""),
         "decoder_dtype": str(args.decoder_dtype).replace("torch.", ""),
@@ -202,13 +180,7 @@ def main(argv=None):
         report["pairs"][name] = {"decoder": decoder_stats, "blocks": block_stats,
                                  "update_beside_decode": overlap}
     report["end_to_end"] = summary(report["pairs"])
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        report["plot"] = plot(report, out.with_suffix(".png"))
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
-    print_table(report)
+    finish(report, args.out, plot, print_table)
     return report
 
 

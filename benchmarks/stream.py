@@ -237,8 +237,15 @@ def print_table(report):
               f"{pipe[name]['block_median_ms']:>7.1f}ms{pipe[name]['dit_fps']:>9.1f}{speedup:>9}")
 
 
-def plot(report, path):
-    """Bar chart of median per-forward latency (seed and pipeline protocols) per model."""
+def run_header(device) -> dict:
+    """What every benchmark report starts with: device, torch, date and the exact command."""
+    return {"device": device_name(device), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv])}
+
+
+def bar_chart(groups: dict, names, ylabel: str, title: str, path):
+    """Grouped bars: {label: one value per name}; saved as a PNG (None without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -246,20 +253,39 @@ def plot(report, path):
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return None
-    names = report["models"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.38
-    for offset, protocol in ((-width / 2, "seed"), (width / 2, "pipeline")):
-        values = [report[protocol]["per_model"][n]["median_ms"] for n in names]
-        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=protocol)
+    width = 0.8 / len(groups)
+    for k, (label, values) in enumerate(groups.items()):
+        offset = (k - (len(groups) - 1) / 2) * width
+        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel("median ms per forward")
-    ax.set_title(f"{report['preset']} {report['dtype']} on {report['device']}", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return str(path)
+
+
+def finish(report: dict, out, plotter, table):
+    """Write the report (and its plot beside it) when `out` is given, then print the table."""
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report["plot"] = plotter(report, out.with_suffix(".png"))
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    table(report)
+
+
+def plot(report, path):
+    """Bar chart of median per-forward latency (seed and pipeline protocols) per model."""
+    names = report["models"]
+    groups = {protocol: [report[protocol]["per_model"][n]["median_ms"] for n in names]
+              for protocol in ("seed", "pipeline")}
+    return bar_chart(groups, names, "median ms per forward",
+                     f"{report['preset']} {report['dtype']} on {report['device']}", path)
 
 
 def main(argv=None):
@@ -269,9 +295,7 @@ def main(argv=None):
     print(f"building {args.models} ({args.preset}, {args.dtype}, {args.device})", file=sys.stderr)
     models = build_models(args)
     report = {
-        "device": device_name(args.device), "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        **run_header(args.device),
         "preset": args.preset, "dtype": str(args.dtype).replace("torch.", ""),
         "models": list(models), "denoising_steps": args.denoising_steps, "blocks": args.blocks,
         "seed": {}, "pipeline": {},
@@ -283,13 +307,7 @@ def main(argv=None):
         report["pipeline"][name] = pipeline_protocol(model, args, timer, name)
     report["seed"] = speedups(report["seed"])
     report["pipeline"] = speedups(report["pipeline"])
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        report["plot"] = plot(report, out.with_suffix(".png"))
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
-    print_table(report)
+    finish(report, args.out, plot, print_table)
     return report
 
 

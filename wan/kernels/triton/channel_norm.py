@@ -14,14 +14,20 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_silu_kernel(x_ptr, bias_ptr, gamma_ptr, out_ptr, rows, channels, x_batch_stride,
-                          out_batch_stride, scale, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
+def _row_tile(rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: BLOCK_R channel rows of batch element `batch`, as offsets within it."""
     block, batch = tl.program_id(0), tl.program_id(1)
     r = block * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < channels)
-    offsets = r[:, None] * channels + c[None, :]
+    return batch, r[:, None] * channels + c[None, :], mask, c
+
+
+@triton.jit
+def _rms_norm_silu_kernel(x_ptr, bias_ptr, gamma_ptr, out_ptr, rows, channels, x_batch_stride,
+                          out_batch_stride, scale, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    batch, offsets, mask, c = _row_tile(rows, channels, BLOCK_R, BLOCK_C)
     x = tl.load(x_ptr + batch * x_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:  # the convolution's bias, rounded to the activations' dtype as cuDNN's add would
         bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0)
@@ -80,11 +86,7 @@ def rms_norm_silu(x, gamma, out=None, bias=None):
 def _bias_residual_add_kernel(h_ptr, bias_ptr, s_ptr, out_ptr, rows, channels, h_batch_stride,
                               s_batch_stride, out_batch_stride, BLOCK_R: tl.constexpr,
                               BLOCK_C: tl.constexpr):
-    block, batch = tl.program_id(0), tl.program_id(1)
-    r = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    mask = (r[:, None] < rows) & (c[None, :] < channels)
-    offsets = r[:, None] * channels + c[None, :]
+    batch, offsets, mask, c = _row_tile(rows, channels, BLOCK_R, BLOCK_C)
     h = tl.load(h_ptr + batch * h_batch_stride + offsets, mask=mask, other=0.0)
     bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0)
     h = (h.to(tl.float32) + bias[None, :].to(tl.float32)).to(h_ptr.dtype.element_ty)
