@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.conditioning import condition_steps, frame_windows, sinusoidal_embedding_1d
-from ..kernels.cuda_graphs import GraphRunner, cuda_graphs_setting
+from ..kernels.cuda_graphs import (ForgetsDerivedStateOnNewWeights, GraphRunner,
+                                  cuda_graphs_setting)
 from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
                                    first_action_module, per_frame_timesteps)
 from ..kernels.registry import describe_resolved, load_selection, resolve_all
@@ -67,7 +68,7 @@ class _Step:
     conditions: dict            # layer -> the action conditions' projections (+ ready event)
 
 
-class OptimizedCausalWanModel(CausalWanModel):
+class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
 
     def __init__(self, *args, backend=None, cuda_graphs: Optional[bool] = None,
                  inject_sample_info: bool = False, **kwargs):
@@ -94,7 +95,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         self._graphs = GraphRunner()
         self._bound = DictBinding()  # the caller's dicts of the last call, wrapped as a ring cache
         self._plan: Optional[ModelPlan] = None  # built at the first streaming forward
-        self.register_load_state_dict_post_hook(_forget_plan_after_load)
+        self._watch_weights()  # the plan and graphs are forgotten after .to() or a load
         self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
         self._warned_no_graphs = False
 
@@ -104,16 +105,12 @@ class OptimizedCausalWanModel(CausalWanModel):
         tree again: call it after replacing a submodule."""
         self.backend = load_selection(backend)
         self._per_device.clear()
-        self._forget_plan()
+        self._forget_derived_state()
         self._drop_graphs()
 
-    def _apply(self, fn, *args, **kwargs):
-        """.to(), .half(), .cuda(), ... give the parameters new storage: the plan packed over the
-        old storage, and the graphs that read it, are dropped (rebuilt at the next forward)."""
-        self._forget_plan()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _forget_plan(self):
+    def _forget_derived_state(self):
+        """The plan packed over the parameters' storage, and the graphs that read it, go (both
+        are rebuilt at the next forward)."""
         if getattr(self, "_plan", None) is not None:
             self._plan = None
             self._drop_graphs()
@@ -257,7 +254,7 @@ class OptimizedCausalWanModel(CausalWanModel):
         """The per-layer plan (wan/kernels/layer_plan.py), built again when parameters got new
         storage; graphs captured over the old storage are dropped with it."""
         if self._plan is None or not self._plan.is_current():
-            self._forget_plan()
+            self._forget_derived_state()
             self._plan = ModelPlan(self)
         return self._plan
 
@@ -481,11 +478,6 @@ def _action(action: ActionPlan, i: int, tokens, step):
                                    action.keyboard_eps)
         tokens = _add_projection(tokens, y.flatten(2), module.proj_keyboard)
     return tokens
-
-
-def _forget_plan_after_load(model, incompatible_keys):
-    """load_state_dict's post hook (a module-level function: models stay picklable)."""
-    model._forget_plan()
 
 
 def _condition_steps(action, cond, start_frame: int, frames: int):

@@ -29,7 +29,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.cuda_graphs import GraphRunner, cuda_graphs_setting
+from ..kernels.cuda_graphs import ForgetsDerivedStateOnNewWeights, GraphRunner, cuda_graphs_setting
 from ..kernels.registry import load_selection, resolve
 from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
@@ -92,7 +92,7 @@ class _HistoryBuffers:
         self.started = False
 
 
-class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
+class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrapper):
 
     def __init__(self, cuda_graphs: Optional[bool] = None, backend=None):
         super().__init__()
@@ -103,6 +103,14 @@ class OptimizedVAEDecoderWrapper(VAEDecoderWrapper):
         self._returned: Optional[list] = None  # the cache list of the last call (live views)
         self._graphs = GraphRunner()
         self._channels_last_for = None  # (device, dtype) the weights were laid out for
+        self._watch_weights()
+
+    def _forget_derived_state(self):
+        """After .to() or a load: the graphs (they read the old weights) and the buffers go; the
+        next call takes the stream up again from the cache it is given (copied in)."""
+        if getattr(self, "_graphs", None) is not None:
+            self._graphs.clear()
+            self._state, self._returned, self._channels_last_for = None, None, None
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
