@@ -99,7 +99,9 @@ class StreamingBlockRunner:
                 next_sigma = sigmas[step + 1]
                 x = (1 - next_sigma) * x0 + next_sigma * torch.randn_like(x0)
 
-        update = lambda: self.model(x0, _timesteps(0.0, b, f, self.device, self.dtype), **call)  # noqa: E731
+        def update():  # the clean block into the caches (t = context noise = 0)
+            self.model(x0, _timesteps(0.0, b, f, self.device, self.dtype), **call)
+
         latents = x0.transpose(1, 2).to(self.decoder_dtype)
         if self.overlap:  # the decode first on its high-priority stream, the update beside it
             main = torch.cuda.current_stream(self.device)

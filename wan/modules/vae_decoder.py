@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import CheckpointMismatchError, describe_mismatch, read_state_dict
+
 # the latent normalisation of Wan2.1's VAE (per channel); decoding starts by undoing it
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -275,8 +277,9 @@ def check_decoder_inputs(wrapper: VAEDecoderWrapper, z, cache) -> None:
         if entry is None:
             continue
         if not isinstance(entry, torch.Tensor) or entry.ndim != 5:
-            raise ValueError(f"cache entry {i} must be None or a [B, C, frames, H, W] tensor, got "
-                             f"{type(entry).__name__ if not isinstance(entry, torch.Tensor) else tuple(entry.shape)}")
+            got = tuple(entry.shape) if isinstance(entry, torch.Tensor) else type(entry).__name__
+            raise ValueError(f"cache entry {i} must be None or a [B, C, frames, H, W] tensor, "
+                             f"got {got}")
         got = (entry.shape[0], entry.shape[1], entry.shape[3], entry.shape[4])
         if got != shape:
             raise ValueError(f"cache entry {i} is {tuple(entry.shape)}, but for latents of batch {b} "
@@ -297,7 +300,6 @@ def load_decoder_weights(decoder: VAEDecoderWrapper, path) -> VAEDecoderWrapper:
     """Load the decoder from upstream's `Wan2.1_VAE.pth` (a plain state dict, read with
     weights_only=True: nothing is unpickled) or a .safetensors file; strict, with every missing,
     unexpected or mis-shaped key listed."""
-    from .checkpoint import CheckpointMismatchError, describe_mismatch, read_state_dict
     path = str(path)
     if path.endswith(".safetensors"):
         state = read_state_dict(path)
