@@ -75,9 +75,9 @@ def test_state_dict_of_a_packed_model_saves_and_loads(tmp_path):
 
 
 def test_packed_rejects_mixed_bias():
-    from wan.kernels.layer_plan import _pack_optional
+    from wan.kernels.layer_plan import _pack_biases
     with pytest.raises(ValueError, match="bias"):
-        _pack_optional([torch.nn.Parameter(torch.zeros(2)), None, None])
+        _pack_biases([torch.nn.Parameter(torch.zeros(2)), None, None])
 
 
 def test_packed_notices_a_moved_module():

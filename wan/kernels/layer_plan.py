@@ -49,13 +49,13 @@ class Packed:
         return self.params[0].data_ptr() == self.tensor.data_ptr()
 
 
-def _pack_optional(params, stack=False) -> Optional[Packed]:
-    """Packed parameters, or None when they are all None (e.g. Linear layers without bias)."""
-    if all(p is None for p in params):
+def _pack_biases(biases) -> Optional[Packed]:
+    """The q/k/v biases packed, or None when the projections have none."""
+    if all(b is None for b in biases):
         return None
-    if any(p is None for p in params):
+    if any(b is None for b in biases):
         raise ValueError("q, k and v must all have a bias or none")
-    return Packed(params, stack)
+    return Packed(biases)
 
 
 def _norm_weight(norm) -> Optional[torch.Tensor]:
@@ -167,7 +167,7 @@ def _block_plan(index: int, block, fuse_qkv: bool) -> BlockPlan:
     return BlockPlan(
         index=index, heads=attn.num_heads,
         qkv=Packed([p.weight for p in projections]) if fuse_qkv else None,
-        qkv_bias=_pack_optional([p.bias for p in projections]) if fuse_qkv else None,
+        qkv_bias=_pack_biases([p.bias for p in projections]) if fuse_qkv else None,
         q=attn.q, k=attn.k, v=attn.v,
         q_norm=_norm_weight(attn.norm_q), k_norm=_norm_weight(attn.norm_k),
         qk_eps=_shared_eps(attn.norm_q, attn.norm_k, "self-attention"),

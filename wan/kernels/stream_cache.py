@@ -154,8 +154,8 @@ class StreamCache:
 
 def dict_identity(dicts) -> Optional[tuple]:
     """(ids, tensors) of every "k"/"v" tensor in the caller's upstream-style dicts
-    (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache; None entries skipped), or None
-    when they are malformed (the input checks then say why)."""
+    (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache; a list given as None is
+    skipped), or None when they are malformed (the input checks then say why)."""
     try:
         tensors = [cache[key] for caches in dicts if caches is not None for cache in caches
                    for key in ("k", "v")]

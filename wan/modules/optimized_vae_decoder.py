@@ -171,8 +171,9 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         self._channels_last_for = (device, dtype)
 
     def _run(self, phase: str, z, state):
-        decode = self._first_frame if phase == "first" else self._frames
-        compute = lambda z: decode(z, state)  # noqa: E731
+        def compute(z):
+            return self._decode(z, state, first=phase == "first")
+
         if not (self.cuda_graphs and z.is_cuda):
             return compute(z)
         key = (phase, tuple(z.shape), z.dtype)
@@ -184,12 +185,6 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         return self._graphs.run(key, compute, {"z": z})
 
     # ------------------------------------------------------------------ device work
-    def _first_frame(self, z, state):
-        return self._decode(z, state, first=True)
-
-    def _frames(self, z, state):
-        return self._decode(z, state, first=False)
-
     def _decode(self, z, state, first: bool):
         """Latents [B, 16, T, h, w] -> frames [B, T', 3, 8h, 8w] float32 in [-1, 1]."""
         decoder = self.decoder
