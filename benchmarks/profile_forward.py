@@ -4,7 +4,8 @@ Runs the pipeline pattern on the optimized model (eager forward: the same kernel
 replays) until the attention window is full, then profiles a block of forwards with torch.profiler
 and prints the CUDA time per forward grouped by category and the top kernels. GPU only.
 
-    python benchmarks/profile_forward.py [--model optimized|reference] [--out profile.json]
+    python benchmarks/profile_forward.py [--model optimized|reference] [--precision fp8]
+                                         [--out profile.json]
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
 CATEGORIES = [  # first match wins
     ("attention", r"fmha|flash|cudnn|attention|sdpa"),
     ("gemm", r"gemm|nvjet|sm90_xmma|cutlass|cublas|splitK|conv"),
+    ("fp8 quantize", r"quantize"),
     ("norm", r"layer_norm|LayerNorm|rms|norm"),
     ("reduce", r"reduce"),
     ("copy/cat", r"copy|cat|index|gather|scatter|fill"),
@@ -45,38 +47,50 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="optimized", choices=list(MODEL_CLASSES))
     p.add_argument("--preset", default="universal")
+    p.add_argument("--precision", default=None, choices=("native", "fp8"),
+                   help="the optimized model's precision (default: WAN_PRECISION or native)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     cls, extras = MODEL_CLASSES[args.model]
+    if args.precision and cls is not MODEL_CLASSES["reference"][0]:
+        extras = dict(extras, precision=args.precision)
     with torch.device("cuda"):
         model = cls.from_config(model_config(args.preset), **extras)
     randomize_weights_(model)
     model = model.to(torch.bfloat16).eval()
     model.num_frame_per_block = 3
-    hw = LATENT_SIZE[args.preset]
-    caches = new_stream_caches(model, 1, model.local_attn_size, tokens_per_frame(args.preset))
-    steady_block = (model.local_attn_size + 2) // 3 + 1
-    calls = []
-    for block in range(steady_block + 1):
-        inputs = random_inputs(model, hw, 3, 3 * block, seed=block)
-        calls.append(dict(inputs, current_start=3 * block * tokens_per_frame(args.preset)))
-    for call in calls[:-1]:  # fill the window, warm up
-        for _ in range(4):
-            model(**call, **caches)
-    torch.cuda.synchronize()
     forwards = 4
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(forwards):
-            model(**calls[-1], **caches)
-        torch.cuda.synchronize()
+    prof = profile_steady_forwards(model, args.preset, forwards)
     summary = kernel_summary(prof, forwards, args.top, f"{args.model}: per forward")
     if args.out:
         Path(args.out).write_text(json.dumps({
             "model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             **summary}, indent=2))
+
+
+@torch.no_grad()
+def profile_steady_forwards(model, preset: str, forwards: int):
+    """torch.profiler over `forwards` forwards of a block whose attention window is full (the
+    blocks before it run first, four forwards each, as warm-up)."""
+    hw = LATENT_SIZE[preset]
+    caches = new_stream_caches(model, 1, model.local_attn_size, tokens_per_frame(preset))
+    steady_block = (model.local_attn_size + 2) // 3 + 1
+    calls = []
+    for block in range(steady_block + 1):
+        inputs = random_inputs(model, hw, 3, 3 * block, seed=block)
+        calls.append(dict(inputs, current_start=3 * block * tokens_per_frame(preset)))
+    for call in calls[:-1]:  # fill the window, warm up
+        for _ in range(4):
+            model(**call, **caches)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(forwards):
+            model(**calls[-1], **caches)
+        torch.cuda.synchronize()
+    return prof
 
 
 def kernel_summary(prof, calls: int, top: int, label: str) -> dict:

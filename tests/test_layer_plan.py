@@ -29,7 +29,8 @@ def test_packing_keeps_parameters_values_and_names():
     assert {name: id(p) for name, p in after.items()} == ids
     assert all(torch.equal(after[name], value) for name, value in before.items())
     attn = model.blocks[1].self_attn
-    fused = plan.blocks[1].qkv.tensor
+    (gemm,) = plan.blocks[1].qkv
+    fused = gemm.weight
     assert torch.equal(fused, torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
     assert attn.k.weight.data_ptr() == fused[attn.q.weight.shape[0]:].data_ptr()  # a view
     assert plan.modulations.tensor.shape == (len(model.blocks), *model.blocks[0].modulation.shape)
@@ -43,7 +44,7 @@ def test_load_state_dict_writes_through_the_packed_tensor():
     model.load_state_dict(other.state_dict())
     assert plan.is_current()
     attn = other.blocks[0].self_attn
-    assert torch.equal(plan.blocks[0].qkv.tensor,
+    assert torch.equal(plan.blocks[0].qkv[0].weight,
                        torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
     assert torch.equal(plan.modulations.tensor[-1], other.blocks[-1].modulation.detach())
 
@@ -107,7 +108,7 @@ def test_unfused_qkv_gives_the_same_stream(monkeypatch):
     expected = _stream(reference)
     monkeypatch.setenv("WAN_FUSED_QKV", "0")
     assert max_rel_err(_stream(model), expected) <= 1e-6
-    assert model._plan.blocks[0].qkv is None
+    assert len(model._plan.blocks[0].qkv) == 3
     q = model.blocks[0].self_attn.q.weight
     assert q.untyped_storage().nbytes() == q.numel() * q.element_size()  # its own storage
     monkeypatch.setenv("WAN_FUSED_QKV", "yes")

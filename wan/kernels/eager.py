@@ -3,6 +3,8 @@ backend is tested against, and numerically the reference model's math."""
 import torch
 import torch.nn.functional as F
 
+from .fp8 import Fp8Rows, Fp8Weight, quantize_rows
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention without a mask: [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D].
@@ -15,11 +17,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)
 
 
-def layer_norm_modulate(x, shift, scale, eps):
-    """x [B, F*S, C]; shift, scale [B, F, 1, C] -> LayerNorm(x) * (1 + scale) + shift."""
+def _maybe_quantized(out, quantize: bool):
+    """The norms' output as it is, or as Fp8Rows for an FP8 GEMM (`quantize=True`)."""
+    return quantize_rows(out) if quantize else out
+
+
+def layer_norm_modulate(x, shift, scale, eps, quantize=False):
+    """x [B, F*S, C]; shift, scale [B, F, 1, C] -> LayerNorm(x) * (1 + scale) + shift (as
+    Fp8Rows with `quantize`)."""
     frames = shift.shape[1]
     normed = F.layer_norm(x, (x.shape[-1],), eps=eps).unflatten(1, (frames, -1))
-    return torch.addcmul(shift, normed, 1 + scale).flatten(1, 2)
+    return _maybe_quantized(torch.addcmul(shift, normed, 1 + scale).flatten(1, 2), quantize)
 
 
 def gated_residual(x, y, gate):
@@ -34,16 +42,18 @@ def layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps):
-    """(s, LayerNorm(s) * (1 + scale) + shift) for s = x + y * gate (per frame)."""
+def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps, quantize=False):
+    """(s, LayerNorm(s) * (1 + scale) + shift) for s = x + y * gate (per frame); the second as
+    Fp8Rows with `quantize`."""
     total = gated_residual(x, y, gate)
-    return total, layer_norm_modulate(total, shift, scale, eps)
+    return total, layer_norm_modulate(total, shift, scale, eps, quantize)
 
 
-def gated_residual_layer_norm(x, y, gate, weight, bias, eps):
-    """(s, LayerNorm(s) [* weight + bias]) for s = x + y * gate (per frame)."""
+def gated_residual_layer_norm(x, y, gate, weight, bias, eps, quantize=False):
+    """(s, LayerNorm(s) [* weight + bias]) for s = x + y * gate (per frame); the second as
+    Fp8Rows with `quantize`."""
     total = gated_residual(x, y, gate)
-    return total, layer_norm(total, weight, bias, eps)
+    return total, _maybe_quantized(layer_norm(total, weight, bias, eps), quantize)
 
 
 def frame_bias_gelu(x, bias):
@@ -107,6 +117,22 @@ def linear_gelu(x, weight, bias):
     """gelu_tanh(x @ weight^T + bias): the FFN's first layer and activation (upstream's FFN uses the
     tanh GELU)."""
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def quantize_fp8(x, gelu=False):
+    """x [..., K] (or gelu_tanh(x), computed in x's dtype) -> Fp8Rows with one scale per row."""
+    return quantize_rows(F.gelu(x, approximate="tanh") if gelu else x)
+
+
+def linear_fp8(x: Fp8Rows, weight: Fp8Weight, bias):
+    """x @ weight^T + bias from FP8 operands, emulated: both dequantized to float32, one float32
+    GEMM, the bias added in float32, rounded to the model's dtype once (what the FP8 tensor cores
+    compute, up to summation order). For tests on any device; the registry never picks it on its
+    own (select it by name: backend={'linear_fp8': 'eager'})."""
+    out = x.dequantize() @ weight.dequantize().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(weight.dtype)
 
 
 def action_attention_over(attend):
@@ -173,6 +199,8 @@ OPS = {
     "norm_rope_store": norm_rope_store,
     "qkv_norm_rope_store": qkv_norm_rope_store,
     "linear_gelu": linear_gelu,
+    "quantize_fp8": quantize_fp8,
+    "linear_fp8": linear_fp8,
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
     "upsample_nearest2x": upsample_nearest2x,

@@ -7,6 +7,10 @@ Building the plan also packs parameters that one launch reads together into one 
   (`WAN_FUSED_QKV=0` in the environment turns this off: three GEMMs, parameters left alone);
 * every block's `modulation`, so all blocks' adaLN factors come from one add.
 
+With `precision="fp8"` the plan also holds e4m3 copies (one scale per output channel) of the
+weights of the GEMMs chosen to run in FP8 (`Gemm`; FP8_GEMMS, or the WAN_FP8_GEMMS subset): they are
+quantized here, so again after every load or move, and the model's own weights stay as they were.
+
 The parameters stay what they were (the same objects, names, values and state dict), but their
 `.data` becomes a view of the packed tensor: no weight is held twice, and in-place loading
 (`load_state_dict`) writes through the views into it. The model forgets its plan (and the CUDA
@@ -20,11 +24,18 @@ also works over upstream Matrix-Game-2's CausalWanModel.
 """
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import FrozenSet, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .fp8 import Fp8Rows, quantize_weight
+
+# the block GEMMs FP8 can take: self-attention q/k/v and output, cross-attention query and
+# output, FFN in and out. The rest (patch embedding, time embedding and projection, modulation,
+# head, the image context's k/v once per stream, the action modules) stays in the model's dtype.
+FP8_GEMMS = ("qkv", "self_out", "cross_q", "cross_out", "ffn_in", "ffn_out")
 
 
 class Packed:
@@ -88,6 +99,31 @@ def _layers_of(sequence, kinds, name):
     return list(sequence)
 
 
+class Gemm:
+    """One GEMM of the streaming forward, x @ weight^T + bias: in the model's dtype, or in FP8
+    when the plan quantized its weight (`fp8`). In FP8, x may arrive already quantized (Fp8Rows
+    from a fused norm); otherwise it is quantized here (one scale per token)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], fp8: bool):
+        if fp8 and (weight.shape[0] % 16 or weight.shape[1] % 16):
+            raise ValueError(f"FP8 GEMMs need weights whose dims are multiples of 16 (as "
+                             f"torch._scaled_mm does), got {tuple(weight.shape)}")
+        self.weight, self.bias = weight, bias
+        self.fp8 = quantize_weight(weight) if fp8 else None
+
+    def __call__(self, x, ops):
+        if self.fp8 is None:
+            return F.linear(x, self.weight, self.bias)
+        if not isinstance(x, Fp8Rows):
+            x = ops.quantize_fp8(x)
+        return ops.linear_fp8(x, self.fp8, self.bias)
+
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether the op producing x should hand it over quantized."""
+        return self.fp8 is not None
+
+
 @dataclass
 class ActionPlan:
     """One layer's action module, as the fused ops take it."""
@@ -108,32 +144,36 @@ class BlockPlan:
 
     index: int
     heads: int
-    qkv: Optional[Packed]              # self-attention q/k/v weights [3C, C] (one GEMM)
-    qkv_bias: Optional[Packed]
-    q: nn.Linear                       # the three projections, when not fused
-    k: nn.Linear
-    v: nn.Linear
+    qkv: Tuple[Gemm, ...]              # one GEMM over the packed [3C, C] q/k/v, or three
     q_norm: Optional[torch.Tensor]     # RMS-norm weights of q and k (None: qk_norm off)
     k_norm: Optional[torch.Tensor]
     qk_eps: Optional[float]
-    self_out: nn.Linear
+    self_out: Gemm
     cross_norm: Optional[nn.LayerNorm]  # norm3 (None: cross_attn_norm off)
-    cross_q: nn.Linear
+    cross_q: Gemm
     cross_q_norm: tuple                # (weight, eps), (None, None) without qk_norm
-    cross_out: nn.Linear
+    cross_out: Gemm
     cross_k: nn.Linear                 # the image context's keys and values (once per stream)
     cross_k_norm: tuple
     cross_v: nn.Linear
     action: Optional[ActionPlan]
     ffn_norm_eps: float
-    ffn_in: nn.Linear                  # the FFN's first layer; its GELU runs in `linear_gelu`
-    ffn_out: nn.Linear
+    ffn_in: Gemm                       # the FFN's first layer (its GELU: see ffn_hidden)
+    ffn_out: Gemm
 
-    def project_qkv(self, x):
+    def project_qkv(self, x, ops):
         """The self-attention's q, k, v of x: one GEMM when packed (views of its output)."""
-        if self.qkv is None:
-            return self.q(x), self.k(x), self.v(x)
-        return F.linear(x, self.qkv.tensor, self.qkv_bias and self.qkv_bias.tensor).chunk(3, dim=-1)
+        if len(self.qkv) == 3:
+            return tuple(gemm(x, ops) for gemm in self.qkv)
+        return self.qkv[0](x, ops).chunk(3, dim=-1)
+
+    def ffn_hidden(self, x, ops):
+        """gelu_tanh of the FFN's first layer: the GELU in cuBLASLt's epilogue (`linear_gelu`), or
+        in FP8 after the GEMM, fused with the quantization of its output for the second layer."""
+        gemm = self.ffn_in
+        if gemm.fp8 is None:
+            return ops.linear_gelu(x, gemm.weight, gemm.bias)
+        return ops.quantize_fp8(gemm(x, ops), gelu=True)
 
 
 def _action_plan(action) -> Optional[ActionPlan]:
@@ -160,36 +200,62 @@ def fused_qkv_setting() -> bool:
     return value == "1"
 
 
-def _block_plan(index: int, block, fuse_qkv: bool) -> BlockPlan:
+def fp8_gemms_setting() -> FrozenSet[str]:
+    """The GEMMs `precision="fp8"` runs in FP8: WAN_FP8_GEMMS (comma-separated names of FP8_GEMMS,
+    for measuring what each costs), default all of them."""
+    value = os.environ.get("WAN_FP8_GEMMS", "").strip()
+    if not value:
+        return frozenset(FP8_GEMMS)
+    names = {n.strip() for n in value.split(",") if n.strip()}
+    unknown = sorted(names - set(FP8_GEMMS))
+    if unknown:
+        raise ValueError(f"WAN_FP8_GEMMS: unknown GEMM(s) {unknown}; choose from {list(FP8_GEMMS)}")
+    return frozenset(names)
+
+
+def _block_plan(index: int, block, fuse_qkv: bool, fp8: FrozenSet[str],
+                packed: List[Packed]) -> BlockPlan:
+    """One block's plan; the tensors it packs are appended to `packed`."""
     attn, cross = block.self_attn, block.cross_attn
     ffn_in, _, ffn_out = _layers_of(block.ffn, (nn.Linear, nn.GELU, nn.Linear), "an FFN")
+
+    def gemm(linear, name):
+        return Gemm(linear.weight, linear.bias, name in fp8)
+
     projections = (attn.q, attn.k, attn.v)
+    if fuse_qkv:
+        weights = Packed([p.weight for p in projections])
+        biases = _pack_biases([p.bias for p in projections])
+        packed += [p for p in (weights, biases) if p is not None]
+        qkv = (Gemm(weights.tensor, biases and biases.tensor, "qkv" in fp8),)
+    else:
+        qkv = tuple(gemm(p, "qkv") for p in projections)
     return BlockPlan(
-        index=index, heads=attn.num_heads,
-        qkv=Packed([p.weight for p in projections]) if fuse_qkv else None,
-        qkv_bias=_pack_biases([p.bias for p in projections]) if fuse_qkv else None,
-        q=attn.q, k=attn.k, v=attn.v,
+        index=index, heads=attn.num_heads, qkv=qkv,
         q_norm=_norm_weight(attn.norm_q), k_norm=_norm_weight(attn.norm_k),
         qk_eps=_shared_eps(attn.norm_q, attn.norm_k, "self-attention"),
-        self_out=attn.o,
+        self_out=gemm(attn.o, "self_out"),
         cross_norm=block.norm3 if isinstance(block.norm3, nn.LayerNorm) else None,
-        cross_q=cross.q, cross_q_norm=(_norm_weight(cross.norm_q), _norm_eps(cross.norm_q)),
-        cross_out=cross.o, cross_k=cross.k,
+        cross_q=gemm(cross.q, "cross_q"),
+        cross_q_norm=(_norm_weight(cross.norm_q), _norm_eps(cross.norm_q)),
+        cross_out=gemm(cross.o, "cross_out"), cross_k=cross.k,
         cross_k_norm=(_norm_weight(cross.norm_k), _norm_eps(cross.norm_k)), cross_v=cross.v,
         action=_action_plan(block.action_model),
-        ffn_norm_eps=block.norm2.eps, ffn_in=ffn_in, ffn_out=ffn_out)
+        ffn_norm_eps=block.norm2.eps, ffn_in=gemm(ffn_in, "ffn_in"),
+        ffn_out=gemm(ffn_out, "ffn_out"))
 
 
 class ModelPlan:
     """The plan of a whole model: its blocks' plans and every block's modulation packed into one
-    [L, 1, 6, C] tensor."""
+    [L, 1, 6, C] tensor. `fp8`: the names (of FP8_GEMMS) of the GEMMs to run in FP8."""
 
-    def __init__(self, model):
+    def __init__(self, model, fp8: FrozenSet[str] = frozenset()):
         fuse_qkv = fused_qkv_setting()
-        self.blocks = [_block_plan(i, block, fuse_qkv) for i, block in enumerate(model.blocks)]
+        self.fp8 = frozenset(fp8)
         self.modulations = Packed([block.modulation for block in model.blocks], stack=True)
-        self._packed = [self.modulations] + [p for b in self.blocks
-                                             for p in (b.qkv, b.qkv_bias) if p is not None]
+        self._packed = [self.modulations]
+        self.blocks = [_block_plan(i, block, fuse_qkv, self.fp8, self._packed)
+                       for i, block in enumerate(model.blocks)]
 
     def is_current(self) -> bool:
         """False once a packed parameter got storage of its own (`.to()`, `.half()`, ...)."""

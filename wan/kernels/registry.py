@@ -23,6 +23,9 @@ Ops (one signature each, every backend implements a subset):
                         rope_dtype)             the self-attention's three norm_rope_store calls
                                                 (q returned, k/v into their slots) in one
     linear_gelu(x, weight, bias)                gelu_tanh(x @ weight^T + bias) (the FFN's first half)
+    quantize_fp8(x, gelu=False)                 x (or gelu_tanh(x)) as e4m3 with a scale per row
+    linear_fp8(x, weight, bias)                 x @ weight^T + bias from FP8 operands (Fp8Rows,
+                                                Fp8Weight: wan/kernels/fp8.py)
     rms_norm_silu(x, gamma, out, bias)          the VAE decoder's channel RMS norm + SiLU on
                                                 channels-last [B, C, T, H, W] (after the previous
                                                 conv's bias), into `out`
@@ -30,13 +33,17 @@ Ops (one signature each, every backend implements a subset):
                                                 its residual block's shortcut in one pass
     upsample_nearest2x(x)                       nearest 2x upsampling of frames [N, C, H, W]
 
+The LayerNorm ops also take `quantize=True` (their output as Fp8Rows for an FP8 GEMM). The two FP8
+ops (FP8_OPS) are resolved only by a model in `precision="fp8"`.
+
 Backends: `eager` (plain torch, every op, any device), `flash` (attention: FlashAttention 3/2/4 when
 importable, else torch SDPA's cuDNN/flash kernels; CUDA, fp16/bf16), `triton` (fused kernels),
-`cublas` (GEMMs with a cuBLASLt epilogue; CUDA).
+`cublas` (GEMMs with a cuBLASLt epilogue, FP8 GEMMs; CUDA).
 `auto` takes, per op, the first of triton, flash, cublas, eager that can run it (never Triton's CPU
-interpreter, which only an explicit `triton` selection uses); eager runs every op on any device in
-any floating dtype, so `auto` fails only for a non-floating dtype (an error listing every backend
-and why it refused).
+interpreter, which only an explicit `triton` selection uses, and never eager's emulated FP8 GEMM,
+which is for tests: select it by name); eager runs every other op on any device in any floating
+dtype, so `auto` fails only for a non-floating dtype or an FP8 GEMM where there are no FP8 tensor
+cores (an error listing every backend and why it refused).
 
 Selection, strongest first: the `backend=` keyword of the model, the WAN_BACKEND environment
 variable, then `auto`. Each is a backend name (for the ops that backend implements; the others stay
@@ -50,11 +57,17 @@ from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 
+from .fp8 import fp8_gemm_problem
+
 ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboard_attention")
 OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual",
                        "gated_residual_layer_norm_modulate", "gated_residual_layer_norm",
                        "frame_bias_gelu", "norm_rope_store", "qkv_norm_rope_store", "linear_gelu",
-                       "rms_norm_silu", "bias_residual_add", "upsample_nearest2x")
+                       "rms_norm_silu", "bias_residual_add", "upsample_nearest2x", "quantize_fp8",
+                       "linear_fp8")
+FP8_OPS = ("quantize_fp8", "linear_fp8")
+# ops whose eager implementation emulates hardware (float32 math): never picked by `auto`
+EMULATED_BY_EAGER = ("linear_fp8",)
 AUTO_ORDER = ("triton", "flash", "cublas", "eager")
 ENV_VAR = "WAN_BACKEND"
 
@@ -75,8 +88,9 @@ class Backend:
     def implements(self, op: str) -> bool:
         return op in OPS
 
-    def fast_on(self, device) -> bool:
-        """Whether `auto` may pick this backend on `device` (an interpreter is not)."""
+    def auto_may_pick(self, op: str, device) -> bool:
+        """Whether `auto` may pick this backend for `op` on `device` (an interpreter or an
+        emulation is not)."""
         return True
 
     def problem(self, op: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -96,6 +110,9 @@ def _cuda_problem(device) -> Optional[str]:
 class EagerBackend(Backend):
     name = "eager"
     module = ".eager"
+
+    def auto_may_pick(self, op, device):
+        return op not in EMULATED_BY_EAGER
 
     def problem(self, op, device, dtype, head_dim):
         if not dtype.is_floating_point:
@@ -131,7 +148,7 @@ class TritonBackend(Backend):
     def implements(self, op):
         return importlib.util.find_spec("triton") is not None and op in self.ops()
 
-    def fast_on(self, device):
+    def auto_may_pick(self, op, device):
         return torch.device(device).type == "cuda"  # TRITON_INTERPRET=1 on a CPU is for tests
 
     def problem(self, op, device, dtype, head_dim):
@@ -148,6 +165,8 @@ class TritonBackend(Backend):
             return f"head_dim {head_dim} must be a power of two >= 16"
         if op.endswith("norm_rope_store") and (head_dim & (head_dim - 1) or head_dim < 2):
             return f"head_dim {head_dim} must be a power of two"
+        if op == "quantize_fp8" and torch.device(device).type != "cuda":
+            return "Triton's CPU interpreter rounds float8 wrongly (it drops carries into the exponent)"
         return None
 
 
@@ -161,7 +180,9 @@ class CublasBackend(Backend):
 
     def problem(self, op, device, dtype, head_dim):
         if op not in self.ops():
-            return "implements GEMMs with an epilogue only (linear_gelu)"
+            return "implements GEMMs only (linear_gelu, linear_fp8)"
+        if op == "linear_fp8":
+            return fp8_gemm_problem(device, dtype)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"needs float16, bfloat16 or float32, got {dtype}"
         return _cuda_problem(device)  # (torch's CPU path uses the exact GELU)
@@ -214,7 +235,7 @@ def resolve(op: str, choice: str, device, dtype, head_dim: int):
     choice that cannot run, listing the reason and what to install."""
     if choice == "auto":
         for name in AUTO_ORDER:
-            if (BACKENDS[name].fast_on(device)
+            if (BACKENDS[name].auto_may_pick(op, device)
                     and BACKENDS[name].problem(op, device, dtype, head_dim) is None):
                 return name, BACKENDS[name].ops()[op]
         raise BackendUnavailableError(f"no backend can run {op} for {dtype} on {device}: "
@@ -234,13 +255,17 @@ def explain(op, device, dtype, head_dim, skip=None) -> str:
     for name, backend in BACKENDS.items():
         if name != skip:
             reason = backend.problem(op, device, dtype, head_dim)
+            if reason is None and not backend.auto_may_pick(op, device):
+                reason = "an emulation for tests, used only when selected by name"
             parts.append(f"{name}: {reason or 'available'}")
     return "; ".join(parts)
 
 
 def resolve_all(selection: Selection, device, dtype, head_dims: Mapping[str, int]):
-    """{op: (backend name, implementation)} for every op."""
-    return {op: resolve(op, selection[op], device, dtype, head_dims.get(op, 128)) for op in OPS}
+    """{op: (backend name, implementation)} for every op but the FP8 ones (which only a model in
+    `precision="fp8"` resolves)."""
+    return {op: resolve(op, selection[op], device, dtype, head_dims.get(op, 128)) for op in OPS
+            if op not in FP8_OPS}
 
 
 def describe_resolved(resolved) -> str:

@@ -1,15 +1,18 @@
 """OptimizedCausalWanModel: the same model, a faster streaming forward.
 
 `OptimizedCausalWanModel` takes the constructor, config, checkpoint and forward keywords of
-`CausalWanModel` (plus `backend` and `cuda_graphs`) and gives the same outputs. What differs is
-the streaming path:
+`CausalWanModel` (plus `backend`, `cuda_graphs` and `precision`) and gives the same outputs. What
+differs is the streaming path:
 
 * every attention, norm and RoPE goes through the backend registry (wan/kernels/registry.py);
 * caches are ring buffers (wan/kernels/stream_cache.py): a frame's K/V is written once into a
   fixed slot, nothing shifts, and the stream position lives on the host, so the forward has no
   `.item()` and no host sync. Either the model owns them (`start_stream`) or the caller's
   upstream-style dicts serve as the storage (drop-in);
-* optionally the whole streaming forward is replayed from a CUDA graph (`cuda_graphs=True`).
+* optionally the whole streaming forward is replayed from a CUDA graph (`cuda_graphs=True`);
+* optionally the blocks' big GEMMs run in FP8 (`precision="fp8"`, opt-in: e4m3 weights with a scale
+  per output channel, activations with a scale per token quantized by the norms that produce them;
+  wan/kernels/fp8.py). Its cost in accuracy on one's own weights: `python -m wan.compare`.
 
 It relies on its parent only through the constructor, the module tree, parameter names and public
 attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-2's CausalWanModel:
@@ -32,11 +35,13 @@ import torch.nn.functional as F
 from ..kernels.conditioning import condition_steps, frame_windows, sinusoidal_embedding_1d
 from ..kernels.cuda_graphs import (ForgetsDerivedStateOnNewWeights, GraphRunner,
                                   cuda_graphs_setting)
+from ..kernels.fp8 import precision_setting
 from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
                                    first_action_module, per_frame_timesteps)
-from ..kernels.registry import describe_resolved, load_selection, resolve_all
+from ..kernels.registry import (FP8_OPS, BackendUnavailableError, describe_resolved,
+                                load_selection, resolve, resolve_all)
 from ..kernels.rope_tables import action_inverse_frequencies, angles, self_attention_angles
-from ..kernels.layer_plan import ActionPlan, BlockPlan, ModelPlan
+from ..kernels.layer_plan import FP8_GEMMS, ActionPlan, BlockPlan, ModelPlan, fp8_gemms_setting
 from ..kernels.stream_cache import DictBinding, StreamCache, dict_identity
 from .causal_model import CausalWanModel
 
@@ -71,26 +76,30 @@ class _Step:
 class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
 
     def __init__(self, *args, backend=None, cuda_graphs: Optional[bool] = None,
-                 inject_sample_info: bool = False, **kwargs):
+                 precision: Optional[str] = None, inject_sample_info: bool = False, **kwargs):
         """Arguments of CausalWanModel, plus:
 
         * `backend`: a name, {op: name}, or a YAML path (configs/backends/); ops it leaves out
           follow WAN_BACKEND, then 'auto';
         * `cuda_graphs`: replay the streaming forward from CUDA graphs; None reads WAN_CUDA_GRAPHS
           (1/true/on or 0/false/off), default off;
+        * `precision`: 'native' (every GEMM in the model's dtype) or 'fp8' (the blocks' big GEMMs
+          in FP8 e4m3; needs FP8 tensor cores and a bfloat16 model); None reads WAN_PRECISION,
+          default 'native';
         * `inject_sample_info`: a key of upstream's config.json that no constructor uses; accepted
           (and ignored) so that building from that file keeps every key.
 
-        Both options can sit in the model's config.json, which `from_config` (this library's or
+        These options can sit in the model's config.json, which `from_config` (this library's or
         diffusers', upstream's parent) passes here; a value given there wins over the environment.
         """
         super().__init__(*args, **kwargs)
         register = getattr(self, "register_to_config", None)
         if register is not None:  # diffusers' ConfigMixin (upstream's parent): keep them in .config
-            register(backend=backend, cuda_graphs=cuda_graphs,
+            register(backend=backend, cuda_graphs=cuda_graphs, precision=precision,
                      inject_sample_info=inject_sample_info)
         self.backend = load_selection(backend)
         self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
+        self.precision = precision_setting(precision)
         self._stream: Optional[StreamCache] = None
         self._graphs = GraphRunner()
         self._bound = DictBinding()  # the caller's dicts of the last call, wrapped as a ring cache
@@ -107,6 +116,24 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         self._per_device.clear()
         self._forget_derived_state()
         self._drop_graphs()
+
+    def set_precision(self, precision: Optional[str]):
+        """Switch between 'native' and 'fp8' (None: WAN_PRECISION). The model's weights are never
+        changed: FP8 copies are made from them at the next forward, and dropped on 'native'."""
+        self.precision = precision_setting(precision)
+        self._per_device.clear()
+        self._forget_derived_state()
+
+    def precision_report(self) -> dict:
+        """Which of the blocks' GEMMs run in FP8 and which in the model's dtype."""
+        fp8 = sorted(self._fp8_gemms(), key=FP8_GEMMS.index)
+        return {"precision": self.precision, "fp8_gemms": fp8,
+                "native_gemms": [g for g in FP8_GEMMS if g not in fp8]
+                + ["patch_embedding", "time_embedding", "time_projection", "head",
+                   "image context k/v", "action modules"]}
+
+    def _fp8_gemms(self):
+        return fp8_gemms_setting() if self.precision == "fp8" else frozenset()
 
     def _forget_derived_state(self):
         """The plan packed over the parameters' storage, and the graphs that read it, go (both
@@ -255,7 +282,7 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         storage; graphs captured over the old storage are dropped with it."""
         if self._plan is None or not self._plan.is_current():
             self._forget_derived_state()
-            self._plan = ModelPlan(self)
+            self._plan = ModelPlan(self, fp8=self._fp8_gemms())
         return self._plan
 
     # ------------------------------------------------------------------ pieces run outside graphs
@@ -283,6 +310,14 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
             # float64 models keep float64 RoPE (as upstream); others rotate in float32
             rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
             resolved = resolve_all(self.backend, device, dtype, head_dims)
+            fp8 = self.precision == "fp8"
+            if fp8:
+                try:
+                    resolved.update({op: resolve(op, self.backend[op], device, dtype, 0)
+                                     for op in FP8_OPS})
+                except BackendUnavailableError as err:
+                    raise BackendUnavailableError(
+                        f"precision='fp8' cannot run here: {err}") from None
             state = _DeviceState(
                 ops=SimpleNamespace(**{op: fn for op, (_, fn) in resolved.items()}),
                 backends={op: name for op, (name, _) in resolved.items()},
@@ -293,9 +328,12 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
                     action.mouse_qk_dim_list, action.rope_theta, device))
             self._per_device[key] = state
             # once per device and dtype: which implementation runs each op
+            precision = ""
+            if fp8:
+                precision = f", FP8 GEMMs: {', '.join(self.precision_report()['fp8_gemms'])}"
             print(f"{type(self).__name__} on {device} in {dtype}, CUDA graphs "
-                  f"{'on' if self.cuda_graphs else 'off'}: {describe_resolved(resolved)}",
-                  file=sys.stderr, flush=True)
+                  f"{'on' if self.cuda_graphs else 'off'}{precision}: "
+                  f"{describe_resolved(resolved)}", file=sys.stderr, flush=True)
         return self._per_device[key]
 
     def _cross_storage(self, cache: StreamCache, visual_context):
@@ -353,13 +391,15 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         modulations = plan.modulations.tensor[:, None] + e0
         head_shift, head_scale = (self.head.modulation.unsqueeze(1)
                                   + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
-        # (shift, scale, eps) of the LayerNorm + modulation that opens each block, then the head's
-        opening_norms = [(m[:, :, 0:1], m[:, :, 1:2], block.norm1.eps)
-                         for m, block in zip(modulations, self.blocks)]
-        opening_norms.append((head_shift, head_scale, self.head.norm.eps))
+        # (shift, scale, eps, quantize) of the LayerNorm + modulation that opens each block (its
+        # output quantized when the q/k/v GEMM runs in FP8), then the head's
+        opening_norms = [(m[:, :, 0:1], m[:, :, 1:2], block.norm1.eps, layer.qkv[0].takes_fp8)
+                         for m, block, layer in zip(modulations, self.blocks, plan.blocks)]
+        opening_norms.append((head_shift, head_scale, self.head.norm.eps, False))
         # each block ends with its FFN's gated residual fused with the next opening norm, so a block
         # gets its input normalised already
-        normed = ops.layer_norm_modulate(tokens, *opening_norms[0])
+        shift, scale, eps, quantize = opening_norms[0]
+        normed = ops.layer_norm_modulate(tokens, shift, scale, eps, quantize=quantize)
         for layer in plan.blocks:
             tokens, normed = self._block(layer, tokens, normed, modulations[layer.index], step,
                                          opening_norms[layer.index + 1])
@@ -372,37 +412,41 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
     @staticmethod
     def _block(layer: BlockPlan, tokens, hn, modulation, step, next_norm):
         """tokens and hn (their opening LayerNorm + modulation) -> this block's output and the
-        output normalised by `next_norm` (shift, scale, eps)."""
+        output normalised by `next_norm` (shift, scale, eps, quantize)."""
         ops, cache, i = step.ops, step.cache, layer.index
         _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = modulation.chunk(6, dim=2)
 
         # self-attention over this block and the cached frames: q/k/v in one GEMM, then RMS norm +
         # RoPE of q and k and the writes of k and v into their cache slots in one op
         q = ops.qkv_norm_rope_store(
-            *layer.project_qkv(hn), layer.q_norm, layer.k_norm, layer.qk_eps, *step.rope,
+            *layer.project_qkv(hn, ops), layer.q_norm, layer.k_norm, layer.qk_eps, *step.rope,
             layer.heads, cache.self_k[i], cache.self_v[i], step.self_slots, step.rope_dtype)
         y = ops.self_attention(q, *cache.self_window(i, step.attended_self))
-        update = layer.self_out(y.flatten(2))
+        update = layer.self_out(y.flatten(2), ops)
         # the gated residual (per frame), with the cross-attention's pre-norm in the same pass
         norm = layer.cross_norm
         if norm is not None:
             tokens, normed = ops.gated_residual_layer_norm(tokens, update, gate_msa, norm.weight,
-                                                           norm.bias, norm.eps)
+                                                           norm.bias, norm.eps,
+                                                           quantize=layer.cross_q.takes_fp8)
         else:
             tokens = normed = ops.gated_residual(tokens, update, gate_msa)
 
         # cross-attention to the image context (keys/values projected once per stream)
-        q = ops.norm_rope_store(layer.cross_q(normed), *layer.cross_q_norm, None, None, layer.heads)
+        q = ops.norm_rope_store(layer.cross_q(normed, ops), *layer.cross_q_norm, None, None,
+                                layer.heads)
         y = ops.cross_attention(q, cache.cross[i]["k"], cache.cross[i]["v"])
-        tokens = tokens + layer.cross_out(y.flatten(2))
+        tokens = tokens + layer.cross_out(y.flatten(2), ops)
 
         if layer.action is not None:
             tokens = _action(layer.action, i, tokens, step)
 
-        hn = ops.layer_norm_modulate(tokens, shift_ffn, scale_ffn, layer.ffn_norm_eps)
-        hidden = ops.linear_gelu(hn, layer.ffn_in.weight, layer.ffn_in.bias)
-        return ops.gated_residual_layer_norm_modulate(tokens, layer.ffn_out(hidden), gate_ffn,
-                                                      *next_norm)
+        hn = ops.layer_norm_modulate(tokens, shift_ffn, scale_ffn, layer.ffn_norm_eps,
+                                     quantize=layer.ffn_in.takes_fp8)
+        hidden = layer.ffn_hidden(hn, ops)
+        shift, scale, eps, quantize = next_norm
+        return ops.gated_residual_layer_norm_modulate(tokens, layer.ffn_out(hidden, ops), gate_ffn,
+                                                      shift, scale, eps, quantize=quantize)
 
     def _condition_projections(self, plan, mouse_window, keyboard_window, frames, side_stream):
         """{layer: (mouse window's share of the mouse MLP's first layer [B, F, 1, C], keyboard

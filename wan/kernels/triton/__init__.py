@@ -2,6 +2,7 @@
 backend is considered, and it needs the triton package)."""
 from .action_attention import action_attention
 from .channel_norm import bias_residual_add, rms_norm_silu, upsample_nearest2x
+from .fp8_rows import quantize_fp8
 from .modulation import (frame_bias_gelu, gated_residual, gated_residual_layer_norm,
                          gated_residual_layer_norm_modulate, layer_norm, layer_norm_modulate)
 from .norm_rope import norm_rope_store, qkv_norm_rope_store
@@ -17,6 +18,7 @@ OPS = {
     "frame_bias_gelu": frame_bias_gelu,
     "norm_rope_store": norm_rope_store,
     "qkv_norm_rope_store": qkv_norm_rope_store,
+    "quantize_fp8": quantize_fp8,
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
     "upsample_nearest2x": upsample_nearest2x,

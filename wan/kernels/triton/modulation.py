@@ -4,6 +4,8 @@
   plain affine LayerNorm `LN(x) * weight + bias` (the factors are then one row shared by all tokens);
 * the gated residual add `x + y * gate`, alone or followed in the same pass by either LayerNorm (the
   sum is stored too: it is the residual stream);
+* with `quantize=True` the LayerNorms write their output as e4m3 with one scale per token
+  (Fp8Rows, wan/kernels/fp8.py) for the FP8 GEMM that reads it;
 * `gelu_tanh(x + bias)` with a per-frame bias (the mouse MLP's first layer, whose mouse-window part
   is one row per frame).
 
@@ -15,6 +17,8 @@ four, for 2640 rows of 1536).
 import torch
 import triton
 import triton.language as tl
+
+from ..fp8 import E4M3, Fp8Rows
 
 NUM_WARPS = 2
 
@@ -45,8 +49,25 @@ def _gated_sum(x_ptr, y_ptr, gate_ptr, row, tokens, per_frame, cols, ok, s_xb, s
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, a_ptr, b_ptr, out_ptr, c, tokens, per_frame, eps,
-                       s_xb, s_xl, s_mb, s_mf, MODULATE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _store_row(out_ptr, scale_ptr, row, c, cols, ok, value, dtype: tl.constexpr,
+               QUANT: tl.constexpr):
+    """Store one row rounded to `dtype`; QUANT: as e4m3 with the row's scale (the rounded row's
+    largest magnitude / 448) stored at scale_ptr[row] (wan/kernels/fp8.py)."""
+    value = value.to(dtype)
+    if QUANT:
+        value = value.to(tl.float32)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(value), axis=0), 448.0), 1e-12)
+        tl.store(out_ptr + row * c + cols,
+                 tl.math.div_rn(value, scale).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(scale_ptr + row, scale)
+    else:
+        tl.store(out_ptr + row * c + cols, value, mask=ok)
+
+
+@triton.jit
+def _layer_norm_kernel(x_ptr, a_ptr, b_ptr, out_ptr, scale_ptr, c, tokens, per_frame, eps,
+                       s_xb, s_xl, s_mb, s_mf, MODULATE: tl.constexpr, QUANT: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
     b = row // tokens
     frame = (row % tokens) // per_frame
@@ -56,30 +77,32 @@ def _layer_norm_kernel(x_ptr, a_ptr, b_ptr, out_ptr, c, tokens, per_frame, eps,
     m_off = b * s_mb + frame * s_mf + cols
     a = tl.load(a_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
     shift = tl.load(b_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
-    tl.store(out_ptr + row * c + cols, _normalize(x, a, shift, ok, c, eps, MODULATE, dtype).to(dtype),
-             mask=ok)
+    dtype = x_ptr.dtype.element_ty
+    _store_row(out_ptr, scale_ptr, row, c, cols, ok,
+               _normalize(x, a, shift, ok, c, eps, MODULATE, dtype), dtype, QUANT)
 
 
 @triton.jit
-def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_ptr, out_ptr, c,
-                                      tokens, per_frame, eps, s_xb, s_xl, s_yb, s_yl, s_gb, s_gf,
-                                      s_mb, s_mf, MODULATE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_ptr, out_ptr,
+                                      scale_ptr, c, tokens, per_frame, eps, s_xb, s_xl, s_yb, s_yl,
+                                      s_gb, s_gf, s_mb, s_mf, MODULATE: tl.constexpr,
+                                      QUANT: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum = x + y * gate (rounded, stored: the residual stream), then the LayerNorm of the sum."""
     row = tl.program_id(0)
     b = row // tokens
     frame = (row % tokens) // per_frame
     cols = tl.arange(0, BLOCK_C)
     ok = cols < c
-    dtype = out_ptr.dtype.element_ty
+    dtype = sum_ptr.dtype.element_ty
     total = _gated_sum(x_ptr, y_ptr, gate_ptr, row, tokens, per_frame, cols, ok, s_xb, s_xl, s_yb,
                        s_yl, s_gb, s_gf).to(dtype)
     tl.store(sum_ptr + row * c + cols, total, mask=ok)
     m_off = b * s_mb + frame * s_mf + cols
     a = tl.load(a_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
     shift = tl.load(b_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
-    out = _normalize(total.to(tl.float32), a, shift, ok, c, eps, MODULATE, dtype)
-    tl.store(out_ptr + row * c + cols, out.to(dtype), mask=ok)
+    _store_row(out_ptr, scale_ptr, row, c, cols, ok,
+               _normalize(total.to(tl.float32), a, shift, ok, c, eps, MODULATE, dtype), dtype,
+               QUANT)
 
 
 @triton.jit
@@ -126,19 +149,32 @@ def _unit_channel_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def layer_norm_modulate(x, shift, scale, eps):
-    """LayerNorm(x) * (1 + scale) + shift; x [B, F*S, C], shift/scale [B, F, 1, C]."""
+def _outputs(x, rows_shape, quantize: bool):
+    """The norm's output buffer, and with `quantize` its e4m3 twin's scales [rows, 1] (float32)."""
+    if not quantize:
+        return torch.empty(rows_shape, dtype=x.dtype, device=x.device), None
+    scales = torch.empty(*rows_shape[:-1], 1, dtype=torch.float32, device=x.device)
+    return torch.empty(rows_shape, dtype=E4M3, device=x.device), scales
+
+
+def _result(out, scales):
+    return out if scales is None else Fp8Rows(out, scales)
+
+
+def layer_norm_modulate(x, shift, scale, eps, quantize=False):
+    """LayerNorm(x) * (1 + scale) + shift; x [B, F*S, C], shift/scale [B, F, 1, C]. With
+    `quantize`: Fp8Rows (e4m3, one scale per token) of that, for an FP8 GEMM."""
     b, length, c, per_frame = _check(x, shift, "shift")
     _check(x, scale, "scale")
     x = _unit_channel_stride(x)
     if shift.stride() != scale.stride() or shift.stride(-1) != 1:  # one set of strides for both
         shift, scale = shift.contiguous(), scale.contiguous()
-    out = torch.empty(b, length, c, dtype=x.dtype, device=x.device)
+    out, scales = _outputs(x, (b, length, c), quantize)
     _layer_norm_kernel[(b * length,)](
-        x, scale, shift, out, c, length, per_frame, eps, x.stride(0), x.stride(1),
-        shift.stride(0), shift.stride(1), MODULATE=True, BLOCK_C=triton.next_power_of_2(c),
-        num_warps=NUM_WARPS)
-    return out
+        x, scale, shift, out, scales, c, length, per_frame, eps, x.stride(0), x.stride(1),
+        shift.stride(0), shift.stride(1), MODULATE=True, QUANT=quantize,
+        BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
+    return _result(out, scales)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -153,8 +189,8 @@ def layer_norm(x, weight, bias, eps):
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     n = rows.shape[0]
     _layer_norm_kernel[(n,)](
-        rows, weight, bias, out, c, n, n, eps, 0, rows.stride(0), 0, 0, MODULATE=False,
-        BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
+        rows, weight, bias, out, None, c, n, n, eps, 0, rows.stride(0), 0, 0, MODULATE=False,
+        QUANT=False, BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
     return out.view(x.shape)
 
 
@@ -171,41 +207,42 @@ def gated_residual(x, y, gate):
     return out
 
 
-def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps):
+def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps, quantize=False):
     """(s, LayerNorm(s) * (1 + scale) + shift) for s = x + y * gate; x, y [B, F*S, C], gate,
-    shift, scale [B, F, 1, C]."""
+    shift, scale [B, F, 1, C]. With `quantize` the second is Fp8Rows."""
     _check(x, shift, "shift")
     _check(x, scale, "scale")
     if shift.stride() != scale.stride() or shift.stride(-1) != 1:
         shift, scale = shift.contiguous(), scale.contiguous()
     return _gated_residual_layer_norm(x, y, gate, scale, shift, shift.stride(0), shift.stride(1),
-                                      eps, modulate=True)
+                                      eps, modulate=True, quantize=quantize)
 
 
-def gated_residual_layer_norm(x, y, gate, weight, bias, eps):
+def gated_residual_layer_norm(x, y, gate, weight, bias, eps, quantize=False):
     """(s, LayerNorm(s) [* weight + bias]) for s = x + y * gate; x, y [B, F*S, C], gate
-    [B, F, 1, C], weight/bias [C] or None."""
+    [B, F, 1, C], weight/bias [C] or None. With `quantize` the second is Fp8Rows."""
     c = x.shape[-1]
     weight = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
     bias = bias if bias is not None else torch.zeros(c, dtype=x.dtype, device=x.device)
     if weight.shape != (c,) or bias.shape != (c,):
         raise ValueError(f"weight and bias must be [{c}], got {tuple(weight.shape)}, "
                          f"{tuple(bias.shape)}")
-    return _gated_residual_layer_norm(x, y, gate, weight, bias, 0, 0, eps, modulate=False)
+    return _gated_residual_layer_norm(x, y, gate, weight, bias, 0, 0, eps, modulate=False,
+                                      quantize=quantize)
 
 
-def _gated_residual_layer_norm(x, y, gate, a, b, s_mb, s_mf, eps, modulate):
+def _gated_residual_layer_norm(x, y, gate, a, b, s_mb, s_mf, eps, modulate, quantize):
     batch, length, c, per_frame = _check(x, gate, "gate")
     if y.shape != x.shape:
         raise ValueError(f"y {tuple(y.shape)} must match x {tuple(x.shape)}")
     x, y, gate = (_unit_channel_stride(t) for t in (x, y, gate))
     total = torch.empty(batch, length, c, dtype=x.dtype, device=x.device)
-    out = torch.empty_like(total)
+    out, scales = _outputs(x, (batch, length, c), quantize)
     _gated_residual_layer_norm_kernel[(batch * length,)](
-        x, y, gate, a, b, total, out, c, length, per_frame, eps, x.stride(0), x.stride(1),
+        x, y, gate, a, b, total, out, scales, c, length, per_frame, eps, x.stride(0), x.stride(1),
         y.stride(0), y.stride(1), gate.stride(0), gate.stride(1), s_mb, s_mf, MODULATE=modulate,
-        BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
-    return total, out
+        QUANT=quantize, BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
+    return total, _result(out, scales)
 
 
 def frame_bias_gelu(x, bias):
