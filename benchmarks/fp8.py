@@ -114,12 +114,13 @@ def print_table(report):
     print(f"\n{report['device']} | torch {report['torch']} | {report['preset']}, error over "
           f"{report['error_blocks']} blocks vs float32")
     print(f"{'variant':<10}{'median':>9}{'p95':>9}{'rel err mean':>14}{'worst block':>13}"
-          f"{'x bf16':>8}")
+          f"{'x bf16':>8}   rel err per call of a block (3 steps, update)")
     base = report["variants"]["native"]["error"]["rel_mean"]
     for name, r in report["variants"].items():
+        steps = " ".join(f"{e:.2e}" for e in r["error"]["rel_per_call_mean"])
         print(f"{name:<10}{r['median_ms']:>7.2f}ms{r['p95_ms']:>7.2f}ms"
               f"{r['error']['rel_mean']:>14.3e}{r['error']['rel_max']:>13.3e}"
-              f"{r['error']['rel_mean'] / base:>8.2f}")
+              f"{r['error']['rel_mean'] / base:>8.2f}   {steps}")
     f = report["fp8"]
     print(f"fp8 (all) {f['fp8_ms']:.2f} ms vs bf16 {f['bf16_ms']:.2f} ms per forward "
           f"(target {f['target_ms']:.0f}); error {f['error_ratio']:.2f}x bf16's (target <= 5x)")

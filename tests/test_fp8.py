@@ -18,6 +18,7 @@ from helpers import build_model, make_caches, make_inputs, rel_err, requires_cud
 from helpers import tiny_variant_config
 from wan.kernels import eager
 from wan.kernels.fp8 import E4M3, E4M3_MAX, Fp8Rows, quantize_rows, quantize_weight
+from wan.kernels.layer_plan import FP8_GEMMS
 from wan.kernels.registry import BackendUnavailableError
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
@@ -162,6 +163,20 @@ def test_subset_of_fp8_gemms_from_the_environment(monkeypatch):
         model.precision_report()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("gemm", FP8_GEMMS)
+def test_each_gemm_alone_in_fp8_runs_and_costs_some_accuracy(gemm, monkeypatch):
+    """Every group can be the only one in FP8 (its producer hands over the right form)."""
+    monkeypatch.setenv("WAN_FP8_GEMMS", gemm)
+    reference, model = _fp8_pair()
+    inputs = make_inputs(reference)
+    expected = reference(**inputs, **make_caches(reference), current_start=0)
+    model.start_stream(latent_size=(8, 16))
+    got = model(**{k: (v.float() if isinstance(v, torch.Tensor) else v)
+                   for k, v in inputs.items()}, current_start=0)
+    assert 1e-4 < rel_err(got, expected) < 0.05
+
+
 def test_fp8_without_fp8_tensor_cores_is_a_clear_error(monkeypatch):
     model = build_model(cls=OptimizedCausalWanModel, precision="fp8", dtype=torch.float32)
     model.start_stream(latent_size=(8, 16))
@@ -212,11 +227,16 @@ def test_triton_quantize_matches_its_eager_twin(shape, gelu):
         got = triton_ops.OPS["quantize_fp8"](source, gelu=gelu)
         expected = eager.quantize_fp8(source, gelu=gelu)
         assert torch.allclose(got.scale, expected.scale, rtol=1e-6, atol=0)
-        # the GELU in float32 may round to the neighbouring bf16 value: then one e4m3 step
-        mismatch = (got.data.float() != expected.data.float()).float().mean().item()
-        assert mismatch < (1e-3 if gelu else 1e-9), mismatch
+        # the GELU in float32 may round to the neighbouring bf16 value, and the GPU's e4m3
+        # conversion (cvt.rn.satfinite) and torch's differ on a few values: one e4m3 step then
+        differs = got.data.float() != expected.data.float()
+        assert differs.float().mean().item() < 1e-3, (
+            source[differs][:8].tolist(), got.data[differs][:8].float().tolist(),
+            expected.data[differs][:8].float().tolist())
         diff = (got.dequantize() - expected.dequantize()).abs()
-        assert (diff <= 2 * HALF_ULP * expected.dequantize().abs() + 1e-30).all()
+        step = torch.maximum(2 * HALF_ULP * expected.dequantize().abs(),
+                             2 * SUBNORMAL_HALF_STEP * expected.scale)
+        assert (diff <= step * (1 + 1e-6)).all()
 
 
 @requires_cuda

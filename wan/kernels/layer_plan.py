@@ -168,12 +168,15 @@ class BlockPlan:
         return self.qkv[0](x, ops).chunk(3, dim=-1)
 
     def ffn_hidden(self, x, ops):
-        """gelu_tanh of the FFN's first layer: the GELU in cuBLASLt's epilogue (`linear_gelu`), or
-        in FP8 after the GEMM, fused with the quantization of its output for the second layer."""
+        """gelu_tanh of the FFN's first layer: in the model's dtype the GELU runs in cuBLASLt's
+        epilogue (`linear_gelu`); after an FP8 GEMM it runs in the kernel that quantizes the
+        hidden activation for an FP8 second layer (or alone, for a second layer that is not)."""
         gemm = self.ffn_in
         if gemm.fp8 is None:
             return ops.linear_gelu(x, gemm.weight, gemm.bias)
-        return ops.quantize_fp8(gemm(x, ops), gelu=True)
+        if self.ffn_out.takes_fp8:
+            return ops.quantize_fp8(gemm(x, ops), gelu=True)
+        return F.gelu(gemm(x, ops), approximate="tanh")
 
 
 def _action_plan(action) -> Optional[ActionPlan]:

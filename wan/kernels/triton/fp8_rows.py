@@ -2,9 +2,11 @@
 (before the self- and cross-attention's output projections) and the FFN's hidden activation, whose
 tanh GELU runs here too (`gelu=True`: the FP8 GEMM before it has no GELU epilogue).
 
-One program per row: the whole row is loaded once (up to 8960 values for the FFN), its GELU taken
-in float32 and rounded to the model's dtype (as the eager twin's separate GELU would round it),
-its largest magnitude found, and the row stored as e4m3 with that scale (wan/kernels/fp8.py).
+One program per row, in chunks: a first pass finds the row's largest magnitude (of the GELU taken
+in float32 and rounded to the model's dtype, as the eager twin's separate GELU would round it), a
+second pass reads the row again (from cache: a row is at most 18 KB) and stores it as e4m3 with that
+scale (wan/kernels/fp8.py). Chunks keep the registers per thread low for 8960-wide rows, where
+holding the whole row spilled (benchmarks/fp8_quantize.py).
 """
 import torch
 import triton
@@ -12,27 +14,43 @@ import triton.language as tl
 
 from ..fp8 import E4M3, Fp8Rows
 
+# (chunk, warps) per row width, measured on an H200 (benchmarks/fp8_quantize.py)
+CHUNK, NUM_WARPS = 2048, 4
+
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, k, s_xr, GELU: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_K)
-    ok = cols < k
-    x = tl.load(x_ptr + row * s_xr + cols, mask=ok, other=0.0)
-    dtype = x.dtype
+def _load_activation(x_ptr, cols, ok, GELU: tl.constexpr):
+    """A chunk of the row in float32, through the tanh GELU rounded to x's dtype when GELU."""
+    x = tl.load(x_ptr + cols, mask=ok, other=0.0)
     value = x.to(tl.float32)
     if GELU:
         inner = 0.7978845608028654 * (value + 0.044715 * value * value * value)
         tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
-        value = (0.5 * value * (1.0 + tanh)).to(dtype).to(tl.float32)
-    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(value), axis=0), 448.0), 1e-12)
-    tl.store(out_ptr + row * k + cols, tl.math.div_rn(value, scale).to(out_ptr.dtype.element_ty),
-             mask=ok)
+        value = (0.5 * value * (1.0 + tanh)).to(x.dtype).to(tl.float32)
+    return value
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, k, s_xr, GELU: tl.constexpr,
+                          CHUNK_K: tl.constexpr):
+    row = tl.program_id(0)
+    x_row = x_ptr + row * s_xr
+    amax = tl.zeros([CHUNK_K], dtype=tl.float32)
+    for start in range(0, k, CHUNK_K):
+        cols = start + tl.arange(0, CHUNK_K)
+        amax = tl.maximum(amax, tl.abs(_load_activation(x_row, cols, cols < k, GELU)))
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), 448.0), 1e-12)
+    for start in range(0, k, CHUNK_K):
+        cols = start + tl.arange(0, CHUNK_K)
+        ok = cols < k
+        value = _load_activation(x_row, cols, ok, GELU)
+        tl.store(out_ptr + row * k + cols,
+                 tl.math.div_rn(value, scale).to(out_ptr.dtype.element_ty), mask=ok)
     tl.store(scale_ptr + row, scale)
 
 
-def quantize_fp8(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
+def quantize_fp8(x: torch.Tensor, gelu: bool = False, chunk: int = CHUNK,
+                 num_warps: int = NUM_WARPS) -> Fp8Rows:
     """x [..., K] (or gelu_tanh(x)) -> Fp8Rows: e4m3 [..., K] and float32 scales [..., 1]."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
@@ -40,7 +58,7 @@ def quantize_fp8(x: torch.Tensor, gelu: bool = False) -> Fp8Rows:
         rows = rows.contiguous()
     out = torch.empty(x.shape, dtype=E4M3, device=x.device)
     scales = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(k)
+    chunk = min(chunk, triton.next_power_of_2(k))
     _quantize_rows_kernel[(rows.shape[0],)](rows, out, scales, k, rows.stride(0), GELU=gelu,
-                                            BLOCK_K=block, num_warps=8 if block > 4096 else 4)
+                                            CHUNK_K=chunk, num_warps=num_warps)
     return Fp8Rows(out, scales)
