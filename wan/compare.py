@@ -92,8 +92,8 @@ def oracle_stream(oracle, blocks: int, latent_hw, seed: int) -> List[dict]:
         x = inputs["x"]
         sigmas = schedule.sigmas
         for step, (t, sigma) in enumerate(zip(schedule.timesteps + [0.0], sigmas + [0.0])):
-            call = dict(inputs, x=x, t=torch.full_like(inputs["t"], t),
-                        current_start=start * tokens)
+            call = dict(inputs, x=x, t=torch.full(inputs["t"].shape, t, dtype=torch.float32,
+                                                  device=x.device), current_start=start * tokens)
             out = oracle(**call, **caches)
             calls.append((call, out))
             if step < len(sigmas):  # the next denoising input, or the clean block for the update
@@ -119,8 +119,9 @@ def replay(model, recorded, latent_hw) -> List[Dict[str, float]]:
         max_abs, abs_sum, count = 0.0, 0.0, 0
         per_call = []
         for call, expected in calls:
-            cast = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                    for k, v in call.items()}
+            # t stays float32, as upstream's pipeline passes it (bf16 would round 909.1 to 908)
+            cast = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                        and k != "t" else v) for k, v in call.items()}
             got = model(**cast).double()
             diff = got - expected.double()
             diff_sq += diff.pow(2).sum().item()
