@@ -119,7 +119,7 @@ def replay(model, recorded, latent_hw) -> List[Dict[str, float]]:
         max_abs, abs_sum, count = 0.0, 0.0, 0
         per_call = []
         for call, expected in calls:
-            # t stays float32, as upstream's pipeline passes it (bf16 would round 909.1 to 908)
+            # t stays float32, as upstream's pipeline passes it (bf16 would round 908.84 to 908)
             cast = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                         and k != "t" else v) for k, v in call.items()}
             got = model(**cast).double()

@@ -6,7 +6,7 @@ variance 1/fan_in, small biases, norm scales near 1, and the adaLN modulation ta
 own scale (randn / sqrt(dim); it was 0.5 * randn here before). With these weights a bf16 forward of
 the universal config is ~1.8% from float32 on every call of a block, when t reaches the model in
 float32 as upstream's pipeline passes it. (Rounding t to bf16, as this project's harnesses did until
-2026-11-30, moves the warped steps 909.1 -> 908 and 714.3 -> 716 and the outputs by 13-34%: that,
+2026-11-30, moves the warped steps 908.84 -> 908 and 713.98 -> 712 and the outputs by 13-34%: that,
 not the weights, was the "chaotic init" of earlier notes.)
 """
 import zlib
