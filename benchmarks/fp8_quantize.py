@@ -25,16 +25,19 @@ def main():
         x = torch.randn(shape, device="cuda").bfloat16()
         moved = 2 * x.numel() + x.numel()  # bytes read (bf16) + written (e4m3)
         expected = eager.quantize_fp8(x, gelu=gelu)
-        for chunk in (1024, 2048, 4096, 16384):
-            for warps in (2, 4, 8, 16):
-                if chunk >= 2 * 32 * warps * 32:  # > 32 values per thread: spills
-                    continue
-                fn = lambda: fp8_rows.quantize_fp8(x, gelu=gelu, chunk=chunk, num_warps=warps)
-                got = fn()
-                same = (got.data.float() == expected.data.float()).float().mean().item()
-                us = 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200)
-                print(f"  {str(shape):<13} gelu={gelu!s:<5} chunk {chunk:>5} warps {warps:>2}: "
-                      f"{us:7.1f} us  {moved / us / 1e6:6.2f} TB/s  equal {same:.5f}")
+        for rows in (1, 2, 4, 8):
+            for chunk in (512, 1024, 2048):
+                for warps in (4, 8):
+                    if rows * chunk > 32 * 32 * warps:  # > 32 values per thread: spills
+                        continue
+                    fn = lambda: fp8_rows.quantize_fp8(x, gelu=gelu, rows_per_program=rows,
+                                                       chunk=chunk, num_warps=warps)
+                    got = fn()
+                    same = (got.data.float() == expected.data.float()).float().mean().item()
+                    us = 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200)
+                    print(f"  {str(shape):<13} gelu={gelu!s:<5} rows {rows} chunk {chunk:>5} "
+                          f"warps {warps}: {us:7.1f} us  {moved / us / 1e6:5.2f} TB/s  "
+                          f"equal {same:.5f}")
     for m, k, n in ((2640, 1536, 4608), (2640, 8960, 1536), (17, 64, 48)):
         x = torch.randn(m, k, device="cuda").bfloat16()
         w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()

@@ -18,7 +18,7 @@ from helpers import build_model, make_caches, make_inputs, rel_err, requires_cud
 from helpers import tiny_variant_config
 from wan.kernels import eager
 from wan.kernels.fp8 import E4M3, E4M3_MAX, Fp8Rows, quantize_rows, quantize_weight
-from wan.kernels.layer_plan import FP8_GEMMS
+from wan.kernels.layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS
 from wan.kernels.registry import BackendUnavailableError
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
@@ -127,8 +127,7 @@ def test_switching_precision_keeps_weights_and_follows_loads():
     inputs = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     model.start_stream(latent_size=(8, 16))
     fp8_out = model(**inputs, current_start=0)
-    assert model.precision_report()["fp8_gemms"] == ["qkv", "self_out", "cross_q", "cross_out",
-                                                      "ffn_in", "ffn_out"]
+    assert model.precision_report()["fp8_gemms"] == list(DEFAULT_FP8_GEMMS)
     model.set_precision("native")
     model.start_stream(latent_size=(8, 16))
     native_out = model(**inputs, current_start=0)
@@ -157,6 +156,9 @@ def test_subset_of_fp8_gemms_from_the_environment(monkeypatch):
     model(**{k: (v.float() if isinstance(v, torch.Tensor) else v)
              for k, v in make_inputs(model).items()}, current_start=0)
     assert model._plan.blocks[0].qkv[0].fp8 is None and model._plan.blocks[0].ffn_out.fp8 is not None
+    monkeypatch.setenv("WAN_FP8_GEMMS", "all")
+    model.set_precision("fp8")
+    assert model.precision_report()["fp8_gemms"] == list(FP8_GEMMS)
     monkeypatch.setenv("WAN_FP8_GEMMS", "ffn,qkv")
     with pytest.raises(ValueError, match="WAN_FP8_GEMMS.*ffn"):
         model.set_precision("fp8")
@@ -230,20 +232,26 @@ def test_triton_quantize_matches_its_eager_twin(shape, gelu):
         # the GELU in float32 may round to the neighbouring bf16 value, and the GPU's e4m3
         # conversion (cvt.rn.satfinite) and torch's differ on a few values: one e4m3 step then
         differs = got.data.float() != expected.data.float()
-        assert differs.float().mean().item() < 1e-3, (
+        assert differs.float().mean().item() < 3e-3, (
             source[differs][:8].tolist(), got.data[differs][:8].float().tolist(),
             expected.data[differs][:8].float().tolist())
-        diff = (got.dequantize() - expected.dequantize()).abs()
-        step = torch.maximum(2 * HALF_ULP * expected.dequantize().abs(),
-                             2 * SUBNORMAL_HALF_STEP * expected.scale)
-        assert (diff <= step * (1 + 1e-6)).all()
+        _assert_within_one_step(got, expected)
+
+
+def _assert_within_one_step(got: Fp8Rows, expected: Fp8Rows):
+    """Dequantized values at most one e4m3 step apart (relative 2^-3, or 2^-9 of the scale)."""
+    diff = (got.dequantize() - expected.dequantize()).abs()
+    step = torch.maximum(2 * HALF_ULP * expected.dequantize().abs(),
+                         2 * SUBNORMAL_HALF_STEP * expected.scale)
+    assert (diff <= step * (1 + 1e-6)).all()
 
 
 @requires_cuda
 @pytest.mark.parametrize("shape", [(1, 2640, 1536), (2, 3 * 37, 2 ** 7 + 17)], ids=str)
-def test_triton_fused_norm_quantization_is_exact(shape):
+def test_triton_fused_norm_quantization_matches_quantizing_the_output(shape):
     """quantize=True in the Triton norms equals quantizing their bf16 output (the same kernel
-    without quantize) with the eager twin, bit for bit."""
+    without quantize) with the eager twin: the same scales, and the same e4m3 values but where the
+    GPU's conversion and torch's round differently (one step, rarely)."""
     from wan.kernels import triton as triton_ops
     b, length, c = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -263,7 +271,8 @@ def test_triton_fused_norm_quantization_is_exact(shape):
     for op in cases:
         got, expected = op(True), quantize_rows(op(False))
         assert torch.equal(got.scale, expected.scale)
-        assert torch.equal(got.data.view(torch.uint8), expected.data.view(torch.uint8))
+        assert (got.data.float() != expected.data.float()).float().mean().item() < 1e-3
+        _assert_within_one_step(got, expected)
 
 
 @requires_cuda
@@ -280,9 +289,12 @@ def test_scaled_mm_matches_the_emulated_gemm(mkn, bias):
     got = cublas.linear_fp8(xq, wq, b)
     expected = eager.linear_fp8(xq, wq, b)
     assert got.dtype == torch.bfloat16
-    # the same float32 products; the output rounded to bf16 once (2^-8 relative)
-    assert ((got.float() - expected.float()).abs()
-            <= 2 ** -8 * expected.float().abs() + 1e-3 * expected.float().abs().max()).all()
+    # the same products; Hopper's FP8 tensor cores accumulate with fewer bits than float32 (as
+    # DeepSeek-V3's report measured) and the output is rounded to bf16: ~7e-4 overall on an H200,
+    # ~1% at worst on single values
+    got, expected = got.float(), expected.float()
+    assert rel_err(got, expected) < 2e-3
+    assert ((got - expected).abs() <= 2 ** -8 * expected.abs() + 2e-2 * expected.abs().max()).all()
 
 
 @requires_cuda

@@ -36,6 +36,10 @@ from .fp8 import Fp8Rows, quantize_weight
 # output, FFN in and out. The rest (patch embedding, time embedding and projection, modulation,
 # head, the image context's k/v once per stream, the action modules) stays in the model's dtype.
 FP8_GEMMS = ("qkv", "self_out", "cross_q", "cross_out", "ffn_in", "ffn_out")
+# those that gain: their inputs come quantized from a fused LayerNorm kernel. The others need a
+# quantization pass of their own (attention outputs, the FFN's hidden activation), which costs
+# more than FP8 saves in their GEMM (OPTIMIZATION_GUIDE.md, step 28)
+DEFAULT_FP8_GEMMS = ("qkv", "cross_q", "ffn_in")
 
 
 class Packed:
@@ -205,9 +209,11 @@ def fused_qkv_setting() -> bool:
 
 def fp8_gemms_setting() -> FrozenSet[str]:
     """The GEMMs `precision="fp8"` runs in FP8: WAN_FP8_GEMMS (comma-separated names of FP8_GEMMS,
-    for measuring what each costs), default all of them."""
+    or `all`; for measuring what each costs), default DEFAULT_FP8_GEMMS."""
     value = os.environ.get("WAN_FP8_GEMMS", "").strip()
     if not value:
+        return frozenset(DEFAULT_FP8_GEMMS)
+    if value == "all":
         return frozenset(FP8_GEMMS)
     names = {n.strip() for n in value.split(",") if n.strip()}
     unknown = sorted(names - set(FP8_GEMMS))
