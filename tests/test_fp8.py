@@ -250,8 +250,8 @@ def _assert_within_one_step(got: Fp8Rows, expected: Fp8Rows):
 @pytest.mark.parametrize("shape", [(1, 2640, 1536), (2, 3 * 37, 2 ** 7 + 17)], ids=str)
 def test_triton_fused_norm_quantization_matches_quantizing_the_output(shape):
     """quantize=True in the Triton norms equals quantizing their bf16 output (the same kernel
-    without quantize) with the eager twin: the same scales, and the same e4m3 values but where the
-    GPU's conversion and torch's round differently (one step, rarely)."""
+    without quantize) with the eager twin: the same scales (to an ulp), and the same e4m3 values
+    but where the GPU's conversion and torch's round differently (one step, rarely)."""
     from wan.kernels import triton as triton_ops
     b, length, c = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -270,7 +270,8 @@ def test_triton_fused_norm_quantization_matches_quantizing_the_output(shape):
     ]
     for op in cases:
         got, expected = op(True), quantize_rows(op(False))
-        assert torch.equal(got.scale, expected.scale)
+        # torch divides by the Python scalar 448 as a multiply by its reciprocal: 1 ulp at most
+        assert torch.allclose(got.scale, expected.scale, rtol=2e-7, atol=0)
         assert (got.data.float() != expected.data.float()).float().mean().item() < 1e-3
         _assert_within_one_step(got, expected)
 
