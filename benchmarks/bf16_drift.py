@@ -1,5 +1,8 @@
 """Where a bf16 stream's error against float32 comes from (GPU; the issue-9 question of a
-well-conditioned random init).
+well-conditioned random init). Answered since (OPTIMIZATION_GUIDE.md, step 28): the bf16 replay
+below rounds t to bf16 with the other inputs (666 -> 664, 333 -> 332), which is what moved those
+calls by 13-26%; upstream passes t in float32, and then bf16 is ~1.6% from float32 on every call
+(`python -m wan.compare`). Kept as the record of the question.
 
 The reference model streams 10 blocks in float32 (the pipeline's pattern: 3 denoising calls with
 x <- 0.5 x + 0.5 out, then the t=0 cache update); its bf16 twin replays exactly those calls. Per
