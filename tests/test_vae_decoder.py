@@ -184,12 +184,12 @@ def test_optimized_with_the_triton_norm_matches_reference(monkeypatch):
 @torch.no_grad()
 def test_optimized_decoder_continues_after_to_and_load():
     """A dtype round trip or an assign-load mid-stream gives parameters new storage: the decoder
-    drops its graphs and buffers and takes the stream up again from the cache it is given."""
+    drops its graphs and weight layout and continues the stream from the cache it is given."""
     latents, expected = _latents(6), _reference_stream(6)
     decoder = _decoder(OptimizedVAEDecoderWrapper)
     head, cache = decoder(latents[:, :3], *[None] * 32)
     decoder.float().double()
     decoder.load_state_dict({k: v.clone() for k, v in _weights().items()}, assign=True)
-    assert decoder._state is None
+    assert decoder._prepared_for is None and len(decoder._graphs) == 0
     tail, _ = decoder(latents[:, 3:], *cache)
     assert rel_err(torch.cat([head, tail], dim=1), expected) <= 1e-10

@@ -1,14 +1,18 @@
-"""CUDA-graph capture and replay of the streaming forward.
+"""CUDA-graph capture and replay of the streaming forward (and of the decoder).
 
-One graph per key (attended slots, dtype, input names and shapes), all in one memory pool. A graph
-writes into the cache buffers it was captured with, so the runner holds the graphs of one cache
-storage at a time (`use_storage`): upstream's pipeline allocates new dicts for every video, and
-another storage drops the graphs and their pool.
-Inputs are copied into static buffers before each replay; the output is cloned out of the pool so a
-caller can keep it across calls. Capture follows the usual recipe: warm up on a side stream, then
-capture the same call.
+A graph writes into the buffers it was captured with, so graphs are kept per storage: per owner
+object (a stream's ring cache, a decoder stream's history buffers), one graph per key (attended
+slots, dtype, input names and shapes). Several players' streams therefore each keep their graphs,
+and alternating between them replays without capturing again. All graphs share one memory pool,
+as nano-vllm's runner shares one across batch sizes: they replay one at a time, so their
+intermediate activations can share memory; each graph's output is cloned out of the pool.
+A storage's graphs go when its owner is garbage (the caller dropped the caches: upstream's
+pipeline allocates new dicts for every video) or when the owner's buffers were replaced.
+Inputs are copied into static buffers before each replay. Capture follows the usual recipe: warm
+up on a side stream, then capture the same call.
 """
 import os
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -27,44 +31,58 @@ def cuda_graphs_setting(requested: Optional[bool]) -> bool:
     return value in _TRUE
 
 
+class _Storage:
+    """The graphs captured over one owner's buffers; the buffers are held, so that equal ids mean
+    the same tensors and the memory a graph writes stays theirs."""
+
+    def __init__(self, buffers: List[torch.Tensor]):
+        self.ids = tuple(map(id, buffers))
+        self.buffers = buffers
+        self.graphs: Dict[tuple, tuple] = {}
+
+
 class GraphRunner:
     # calls on a side stream before capturing (lazy initialisation, autotuning, allocator state)
     WARMUP_CALLS = 2
 
     def __init__(self):
-        self.graphs: Dict[tuple, tuple] = {}
         self.pool = None
-        self._storage_ids: Optional[tuple] = None
-        self._storage: List[torch.Tensor] = []  # held, so that equal ids mean the same tensors
-        self._cache = None  # the StreamCache those buffers were read from
+        self.captures = 0  # graphs captured so far (a serving loop should stop adding to it)
+        self._storages: Dict[int, _Storage] = {}  # id(owner) -> its graphs
+        self._current: Optional[_Storage] = None
 
     def __len__(self):
-        return len(self.graphs)
+        """Graphs held, over every storage."""
+        return sum(len(storage.graphs) for storage in self._storages.values())
 
     def clear(self):
-        self.graphs.clear()
+        self._storages.clear()
+        self._current = None
         self.pool = None
-        self._storage_ids, self._storage, self._cache = None, [], None
 
-    def use_storage(self, cache, new_stream: bool):
-        """The graphs run next write into `cache`'s buffers (a StreamCache): keep the graphs captured
-        with these very tensors, drop all others. A cache object holds the same buffers for life,
-        except the image context's, which a new stream may replace: only then are they compared."""
-        if cache is self._cache and not new_stream:
-            return
-        tensors = cache.buffers()
-        ids = tuple(map(id, tensors))
-        if ids != self._storage_ids:
-            self.clear()
-            self._storage_ids, self._storage = ids, tensors
-        self._cache = cache
+    def use_storage(self, owner, buffers: Callable[[], List[torch.Tensor]], changed: bool):
+        """The graphs run next write into `owner`'s buffers (`buffers()` lists them). Graphs
+        captured before for this owner are kept unless `changed` says its buffers may have been
+        replaced and they have (e.g. a new stream gave the image context new tensors)."""
+        key = id(owner)
+        storage = self._storages.get(key)
+        if storage is None:
+            storage = self._storages[key] = _Storage(buffers())
+            # the owner's end (caches dropped) drops its graphs and lets its buffers go
+            weakref.finalize(owner, self._storages.pop, key, None)
+        elif changed:
+            current = buffers()
+            if tuple(map(id, current)) != storage.ids:
+                self._storages[key] = storage = _Storage(current)
+        self._current = storage
 
     def run(self, key: tuple, fn: Callable[..., torch.Tensor], inputs: Dict[str, torch.Tensor]):
-        """fn(**inputs) through the graph of `key`, capturing it on first use. fn must only launch
-        device work (no host syncs, no allocation that depends on values)."""
-        if key not in self.graphs:
+        """fn(**inputs) through the current storage's graph of `key`, capturing it on first use.
+        fn must only launch device work (no host syncs, no allocation that depends on values)."""
+        graphs = self._current.graphs
+        if key not in graphs:
             self.capture(key, fn, inputs)
-        graph, static_inputs, static_out = self.graphs[key]
+        graph, static_inputs, static_out = graphs[key]
         # one dispatch for all the copies: each separate copy_ costs ~25 us of host time on a
         # slow host, and the GPU waits for it
         torch._foreach_copy_([static_inputs[name] for name in inputs], list(inputs.values()))
@@ -73,13 +91,14 @@ class GraphRunner:
         return None if static_out is None else static_out.clone()
 
     def captured(self, key: tuple) -> bool:
-        return key in self.graphs
+        return key in self._current.graphs
 
     def capture(self, key: tuple, fn, inputs):
-        """Capture fn(**inputs) as the graph of `key` without replaying it. The warm-up runs fn
-        WARMUP_CALLS times for real: a caller whose fn updates state (not idempotent) saves and
-        restores that state around this call."""
-        self.graphs[key] = self._capture(fn, inputs)
+        """Capture fn(**inputs) as the current storage's graph of `key` without replaying it. The
+        warm-up runs fn WARMUP_CALLS times for real: a caller whose fn updates state (not
+        idempotent) saves and restores that state around this call."""
+        self._current.graphs[key] = self._capture(fn, inputs)
+        self.captures += 1
 
     def _capture(self, fn, inputs):
         static_inputs = {name: value.clone() for name, value in inputs.items()}

@@ -42,7 +42,7 @@ from ..kernels.registry import (FP8_OPS, BackendUnavailableError, describe_resol
                                 load_selection, resolve, resolve_all)
 from ..kernels.rope_tables import action_inverse_frequencies, angles, self_attention_angles
 from ..kernels.layer_plan import FP8_GEMMS, ActionPlan, BlockPlan, ModelPlan, fp8_gemms_setting
-from ..kernels.stream_cache import DictBinding, StreamCache, dict_identity
+from ..kernels.stream_cache import StreamCache, bind, bound_cache, dict_identity
 from .causal_model import CausalWanModel
 
 
@@ -100,9 +100,9 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         self.backend = load_selection(backend)
         self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
         self.precision = precision_setting(precision)
-        self._stream: Optional[StreamCache] = None
-        self._graphs = GraphRunner()
-        self._bound = DictBinding()  # the caller's dicts of the last call, wrapped as a ring cache
+        self._stream: Optional[StreamCache] = None  # the current owned stream
+        self._owned: list = []                      # every owned stream (start_stream)
+        self._graphs = GraphRunner()                # graphs per cache storage, one shared pool
         self._plan: Optional[ModelPlan] = None  # built at the first streaming forward
         self._watch_weights()  # the plan and graphs are forgotten after .to() or a load
         self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
@@ -152,38 +152,59 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         return dict(self._state(torch.device(device or self.patch_embedding.weight.device),
                                 dtype or self.patch_embedding.weight.dtype).backends)
 
-    # ------------------------------------------------------------------ owned stream
-    def start_stream(self, batch: int = 1, latent_size=(44, 80)):
-        """Start a stream in caches the model owns (allocated once per batch/latent/dtype/device
-        and reused). Then call forward without kv_cache arguments, `current_start` advancing one
-        block at a time, as the pipeline does."""
+    # ------------------------------------------------------------------ owned streams
+    def start_stream(self, batch: int = 1, latent_size=(44, 80), new: bool = False) -> StreamCache:
+        """Start a stream in caches the model owns and make it the current one: calls without
+        kv_cache arguments then go to it, `current_start` advancing one block at a time, as the
+        pipeline does. Without `new` the current owned stream's caches are reused (rewound) when
+        they fit, so one player restarting costs no allocation; `new=True` always allocates
+        another stream (another player: ~1 GiB for the real model at 44 x 80) and keeps the
+        others. Returns the stream, a handle for `use_stream`."""
         _, ph, pw = self.patch_size
         tokens = (latent_size[0] // ph) * (latent_size[1] // pw)
         dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
         s = self._stream
-        if (s is None or s.self_k[0].shape[0] != batch or s.tokens_per_frame != tokens
+        if (new or s is None or s.self_k[0].shape[0] != batch or s.tokens_per_frame != tokens
                 or s.self_k[0].dtype != dtype or s.self_k[0].device != device):
-            self._drop_graphs()  # captured for the previous buffers
-            self._stream = StreamCache.allocate(self, batch, tokens)
-        self._stream.reset()
-        return self._stream
+            if not new and s is not None:
+                self._owned.remove(s)  # replaced: its graphs go with it
+            s = StreamCache.allocate(self, batch, tokens)
+            self._owned.append(s)
+        s.reset()
+        self._stream = s
+        return s
+
+    def use_stream(self, stream: StreamCache):
+        """Make one of the model's own streams (a `start_stream` result) the current one."""
+        if not any(stream is s for s in self._owned):
+            raise ValueError("not a stream of this model (start it with start_stream(new=True)) "
+                             "or it was ended")
+        self._stream = stream
+
+    @property
+    def streams(self) -> list:
+        """The model's own streams, oldest first."""
+        return list(self._owned)
 
     def reset_stream(self):
-        """Rewind the owned stream to frame 0 (new image context on the next call)."""
+        """Rewind the current owned stream to frame 0 (new image context on the next call)."""
         if self._stream is None:
             raise RuntimeError("no stream was started: call start_stream() first")
         self._stream.reset()
 
-    def end_stream(self):
-        """Free the owned caches; forward without kv_cache is the cache-free forward again."""
-        self._stream = None
-        self._drop_graphs()
+    def end_stream(self, stream: Optional[StreamCache] = None):
+        """Free an owned stream's caches (default: the current one; its graphs go with it). With no
+        current stream left, forward without kv_cache is the cache-free forward again."""
+        stream = stream or self._stream
+        self._owned = [s for s in self._owned if s is not stream]
+        if stream is self._stream:
+            self._stream = None
 
     def release_caches(self):
-        """Drop every reference the model holds to cache memory: the owned stream, the caller's
-        dicts of the last call and the captured graphs (and their memory pool)."""
-        self.end_stream()
-        self._bound.clear()
+        """Drop every reference the model holds to cache memory: the owned streams and the
+        captured graphs (and their memory pool). Caller's dicts are never held by the model."""
+        self._owned, self._stream = [], None
+        self._drop_graphs()
 
     def _drop_graphs(self):
         self._graphs.clear()
@@ -207,7 +228,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         # 1. inputs, checked (the caller's dicts only when they were not checked already)
         dicts = (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
         identity = dict_identity(dicts) if kv_cache is not None else None
-        dicts_checked = self._bound.checked(identity, x.shape)
+        bound = bound_cache(dicts, identity) if kv_cache is not None else None
+        dicts_checked = bound is not None and bound.checked_shape == x.shape
         check_forward_inputs(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                              *dicts, current_start, read_cache_position=False, streaming=True,
                              check_caches=not dicts_checked)
@@ -218,8 +240,10 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         start = current_start // tokens_per_frame
 
         # 2. the cache (a ring over the caller's dicts, or the owned stream) and the position
-        if kv_cache is not None:
-            cache = self._bound.cache_for(self, dicts, identity, tokens_per_frame)
+        if kv_cache is not None:  # the dicts' ring cache carries their stream's position
+            cache = bound
+            if cache is None or cache.tokens_per_frame != tokens_per_frame:
+                cache = StreamCache.from_upstream_dicts(self, *dicts, tokens_per_frame)
             if start == 0:  # upstream pipelines start a new stream at frame 0 in reset dicts
                 cache.end_frame = 0
         else:
@@ -234,7 +258,7 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         if new_stream:
             self._cross_storage(cache, visual_context)
         if graphs:
-            self._graphs.use_storage(cache, new_stream)
+            self._graphs.use_storage(cache, cache.buffers, changed=new_stream)
         if new_stream:
             project = functools.partial(self._project_image_context, cache=cache, ops=state.ops,
                                         plan=plan)
@@ -245,8 +269,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
                 project(visual_context)
             for slot in cache.cross:
                 slot["is_init"] = True
-        if kv_cache is not None and (new_stream or not dicts_checked):
-            self._bound.bind(dicts, cache, x.shape)
+        if kv_cache is not None and (new_stream or not dicts_checked or cache is not bound):
+            bind(dicts, cache, x.shape)
 
         # 4. the blocks, replayed from the graph of this phase or run eagerly
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}

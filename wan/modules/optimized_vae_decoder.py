@@ -19,9 +19,14 @@ What differs from the reference (vae_decoder.py):
 * optionally (`cuda_graphs=True`, or WAN_CUDA_GRAPHS) each phase (a stream's first block, a later
   block) is replayed from a CUDA graph.
 
-The returned cache is the decoder's live state: the list's tensors are views of its buffers, valid
-until the next call (pass it back as upstream's pipeline does). A cache made by another decoder
-(the reference's, upstream's shapes) is copied in, so streams can move between them.
+Streams: each stream (a call with an all-None cache starts one) has its own history buffers, and
+with CUDA graphs its own graphs (one shared memory pool), so any number of players' streams
+alternate through one decoder without copies or captures. The returned cache is the stream's live
+state: the list's tensors are views of its buffers, valid until that stream's next call (pass it
+back as upstream's pipeline does); its first tensor carries the stream (attribute
+`wan_decoder_stream`), which lives as long as the caller keeps the cache, graphs included. A cache
+made elsewhere (the reference decoder's, upstream's shapes) is copied into a new stream, so streams
+can move between the decoders.
 """
 from types import SimpleNamespace
 from typing import List, Optional
@@ -36,6 +41,7 @@ from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resampl
 
 
 DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_nearest2x")  # the backend registry's decoder ops
+STREAM_TAG = "wan_decoder_stream"  # the attribute of a returned cache's first tensor
 
 
 class _HistoryBuffers:
@@ -46,6 +52,12 @@ class _HistoryBuffers:
         self.shapes, self.dtype, self.device = shapes, dtype, device
         self.buffers = [self._new(shape, 0) for shape in shapes]
         self.started = False  # whether the stream's first latent frame was decoded
+        self.returned_ids = None  # ids of the cache tensors handed out last
+
+    def continues(self, cache, shapes, dtype, device) -> bool:
+        """Whether `cache` is the list this stream handed out last, for these inputs."""
+        return (tuple(map(id, cache)) == self.returned_ids and shapes == self.shapes
+                and dtype == self.dtype and device == self.device)
 
     def _new(self, shape, frames: int):
         b, c, h, w = shape
@@ -86,11 +98,6 @@ class _HistoryBuffers:
         for buffer, history in zip(self.buffers, saved):
             buffer[:, :, :HISTORY_FRAMES].copy_(history)
 
-    def reset(self) -> None:
-        for buffer in self.buffers:
-            buffer[:, :, :HISTORY_FRAMES].zero_()
-        self.started = False
-
 
 class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrapper):
 
@@ -98,32 +105,32 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         super().__init__()
         self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
         self.backend = load_selection(backend)
-        self._ops = None  # the decoder's registry ops for the stream's device/dtype
-        self._state: Optional[_HistoryBuffers] = None
-        self._returned: Optional[list] = None  # the cache list of the last call (live views)
-        self._graphs = GraphRunner()
-        self._channels_last_for = None  # (device, dtype) the weights were laid out for
+        self._ops = None  # the decoder's registry ops for the streams' device/dtype
+        self._graphs = GraphRunner()  # per stream's buffers, one shared pool
+        self._prepared_for = None  # (device, dtype) of the weights' layout and the ops
         self._watch_weights()
 
     def _forget_derived_state(self):
-        """After .to() or a load: the graphs (they read the old weights) and the buffers go; the
-        next call takes the stream up again from the cache it is given (copied in)."""
+        """After .to() or a load: the graphs (they read the old weights) and the weights' layout
+        go; a stream whose buffers no longer fit is taken up again from its cache (copied in)."""
         if getattr(self, "_graphs", None) is not None:
             self._graphs.clear()
-            self._state, self._returned, self._channels_last_for = None, None, None
+            self._prepared_for = None
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
     def forward(self, z: torch.Tensor, *feat_cache):
         check_decoder_inputs(self, z, feat_cache)
-        state = self._bind(z, feat_cache)
+        self._prepare(z.device, z.dtype)
+        state = self._stream_of(z, feat_cache)
         z = z.permute(0, 2, 1, 3, 4)  # [B, 16, T, h, w]
         pieces = []
         # frames each convolution gets in this call's largest pass (the first latent frame of a
         # stream goes alone: one frame everywhere)
         rest = z.shape[2] - (0 if state.started else 1)
-        if state.reserve([max(t * rest, 1) for _, _, t in self.decoder.cached_layers]):
-            self._graphs.clear()
+        grown = state.reserve([max(t * rest, 1) for _, _, t in self.decoder.cached_layers])
+        if self.cuda_graphs and z.is_cuda:  # this stream's graphs (new ones if buffers grew)
+            self._graphs.use_storage(state, lambda: state.buffers, changed=grown)
         if not state.started:  # the first latent frame alone: the temporal upsamplers skip it
             pieces.append(self._run("first", z[:, :, :1], state))
             state.started = True
@@ -131,36 +138,35 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         if z.shape[2]:
             pieces.append(self._run("next", z, state))
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        self._returned = state.histories()
-        return out, list(self._returned)
+        returned = state.histories()
+        setattr(returned[0], STREAM_TAG, state)  # the caller's cache keeps the stream alive
+        state.returned_ids = tuple(map(id, returned))
+        return out, returned
 
-    def _bind(self, z, cache) -> _HistoryBuffers:
-        """The history buffers for this call: kept when the cache is the one returned last time,
-        zeroed for a new stream (all None), loaded from a cache made elsewhere."""
+    def _stream_of(self, z, cache) -> _HistoryBuffers:
+        """The stream this call continues: the one that handed out `cache`, or a new one, zeroed
+        (all None) or loaded from a cache made elsewhere."""
         b, _, _, h, w = z.shape
         shapes = expected_cache_shapes(self.decoder, b, h, w)
-        state = self._state
-        if (state is None or state.shapes != shapes or state.dtype != z.dtype
-                or state.device != z.device):
-            self._graphs.clear()  # captured over the old buffers
-            self._channels_last(z.device, z.dtype)
-            self._ops = SimpleNamespace(**{
-                op: resolve(op, self.backend[op], z.device, z.dtype, 0)[1] for op in DECODER_OPS})
-            # plain attributes (upstream's), so .to() leaves them: on the device once, not per call
-            self.mean, self.std = self.mean.to(z.device), self.std.to(z.device)
-            state = self._state = _HistoryBuffers(shapes, z.dtype, z.device)
-            self._returned = None
-        if cache[0] is None:
-            state.reset()
-        elif not (self._returned is not None
-                  and all(a is b for a, b in zip(cache, self._returned))):
+        state = getattr(cache[0], STREAM_TAG, None) if cache[0] is not None else None
+        if isinstance(state, _HistoryBuffers) and state.continues(cache, shapes, z.dtype,
+                                                                  z.device):
+            return state
+        state = _HistoryBuffers(shapes, z.dtype, z.device)
+        if cache[0] is not None:
             state.load(cache)
         return state
 
-    def _channels_last(self, device, dtype):
-        """Lay the conv weights out channels-last once per device/dtype (values unchanged)."""
-        if self._channels_last_for == (device, dtype):
+    def _prepare(self, device, dtype):
+        """Once per device/dtype: the conv weights laid out channels-last (values unchanged), the
+        registry ops resolved, the latent statistics moved."""
+        if self._prepared_for == (device, dtype):
             return
+        self._graphs.clear()  # captured over the old layout
+        self._ops = SimpleNamespace(**{
+            op: resolve(op, self.backend[op], device, dtype, 0)[1] for op in DECODER_OPS})
+        # plain attributes (upstream's), so .to() leaves them: on the device once, not per call
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
         for module in self.modules():
             if isinstance(module, torch.nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(
@@ -168,7 +174,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
             elif isinstance(module, torch.nn.Conv2d):
                 module.weight.data = module.weight.data.contiguous(
                     memory_format=torch.channels_last)
-        self._channels_last_for = (device, dtype)
+        self._prepared_for = (device, dtype)
 
     def _run(self, phase: str, z, state):
         def compute(z):
