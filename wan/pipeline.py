@@ -54,7 +54,8 @@ class StreamingBlockRunner:
 
     def __init__(self, model, decoder, latent_hw=(44, 80), batch: int = 1,
                  schedule: Optional[FlowMatchSchedule] = None, overlap_update: bool = True,
-                 decoder_dtype: Optional[torch.dtype] = None):
+                 decoder_dtype: Optional[torch.dtype] = None,
+                 generator: Optional[torch.Generator] = None):
         self.model, self.decoder = model, decoder
         self.latent_hw, self.batch = tuple(latent_hw), batch
         self.schedule = schedule or FlowMatchSchedule()
@@ -68,6 +69,7 @@ class StreamingBlockRunner:
         _, ph, pw = model.patch_size
         self.tokens_per_frame = (latent_hw[0] // ph) * (latent_hw[1] // pw)
         self.caches = None
+        self.generator = generator  # the noise's source (default: torch's global one)
 
     def start(self, visual_context: torch.Tensor):
         """A new stream with this image context (fresh caches, a new decoder stream)."""
@@ -87,7 +89,7 @@ class StreamingBlockRunner:
         clock.mark("start")
         b, f, (h, w) = self.batch, self.frames_per_block, self.latent_hw
         x = noise if noise is not None else torch.randn(b, 16, f, h, w, device=self.device,
-                                                        dtype=self.dtype)
+                                                        dtype=self.dtype, generator=self.generator)
         call = dict(visual_context=self.visual_context, cond_concat=cond_concat,
                     mouse_cond=mouse_cond, keyboard_cond=keyboard_cond, **self.caches,
                     current_start=self.frame * self.tokens_per_frame)
@@ -97,7 +99,8 @@ class StreamingBlockRunner:
             x0 = x - sigma * flow
             if step + 1 < len(sigmas):
                 next_sigma = sigmas[step + 1]
-                x = (1 - next_sigma) * x0 + next_sigma * torch.randn_like(x0)
+                x = (1 - next_sigma) * x0 + next_sigma * torch.randn(
+                    x0.shape, device=x0.device, dtype=x0.dtype, generator=self.generator)
 
         def update():  # the clean block into the caches (t = context noise = 0)
             self.model(x0, _timesteps(0.0, b, f, self.device), **call)

@@ -1,0 +1,209 @@
+"""Several real-time players on one device: player sessions and a deadline scheduler.
+
+Matrix-Game-2 plays at 25 fps: a stream's first block shows 9 frames, every later one 12, so a
+player's block k is due on screen 0.36 s + 0.48 s * k after the player joined (a late block stalls
+the picture and moves the player's later deadlines by as much). A block is released (may start)
+one period before it is due, so that it reads actions no older than that; the scheduler runs the
+released block with the earliest deadline, one block at a time (the DiT and the decoder each fill
+the GPU: running players side by side gains nothing, `wan.pipeline`'s note).
+
+A `PlayerSession` is one player's state over the shared model and decoder: its block runner (its
+own DiT cache dicts and decoder stream), image context, conditions, noise generator and the actions
+it has received. Reports per player: fps (frames over the time they took to show), action-to-frame
+latency (from the block's start, when its actions are read, to its frames ready; p50/p95), the time
+blocks waited after their release, missed deadlines.
+
+The clock, the sleep and the device synchronisation are parameters, so tests drive the scheduler
+with a fake clock.
+"""
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .pipeline import StreamingBlockRunner
+
+VIDEO_FPS = 25
+FIRST_BLOCK_FRAMES, BLOCK_FRAMES = 9, 12
+# a player holds real time when it shows at least this many frames per second (1% timer slack)
+REALTIME_FPS = 0.99 * VIDEO_FPS
+
+
+def block_frames(index: int) -> int:
+    """Video frames block `index` of a stream shows."""
+    return FIRST_BLOCK_FRAMES if index == 0 else BLOCK_FRAMES
+
+
+class PlayerSession:
+    """One player: its runner (a `StreamingBlockRunner` over the shared model and decoder), its
+    image context, conditions and the actions it has received.
+
+    `cond_concat`: [B, 20, F, h, w], one block's conditions (F = frames per block: reused every
+    block) or the whole stream's (sliced per block). Actions arrive with `receive`; a block reads
+    the history up to its last frame, holding the latest action where the player sent fewer steps
+    than the block needs (a real-time server does not wait for input)."""
+
+    def __init__(self, player_id, runner: StreamingBlockRunner, visual_context, cond_concat,
+                 seed: int = 0, mouse_dim: Optional[int] = None,
+                 keyboard_dim: Optional[int] = None):
+        self.player_id = player_id
+        self.runner = runner
+        self.cond_concat = cond_concat
+        runner.generator = torch.Generator(device=runner.device).manual_seed(seed)
+        b, device, dtype = runner.batch, runner.device, runner.dtype
+        self.mouse = None if mouse_dim is None else torch.zeros(b, 0, mouse_dim, device=device,
+                                                                 dtype=dtype)
+        self.keyboard = None if keyboard_dim is None else torch.zeros(b, 0, keyboard_dim,
+                                                                      device=device, dtype=dtype)
+        runner.start(visual_context)
+        self.blocks_done = 0
+
+    def receive(self, mouse=None, keyboard=None):
+        """Append action steps ([B, steps, dim] each; 4 steps per latent frame after the first)."""
+        if mouse is not None:
+            self.mouse = torch.cat([self.mouse, mouse.to(self.mouse)], dim=1)
+        if keyboard is not None:
+            self.keyboard = torch.cat([self.keyboard, keyboard.to(self.keyboard)], dim=1)
+
+    def run_block(self):
+        """The next block: (frames [B, T, 3, H, W], its runner clock)."""
+        f = self.runner.frames_per_block
+        start = self.blocks_done * f
+        steps = 1 + 4 * (start + f - 1)  # what the model reads for frames up to this block's last
+        cond = self.cond_concat
+        if cond.shape[2] != f:
+            if cond.shape[2] < start + f:
+                raise ValueError(f"player {self.player_id}: cond_concat covers {cond.shape[2]} "
+                                 f"frames, block {self.blocks_done} needs {start + f}")
+            cond = cond[:, :, start:start + f]
+        frames, clock = self.runner.block(cond, _held(self.mouse, steps),
+                                          _held(self.keyboard, steps))
+        self.blocks_done += 1
+        return frames, clock
+
+
+def _held(history, steps: int):
+    """The first `steps` action steps, the last one repeated (zeros before any) when short."""
+    if history is None:
+        return None
+    if history.shape[1] >= steps:
+        return history[:, :steps]
+    last = (history[:, -1:] if history.shape[1] else
+            history.new_zeros(history.shape[0], 1, history.shape[2]))
+    return torch.cat([history, last.expand(-1, steps - history.shape[1], -1)], dim=1)
+
+
+@dataclass
+class BlockRecord:
+    """When one block of one player was due, released, started and finished (seconds on the
+    scheduler's clock, from its start), and how many frames it showed."""
+    player: object
+    block: int
+    frames: int
+    joined: float  # when the player joined
+    due: float
+    release: float
+    start: float
+    finish: float
+
+    @property
+    def late(self) -> bool:
+        return self.finish > self.due
+
+
+@dataclass(order=True)
+class _Next:
+    due: float
+    order: int                      # ties: the player who joined first
+    release: float = field(compare=False)
+    session: PlayerSession = field(compare=False)
+    joined: float = field(compare=False)
+
+
+class DeadlineScheduler:
+    """Runs the sessions' blocks one at a time, earliest deadline first, each no earlier than its
+    release. `on_block(record, frames)` is called after each block (e.g. to send the frames)."""
+
+    def __init__(self, sessions: Sequence[PlayerSession], clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep,
+                 synchronize: Optional[Callable[[], None]] = None):
+        self.sessions = list(sessions)
+        self.clock, self.sleep = clock, sleep
+        self.synchronize = synchronize or _synchronizer(s.runner.device for s in self.sessions)
+
+    def run(self, blocks_per_player: int, on_block=None, stagger: bool = True) -> List[BlockRecord]:
+        """Every session's next `blocks_per_player` blocks. With `stagger` the players join one
+        after another, spread evenly over one period (as players arrive at a server); otherwise
+        all at once (the last ones then miss their first deadline when a round of first blocks
+        takes longer than 0.36 s)."""
+        begin = self.clock()
+        spacing = BLOCK_FRAMES / VIDEO_FPS / len(self.sessions) if stagger else 0.0
+        queue = [_Next(order * spacing + block_frames(0) / VIDEO_FPS, order, order * spacing,
+                       session, order * spacing) for order, session in enumerate(self.sessions)]
+        records = []
+        while queue:
+            now = self.clock() - begin
+            released = [n for n in queue if n.release <= now]
+            if not released:  # everyone is ahead of time: wait for the first release
+                self.sleep(min(n.release for n in queue) - now)
+                continue
+            chosen = min(released)
+            queue.remove(chosen)
+            session = chosen.session
+            start = self.clock() - begin
+            frames, _ = session.run_block()
+            self.synchronize()
+            finish = self.clock() - begin
+            index = session.blocks_done - 1
+            record = BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
+                                 chosen.due, chosen.release, start, finish)
+            records.append(record)
+            if on_block is not None:
+                on_block(record, frames)
+            if session.blocks_done < blocks_per_player:
+                shown = max(chosen.due, finish)  # a late block stalls the picture until it is ready
+                period = block_frames(session.blocks_done) / VIDEO_FPS
+                queue.append(_Next(shown + period, chosen.order, shown, session, chosen.joined))
+        return records
+
+
+def _synchronizer(devices) -> Callable[[], None]:
+    """Waits for the work queued on the sessions' CUDA devices (finish times are then real)."""
+    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
+
+    def synchronize():
+        for device in cuda:
+            torch.cuda.synchronize(device)
+    return synchronize
+
+
+def _percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def players_report(records: List[BlockRecord]) -> Dict:
+    """Per player: fps (frames / time from joining until the last one showed), action-to-frame latency
+    p50/p95 (start to finish of its blocks), wait after release p50/p95, deadlines missed; and
+    whether every player held real time (>= REALTIME_FPS)."""
+    per_player = {}
+    for player in dict.fromkeys(r.player for r in records):
+        mine = [r for r in records if r.player == player]
+        shown_until = max(max(r.due, r.finish) for r in mine) - mine[0].joined
+        latency = [1e3 * (r.finish - r.start) for r in mine]
+        wait = [1e3 * (r.start - r.release) for r in mine]
+        per_player[str(player)] = {
+            "blocks": len(mine), "frames": sum(r.frames for r in mine),
+            "fps": sum(r.frames for r in mine) / shown_until,
+            "latency_p50_ms": statistics.median(latency),
+            "latency_p95_ms": _percentile(latency, 0.95),
+            "wait_p50_ms": statistics.median(wait), "wait_p95_ms": _percentile(wait, 0.95),
+            "missed_deadlines": sum(r.late for r in mine)}
+    fps = [p["fps"] for p in per_player.values()]
+    return {"players": len(per_player), "per_player": per_player, "min_fps": min(fps),
+            "realtime": min(fps) >= REALTIME_FPS,
+            "latency_p50_ms": statistics.median([1e3 * (r.finish - r.start) for r in records]),
+            "latency_p95_ms": _percentile([1e3 * (r.finish - r.start) for r in records], 0.95)}
