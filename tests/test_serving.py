@@ -1,5 +1,11 @@
 """Sessions and the deadline scheduler (wan/serving.py) with a fake clock: deadlines and releases,
 earliest deadline first, fairness, stalls and the report; and a real session's actions."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +19,7 @@ from wan.serving import (BLOCK_FRAMES, VIDEO_FPS, DeadlineScheduler, PlayerSessi
                          players_report)
 
 PERIOD = BLOCK_FRAMES / VIDEO_FPS  # 0.48 s
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeClock:
@@ -122,3 +129,26 @@ def test_session_feeds_the_runner_the_received_actions():
     expected_second, _ = again.block(inputs["cond_concat"], _held(mouse[:, :16], 21),
                                      _held(keyboard[:, :16], 21))
     assert torch.equal(first, expected_first) and torch.equal(second, expected_second)
+
+
+def test_torchrun_over_two_cpu_processes_gives_each_player_the_same_frames(tmp_path):
+    """4 players served by one process, then by 2 processes under torchrun (gloo): every
+    player's frames are the same (one thread per process in both runs: the same summation order),
+    and rank 0 reports all four players."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = ["-m", "wan.serve", "--players", "4", "--blocks", "2"]
+    alone, together = tmp_path / "alone.pt", tmp_path / "torchrun.pt"
+    subprocess.run([sys.executable, *command, "--frames-out", str(alone)], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    report = tmp_path / "report.json"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    *command, "--frames-out", str(together), "--out", str(report)], cwd=ROOT,
+                   env=env, check=True, capture_output=True)
+    expected, got = torch.load(alone), torch.load(together)
+    assert sorted(got) == sorted(expected) == [0, 1, 2, 3]
+    for player in expected:
+        assert got[player].shape[1] == 9 + 12
+        assert ((got[player] - expected[player]).norm() / expected[player].norm()) < 1e-6
+    summary = json.loads(report.read_text())
+    assert summary["processes"] == 2
+    assert [r[0]["players"] for r in summary["runs_per_rank"]] == [2, 2]

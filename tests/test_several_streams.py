@@ -7,7 +7,7 @@ import weakref
 import pytest
 import torch
 
-from helpers import build_model, make_caches, make_inputs
+from helpers import build_model, make_caches, make_inputs, requires_cuda
 from wan import CausalWanModel
 from wan.kernels.stream_cache import DICT_TAG
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
@@ -136,3 +136,38 @@ def test_decoder_streams_interleaved_equal_each_alone():
     reference.load_state_dict(weights)
     expected = _decoder_streams(reference, latents, interleave=True)
     assert all(((a - e).norm() / e.norm()).item() < 1e-10 for a, e in zip(together, expected))
+
+
+@requires_cuda
+@torch.no_grad()
+def test_per_stream_graphs_replay_eager_results_and_stop_capturing():
+    """Three players' dict sets alternating through one graphed model on the GPU: the same outputs
+    as the eager model, and after each player's first blocks (every phase seen) no capture."""
+    eager = build_model(cls=OptimizedCausalWanModel, device="cuda", dtype=torch.bfloat16)
+    graphed = build_model(cls=OptimizedCausalWanModel, device="cuda", dtype=torch.bfloat16,
+                          cuda_graphs=True)
+    calls = [_player_calls(eager, p) for p in range(PLAYERS)]
+    expected = _interleaved(eager, calls, [make_caches(eager) for _ in range(PLAYERS)])
+    caches = [make_caches(graphed) for _ in range(PLAYERS)]
+    got = _interleaved(graphed, calls, caches)
+    for player in range(PLAYERS):
+        assert all(torch.equal(g, e) for g, e in zip(got[player], expected[player]))
+    captured = graphed._graphs.captures
+    # the same players go on (later blocks: the phase with a full window, captured already)
+    more = [[dict(call, current_start=call["current_start"] + 3 * BLOCKS * TOKENS_PER_FRAME)
+             for call in player_calls] for player_calls in calls]
+    for block in range(BLOCKS):
+        for player in range(PLAYERS):
+            for call in more[player][block * len(STEPS):(block + 1) * len(STEPS)]:
+                graphed(**_shifted_actions(call, 3 * BLOCKS), **caches[player])
+    assert graphed._graphs.captures == captured
+
+
+def _shifted_actions(call, frames: int):
+    """The call moved `frames` latent frames later: action histories extended to match."""
+    out = dict(call)
+    for name in ("mouse_cond", "keyboard_cond"):
+        if out[name] is not None:
+            steps = out[name].shape[1] + 4 * frames
+            out[name] = out[name][:, -1:].expand(-1, steps, -1).contiguous()
+    return out

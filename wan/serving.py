@@ -141,8 +141,9 @@ class DeadlineScheduler:
         takes longer than 0.36 s)."""
         begin = self.clock()
         spacing = BLOCK_FRAMES / VIDEO_FPS / len(self.sessions) if stagger else 0.0
-        queue = [_Next(order * spacing + block_frames(0) / VIDEO_FPS, order, order * spacing,
-                       session, order * spacing) for order, session in enumerate(self.sessions)]
+        queue = [_Next(order * spacing + block_frames(session.blocks_done) / VIDEO_FPS, order,
+                       order * spacing, session, order * spacing)
+                 for order, session in enumerate(self.sessions)]
         records = []
         while queue:
             now = self.clock() - begin
