@@ -243,7 +243,12 @@ def _assert_within_one_step(got: Fp8Rows, expected: Fp8Rows):
     diff = (got.dequantize() - expected.dequantize()).abs()
     step = torch.maximum(2 * HALF_ULP * expected.dequantize().abs(),
                          2 * SUBNORMAL_HALF_STEP * expected.scale)
-    assert (diff <= step * (1 + 1e-6)).all()
+    worst = (diff / step).flatten().argmax()
+    assert (diff <= step * (1 + 1e-6)).all(), (
+        (diff / step).flatten()[worst].item(), got.data.float().flatten()[worst].item(),
+        expected.data.float().flatten()[worst].item(),
+        got.scale.expand_as(diff).flatten()[worst].item(),
+        expected.scale.expand_as(diff).flatten()[worst].item())
 
 
 @requires_cuda
