@@ -19,15 +19,16 @@ What differs from the reference (vae_decoder.py):
 * optionally (`cuda_graphs=True`, or WAN_CUDA_GRAPHS) each phase (a stream's first block, a later
   block) is replayed from a CUDA graph.
 
-Streams: each stream (a call with an all-None cache starts one) has its own history buffers, and
-with CUDA graphs its own graphs (one shared memory pool), so any number of players' streams
-alternate through one decoder without copies or captures. The returned cache is the stream's live
-state: the list's tensors are views of its buffers, valid until that stream's next call (pass it
-back as upstream's pipeline does); its first tensor carries the stream (attribute
-`wan_decoder_stream`), which lives as long as the caller keeps the cache, graphs included. A cache
-made elsewhere (the reference decoder's, upstream's shapes) is copied into a new stream, so streams
-can move between the decoders.
+Streams: a stream (a call with an all-None cache starts one) owns only its history, the cache
+list: per cached convolution its last two input frames. The convolution buffers are one workspace
+shared by all streams (the history is copied in at a call's start, skipped when the same stream
+called last, and back at its end), so any number of players' streams alternate through one
+decoder with one set of CUDA graphs and ~1 GiB of history each (44 x 80, fp16). The returned cache
+holds the stream's own tensors, updated in place by its next call (pass it back as upstream's
+pipeline does). A cache made elsewhere (the reference decoder's, upstream's shapes) is copied into
+a new stream, so streams can move between the decoders.
 """
+import weakref
 from types import SimpleNamespace
 from typing import List, Optional
 
@@ -41,23 +42,31 @@ from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resampl
 
 
 DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_nearest2x")  # the backend registry's decoder ops
-STREAM_TAG = "wan_decoder_stream"  # the attribute of a returned cache's first tensor
+STARTED_TAG = "wan_decoder_stream_started"  # set on a stream's first history tensor
 
 
-class _HistoryBuffers:
-    """Per cached convolution of one stream (batch, latent size, dtype, device): a channels-last
-    buffer of 2 + T frames, T the most frames a call has given that convolution."""
+def new_histories(shapes: List[tuple], dtype, device) -> list:
+    """A new stream's history: per cached convolution its last two input frames, zeros (the causal
+    padding), channels-last [B, C, 2, H, W]."""
+    return [torch.zeros(b, c, HISTORY_FRAMES, h, w, dtype=dtype, device=device).contiguous(
+        memory_format=torch.channels_last_3d) for b, c, h, w in shapes]
+
+
+class _Workspace:
+    """Per cached convolution a channels-last input buffer [B, C, 2 + T, H, W] (T: the most frames
+    a call has given it), shared by every stream of one batch/latent size/dtype/device: a call
+    copies its stream's history into the first two frames, the layer before each convolution
+    writes its output after them, and the new history is copied back to the stream at the end.
+    Per stream only the history is kept (~1 GiB at 44 x 80 in fp16, against ~6 GiB for a stream
+    with buffers of its own), and one set of CUDA graphs serves every stream."""
 
     def __init__(self, shapes: List[tuple], dtype, device):
         self.shapes, self.dtype, self.device = shapes, dtype, device
         self.buffers = [self._new(shape, 0) for shape in shapes]
-        self.started = False  # whether the stream's first latent frame was decoded
-        self.returned_ids = None  # ids of the cache tensors handed out last
+        self._resident = ()  # weak references to the history tensors held in the fronts
 
-    def continues(self, cache, shapes, dtype, device) -> bool:
-        """Whether `cache` is the list this stream handed out last, for these inputs."""
-        return (tuple(map(id, cache)) == self.returned_ids and shapes == self.shapes
-                and dtype == self.dtype and device == self.device)
+    def fits(self, shapes, dtype, device) -> bool:
+        return shapes == self.shapes and dtype == self.dtype and device == self.device
 
     def _new(self, shape, frames: int):
         b, c, h, w = shape
@@ -77,26 +86,27 @@ class _HistoryBuffers:
                 grown = True
         return grown
 
-    def histories(self) -> list:
-        """The cache list handed back to the caller: views of the history frames."""
+    def fronts(self) -> list:
+        """The history frames of every buffer (views)."""
         return [buffer[:, :, :HISTORY_FRAMES] for buffer in self.buffers]
 
-    def load(self, cache) -> None:
-        """Copy a cache from elsewhere (frames it lacks are zeros, as the causal padding)."""
-        for buffer, entry in zip(self.buffers, cache):
-            history = buffer[:, :, :HISTORY_FRAMES]
-            history.zero_()
-            frames = min(entry.shape[2], HISTORY_FRAMES)
-            if frames:
-                history[:, :, HISTORY_FRAMES - frames:].copy_(entry[:, :, -frames:])
-        self.started = True
+    def take_in(self, histories: list):
+        """The stream's history into the fronts (skipped when they hold it already: one player)."""
+        if len(self._resident) == len(histories) and all(
+                ref() is t for ref, t in zip(self._resident, histories)):
+            return
+        torch._foreach_copy_(self.fronts(), histories)
+
+    def hand_back(self, histories: list):
+        """The new history back to the stream's own tensors."""
+        torch._foreach_copy_(histories, self.fronts())
+        self._resident = tuple(weakref.ref(t) for t in histories)
 
     def save_histories(self) -> list:
-        return [buffer[:, :, :HISTORY_FRAMES].clone() for buffer in self.buffers]
+        return [front.clone() for front in self.fronts()]
 
     def restore_histories(self, saved: list) -> None:
-        for buffer, history in zip(self.buffers, saved):
-            buffer[:, :, :HISTORY_FRAMES].copy_(history)
+        torch._foreach_copy_(self.fronts(), saved)
 
 
 class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrapper):
@@ -106,7 +116,8 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
         self.backend = load_selection(backend)
         self._ops = None  # the decoder's registry ops for the streams' device/dtype
-        self._graphs = GraphRunner()  # per stream's buffers, one shared pool
+        self._graphs = GraphRunner()  # over the workspace's buffers
+        self._workspace: Optional[_Workspace] = None
         self._prepared_for = None  # (device, dtype) of the weights' layout and the ops
         self._watch_weights()
 
@@ -115,47 +126,55 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         go; a stream whose buffers no longer fit is taken up again from its cache (copied in)."""
         if getattr(self, "_graphs", None) is not None:
             self._graphs.clear()
-            self._prepared_for = None
+            self._prepared_for, self._workspace = None, None
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
     def forward(self, z: torch.Tensor, *feat_cache):
         check_decoder_inputs(self, z, feat_cache)
         self._prepare(z.device, z.dtype)
-        state = self._stream_of(z, feat_cache)
-        z = z.permute(0, 2, 1, 3, 4)  # [B, 16, T, h, w]
-        pieces = []
-        # frames each convolution gets in this call's largest pass (the first latent frame of a
-        # stream goes alone: one frame everywhere)
-        rest = z.shape[2] - (0 if state.started else 1)
-        grown = state.reserve([max(t * rest, 1) for _, _, t in self.decoder.cached_layers])
-        if self.cuda_graphs and z.is_cuda:  # this stream's graphs (new ones if buffers grew)
-            self._graphs.use_storage(state, lambda: state.buffers, changed=grown)
-        if not state.started:  # the first latent frame alone: the temporal upsamplers skip it
-            pieces.append(self._run("first", z[:, :, :1], state))
-            state.started = True
-            z = z[:, :, 1:]
-        if z.shape[2]:
-            pieces.append(self._run("next", z, state))
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        returned = state.histories()
-        setattr(returned[0], STREAM_TAG, state)  # the caller's cache keeps the stream alive
-        state.returned_ids = tuple(map(id, returned))
-        return out, returned
-
-    def _stream_of(self, z, cache) -> _HistoryBuffers:
-        """The stream this call continues: the one that handed out `cache`, or a new one, zeroed
-        (all None) or loaded from a cache made elsewhere."""
         b, _, _, h, w = z.shape
         shapes = expected_cache_shapes(self.decoder, b, h, w)
-        state = getattr(cache[0], STREAM_TAG, None) if cache[0] is not None else None
-        if isinstance(state, _HistoryBuffers) and state.continues(cache, shapes, z.dtype,
-                                                                  z.device):
-            return state
-        state = _HistoryBuffers(shapes, z.dtype, z.device)
+        histories = self._histories_of(feat_cache, shapes, z)
+        work = self._workspace
+        if work is None or not work.fits(shapes, z.dtype, z.device):
+            work = self._workspace = _Workspace(shapes, z.dtype, z.device)
+        started = getattr(histories[0], STARTED_TAG, False)
+        z = z.permute(0, 2, 1, 3, 4)  # [B, 16, T, h, w]
+        # frames each convolution gets in this call's largest pass (the first latent frame of a
+        # stream goes alone: one frame everywhere)
+        rest = z.shape[2] - (0 if started else 1)
+        grown = work.reserve([max(t * rest, 1) for _, _, t in self.decoder.cached_layers])
+        if self.cuda_graphs and z.is_cuda:  # new graphs when the buffers grew
+            self._graphs.use_storage(work, lambda: work.buffers, changed=grown)
+        work.take_in(histories)
+        pieces = []
+        if not started:  # the first latent frame alone: the temporal upsamplers skip it
+            pieces.append(self._run("first", z[:, :, :1], work))
+            z = z[:, :, 1:]
+        if z.shape[2]:
+            pieces.append(self._run("next", z, work))
+        work.hand_back(histories)
+        setattr(histories[0], STARTED_TAG, True)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return out, list(histories)
+
+    def _histories_of(self, cache, shapes, z) -> list:
+        """The stream's own history tensors: the cache itself when this decoder made it (its
+        tensors are updated in place), new zeros for a new stream (all None), or a copy of a cache
+        made elsewhere (frames it lacks are zeros, as the causal padding)."""
+        if cache[0] is not None and getattr(cache[0], STARTED_TAG, False) and all(
+                tuple(entry.shape) == (b, c, HISTORY_FRAMES, h, w) and entry.dtype == z.dtype
+                and entry.device == z.device for entry, (b, c, h, w) in zip(cache, shapes)):
+            return list(cache)
+        histories = new_histories(shapes, z.dtype, z.device)
         if cache[0] is not None:
-            state.load(cache)
-        return state
+            for history, entry in zip(histories, cache):
+                frames = min(entry.shape[2], HISTORY_FRAMES)
+                if frames:
+                    history[:, :, HISTORY_FRAMES - frames:].copy_(entry[:, :, -frames:])
+            setattr(histories[0], STARTED_TAG, True)
+        return histories
 
     def _prepare(self, device, dtype):
         """Once per device/dtype: the conv weights laid out channels-last (values unchanged), the
@@ -176,7 +195,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
                     memory_format=torch.channels_last)
         self._prepared_for = (device, dtype)
 
-    def _run(self, phase: str, z, state):
+    def _run(self, phase: str, z, state: _Workspace):
         def compute(z):
             return self._decode(z, state, first=phase == "first")
 
@@ -242,7 +261,7 @@ def _copy_of(x):
     return lambda dest: dest.copy_(x)
 
 
-def _causal_conv(conv, write, frames: int, state: _HistoryBuffers, index: int, bias: bool = True):
+def _causal_conv(conv, write, frames: int, state: _Workspace, index: int, bias: bool = True):
     """conv over [the two previous frames, this call's `frames` input frames] through entry
     `index`'s buffer: `write(dest)` puts the input right after the history; the last two frames
     stay as the next call's history. bias=False leaves the conv's bias to the caller."""
