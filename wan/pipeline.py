@@ -8,7 +8,14 @@ update only matters to the next block, and the decode only needs the denoised la
 default one beside it: the GPU's schedulers give the decoder's kernels precedence, the update
 fills what they leave, the frames are ready after about denoise + decode.
 
-It measures both numbers a player feels, with CUDA events (CPU: host clocks):
+With the decoder on another GPU than the DiT (one player split over two GPUs) the runner pipelines:
+the block's latents cross over (NVLink), the decode runs on the decoder's GPU and `block()`
+returns without waiting for it, so the DiT's next block overlaps this block's decode; a block then
+takes about the slower of the two parts. The frames it returns are on the decoder's GPU and are
+ready once that GPU gets there (`torch.cuda.synchronize(device)` or any use of them waits).
+
+It measures both numbers a player feels, with CUDA events (CPU: host clocks; not in split mode,
+whose two GPUs have no common event clock: time it from the host over many blocks):
 * action-to-frame latency: from the block's start (its action input given) to its frames ready;
 * block time: from the block's start until the next block can start (throughput).
 
@@ -63,7 +70,9 @@ class StreamingBlockRunner:
         param = model.patch_embedding.weight
         self.device, self.dtype = param.device, param.dtype
         self.decoder_dtype = decoder_dtype or decoder.conv2.weight.dtype
-        self.overlap = overlap_update and self.device.type == "cuda"
+        self.decoder_device = decoder.conv2.weight.device
+        self.split = self.decoder_device != self.device  # the DiT and the decoder on two GPUs
+        self.overlap = overlap_update and self.device.type == "cuda" and not self.split
         # the decode's stream: the highest priority torch offers (lower numbers run first)
         self.side = torch.cuda.Stream(self.device, priority=-1) if self.overlap else None
         _, ph, pw = model.patch_size
@@ -81,8 +90,9 @@ class StreamingBlockRunner:
 
     @torch.no_grad()
     def block(self, cond_concat, mouse_cond=None, keyboard_cond=None, noise=None):
-        """One block: returns (video frames [B, T, 3, H, W] float32, BlockTiming). cond_concat
-        [B, 20, 3, h, w] for this block's frames; the action histories up to its last frame."""
+        """One block: returns (video frames [B, T, 3, H, W] float32, its clock: `.timing()` gives
+        the BlockTiming; None in split mode). cond_concat [B, 20, 3, h, w] for this block's
+        frames; the action histories up to its last frame."""
         if self.caches is None:
             raise RuntimeError("call start(visual_context) before the first block")
         clock = _Clock(self.device)
@@ -106,6 +116,13 @@ class StreamingBlockRunner:
             self.model(x0, _timesteps(0.0, b, f, self.device), **call)
 
         latents = x0.transpose(1, 2).to(self.decoder_dtype)
+        if self.split:  # latents over to the decoder's GPU; both GPUs go on without waiting
+            with torch.cuda.device(self.decoder_device):
+                frames, self.decoder_cache = self.decoder(
+                    latents.to(self.decoder_device, non_blocking=True), *self.decoder_cache)
+            update()
+            self.frame += f
+            return frames, None
         if self.overlap:  # the decode first on its high-priority stream, the update beside it
             main = torch.cuda.current_stream(self.device)
             self.side.wait_stream(main)

@@ -177,14 +177,25 @@ def _finish(args, gathered, world, device):
     for runs in gathered:
         for run in runs:
             frames.update(run.pop("frames", {}))
-    per_rank_max = [max([r["players"] for r in runs if r["realtime"]], default=0)
-                    for runs in gathered]
+    best = [max([r for r in runs if r["realtime"]], key=lambda r: r["players"], default=None)
+            for runs in gathered]  # per process: its largest real-time run
+    counts = [0 if run is None else run["players"] for run in best]
+    held = [run for run in best if run is not None]
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python -m wan.serve"] + sys.argv[1:]), "processes": world,
-        "players": {"max_realtime_players_per_process": per_rank_max,
-                    "max_realtime_players": sum(per_rank_max)},
+        "players": {
+            "max_realtime_players_per_gpu": min(counts),  # what every process held
+            "max_realtime_players": sum(counts),
+            "per_player_fps": {p: v["fps"] for run in held for p, v in run["per_player"].items()},
+            "latency_p50_ms": max((run["latency_p50_ms"] for run in held), default=None),
+            "latency_p95_ms": max((run["latency_p95_ms"] for run in held), default=None),
+            "memory_per_player_gib": max((run["memory_per_player_gib"] or 0 for run in held),
+                                         default=None),
+            "graph_captures_while_measuring": sum(r["graph_captures_while_measuring"]
+                                                  for runs in gathered for r in runs),
+            "two_gpu_split_block_ms": None},  # benchmarks/split_player.py measures it
         "runs_per_rank": gathered}
     if args.frames_out:
         torch.save(frames, args.frames_out)
@@ -199,7 +210,7 @@ def _finish(args, gathered, world, device):
                   f"{r['latency_p95_ms']:>6.0f}ms {r['graph_captures_while_measuring']:>8} "
                   f"{'-' if memory is None else f'{memory:.2f}':>10}")
     print(f"real-time players: {summary['players']['max_realtime_players']} over {world} "
-          f"process(es)")
+          f"process(es) ({summary['players']['max_realtime_players_per_gpu']} on each)")
 
 
 if __name__ == "__main__":
