@@ -171,3 +171,22 @@ def _shifted_actions(call, frames: int):
             steps = out[name].shape[1] + 4 * frames
             out[name] = out[name][:, -1:].expand(-1, steps, -1).contiguous()
     return out
+
+
+@requires_cuda
+@torch.no_grad()
+def test_a_new_video_after_the_last_one_was_dropped_captures_into_a_new_pool():
+    """Upstream's pipeline drops a video's dicts before the next: their graphs go, and with them
+    the last user of the memory pool; the next video's capture must not reuse the freed pool."""
+    model = build_model(cls=OptimizedCausalWanModel, device="cuda", dtype=torch.bfloat16,
+                        cuda_graphs=True)
+    calls = _player_calls(model, 0)
+    expected = None
+    for _ in range(2):
+        caches = make_caches(model)
+        got = [model(**call, **caches) for call in calls[:len(STEPS)]]
+        expected = expected or got
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+        del caches
+        gc.collect()
+        assert len(model._graphs) == 0 and model._graphs.pool is None

@@ -69,12 +69,22 @@ class GraphRunner:
         if storage is None:
             storage = self._storages[key] = _Storage(buffers())
             # the owner's end (caches dropped) drops its graphs and lets its buffers go
-            weakref.finalize(owner, self._storages.pop, key, None)
+            weakref.finalize(owner, self._drop, key)
         elif changed:
             current = buffers()
             if tuple(map(id, current)) != storage.ids:
+                self._drop(key)
                 self._storages[key] = storage = _Storage(current)
         self._current = storage
+
+    def _drop(self, key: int):
+        """Drop a storage's graphs. With no graph left the allocator frees the pool, so the next
+        capture must start a new one (capturing into a freed pool is an internal error)."""
+        storage = self._storages.pop(key, None)
+        if storage is not None and storage is self._current:
+            self._current = None
+        if not any(s.graphs for s in self._storages.values()):
+            self.pool = None
 
     def run(self, key: tuple, fn: Callable[..., torch.Tensor], inputs: Dict[str, torch.Tensor]):
         """fn(**inputs) through the current storage's graph of `key`, capturing it on first use.
