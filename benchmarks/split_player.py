@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--decoder-graphs", choices=("on", "off"), default="on",
+                   help="CUDA graphs for the decoders (off: eager decoders in every variant)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if torch.cuda.device_count() < 2:
@@ -38,9 +40,9 @@ def parse_args(argv=None):
     return args
 
 
-def decoder_on(device):
+def decoder_on(device, graphs: bool):
     with torch.device(device):
-        decoder = OptimizedVAEDecoderWrapper(cuda_graphs=True)
+        decoder = OptimizedVAEDecoderWrapper(cuda_graphs=graphs)
     return randomize_decoder_weights_(decoder).to(device, torch.float16).eval()
 
 
@@ -107,7 +109,8 @@ def main(argv=None):
     randomize_weights_(model, 0)
     model.num_frame_per_block = 3
     model = model.to(torch.bfloat16).eval()
-    same, other = decoder_on("cuda:0"), decoder_on("cuda:1")
+    graphs = args.decoder_graphs == "on"
+    same, other = decoder_on("cuda:0", graphs), decoder_on("cuda:1", graphs)
     one_gpu = block_ms(model, same, args)
     split = block_ms(model, other, args)
     decode = decode_ms(other, args)
