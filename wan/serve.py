@@ -171,6 +171,16 @@ def main(argv=None):
         _finish(args, gathered, world, device)
 
 
+def _command(world: int) -> str:
+    """The command line as typed (under torchrun: its launcher and its process counts)."""
+    serve = " ".join(["-m wan.serve"] + sys.argv[1:])
+    if world == 1:
+        return "python " + serve
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return (f"torchrun --nnodes={nodes} --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')} "
+            + serve)
+
+
 def _finish(args, gathered, world, device):
     """Rank 0: the merged report (JSON, frames) and a table."""
     frames = {}
@@ -184,7 +194,7 @@ def _finish(args, gathered, world, device):
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["python -m wan.serve"] + sys.argv[1:]), "processes": world,
+        "command": _command(world), "processes": world,
         "players": {
             "max_realtime_players_per_gpu": min(counts),  # what every process held
             "max_realtime_players": sum(counts),
