@@ -119,7 +119,10 @@ class GraphRunner:
                 fn(**static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # captured on that side stream, of the current device: torch.cuda.graph's default capture
+        # stream is one per process, made on the first device that captured, so a capture on a
+        # second GPU (the split player's decoder) would run on the first one and fail
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             static_out = fn(**static_inputs)
         self.pool = graph.pool()
         return graph, static_inputs, static_out
