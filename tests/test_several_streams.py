@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from helpers import build_model, make_caches, make_inputs, requires_cuda
-from wan import CausalWanModel
 from wan.kernels.stream_cache import DICT_TAG
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper

@@ -29,7 +29,6 @@ from types import SimpleNamespace
 from typing import Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.conditioning import condition_steps, frame_windows, sinusoidal_embedding_1d
