@@ -121,9 +121,8 @@ class StreamingBlockRunner:
                 frames, self.decoder_cache = self.decoder(
                     latents.to(self.decoder_device, non_blocking=True), *self.decoder_cache)
             update()
-            self.frame += f
-            return frames, None
-        if self.overlap:  # the decode first on its high-priority stream, the update beside it
+            clock = None  # no event clock spans the two GPUs
+        elif self.overlap:  # the decode first on its high-priority stream, the update beside it
             main = torch.cuda.current_stream(self.device)
             self.side.wait_stream(main)
             latents.record_stream(self.side)  # made on main, read on the side stream
@@ -136,7 +135,8 @@ class StreamingBlockRunner:
             update()
             frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
             clock.mark("frames")
-        clock.mark("done")
+        if clock is not None:
+            clock.mark("done")
         self.frame += f
         return frames, clock
 

@@ -1,7 +1,7 @@
 """CUDA-graph capture and replay of the streaming forward (and of the decoder).
 
 A graph writes into the buffers it was captured with, so graphs are kept per storage: per owner
-object (a stream's ring cache, a decoder stream's history buffers), one graph per key (attended
+object (a stream's ring cache, the decoder's shared workspace), one graph per key (attended
 slots, dtype, input names and shapes). Several players' streams therefore each keep their graphs,
 and alternating between them replays without capturing again. All graphs share one memory pool,
 as nano-vllm's runner shares one across batch sizes: they replay one at a time, so their
