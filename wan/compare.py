@@ -122,11 +122,11 @@ def replay(model, recorded, latent_hw) -> List[Dict[str, float]]:
             # t stays float32, as upstream's pipeline passes it (bf16 would round 908.84 to 908)
             cast = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                         and k != "t" else v) for k, v in call.items()}
-            got = model(**cast).double()
-            diff = got - expected.double()
+            reference = expected.double()
+            diff = model(**cast).double() - reference
             diff_sq += diff.pow(2).sum().item()
-            ref_sq += expected.double().pow(2).sum().item()
-            per_call.append((diff.norm() / expected.double().norm()).item())
+            ref_sq += reference.pow(2).sum().item()
+            per_call.append((diff.norm() / reference.norm()).item())
             max_abs = max(max_abs, diff.abs().max().item())
             abs_sum += diff.abs().sum().item()
             count += diff.numel()

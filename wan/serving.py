@@ -132,10 +132,12 @@ class DeadlineScheduler:
                  synchronize: Optional[Callable[[], None]] = None):
         self.sessions = list(sessions)
         self.clock, self.sleep = clock, sleep
-        self.synchronize = synchronize or _synchronizer(s.runner.device for s in self.sessions)
+        self.synchronize = synchronize or _synchronizer(
+            device for s in self.sessions for device in (s.runner.device, s.runner.decoder_device))
 
     def run(self, blocks_per_player: int, on_block=None, stagger: bool = True) -> List[BlockRecord]:
-        """Every session's next `blocks_per_player` blocks. With `stagger` the players join one
+        """Blocks until every session has done `blocks_per_player` (blocks done before this call
+        count: after warm-up blocks, `run(warmup + n)` runs n more). With `stagger` the players join one
         after another, spread evenly over one period (as players arrive at a server); otherwise
         all at once (the last ones then miss their first deadline when a round of first blocks
         takes longer than 0.36 s)."""
@@ -143,7 +145,8 @@ class DeadlineScheduler:
         spacing = BLOCK_FRAMES / VIDEO_FPS / len(self.sessions) if stagger else 0.0
         queue = [_Next(order * spacing + block_frames(session.blocks_done) / VIDEO_FPS, order,
                        order * spacing, session, order * spacing)
-                 for order, session in enumerate(self.sessions)]
+                 for order, session in enumerate(self.sessions)
+                 if session.blocks_done < blocks_per_player]
         records = []
         while queue:
             now = self.clock() - begin
@@ -172,7 +175,8 @@ class DeadlineScheduler:
 
 
 def _synchronizer(devices) -> Callable[[], None]:
-    """Waits for the work queued on the sessions' CUDA devices (finish times are then real)."""
+    """Waits for the work queued on the sessions' CUDA devices, the decoders' included (a split
+    player's frames come from another GPU): finish times are then real."""
     cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
 
     def synchronize():
@@ -204,7 +208,7 @@ def players_report(records: List[BlockRecord]) -> Dict:
             "wait_p50_ms": statistics.median(wait), "wait_p95_ms": _percentile(wait, 0.95),
             "missed_deadlines": sum(r.late for r in mine)}
     fps = [p["fps"] for p in per_player.values()]
+    latency = [1e3 * (r.finish - r.start) for r in records]
     return {"players": len(per_player), "per_player": per_player, "min_fps": min(fps),
-            "realtime": min(fps) >= REALTIME_FPS,
-            "latency_p50_ms": statistics.median([1e3 * (r.finish - r.start) for r in records]),
-            "latency_p95_ms": _percentile([1e3 * (r.finish - r.start) for r in records], 0.95)}
+            "realtime": min(fps) >= REALTIME_FPS, "latency_p50_ms": statistics.median(latency),
+            "latency_p95_ms": _percentile(latency, 0.95)}

@@ -8,7 +8,7 @@ Building the plan also packs parameters that one launch reads together into one 
 * every block's `modulation`, so all blocks' adaLN factors come from one add.
 
 With `precision="fp8"` the plan also holds e4m3 copies (one scale per output channel) of the
-weights of the GEMMs chosen to run in FP8 (`Gemm`; FP8_GEMMS, or the WAN_FP8_GEMMS subset): they are
+weights of the GEMMs chosen to run in FP8 (`Gemm`; DEFAULT_FP8_GEMMS, or WAN_FP8_GEMMS): they are
 quantized here, so again after every load or move, and the model's own weights stay as they were.
 
 The parameters stay what they were (the same objects, names, values and state dict), but their
