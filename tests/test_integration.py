@@ -3,11 +3,14 @@ from_config reads, options from config.json and the environment, t of shape [B, 
 lists, and `python -m wan.integrate` on a tree it recognises (apply, idempotent, exact undo) or
 does not (refusal)."""
 import functools
+import gc
 import hashlib
 import inspect
+import logging
 import subprocess
 import sys
 import warnings
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,14 @@ import torch
 
 from helpers import build_model, make_caches, make_inputs, rel_err
 from wan import CausalWanModel
-from wan.integrate import OPTIMIZED_IMPORT, RECOGNISED_BY, UPSTREAM_IMPORT, install, undo
+from wan.integrate import (DECODER_FILES, DECODER_IMPORT, OPTIMIZED_DECODER_IMPORT,
+                           OPTIMIZED_IMPORT, RECOGNISED_BY, UPSTREAM_IMPORT, install, status, undo)
+from wan.kernels.cuda_graphs import cuda_graphs_on
+from wan.kernels.options import publish_model_options
+from wan.modules import optimized_vae_decoder
+from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
+from wan.modules.vae_decoder import VAEDecoderWrapper
+from wan.random_init import randomize_decoder_weights_
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel, _constructor_signature
 from wan.presets import model_config
 
@@ -85,19 +95,153 @@ def test_from_config_rejects_unknown_keys_and_takes_the_options():
     assert model.cuda_graphs is True
 
 
-@pytest.mark.parametrize("value,expected", [("1", True), ("on", True), ("0", False), ("", False)])
+@pytest.mark.parametrize("value,expected", [("1", True), ("on", True), ("0", False), ("", None)])
 def test_cuda_graphs_from_the_environment(monkeypatch, value, expected):
+    """None is the default: on wherever the model runs on CUDA, decided when the device is known."""
     monkeypatch.setenv("WAN_CUDA_GRAPHS", value)
-    assert OptimizedCausalWanModel.from_config(model_config("tiny")).cuda_graphs is expected
+    model = OptimizedCausalWanModel.from_config(model_config("tiny"))
+    assert model.cuda_graphs is expected
+    assert cuda_graphs_on(model.cuda_graphs, "cuda") is (expected is not False)
+    assert cuda_graphs_on(model.cuda_graphs, "cpu") is False
     # a value in the config (or a keyword) wins over the environment
-    assert OptimizedCausalWanModel.from_config(model_config("tiny"),
-                                               cuda_graphs=not expected).cuda_graphs is not expected
+    for given in (True, False):
+        assert OptimizedCausalWanModel.from_config(model_config("tiny"),
+                                                   cuda_graphs=given).cuda_graphs is given
+
+
+@pytest.mark.parametrize("env,config,line", [
+    ("", None, "CUDA graphs off (not on CUDA)"),
+    ("0", None, "CUDA graphs off (WAN_CUDA_GRAPHS=0)"),
+    ("1", False, "CUDA graphs off (cuda_graphs=False: keyword or config.json)"),
+    ("", True, "CUDA graphs off (cuda_graphs=True: keyword or config.json; not on CUDA)")])
+@torch.no_grad()
+def test_start_up_line_says_whether_graphs_are_on_and_why(monkeypatch, caplog, env, config, line):
+    monkeypatch.setenv("WAN_CUDA_GRAPHS", env)
+    model = build_model(cls=OptimizedCausalWanModel, cuda_graphs=config)
+    with caplog.at_level(logging.INFO, logger="wan.fast"), warnings.catch_warnings():
+        warnings.simplefilter("ignore" if config else "error")  # the default warns of nothing
+        model(**make_inputs(model), **make_caches(model), current_start=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "wan.fast"]
+    assert len(lines) == 1 and f"OptimizedCausalWanModel on cpu in torch.float64, {line}:" \
+        in lines[0], lines
 
 
 def test_cuda_graphs_environment_typo_is_an_error(monkeypatch):
     monkeypatch.setenv("WAN_CUDA_GRAPHS", "ture")
     with pytest.raises(ValueError, match="WAN_CUDA_GRAPHS"):
         OptimizedCausalWanModel.from_config(model_config("tiny"))
+
+
+# ---------------------------------------------------------------------- the decoder in upstream's scripts
+def _random_decoder_state(small=True) -> dict:
+    """A decoder state dict as upstream's scripts cut it out of Wan2.1_VAE.pth (keys holding
+    'decoder.' or 'conv2'), with the encoder's keys beside it that the cut drops."""
+    weights = randomize_decoder_weights_(VAEDecoderWrapper().double()).state_dict()
+    vae = {**weights, "encoder.conv1.weight": torch.zeros(1), "conv1.bias": torch.zeros(1)}
+    return {k: v for k, v in vae.items() if "decoder." in k or "conv2" in k}
+
+
+def _upstream_style_build(cls, state):
+    """What inference.py / inference_streaming.py do with their decoder, on a CPU in float64."""
+    decoder = cls()
+    decoder.load_state_dict(state)
+    decoder.to("cpu", torch.float64)
+    decoder.requires_grad_(False)
+    decoder.eval()
+    return decoder
+
+
+def _no_torch_compile(*args, **kwargs):
+    raise AssertionError("torch.compile was called")
+
+
+@torch.no_grad()
+def test_decoder_compile_starts_no_torch_compile_and_turns_its_graphs_on(monkeypatch, caplog):
+    monkeypatch.setattr(torch, "compile", _no_torch_compile)
+    monkeypatch.setattr(optimized_vae_decoder, "_compile_noted", False)
+    monkeypatch.delenv("WAN_CUDA_GRAPHS", raising=False)
+    publish_model_options()  # no DiT options in this process
+    state = _random_decoder_state()
+    reference = _upstream_style_build(VAEDecoderWrapper, state)
+    decoder = _upstream_style_build(OptimizedVAEDecoderWrapper, state)
+    with caplog.at_level(logging.INFO, logger="wan.fast"):
+        assert decoder.compile(mode="max-autotune-no-cudagraphs") is None
+        decoder.compile(mode="max-autotune-no-cudagraphs")
+    notes = [r.getMessage() for r in caplog.records if "compile(" in r.getMessage()]
+    assert len(notes) == 1 and "not running torch.compile" in notes[0]
+    assert decoder._compiled_call_impl is None and decoder.cuda_graphs is True
+    # what upstream does after compile keeps working: a move, a load of decoder./conv2 keys
+    decoder.to("cpu", torch.float64).requires_grad_(False).eval()
+    decoder.load_state_dict(state)
+    reference.load_state_dict(state)  # float64 now (the first load rounded to float32)
+    z = torch.randn(1, 3, 16, 2, 3, dtype=torch.float64)
+    want, _ = reference(z, *([None] * 32))
+    got, _ = decoder(z, *([None] * 32))
+    assert rel_err(got, want) <= 1e-10
+    off = OptimizedVAEDecoderWrapper(cuda_graphs=False)
+    off.compile(mode="max-autotune-no-cudagraphs")
+    assert off.cuda_graphs is False  # turned off stays off
+
+
+def _pickle_globals(path) -> set:
+    """The globals a torch.save file's pickle names (read without unpickling)."""
+    import pickletools
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    names, strings = set(), []
+    for opcode, arg, _ in pickletools.genops(data):
+        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif opcode.name == "GLOBAL":
+            names.add(arg.replace("\n", " ").strip())
+        elif opcode.name == "STACK_GLOBAL":
+            names.add(" ".join(strings[-2:]))
+    return names
+
+
+def test_decoder_torch_save_writes_a_marker_and_torch_load_gives_the_built_decoder(tmp_path):
+    """The fork's --vae_compile_mode path: torch.save(decoder), later torch.load(weights_only=False)
+    right after building the decoder again. The file holds no module and no weights."""
+    state = _random_decoder_state()
+    first = _upstream_style_build(OptimizedVAEDecoderWrapper, state)
+    first.compile(mode="max-autotune-no-cudagraphs")
+    path = tmp_path / "compiled_vae_decoder.pt"
+    torch.save(first, path)
+    assert path.stat().st_size < 4096  # 73 M parameters would be 290 MB
+    assert _pickle_globals(path) == {"wan.modules.optimized_vae_decoder _resume_decoder"}
+    second = _upstream_style_build(OptimizedVAEDecoderWrapper, state)  # the next run builds again
+    assert torch.load(path, map_location="cpu", weights_only=False) is second
+    copy = deepcopy(second)  # deepcopy is a real copy, not the marker's
+    assert copy is not second and all(torch.equal(a, b) for a, b in zip(
+        copy.state_dict().values(), second.state_dict().values()))
+    del first, second, copy
+    gc.collect()
+    with pytest.raises(RuntimeError, match="holds no module and no weights"):
+        torch.load(path, weights_only=False)
+
+
+@torch.no_grad()
+def test_decoder_options_follow_the_dit_then_the_environment(monkeypatch, caplog):
+    monkeypatch.setenv("WAN_CUDA_GRAPHS", "1")
+    z = torch.randn(1, 3, 16, 2, 3, dtype=torch.float64)
+    build_model(cls=OptimizedCausalWanModel, cuda_graphs=False, backend="eager")  # its config.json
+    decoder = _upstream_style_build(OptimizedVAEDecoderWrapper, _random_decoder_state())
+    with caplog.at_level(logging.INFO, logger="wan.fast"):
+        decoder(z, *([None] * 32))
+    assert decoder.cuda_graphs is False and set(decoder.backend.values()) == {"eager"}
+    line = [r.getMessage() for r in caplog.records if "OptimizedVAEDecoderWrapper on" in
+            r.getMessage()]
+    assert len(line) == 1 and "CUDA graphs off (the DiT's cuda_graphs=False)" in line[0], line
+    assert "backend from the DiT's backend='eager'" in line[0]
+    own = OptimizedVAEDecoderWrapper(cuda_graphs=True).double()  # its own keyword wins
+    own(z, *([None] * 32))
+    assert own.cuda_graphs is True
+    publish_model_options()  # no DiT options: the environment
+    monkeypatch.setenv("WAN_CUDA_GRAPHS", "0")
+    assert OptimizedVAEDecoderWrapper().cuda_graphs is False
+    monkeypatch.setenv("WAN_CUDA_GRAPHS", "")
+    assert OptimizedVAEDecoderWrapper().cuda_graphs is None  # default: on wherever on CUDA
 
 
 # ---------------------------------------------------------------------- inputs upstream accepts
@@ -132,7 +276,7 @@ def test_cache_lists_longer_than_the_model_are_accepted(cls):
 
 
 # ---------------------------------------------------------------------- python -m wan.integrate
-def _fake_checkout(root: Path) -> Path:
+def _fake_checkout(root: Path, decoder_lines: bool = True) -> Path:
     """The files the command recognises a Matrix-Game-2 tree by (nothing runnable)."""
     for relative, marker in RECOGNISED_BY.items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +286,11 @@ def _fake_checkout(root: Path) -> Path:
     (root / "wan" / "modules" / "optimized_causal_model.py").write_text("# the fork's template\n")
     (root / "tests").mkdir()
     (root / "tests" / "baseline_performance.txt").write_text("Mean: 166.60 ms\n")
+    if decoder_lines:  # scripts that build upstream's decoder (one with CRLF line ends)
+        (root / "inference.py").write_text(f"import os\n{DECODER_IMPORT}\nVAEDecoderWrapper()\n")
+        (root / "server").mkdir()
+        (root / "server" / "vae_cache.py").write_bytes(
+            f"import torch\r\n{DECODER_IMPORT}\r\n".encode())
     return root
 
 
@@ -162,6 +311,72 @@ def test_integrate_applies_is_idempotent_and_undoes_exactly(tmp_path):
     assert install(root, out=lines.append) == []  # again: nothing to do
     (root / "tests" / "baseline_performance.txt").write_text("Mean: 20.00 ms\n")  # the suite ran
     undo(root, out=lines.append)
+    assert _tree(root) == before
+
+
+def test_integrate_changes_every_decoder_line_shows_lists_and_undoes_them(tmp_path):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2")
+    (root / "Matrix-Game-2.0").mkdir()
+    upstream_cache = root / "Matrix-Game-2.0" / "compiled_vae_decoder.pt"
+    upstream_cache.write_bytes(b"upstream's pickled compiled decoder")
+    before = _tree(root)
+    lines = []
+    written = install(root, out=lines.append)
+    assert {"inference.py", "server/vae_cache.py", *DECODER_FILES} <= set(written)
+    assert (root / "inference.py").read_text() == \
+        f"import os\n{OPTIMIZED_DECODER_IMPORT}\nVAEDecoderWrapper()\n"
+    assert (root / "server" / "vae_cache.py").read_bytes() == \
+        f"import torch\r\n{OPTIMIZED_DECODER_IMPORT}\r\n".encode()  # its line ends kept
+    shown = "".join(lines)
+    for relative in ("utils/wan_wrapper.py", "inference.py", "server/vae_cache.py"):
+        assert f"--- a/{relative}" in shown
+    assert f"-{DECODER_IMPORT}" in shown and f"+{OPTIMIZED_DECODER_IMPORT}" in shown
+    # upstream's pickled decoder would be loaded in place of ours: moved away, put back by undo
+    assert not upstream_cache.exists() and "moved   Matrix-Game-2.0/compiled_vae_decoder.pt" in shown
+    listed = []
+    status(root, out=listed.append)
+    assert "the DiT and the decoder" in listed[0]
+    assert f"  changed inference.py, line 2: {OPTIMIZED_DECODER_IMPORT}" in listed
+    assert f"  changed server/vae_cache.py, line 2: {OPTIMIZED_DECODER_IMPORT}" in listed
+    assert any(line.startswith("  changed utils/wan_wrapper.py, line 2:") for line in listed)
+    assert install(root, out=lines.append) == []
+    # what the optimized decoder's torch.save writes there meanwhile: undo deletes that marker
+    decoder = OptimizedVAEDecoderWrapper()
+    torch.save(decoder, upstream_cache)
+    undo(root, out=lines.append)
+    assert _tree(root) == before
+
+
+def test_integrate_without_a_decoder_line_installs_the_dit_only(tmp_path):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2", decoder_lines=False)
+    (root / "other.py").write_text("import demo_utils.vae_block3 as v\nv.VAEDecoderWrapper()\n")
+    before = _tree(root)
+    lines = []
+    written = install(root, out=lines.append)
+    assert "utils/wan_wrapper.py" in written and not set(DECODER_FILES) & set(written)
+    assert not (root / "wan" / "modules" / "optimized_vae_decoder.py").exists()
+    shown = "\n".join(lines)
+    assert f"no file of {root} has the line `{DECODER_IMPORT}`: installed the DiT only" in shown
+    assert "name upstream's decoder another way and keep it: other.py" in shown
+    listed = []
+    status(root, out=listed.append)
+    assert "the DiT only, upstream decoder kept" in listed[0]
+    undo(root, out=lines.append)
+    assert _tree(root) == before
+
+
+@pytest.mark.parametrize("case", ["decoder file of that name", "decoder line twice"])
+def test_integrate_refuses_decoder_trees_it_does_not_recognise_untouched(tmp_path, case):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2")
+    if case == "decoder file of that name":
+        (root / "wan" / "modules" / "vae_decoder.py").write_text("# upstream's own\n")
+        match = "wan/modules/vae_decoder.py exists and was not installed"
+    else:
+        (root / "inference.py").write_text(f"{DECODER_IMPORT}\n{DECODER_IMPORT}\n")
+        match = "inference.py: expected the line .* exactly once, found it 2 times"
+    before = _tree(root)
+    with pytest.raises(SystemExit, match=match):
+        install(root, out=lambda line: None)
     assert _tree(root) == before
 
 

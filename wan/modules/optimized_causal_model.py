@@ -9,7 +9,8 @@ differs is the streaming path:
   fixed slot, nothing shifts, and the stream position lives on the host, so the forward has no
   `.item()` and no host sync. Either the model owns them (`start_stream`) or the caller's
   upstream-style dicts serve as the storage (drop-in);
-* optionally the whole streaming forward is replayed from a CUDA graph (`cuda_graphs=True`);
+* on CUDA the whole streaming forward is replayed from a CUDA graph (the default; `cuda_graphs=False`,
+  WAN_CUDA_GRAPHS=0 or `"cuda_graphs": false` in config.json turn it off);
 * optionally the blocks' big GEMMs run in FP8 (`precision="fp8"`, opt-in: e4m3 weights with a scale
   per output channel, activations with a scale per token quantized by the norms that produce them;
   wan/kernels/fp8.py). Its cost in accuracy on one's own weights: `python -m wan.compare`.
@@ -22,7 +23,6 @@ parent's.
 import contextlib
 import functools
 import inspect
-import sys
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -33,7 +33,9 @@ import torch.nn.functional as F
 
 from ..kernels.conditioning import condition_steps, frame_windows, sinusoidal_embedding_1d
 from ..kernels.cuda_graphs import (ForgetsDerivedStateOnNewWeights, GraphRunner,
-                                  cuda_graphs_setting)
+                                  cuda_graphs_setting, describe_cuda_graphs)
+from ..kernels.log import info
+from ..kernels.options import publish_model_options
 from ..kernels.fp8 import precision_setting
 from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
                                    first_action_module, per_frame_timesteps)
@@ -81,7 +83,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         * `backend`: a name, {op: name}, or a YAML path (configs/backends/); ops it leaves out
           follow WAN_BACKEND, then 'auto';
         * `cuda_graphs`: replay the streaming forward from CUDA graphs; None reads WAN_CUDA_GRAPHS
-          (1/true/on or 0/false/off), default off;
+          (1/true/on or 0/false/off), default on wherever the model runs on CUDA (decided per
+          forward, from the input's device: a model built on the CPU and moved is graphed);
         * `precision`: 'native' (every GEMM in the model's dtype) or 'fp8' (the blocks' big GEMMs
           in FP8 e4m3; needs FP8 tensor cores and a bfloat16 model); None reads WAN_PRECISION,
           default 'native';
@@ -97,7 +100,10 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
             register(backend=backend, cuda_graphs=cuda_graphs, precision=precision,
                      inject_sample_info=inject_sample_info)
         self.backend = load_selection(backend)
-        self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
+        self._cuda_graphs_requested = cuda_graphs
+        self.cuda_graphs = cuda_graphs_setting(cuda_graphs)  # True, False, None: on CUDA
+        # what a user gave the DiT (its config.json): the decoder built with no options follows
+        publish_model_options(cuda_graphs=cuda_graphs, backend=backend)
         self.precision = precision_setting(precision)
         self._stream: Optional[StreamCache] = None  # the current owned stream
         self._owned: list = []                      # every owned stream (start_stream)
@@ -142,7 +148,7 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
             self._drop_graphs()
 
     def enable_cuda_graphs(self, enabled: bool = True):
-        self.cuda_graphs = enabled
+        self.cuda_graphs = self._cuda_graphs_requested = bool(enabled)
         if not enabled:
             self._drop_graphs()
 
@@ -310,11 +316,12 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
 
     # ------------------------------------------------------------------ pieces run outside graphs
     def _graphs_usable(self, x) -> bool:
-        if not self.cuda_graphs:
+        """Graphs replay on CUDA unless turned off (default: on); asked for on a CPU: a warning."""
+        if self.cuda_graphs is False:
             return False
         if x.is_cuda:
             return True
-        if not self._warned_no_graphs:
+        if self.cuda_graphs and not self._warned_no_graphs:
             warnings.warn("cuda_graphs=True needs a CUDA device; running the forward eagerly")
             self._warned_no_graphs = True
         return False
@@ -354,9 +361,10 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
             precision = ""
             if fp8:
                 precision = f", FP8 GEMMs: {', '.join(self.precision_report()['fp8_gemms'])}"
-            print(f"{type(self).__name__} on {device} in {dtype}, CUDA graphs "
-                  f"{'on' if self.cuda_graphs else 'off'}{precision}: "
-                  f"{describe_resolved(resolved)}", file=sys.stderr, flush=True)
+            graphs = describe_cuda_graphs(self.cuda_graphs, device, self._cuda_graphs_requested,
+                                          f"cuda_graphs={self.cuda_graphs}: keyword or config.json")
+            info("%s on %s in %s, %s%s: %s", type(self).__name__, device, dtype, graphs, precision,
+                 describe_resolved(resolved))
         return self._per_device[key]
 
     def _cross_storage(self, cache: StreamCache, visual_context):

@@ -16,8 +16,25 @@ What differs from the reference (vae_decoder.py):
   channels-last path would add it in a separate pass over the output;
 * activations and weights are channels-last (cuDNN's fast layout for half precision) and the
   nearest upsampling runs in the activations' dtype;
-* optionally (`cuda_graphs=True`, or WAN_CUDA_GRAPHS) each phase (a stream's first block, a later
-  block) is replayed from a CUDA graph.
+* on CUDA each phase (a stream's first block, a later block) is replayed from a CUDA graph (the
+  default; `cuda_graphs=False` or WAN_CUDA_GRAPHS=0 turn it off).
+
+Options (CUDA graphs, backend) come from the same places as the DiT's: this constructor's keywords,
+else what the optimized DiT of this process was given (its config.json: upstream's scripts build
+the decoder with no arguments; wan/kernels/options.py), else WAN_CUDA_GRAPHS / WAN_BACKEND, else
+the defaults (graphs on wherever it runs on CUDA, backend `auto`). They are resolved at the first
+call, and one start-up line (logging, `wan.fast`) says which backend runs each op and whether
+graphs are on, and why.
+
+Upstream's scripts call `compile(mode=...)` on their decoder, and the fork's inference.py then
+saves the module with `torch.save` and reads it back with `torch.load(weights_only=False)`. Here
+`compile()` runs no torch.compile (it would trace over the graphed decoder for minutes and gain
+nothing): it keeps the decoder's own CUDA graphs on, says so once, and returns None as
+nn.Module.compile does. Pickling the decoder (`torch.save`) writes a marker only: no module, no
+weights, no graphs, just a reference to `_resume_decoder` and a format tag; unpickling that marker
+(the fork's cached path) gives back the decoder this process built last, the one the script has
+just built and loaded Wan2.1_VAE.pth into before it looks for the cache. Without one it is an
+error that says so.
 
 Streams: a stream (a call with an all-None cache starts one) owns only its history, the cache
 list: per cached convolution its last two input frames. The convolution buffers are one workspace
@@ -35,14 +52,20 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.cuda_graphs import ForgetsDerivedStateOnNewWeights, GraphRunner, cuda_graphs_setting
-from ..kernels.registry import load_selection, resolve
+from ..kernels.cuda_graphs import (ForgetsDerivedStateOnNewWeights, GraphRunner,
+                                  cuda_graphs_on, cuda_graphs_setting, describe_cuda_graphs)
+from ..kernels.log import info
+from ..kernels.options import model_options
+from ..kernels.registry import describe_resolved, load_selection, resolve
 from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
 
 
 DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_nearest2x")  # the backend registry's decoder ops
 STARTED_TAG = "wan_decoder_stream_started"  # set on a stream's first history tensor
+PICKLE_FORMAT = "wan.OptimizedVAEDecoderWrapper/marker-1"  # what torch.save writes of a decoder
+_last_built = None  # weak reference to the decoder this process built last (for the marker)
+_compile_noted = False  # compile()'s note is logged once per process
 
 
 def new_histories(shapes: List[tuple], dtype, device) -> list:
@@ -112,7 +135,18 @@ class _Workspace:
 class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrapper):
 
     def __init__(self, cuda_graphs: Optional[bool] = None, backend=None):
+        """Upstream's VAEDecoderWrapper() plus two options (upstream's scripts pass none):
+
+        * `cuda_graphs`: replay each phase from CUDA graphs; None: the optimized DiT's option,
+          else WAN_CUDA_GRAPHS, else on wherever the decoder runs on CUDA;
+        * `backend`: a name, {op: name} or a YAML path (configs/backends/) for the decoder's ops;
+          None: the DiT's, else WAN_BACKEND, else `auto`.
+        """
+        global _last_built
         super().__init__()
+        self._requested = {"cuda_graphs": cuda_graphs, "backend": backend}
+        self._options_origin = None  # set at the first call: where the options came from
+        self._graphs_given = (None, "")  # (value, where from) when given, for the start-up line
         self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
         self.backend = load_selection(backend)
         self._ops = None  # the decoder's registry ops for the streams' device/dtype
@@ -120,6 +154,61 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         self._workspace: Optional[_Workspace] = None
         self._prepared_for = None  # (device, dtype) of the weights' layout and the ops
         self._watch_weights()
+        _last_built = weakref.ref(self)
+
+    # ------------------------------------------------------------------ upstream's compile path
+    def compile(self, *args, **kwargs):
+        """What upstream's scripts call (`compile(mode="max-autotune-no-cudagraphs")`): no
+        torch.compile, the decoder's own CUDA graphs instead (kept off only where they were turned
+        off: `cuda_graphs=False`, WAN_CUDA_GRAPHS=0, the DiT's config). Returns None, as
+        nn.Module.compile does."""
+        global _compile_noted
+        self._resolve_options()
+        if self.cuda_graphs is None:
+            self.cuda_graphs, self._graphs_given = True, (True, "compile()")
+        if not _compile_noted:
+            _compile_noted = True
+            state = ("its own CUDA graphs stay off (turned off)" if self.cuda_graphs is False
+                     else "its own CUDA graphs replay instead, wherever it runs on CUDA")
+            info("%s.compile(%s): not running torch.compile over this decoder; %s",
+                 type(self).__name__,
+                 ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]), state)
+
+    def __reduce_ex__(self, protocol):
+        """torch.save / pickle write a marker, not the module: see the module's docstring."""
+        return _resume_decoder, (PICKLE_FORMAT,)
+
+    def __deepcopy__(self, memo):
+        """A new decoder with the same options, weights, device, dtype and mode (not the marker
+        that pickling writes, and no graphs or streams: they are rebuilt at its first call)."""
+        copy = type(self)(**self._requested)
+        copy.load_state_dict(self.state_dict())
+        reference = next(self.parameters())
+        copy.to(reference.device, reference.dtype).train(self.training)
+        for mine, theirs in zip(copy.parameters(), self.parameters()):
+            mine.requires_grad_(theirs.requires_grad)
+        return copy
+
+    def _resolve_options(self):
+        """Once, at the first call (or compile()): options not given to the constructor follow the
+        optimized DiT's (its config.json), else the environment and defaults (read at
+        construction)."""
+        if self._options_origin is not None:
+            return
+        given = model_options()
+        origin = {}
+        for name in ("cuda_graphs", "backend"):
+            if self._requested[name] is not None:
+                origin[name] = f"{name}={self._requested[name]!r}"
+            elif given[name] is not None:
+                origin[name] = f"the DiT's {name}={given[name]!r}"
+                if name == "cuda_graphs":
+                    self.cuda_graphs = bool(given[name])
+                else:
+                    self.backend = load_selection(given[name])
+        self._options_origin = origin
+        if "cuda_graphs" in origin:
+            self._graphs_given = (self.cuda_graphs, origin["cuda_graphs"])
 
     def _forget_derived_state(self):
         """After .to() or a load: the graphs (they read the old weights) and the weights' layout
@@ -145,7 +234,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         # stream goes alone: one frame everywhere)
         rest = z.shape[2] - (0 if started else 1)
         grown = work.reserve([max(t * rest, 1) for _, _, t in self.decoder.cached_layers])
-        if self.cuda_graphs and z.is_cuda:  # new graphs when the buffers grew
+        if cuda_graphs_on(self.cuda_graphs, z.device):  # new graphs when the buffers grew
             self._graphs.use_storage(work, lambda: work.buffers, changed=grown)
         work.take_in(histories)
         pieces = []
@@ -181,9 +270,14 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         registry ops resolved, the latent statistics moved."""
         if self._prepared_for == (device, dtype):
             return
+        self._resolve_options()
         self._graphs.clear()  # captured over the old layout
-        self._ops = SimpleNamespace(**{
-            op: resolve(op, self.backend[op], device, dtype, 0)[1] for op in DECODER_OPS})
+        resolved = {op: resolve(op, self.backend[op], device, dtype, 0) for op in DECODER_OPS}
+        self._ops = SimpleNamespace(**{op: fn for op, (_, fn) in resolved.items()})
+        graphs = describe_cuda_graphs(self.cuda_graphs, device, *self._graphs_given)
+        backend = self._options_origin.get("backend")
+        info("%s on %s in %s, %s: %s%s", type(self).__name__, device, dtype, graphs,
+             describe_resolved(resolved), f" (backend from {backend})" if backend else "")
         # plain attributes (upstream's), so .to() leaves them: on the device once, not per call
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         for module in self.modules():
@@ -199,7 +293,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         def compute(z):
             return self._decode(z, state, first=phase == "first")
 
-        if not (self.cuda_graphs and z.is_cuda):
+        if not cuda_graphs_on(self.cuda_graphs, z.device):
             return compute(z)
         key = (phase, tuple(z.shape), z.dtype)
         if not self._graphs.captured(key):
@@ -274,3 +368,17 @@ def _causal_conv(conv, write, frames: int, state: _Workspace, index: int, bias: 
     tail = window[:, :, frames:]  # the last two frames of [history, input]
     buffer[:, :, :HISTORY_FRAMES].copy_(tail.clone() if frames < HISTORY_FRAMES else tail)
     return y
+
+
+def _resume_decoder(format_tag: str):
+    """What unpickling a saved OptimizedVAEDecoderWrapper calls: the decoder this process built
+    last (upstream's inference.py builds it and loads its weights before reading the cache)."""
+    if format_tag != PICKLE_FORMAT:
+        raise ValueError(f"a saved decoder marker of an unknown format {format_tag!r}")
+    decoder = _last_built() if _last_built is not None else None
+    if decoder is None:
+        raise RuntimeError(
+            "this file was written by torch.save of an OptimizedVAEDecoderWrapper and holds no "
+            "module and no weights (nothing compiled to cache): build the decoder and load its "
+            "weights first (as upstream's inference.py does), or delete the file")
+    return decoder
