@@ -16,8 +16,10 @@ blocks waited after their release, missed deadlines.
 The clock, the sleep and the device synchronisation are parameters, so tests drive the scheduler
 with a fake clock.
 """
+import itertools
 import math
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -42,14 +44,17 @@ class PlayerSession:
     image context, conditions and the actions it has received.
 
     `cond_concat`: [B, 20, F, h, w], one block's conditions (F = frames per block: reused every
-    block) or the whole stream's (sliced per block). Actions arrive with `receive`; a block reads
+    block) or the whole stream's (sliced per block); with `hold_conditions` a stream longer than
+    what was given reuses the last block's conditions (the encoder is causal: far from the start
+    image the black frames' latents settle). Actions arrive with `receive`; a block reads
     the history up to its last frame, holding the latest action where the player sent fewer steps
     than the block needs (a real-time server does not wait for input)."""
 
     def __init__(self, player_id, runner: StreamingBlockRunner, visual_context, cond_concat,
                  seed: int = 0, mouse_dim: Optional[int] = None,
-                 keyboard_dim: Optional[int] = None):
+                 keyboard_dim: Optional[int] = None, hold_conditions: bool = False):
         self.player_id = player_id
+        self.hold_conditions = hold_conditions
         self.runner = runner
         self.cond_concat = cond_concat
         runner.generator = torch.Generator(device=runner.device).manual_seed(seed)
@@ -75,10 +80,13 @@ class PlayerSession:
         steps = 1 + 4 * (start + f - 1)  # what the model reads for frames up to this block's last
         cond = self.cond_concat
         if cond.shape[2] != f:
-            if cond.shape[2] < start + f:
+            if cond.shape[2] < start + f and self.hold_conditions:
+                cond = cond[:, :, -f:]
+            elif cond.shape[2] < start + f:
                 raise ValueError(f"player {self.player_id}: cond_concat covers {cond.shape[2]} "
                                  f"frames, block {self.blocks_done} needs {start + f}")
-            cond = cond[:, :, start:start + f]
+            else:
+                cond = cond[:, :, start:start + f]
         frames, clock = self.runner.block(cond, _held(self.mouse, steps),
                                           _held(self.keyboard, steps))
         self.blocks_done += 1
@@ -125,22 +133,39 @@ class _Next:
 
 class DeadlineScheduler:
     """Runs the sessions' blocks one at a time, earliest deadline first, each no earlier than its
-    release. `on_block(record, frames)` is called after each block (e.g. to send the frames)."""
+    release. `on_block(record, frames)` is called after each block (e.g. to send the frames).
 
-    def __init__(self, sessions: Sequence[PlayerSession], clock: Callable[[], float] = time.perf_counter,
+    Two ways to drive it: `run(n)` serves a fixed set of sessions for n blocks each (benchmarks,
+    `wan.serve`); the live calls (`start_live`, `join`, `request`, `leave`, `step`) let sessions come
+    and go while a worker thread calls `step()` in a loop (`wan.play`). Live sessions are either
+    continuous (a block every period, 25 fps) or on-input (a block when `request` asks for one,
+    due as soon as a block can be done). A live continuous block is released as late as its
+    deadline allows, `release_lead()` before it is due, so that it reads the freshest input."""
+
+    # the margin a late release keeps beyond the estimated time to its block's end
+    RELEASE_MARGIN_S = 0.03
+
+    def __init__(self, sessions: Sequence[PlayerSession] = (),
+                 clock: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep,
                  synchronize: Optional[Callable[[], None]] = None):
         self.sessions = list(sessions)
         self.clock, self.sleep = clock, sleep
         self.synchronize = synchronize or _synchronizer(
             device for s in self.sessions for device in (s.runner.device, s.runner.decoder_device))
+        self._wake = threading.Condition()
+        self._queue: List[_Next] = []
+        self._begin = None
+        self._order = itertools.count()
+        self._continuous = set()           # id() of live continuous sessions
+        self.block_estimate_s = BLOCK_FRAMES / VIDEO_FPS  # running estimate of one block's time
 
     def run(self, blocks_per_player: int, on_block=None, stagger: bool = True) -> List[BlockRecord]:
         """Blocks until every session has done `blocks_per_player` (blocks done before this call
         count: after warm-up blocks, `run(warmup + n)` runs n more). With `stagger` the players join one
         after another, spread evenly over one period (as players arrive at a server); otherwise
         all at once (the last ones then miss their first deadline when a round of first blocks
-        takes longer than 0.36 s)."""
+        takes longer than 0.36 s). Releases are one period before the deadline."""
         begin = self.clock()
         spacing = BLOCK_FRAMES / VIDEO_FPS / len(self.sessions) if stagger else 0.0
         queue = [_Next(order * spacing + block_frames(session.blocks_done) / VIDEO_FPS, order,
@@ -156,22 +181,103 @@ class DeadlineScheduler:
                 continue
             chosen = min(released)
             queue.remove(chosen)
-            session = chosen.session
-            start = self.clock() - begin
-            frames, _ = session.run_block()
-            self.synchronize()
-            finish = self.clock() - begin
-            index = session.blocks_done - 1
-            record = BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
-                                 chosen.due, chosen.release, start, finish)
+            record, frames = self._run(chosen, begin)
             records.append(record)
             if on_block is not None:
                 on_block(record, frames)
+            session = chosen.session
             if session.blocks_done < blocks_per_player:
-                shown = max(chosen.due, finish)  # a late block stalls the picture until it is ready
+                shown = max(chosen.due, record.finish)  # a late block stalls the picture until ready
                 period = block_frames(session.blocks_done) / VIDEO_FPS
                 queue.append(_Next(shown + period, chosen.order, shown, session, chosen.joined))
         return records
+
+    def _run(self, chosen: "_Next", begin: float):
+        session = chosen.session
+        start = self.clock() - begin
+        frames, _ = session.run_block()
+        self.synchronize()
+        finish = self.clock() - begin
+        index = session.blocks_done - 1
+        return BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
+                           chosen.due, chosen.release, start, finish), frames
+
+    # live serving ------------------------------------------------------------------------------
+    def start_live(self):
+        """Start the live clock (records' times count from here)."""
+        self._begin = self.clock()
+
+    def now(self) -> float:
+        return self.clock() - self._begin
+
+    def release_lead(self) -> float:
+        """How long before its deadline a live continuous block is released: the time every
+        continuous player's block takes (one may be running when it is released, the others may
+        be due first) plus a margin, at most one period."""
+        players = max(1, len(self._continuous))
+        return min(BLOCK_FRAMES / VIDEO_FPS,
+                   self.block_estimate_s * players + self.RELEASE_MARGIN_S)
+
+    def join(self, session, continuous: bool = True):
+        """A live session joins now: continuous sessions get their first block due when its
+        frames would show (0.36 s from now), on-input ones wait for `request`."""
+        with self._wake:
+            if continuous:
+                self._continuous.add(id(session))
+                now = self.now()
+                due = now + block_frames(session.blocks_done) / VIDEO_FPS
+                self._queue.append(_Next(due, next(self._order), max(now, due - self.release_lead()),
+                                         session, now))
+            self._wake.notify()
+
+    def request(self, session) -> bool:
+        """An on-input session asks for its next block now (its deadline: now + one block's time).
+        False when it already has one waiting (presses while a block waits do not queue up)."""
+        with self._wake:
+            if any(n.session is session for n in self._queue):
+                return False
+            now = self.now()
+            self._queue.append(_Next(now + self.block_estimate_s, next(self._order), now, session,
+                                     now))
+            self._wake.notify()
+            return True
+
+    def leave(self, session):
+        """A live session leaves: its waiting block, if any, is dropped."""
+        with self._wake:
+            self._queue = [n for n in self._queue if n.session is not session]
+            self._continuous.discard(id(session))
+
+    def wake(self):
+        """Wake a waiting `step` (e.g. to stop the worker)."""
+        with self._wake:
+            self._wake.notify()
+
+    def step(self, timeout: float = 0.1):
+        """Run the released live block with the earliest deadline, or wait up to `timeout` for
+        one: returns (record, frames), or None when nothing ran."""
+        with self._wake:
+            now = self.now()
+            released = [n for n in self._queue if n.release <= now]
+            if not released:
+                first = min((n.release for n in self._queue), default=now + timeout)
+                self._wake.wait(max(0.0, min(timeout, first - now)))
+                return None
+            chosen = min(released)
+            self._queue.remove(chosen)
+        record, frames = self._run(chosen, self._begin)
+        duration = record.finish - record.start
+        # a stream's first blocks pay their CUDA-graph captures: keep them out of the estimate
+        if record.block >= 2:
+            self.block_estimate_s = 0.8 * self.block_estimate_s + 0.2 * duration
+        with self._wake:
+            session = chosen.session
+            if id(session) in self._continuous:
+                shown = max(chosen.due, record.finish)
+                due = shown + block_frames(session.blocks_done) / VIDEO_FPS
+                self._queue.append(_Next(due, chosen.order, max(shown, due - self.release_lead()),
+                                         session, chosen.joined))
+        return record, frames
 
 
 def _synchronizer(devices) -> Callable[[], None]:

@@ -1,0 +1,103 @@
+"""`python -m wan.play`: play Matrix-Game-2 in a browser (a game server for several players).
+
+    python -m wan.play                                   # this GPU, universal mode, random weights
+    python -m wan.play --preset tiny --device cpu        # a CPU: the tiny model (a functional demo)
+    python -m wan.play --checkpoint base_distill.safetensors --vae Wan2.1_VAE.pth --mode gta_drive
+    python -m wan.play --host 0.0.0.0 --port 8000        # others may connect: needs a token
+
+Then open the printed URL. One process serves one GPU: for several GPUs start one per GPU (its
+`--device` and `--port`, or under torchrun each rank takes its local GPU and `--port` + rank)
+behind a reverse proxy with sticky sessions (README, "Play it").
+"""
+import argparse
+import logging
+import os
+import secrets
+import sys
+
+from .actions import MODES
+from .engine import PLAY_MODES, EngineConfig, GameEngine
+from .metrics import PlayMetrics
+from .server import WS_MAX_SIZE, PlayServer
+
+log = logging.getLogger("wan.play")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m wan.play", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; under torchrun "
+                   "each rank listens on --port + its local rank)")
+    p.add_argument("--token", help="access token clients must give (?token=...); generated and "
+                   "printed when --host is not loopback and none is given")
+    p.add_argument("--mode", default="universal", choices=MODES,
+                   help="game mode: the action space and, on a GPU, the model config")
+    p.add_argument("--preset", choices=("tiny", "universal", "gta_drive", "templerun"),
+                   help="model config (default: the mode's on a GPU, tiny on a CPU)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when "
+                   "available; under torchrun the local rank's GPU)")
+    p.add_argument("--checkpoint", help="the DiT's .safetensors (default: random weights)")
+    p.add_argument("--vae", help="Wan2.1_VAE.pth or a decoder .safetensors (default: random)")
+    p.add_argument("--max-players", type=int,
+                   help="players admitted at most (default: measured at start-up: how many "
+                   "blocks fit in real time)")
+    p.add_argument("--play", default="continuous", choices=PLAY_MODES,
+                   help="continuous: 25 fps, the held keys read at each block; on-input: one "
+                   "block per key press (the seed server's); a page may ask for either")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="seconds without input after which a game is closed (default 300)")
+    p.add_argument("--linger", type=float, default=5.0,
+                   help="seconds a game waits for its page to come back after the last "
+                   "connection closed (default 5; a reload finds its game)")
+    p.add_argument("--no-graphs", action="store_true", help="run eagerly (no CUDA graphs)")
+    p.add_argument("--jpeg-quality", type=int, default=85)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    if args.max_players is not None and args.max_players < 1:
+        p.error("--max-players must be at least 1")
+    if args.idle_timeout <= 0:
+        p.error("--idle-timeout must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    local_rank = os.environ.get("LOCAL_RANK")
+    device, port = args.device, args.port
+    if local_rank is not None:  # torchrun: one server per GPU
+        device = f"cuda:{local_rank}" if device == "auto" else device
+        port += int(local_rank)
+    token = args.token
+    if args.host not in LOOPBACK and token is None:
+        token = secrets.token_urlsafe(16)
+        log.warning("listening on %s: clients need the access token %s", args.host, token)
+    try:
+        engine = GameEngine(EngineConfig(
+            mode=args.mode, preset=args.preset, device=device, checkpoint=args.checkpoint,
+            vae=args.vae, cuda_graphs=False if args.no_graphs else None,
+            max_players=args.max_players, jpeg_quality=args.jpeg_quality),
+            metrics=(metrics := PlayMetrics()))
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        log.error("%s", error)
+        return 2
+    if engine.demo:
+        log.warning("DEMO: %s; the pictures are not Matrix-Game-2's world",
+                    "random weights" if args.checkpoint is None else engine.conditioner.name)
+    server = PlayServer(engine, metrics, token=token, play_mode=args.play,
+                        idle_timeout_s=args.idle_timeout, linger_s=args.linger)
+    shown = "localhost" if args.host in LOOPBACK else args.host
+    log.info("open http://%s:%d/%s", shown, port, f"?token={token}" if token else "")
+    import uvicorn
+    uvicorn.run(server.app, host=args.host, port=port, ws_max_size=WS_MAX_SIZE,
+                log_level=args.log_level.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

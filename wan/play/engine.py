@@ -1,0 +1,395 @@
+"""The GPU side of the play server: one model and one decoder, players on them, a worker thread.
+
+Every player (a browser tab) is a `Player`: its input (`InputState`), and once the worker has
+set it up a `PlayerSession` (its own DiT cache dicts, decoder stream, conditions, noise) over the
+process's one model and decoder. The worker thread owns everything on the device: it applies the
+commands the event loop queues (join, new game, leave), runs the `DeadlineScheduler`'s next
+block, encodes the block's frames to JPEG and hands them to the player's `sink` (which the server
+makes thread-safe). The event loop never waits on the GPU.
+
+Modes of play: `continuous` (a block every 0.48 s; the block reads the held keys and the mouse
+motion when it starts, released as late as its deadline allows) and `on-input` (the seed
+server's: a block per key press).
+
+Admission: up to `capacity` players, measured at start-up (`warm_up`: a throw-away player's blocks
+timed, capacity = how many such blocks fit in one 0.48 s period with 5% to spare) unless
+`max_players` is given; one more is refused (`ServerFull`), so nobody's game gets slower.
+A player who leaves takes its caches with it (the session, its cache dicts and decoder stream
+are dropped in the worker; `memory_report` shows the device memory before and after).
+"""
+import itertools
+import logging
+import math
+import queue
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from PIL import Image
+
+from ..modules.optimized_causal_model import OptimizedCausalWanModel
+from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
+from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
+from ..pipeline import StreamingBlockRunner
+from ..presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
+from ..random_init import randomize_decoder_weights_, randomize_weights_
+from ..serving import BLOCK_FRAMES, VIDEO_FPS, DeadlineScheduler, PlayerSession
+from .actions import ActionSpace, InputState, action_space, action_steps
+from .conditioning import DemoConditioner, builtin_start_image
+from .encode import JpegEncoder, to_uint8
+
+log = logging.getLogger(__name__)
+PERIOD_S = BLOCK_FRAMES / VIDEO_FPS
+PLAY_MODES = ("continuous", "on-input")
+# the tiny preset's decoder: upstream's structure at 1/6 of its width (a CPU decodes a block in
+# a fraction of a second instead of seconds); the real presets use upstream's decoder
+TINY_DECODER_DIM = 16
+
+
+class ServerFull(Exception):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    """What the engine runs: the model preset and game mode, device, weights, admission."""
+    mode: str = "universal"
+    preset: Optional[str] = None         # default: the mode's config on CUDA, tiny on CPU
+    device: str = "auto"
+    checkpoint: Optional[str] = None     # the DiT's .safetensors (default: random weights)
+    vae: Optional[str] = None            # Wan2.1_VAE.pth or a decoder .safetensors
+    cuda_graphs: Optional[bool] = None   # default: on for CUDA
+    max_players: Optional[int] = None    # default: measured at start-up
+    warmup_blocks: int = 4
+    jpeg_quality: int = 85
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"--device {self.device}: CUDA is not available on this machine "
+                               f"(use --device cpu --preset tiny)")
+        return device
+
+
+def tiny_config_for(space: ActionSpace) -> dict:
+    """The tiny CPU preset with the mode's action space (keyboard width, mouse or not)."""
+    config = model_config("tiny")
+    action = config["action_config"]
+    action["keyboard_dim_in"] = space.keyboard_dim
+    action["enable_mouse"] = space.has_camera
+    return config
+
+
+def _check_preset(preset: str, space: ActionSpace, config: dict):
+    action = config.get("action_config") or {}
+    wants = (space.keyboard_dim, space.has_camera)
+    has = (action.get("keyboard_dim_in"), bool(action.get("enable_mouse")))
+    if has != wants:
+        raise ValueError(f"preset {preset!r} has keyboard width {has[0]} and mouse={has[1]}, mode "
+                         f"{space.mode!r} needs keyboard width {wants[0]} and mouse={wants[1]}; "
+                         f"use --preset {space.mode} (or tiny)")
+
+
+@dataclass
+class FrameBatch:
+    """One block's encoded frames for one player, with the times (server clock, seconds) the
+    page and the metrics need."""
+    block: int
+    jpegs: List[bytes]
+    input_id: int
+    input_received: Optional[float]
+    block_start: float
+    frames_ready: float
+    encoded: float
+    encode_ms: float
+    block_ms: float
+    wait_ms: float
+    late: bool
+
+
+class Player:
+    """One browser tab's game. `sink(batch)` is called from the worker thread with each block's
+    frames; `on_event(dict)` with status messages (errors, a new game)."""
+    _ids = itertools.count(1)
+
+    def __init__(self, space: ActionSpace, play_mode: str, sink: Callable[[FrameBatch], None],
+                 on_event: Callable[[dict], None] = lambda event: None,
+                 image: Optional[Image.Image] = None, seed: Optional[int] = None):
+        if play_mode not in PLAY_MODES:
+            raise ValueError(f"unknown play mode {play_mode!r}; choose from {', '.join(PLAY_MODES)}")
+        self.id = next(Player._ids)
+        self.player_id = self.id
+        self.play_mode = play_mode
+        self.input = InputState(space)
+        self.sink, self.on_event = sink, on_event
+        self.image = image
+        self.seed = self.id if seed is None else seed
+        self.session: Optional[PlayerSession] = None
+        self.games = 0
+        self.joined = time.perf_counter()
+        self.last_input = self.joined
+        self.frames_shown = deque(maxlen=64)  # (time, frames) of recent blocks: the fps
+        self.closed = False
+
+    # what the scheduler reads ----------------------------------------------------------------
+    @property
+    def blocks_done(self) -> int:
+        return 0 if self.session is None else self.session.blocks_done
+
+    @property
+    def runner(self):
+        return self.session.runner
+
+    def run_block(self):
+        """The next block, reading the input as it is now (called by the scheduler)."""
+        session = self.session
+        self.action = self.input.sample()
+        f = session.runner.frames_per_block
+        needed = 1 + 4 * ((session.blocks_done + 1) * f - 1)  # steps up to this block's last frame
+        given = (session.keyboard if session.keyboard is not None else session.mouse).shape[1]
+        mouse, keyboard = action_steps(self.action, needed - given, session.runner.device,
+                                       session.runner.dtype)
+        session.receive(mouse if session.mouse is not None else None,
+                        keyboard if session.keyboard is not None else None)
+        return session.run_block()
+
+    def fps(self, now: float, window_s: float = 5.0) -> float:
+        recent = [(t, n) for t, n in self.frames_shown if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+
+
+class GameEngine:
+    """The model, the decoder, the players and the worker thread that runs them."""
+
+    def __init__(self, config: EngineConfig, metrics=None):
+        self.config = config
+        self.space = action_space(config.mode)
+        self.device = config.resolved_device()
+        cuda = self.device.type == "cuda"
+        self.preset = config.preset or (config.mode if cuda else "tiny")
+        if self.preset == "tiny":
+            model_cfg = tiny_config_for(self.space)
+        elif self.preset in UPSTREAM_VARIANTS:
+            model_cfg = model_config(self.preset)
+        else:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from tiny, "
+                             f"{', '.join(UPSTREAM_VARIANTS)}")
+        _check_preset(self.preset, self.space, model_cfg)
+        self.latent_hw = LATENT_SIZE[self.preset]
+        self.dtype = torch.bfloat16 if cuda else torch.float32
+        self.decoder_dtype = torch.float16 if cuda else torch.float32
+        graphs = cuda if config.cuda_graphs is None else (config.cuda_graphs and cuda)
+        self.cuda_graphs = graphs
+        with torch.device(self.device):
+            model = OptimizedCausalWanModel.from_config(model_cfg, cuda_graphs=graphs)
+            decoder = OptimizedVAEDecoderWrapper(cuda_graphs=graphs)
+            if self.preset == "tiny":
+                decoder.decoder = VAEDecoder3d(dim=TINY_DECODER_DIM)
+        if config.checkpoint:
+            model.load_checkpoint(config.checkpoint)
+        else:
+            randomize_weights_(model, config.seed)
+        if config.vae and self.preset == "tiny":
+            raise ValueError("--vae needs a real preset: the tiny preset's decoder is narrower "
+                             "than upstream's")
+        if config.vae:
+            load_decoder_weights(decoder, config.vae)
+        else:
+            randomize_decoder_weights_(decoder)
+        model.num_frame_per_block = 3
+        self.model = model.to(self.device, self.dtype).eval()
+        self.decoder = decoder.to(self.device, self.decoder_dtype).eval()
+        self.conditioner = DemoConditioner(self.latent_hw, self.model.num_frame_per_block)
+        self.demo = config.checkpoint is None or self.conditioner.demo
+        self.frame_size = self.conditioner.image_size
+        self.default_image = builtin_start_image(self.frame_size)
+        self.encoder = JpegEncoder(self.device, config.jpeg_quality)
+        self.scheduler = DeadlineScheduler(synchronize=self._synchronize)
+        self.capacity = config.max_players
+        self.metrics = metrics
+        self.players: List[Player] = []
+        self._lock = threading.Lock()
+        self._commands: "queue.Queue[Tuple[str, Player, object]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._running = False
+        self.steady_block_ms: Optional[float] = None
+        self.memory_before_players = self.device_memory()
+        self.failure: Optional[BaseException] = None
+
+    def _synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def device_memory(self) -> int:
+        """Bytes of device memory held by tensors (CUDA), 0 on a CPU."""
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def describe(self) -> str:
+        weights = "random weights" if self.config.checkpoint is None else self.config.checkpoint
+        return (f"mode {self.space.mode}, preset {self.preset} on {self.device} "
+                f"({str(self.dtype).replace('torch.', '')}, CUDA graphs "
+                f"{'on' if self.cuda_graphs else 'off'}), {weights}, conditioning: "
+                f"{self.conditioner.name}, JPEG: {self.encoder.where}, capacity {self.capacity}")
+
+    # set-up ----------------------------------------------------------------------------------
+    def _new_session(self, player: Player, image: Optional[Image.Image]) -> PlayerSession:
+        image = image if image is not None else self.default_image
+        visual_context, cond_concat = self.conditioner(image, self.device, self.dtype)
+        runner = StreamingBlockRunner(self.model, self.decoder, latent_hw=self.latent_hw)
+        return PlayerSession(player.id, runner, visual_context, cond_concat,
+                             seed=player.seed * 1000 + player.games,
+                             mouse_dim=2 if self.space.has_camera else None,
+                             keyboard_dim=self.space.keyboard_dim, hold_conditions=True)
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """Blocks of a throw-away player (compiles, autotunes, measures): returns the steady
+        block time in ms (frames encoded included) and sets the capacity when not given."""
+        player = Player(self.space, "continuous", sink=lambda batch: None)
+        player.session = self._new_session(player, None)
+        times = []
+        for _ in range(max(3, self.config.warmup_blocks)):
+            start = time.perf_counter()
+            frames, _ = player.run_block()
+            self.encoder.encode(to_uint8(frames[0]))
+            self._synchronize()
+            times.append(time.perf_counter() - start)
+        del player
+        steady = statistics.median(times[2:])
+        self.steady_block_ms = 1e3 * steady
+        self.scheduler.block_estimate_s = steady
+        if self.capacity is None:
+            self.capacity = max(1, math.floor(PERIOD_S / (1.05 * steady)))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.memory_before_players = self.device_memory()
+        log.info("warm-up: %.1f ms per steady block (encode included) -> capacity %d players",
+                 self.steady_block_ms, self.capacity)
+        return self.steady_block_ms
+
+    # the event loop's calls (thread-safe) ------------------------------------------------------
+    def add_player(self, play_mode: str, sink, on_event=lambda event: None,
+                   image: Optional[Image.Image] = None) -> Player:
+        """A new player, or ServerFull at capacity. Its game starts in the worker."""
+        with self._lock:
+            limit = self.capacity if self.capacity is not None else 1
+            if len(self.players) >= limit:
+                raise ServerFull(f"server full: {len(self.players)} of {limit} players are "
+                                 f"playing (each needs real time from this GPU); try again later")
+            player = Player(self.space, play_mode, sink, on_event, image)
+            self.players.append(player)
+        self._command("join", player, image)
+        return player
+
+    def remove_player(self, player: Player):
+        with self._lock:
+            if player not in self.players:
+                return
+            self.players.remove(player)
+            player.closed = True
+        self.scheduler.leave(player)
+        self._command("leave", player, None)
+
+    def new_game(self, player: Player, image: Optional[Image.Image] = None):
+        """Start the player's game again (with a new start image if given)."""
+        self._command("reset", player, image)
+
+    def press(self, player: Player):
+        """On-input play: a key press asks for a block."""
+        player.last_input = time.perf_counter()
+        if player.play_mode == "on-input" and player.session is not None:
+            self.scheduler.request(player)
+
+    def player_count(self) -> int:
+        with self._lock:
+            return len(self.players)
+
+    def _command(self, name: str, player: Player, argument):
+        self._commands.put((name, player, argument))
+        self.scheduler.wake()
+
+    # the worker ------------------------------------------------------------------------------
+    def start(self):
+        if self.capacity is None:
+            self.warm_up()
+        self.scheduler.start_live()
+        self._running = True
+        self._thread = threading.Thread(target=self._work, name="wan-play-gpu", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._running = False
+        self.scheduler.wake()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _work(self):
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        try:
+            with torch.no_grad():
+                while self._running:
+                    self._apply_commands()
+                    done = self.scheduler.step(timeout=0.05)
+                    if done is not None:
+                        self._deliver(*done)
+        except BaseException as error:  # the server reports it on /health and stops serving
+            self.failure = error
+            log.exception("the GPU worker stopped")
+
+    def _apply_commands(self):
+        while True:
+            try:
+                name, player, argument = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if name == "leave":
+                player.session = None  # its cache dicts, decoder stream and graphs go with it
+                if self.device.type == "cuda" and self.player_count() == 0:
+                    torch.cuda.empty_cache()
+                log.info("player %d left; device memory %.2f GiB (%.2f GiB before any player)",
+                         player.id, self.device_memory() / 2**30,
+                         self.memory_before_players / 2**30)
+                continue
+            if player.closed:
+                continue
+            if name == "reset":
+                self.scheduler.leave(player)
+                player.session = None
+                player.games += 1
+                if argument is not None:
+                    player.image = argument
+            player.session = self._new_session(player, player.image)
+            player.input.sample()  # input sent before the game started does not carry over
+            self.scheduler.join(player, continuous=player.play_mode == "continuous")
+            player.on_event({"type": "game", "game": player.games, "demo": self.demo})
+
+    def _deliver(self, record, frames):
+        player = next((p for p in self.players if p.id == record.player), None)
+        if player is None or player.session is None:  # left while its block ran
+            return
+        begin = self.scheduler._begin
+        start = time.perf_counter()
+        jpegs = self.encoder.encode(to_uint8(frames[0]))
+        encoded = time.perf_counter()
+        action = player.action
+        batch = FrameBatch(
+            block=record.block, jpegs=jpegs, input_id=action.input_id,
+            input_received=action.input_received, block_start=begin + record.start,
+            frames_ready=begin + record.finish, encoded=encoded,
+            encode_ms=1e3 * (encoded - start), block_ms=1e3 * (record.finish - record.start),
+            wait_ms=1e3 * max(0.0, record.start - record.release), late=record.late)
+        player.frames_shown.append((encoded, len(jpegs)))
+        if self.metrics is not None:
+            self.metrics.block_done(player, batch)
+        player.sink(batch)
