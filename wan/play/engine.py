@@ -84,6 +84,8 @@ def tiny_config_for(space: ActionSpace) -> dict:
     action = config["action_config"]
     action["keyboard_dim_in"] = space.keyboard_dim
     action["enable_mouse"] = space.has_camera
+    if space.mode == "gta_drive":
+        config["local_attn_size"] = 4  # as upstream's gta_drive config
     return config
 
 

@@ -215,7 +215,8 @@ class PlayServer:
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
         self.loop = asyncio.get_running_loop()
-        if self.engine._thread is None:
+        started_here = self.engine._thread is None  # an engine may outlive its server (tests)
+        if started_here:
             await asyncio.to_thread(self.engine.start)
         log.info("serving: %s", self.engine.describe())
         watchdog = asyncio.create_task(self._watch_idle())
@@ -223,7 +224,10 @@ class PlayServer:
             yield
         finally:
             watchdog.cancel()
-            self.engine.stop()
+            for session in list(self.sessions.values()):
+                self._end(session)
+            if started_here:
+                self.engine.stop()
 
     async def _watch_idle(self):
         while True:

@@ -6,7 +6,9 @@
   const JITTER_FRAMES = 2;       // frames buffered before playback starts
   const MAX_BUFFER = 18;         // beyond this the oldest frames are skipped (latency stays low)
   const MOUSE_SEND_MS = 33;      // mouse motion is summed and sent at most this often
-  const HEADER_BYTES = 36, MAGIC = 'WANF';
+  // the server's FRAME_HEADER, struct '<4sIHHIddd': magic, block (u32), frame index (u16), frames in
+  // the block (u16), input id (u32), block start, frames ready, send time (f64 ms): 40 bytes
+  const HEADER_BYTES = 40, MAGIC = 'WANF';
 
   const $ = (id) => document.getElementById(id);
   const canvas = $('screen'), ctx = canvas.getContext('2d');
@@ -22,7 +24,7 @@
 
   // what the tests (and a curious player) can read
   const state = window.wanPlay = {
-    connected: false, hello: null, framesShown: 0, framesReceived: 0, latencies: [],
+    connected: false, hello: null, framesShown: 0, framesReceived: 0, framesBad: 0, latencies: [],
     lastShownInputId: 0, lastError: null, full: null, stats: null,
   };
   let ws = null, controls = null, held = new Set(), inputId = 0, pressed = [];
@@ -70,6 +72,12 @@
       $('players').textContent = `${m.players}/${m.capacity}`;
       $('demo-badge').hidden = !m.demo;
       $('mouse-hint').hidden = !controls.camera;
+      if (Array.isArray(m.frame_size) && m.frame_size[0] > 0 && m.frame_size[1] > 0) {
+        const [h, w] = m.frame_size;  // the model's frames (H, W): the canvas keeps their shape
+        const height = Math.round(canvas.width * h / w);
+        if (canvas.height !== height) canvas.height = height;
+        canvas.style.aspectRatio = `${w} / ${h}`;
+      }
       const list = $('controls');
       list.innerHTML = '';
       for (const key of controls.keys) {
@@ -119,8 +127,9 @@
   }
 
   function show(entry, now) {
-    if (entry.bitmap !== 'bad') ctx.drawImage(entry.bitmap, 0, 0, canvas.width, canvas.height);
-    if (entry.bitmap.close) entry.bitmap.close();
+    if (entry.bitmap === 'bad') { state.framesBad++; return false; }  // not a decodable JPEG
+    ctx.drawImage(entry.bitmap, 0, 0, canvas.width, canvas.height);
+    entry.bitmap.close();
     overlay('');
     state.framesShown++;
     state.lastShownInputId = entry.inputId;
@@ -134,6 +143,7 @@
       const sorted = [...state.latencies].sort((a, b) => a - b);
       $('latency').textContent = `${sorted[Math.floor(sorted.length / 2)].toFixed(0)} ms`;
     }
+    return true;
   }
 
   function tick(now) {
@@ -141,13 +151,13 @@
     if (playing) {
       if (!buffer.length) playing = false;
       else if (now >= nextDue && buffer[0].bitmap) {
-        show(buffer.shift(), now);
-        nextDue = Math.max(nextDue + FRAME_MS, now - FRAME_MS);
+        if (show(buffer.shift(), now)) nextDue = Math.max(nextDue + FRAME_MS, now - FRAME_MS);
       }
     }
-    $('fps').textContent = (shownTimes.length > 1 ?
-      (shownTimes.length - 1) * 1000 / (shownTimes[shownTimes.length - 1] - shownTimes[0]) : 0
-    ).toFixed(1);
+    // frames shown in the last second (drops to 0 when the frames stop, instead of keeping the
+    // rate of the last burst)
+    while (shownTimes.length && now - shownTimes[0] > 1000) shownTimes.shift();
+    $('fps').textContent = shownTimes.length.toFixed(1);
     requestAnimationFrame(tick);
   }
 
