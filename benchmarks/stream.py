@@ -44,7 +44,7 @@ from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
 
 # name -> (class, constructor extras)
 MODEL_CLASSES = {"reference": (CausalWanModel, {}),
-                 "optimized": (OptimizedCausalWanModel, {}),
+                 "optimized": (OptimizedCausalWanModel, {"cuda_graphs": False}),
                  "graphs": (OptimizedCausalWanModel, {"cuda_graphs": True})}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
           "fp64": torch.float64}

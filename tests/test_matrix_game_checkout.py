@@ -7,7 +7,15 @@ one named is never changed.
   upstream's hard-coded head sizes: 2 layers) gives the same latents with the integrated optimized
   model as with upstream's model: relative error <= 1e-5 over 6 blocks, two videos through one
   pipeline (tests/checkout/run_pipeline.py);
-* the seed's `./tests/run_tests.sh compare` (and `correctness`) pass inside the integrated checkout.
+* the seed's `./tests/run_tests.sh compare` (and `correctness`) pass inside the integrated checkout;
+* upstream's scripts' own model-building code (`_init_models` of inference.py and
+  inference_streaming.py, every --vae_compile_mode) builds OptimizedVAEDecoderWrapper, calls no
+  torch.compile, and the only file read with weights_only=False is the decoder's marker, whose
+  pickle names one function of this library and which gives back the decoder just built
+  (tests/checkout/build_decoder.py);
+* upstream's pipeline with upstream's DiT and the integrated decoder gives upstream's frames (float32,
+  decoded over an 8 x 16 crop of the latents: relative error <= 1e-5), and with the integrated DiT
+  and decoder too, within the pipeline's own rounding of the latents to fp16 before decoding.
 
 Needs the checkout's Python dependencies (diffusers, transformers, einops, omegaconf, ...).
 Stand-ins, only for what cannot be installed here (tests/checkout/standins.py): `flash_attn`
@@ -76,7 +84,12 @@ def test_integrate_applies_shows_the_diff_and_is_idempotent(integrated):
     upstream_changed = {path for path in changed if path in before}
     assert upstream_changed <= {"utils/wan_wrapper.py", "wan/modules/optimized_causal_model.py",
                                 "tests/test_causal_wan_model.py", "tests/run_tests.sh",
-                                "tests/README.md", "tests/QUICK_START.md"}
+                                "tests/README.md", "tests/QUICK_START.md", "inference.py",
+                                "inference_streaming.py"}
+    assert {"inference.py", "inference_streaming.py", "wan/modules/optimized_vae_decoder.py",
+            "wan/modules/vae_decoder.py"} <= changed
+    assert "+from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper as " \
+           "VAEDecoderWrapper" in first.stdout
 
 
 def test_upstream_pipeline_gives_the_same_latents(integrated, tmp_path):
@@ -118,3 +131,61 @@ def test_undo_restores_the_tree_byte_for_byte(integrated):
         assert _tree(checkout) == before
     finally:
         _integrate(checkout)  # the fixture undoes it again at the end
+
+
+def test_upstream_scripts_build_the_optimized_decoder_without_compile_or_unpickling(integrated,
+                                                                                    tmp_path):
+    checkout, _, _ = integrated
+    out = tmp_path / "build.json"
+    result = subprocess.run([sys.executable, str(STANDINS / "build_decoder.py"), "--out", str(out)],
+                            cwd=checkout, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["torch_compile_calls"] == 0
+    modes = [(run["script"], run["vae_compile_mode"]) for run in report["runs"]]
+    assert modes == [("inference_streaming", None), ("inference", "none"), ("inference", "auto"),
+                     ("inference", "auto"), ("inference", "force")]
+    for run in report["runs"]:
+        assert run["decoder_class"] == "OptimizedVAEDecoderWrapper", run
+        assert run["generator_class"] == "OptimizedCausalWanModel"
+        assert run["decoder_is_the_one_built"] and not run["compiled_call_impl"]
+        assert run["decoder_dtype"] == "torch.float16"
+        for load in run["loads"]:  # upstream reads Wan2.1_VAE.pth with torch's default
+            if load["weights_only"] is False:
+                assert load["file"] == "compiled_vae_decoder.pt"
+                assert load["pickle_globals"] == ["wan.modules.optimized_vae_decoder "
+                                                  "_resume_decoder"]
+    auto_first, auto_second = report["runs"][2], report["runs"][3]
+    assert not auto_first["cache_existed"] and auto_first["cache_bytes"] < 4096
+    assert auto_second["cache_existed"] and any(
+        load["weights_only"] is False for load in auto_second["loads"])
+    # compile() turned the graphs on where the user had not turned them off
+    assert report["runs"][0]["decoder_cuda_graphs"] is True
+
+
+@pytest.mark.parametrize("dit", ["upstream", "integrated"])
+def test_upstream_pipeline_gives_the_same_frames_with_the_integrated_decoder(integrated, tmp_path,
+                                                                            dit):
+    checkout, _, _ = integrated
+    out = tmp_path / "frames.json"
+    flags = ["--upstream-dit-only"] if dit == "upstream" else []
+    result = subprocess.run(
+        [sys.executable, str(STANDINS / "run_pipeline.py"), "--out", str(out), "--blocks", "3",
+         "--videos", "2", "--decoder", "integrated", "--decoder-dtype", "fp32",
+         "--decode-crop", "8x16", *flags], cwd=checkout, capture_output=True, text=True,
+        timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    print(json.dumps({k: report[k] for k in ("optimized_vs_upstream_rel_err",
+                                             "frames_optimized_vs_upstream_rel_err")}))
+    assert report["upstream"]["decoder_class"] == "VAEDecoderWrapper"
+    assert report["optimized"]["decoder_class"] == "OptimizedVAEDecoderWrapper"
+    assert len(report["frames_optimized_vs_upstream_rel_err"]) == 2
+    if dit == "upstream":  # the same latents reach both decoders
+        assert max(report["optimized_vs_upstream_rel_err"]) == 0
+        assert max(report["frames_optimized_vs_upstream_rel_err"]) <= LATENT_TOLERANCE
+    else:
+        assert max(report["optimized_vs_upstream_rel_err"]) <= LATENT_TOLERANCE
+        # the pipeline rounds the latents to fp16 (`denoised_pred.half()`) before decoding: latents
+        # 4e-7 apart land on neighbouring fp16 values here and there (2^-11 relative each)
+        assert max(report["frames_optimized_vs_upstream_rel_err"]) <= 1e-4

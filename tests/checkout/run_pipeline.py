@@ -6,7 +6,15 @@ this repository's, is the one imported):
 
     cd PATH/TO/Matrix-Game-2
     python /path/to/wan/tests/checkout/run_pipeline.py --out result.json [--device cuda --dtype bf16
-        --config universal --blocks 10 --decoder upstream --graphs]
+        --config universal --blocks 10 --decoder integrated]
+
+`--decoder integrated`: upstream's run decodes with upstream's VAEDecoderWrapper
+(demo_utils/vae_block3.py), the optimized run with the OptimizedVAEDecoderWrapper that the
+integrated scripts import under that name; same random weights, `--decoder-dtype` (fp16 as the
+pipeline runs it; fp32 for the frames comparison: the pipeline hands the decoder `latents.half()`,
+which the harness casts to the decoder's dtype for both). `--decode-crop 8x16` decodes only the
+top-left 8 x 16 of each block's latents, in both runs (what a CPU can decode in float32; upstream's
+DiT itself asserts 44 x 80).
 
 Both generators are built the way upstream builds them (`WanDiffusionWrapper(model_config=...)`):
 the integrated one must come out as OptimizedCausalWanModel, the other is built with the name
@@ -36,6 +44,7 @@ from omegaconf import OmegaConf  # noqa: E402
 import utils.wan_wrapper as wan_wrapper  # noqa: E402
 from pipeline import CausalInferencePipeline  # noqa: E402
 from wan.modules.causal_model import CausalWanModel as UpstreamCausalWanModel  # noqa: E402
+from wan.kernels.cuda_graphs import cuda_graphs_on  # noqa: E402
 from wan.random_init import randomize_weights_  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,10 +61,17 @@ def parse_args():
     p.add_argument("--config", default="small", choices=["small", "universal"])
     p.add_argument("--blocks", type=int, default=6, help="blocks of 3 latent frames per video")
     p.add_argument("--videos", type=int, default=2)
-    p.add_argument("--decoder", default="none", choices=["none", "upstream"],
+    p.add_argument("--decoder", default="none", choices=["none", "upstream", "integrated"],
                    help="none: a stand-in that returns the latents (for the latent comparison); "
-                        "upstream: demo_utils' VAEDecoderWrapper, fp16, random weights (timing)")
-    p.add_argument("--graphs", action="store_true", help="cuda_graphs=True for the optimized model")
+                        "upstream: demo_utils' VAEDecoderWrapper in both runs; integrated: "
+                        "upstream's in upstream's run, OptimizedVAEDecoderWrapper in the other")
+    p.add_argument("--decoder-dtype", default="fp16", choices=list(DTYPES))
+    p.add_argument("--upstream-dit-only", action="store_true",
+                   help="both runs with upstream's DiT (so only the decoders differ)")
+    p.add_argument("--decode-crop", default=None, help="HxW: decode only that much of the latents")
+    p.add_argument("--graphs", default="default", choices=["default", "on", "off"],
+                   help="the optimized model's config.json cuda_graphs: absent (default: on "
+                        "wherever it runs on CUDA), true or false")
     p.add_argument("--oracle", action="store_true", help="also a float32 exact-attention run")
     p.add_argument("--out", required=True)
     return p.parse_args()
@@ -69,7 +85,8 @@ def model_config_dirs(name: str, workdir: Path, graphs: bool):
         config.update(SMALL)
         config["action_config"]["blocks"] = list(range(SMALL["num_layers"]))
     folders = []
-    for label, extra in (("upstream", {}), ("optimized", {"cuda_graphs": graphs})):
+    given = {} if graphs == "default" else {"cuda_graphs": graphs == "on"}
+    for label, extra in (("upstream", {}), ("optimized", given)):
         (workdir / label).mkdir()
         (workdir / label / "config.json").write_text(json.dumps({**config, **extra}))
         folders.append(str(workdir / label))
@@ -93,24 +110,46 @@ def build_generator(model_class, config_dir, weights, device, dtype):
     return generator.to(device=device, dtype=dtype)
 
 
-class Decoders:
-    """The pipeline's `vae_decoder`: upstream's VAEDecoderWrapper or a stand-in returning the
-    latents; records a CUDA event after each block's decode (the end of a block)."""
+def decoder_weights():
+    """Random weights for upstream's decoder (seeded: both decoders get the same)."""
+    from demo_utils.vae_block3 import VAEDecoderWrapper
+    from wan.random_init import randomize_decoder_weights_
+    torch.manual_seed(0)
+    return randomize_decoder_weights_(VAEDecoderWrapper()).state_dict()
 
-    def __init__(self, kind, device):
-        self.device = device
+
+class Decoders:
+    """The pipeline's `vae_decoder`: upstream's VAEDecoderWrapper, the integrated
+    OptimizedVAEDecoderWrapper, or a stand-in returning the latents; keeps the frames and records
+    a CUDA event after each block's decode (the end of a block)."""
+
+    def __init__(self, kind, device, dtype=torch.float16, weights=None, crop=None):
+        self.device, self.dtype = device, dtype
+        self.crop = tuple(int(n) for n in crop.split("x")) if crop else None
         self.decoder = None
-        if kind == "upstream":
-            from demo_utils.vae_block3 import VAEDecoderWrapper
-            self.decoder = VAEDecoderWrapper().to(device, torch.float16).eval().requires_grad_(False)
-        self.block_ends = []
+        if kind in ("upstream", "integrated"):
+            if kind == "upstream":
+                from demo_utils.vae_block3 import VAEDecoderWrapper
+            else:  # the class the integrated scripts import under upstream's name
+                from wan.modules.optimized_vae_decoder import \
+                    OptimizedVAEDecoderWrapper as VAEDecoderWrapper
+            decoder = VAEDecoderWrapper()
+            decoder.load_state_dict(weights)  # as the scripts do: load, move, freeze, eval
+            decoder.to(device, dtype)
+            decoder.requires_grad_(False)
+            decoder.eval()
+            self.decoder = decoder
+        self.block_ends, self.frames = [], []
 
     @torch.no_grad()
     def __call__(self, z, *cache):
         if self.decoder is None:
             video, cache = z.float(), list(cache)
-        else:
-            video, cache = self.decoder(z, *cache)
+        else:  # the pipeline passes z.half(): in the decoder's dtype (the same for both runs)
+            if self.crop:
+                z = z[..., :self.crop[0], :self.crop[1]]
+            video, cache = self.decoder(z.to(self.dtype), *cache)
+            self.frames.append(video.cpu())
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
@@ -127,40 +166,47 @@ class Decoders:
         return [(b - a) * 1e3 for a, b in zip(self.block_ends, self.block_ends[1:])]
 
 
-def conditions(frames, device, dtype, seed):
+def conditions(frames, device, dtype, seed, latent=LATENT):
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
     steps = 1 + 4 * (frames - 1)
-    return {"cond_concat": randn(1, 20, frames, *LATENT), "visual_context": randn(1, 257, 1280),
+    return {"cond_concat": randn(1, 20, frames, *latent), "visual_context": randn(1, 257, 1280),
             "mouse_cond": 0.1 * randn(1, steps, 2),
             "keyboard_cond": (randn(1, steps, 4) > 0).to(dtype)}
 
 
-def run_videos(generator, args, device, dtype, decoder_kind):
+def run_videos(generator, args, device, dtype, decoder_kind, decoder_dtype=None, weights=None):
     config = OmegaConf.load("configs/inference_yaml/inference_universal.yaml")
-    decoders = Decoders(decoder_kind, device)
+    decoders = Decoders(decoder_kind, device, decoder_dtype or DTYPES[args.decoder_dtype], weights,
+                        args.decode_crop)
     pipe = CausalInferencePipeline(config, device=str(device), generator=generator,
                                    vae_decoder=decoders)
+    latent = LATENT
     frames = 3 * args.blocks
-    latents, block_ms, video_ms = [], [], []
+    latents, block_ms, video_ms, videos = [], [], [], []
     for video in range(args.videos):
         torch.manual_seed(100 + video)  # the pipeline's re-noising draws from the global generator
-        noise = torch.randn(1, 16, frames, *LATENT, generator=torch.Generator().manual_seed(video))
+        noise = torch.randn(1, 16, frames, *latent, generator=torch.Generator().manual_seed(video))
         decoders.block_ends.clear()
+        decoders.frames.clear()
         begin = time.perf_counter()
         with torch.no_grad():
             out = pipe.inference(noise.to(device, dtype),
-                                 conditions(frames, device, dtype, seed=10 + video),
+                                 conditions(frames, device, dtype, seed=10 + video, latent=latent),
                                  return_latents=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         video_ms.append((time.perf_counter() - begin) * 1e3)
         latents.append(out.float().cpu())
         block_ms.append(decoders.block_ms())
-    return latents, block_ms, video_ms
+        if decoders.frames:
+            videos.append(torch.cat(decoders.frames, dim=1))
+    decoder_class = type(decoders.decoder).__name__ if decoders.decoder is not None else None
+    graphs = getattr(decoders.decoder, "cuda_graphs", None)
+    return latents, block_ms, video_ms, videos, decoder_class, graphs
 
 
 def rel_err(a, b):
@@ -178,23 +224,33 @@ def main():
     weights = seed_model.state_dict()
     del seed_model
 
+    weights_vae = decoder_weights() if args.decoder != "none" else None
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "command": " ".join(sys.argv), "checkout": os.getcwd(), "config": args.config,
               "dtype": args.dtype, "blocks": args.blocks, "videos": args.videos,
-              "decoder": args.decoder}
+              "decoder": args.decoder, "decoder_dtype": args.decoder_dtype,
+              "decode_crop": args.decode_crop, "graphs_option": args.graphs}
     runs = {}
+    second = UpstreamCausalWanModel if args.upstream_dit_only else None
     for name, model_class, config_dir in (("upstream", UpstreamCausalWanModel, upstream_config),
-                                          ("optimized", None, optimized_config)):
+                                          ("optimized", second, optimized_config)):
         generator = build_generator(model_class, config_dir, weights, device, dtype)
         built = type(generator.model).__name__
-        if name == "optimized" and built != "OptimizedCausalWanModel":
+        if name == "optimized" and second is None and built != "OptimizedCausalWanModel":
             raise SystemExit(f"utils/wan_wrapper.py builds {built}: is the checkout integrated "
                              f"(python -m wan.integrate)?")
-        latents, block_ms, video_ms = run_videos(generator, args, device, dtype, args.decoder)
+        kind = "integrated" if args.decoder == "integrated" and name == "optimized" else (
+            "upstream" if args.decoder != "none" else "none")
+        latents, block_ms, video_ms, videos, decoder_class, decoder_graphs = run_videos(
+            generator, args, device, dtype, kind, weights=weights_vae)
         steady = [ms for video in block_ms for ms in video[2:]]  # blocks 0-1: windows filling
-        runs[name] = {"model_class": built, "latents": latents,
-                      "cuda_graphs": getattr(generator.model, "cuda_graphs", False),
+        runs[name] = {"model_class": built, "latents": latents, "videos": videos,
+                      "decoder_class": decoder_class,
+                      "decoder_cuda_graphs": None if decoder_graphs is None else
+                      cuda_graphs_on(decoder_graphs, device),
+                      "cuda_graphs": cuda_graphs_on(getattr(generator.model, "cuda_graphs", False),
+                                                    device),
                       "block_ms_median": statistics.median(steady) if steady else None,
                       "block_ms": block_ms, "video_ms": video_ms}
         del generator
@@ -204,8 +260,10 @@ def main():
         generator = build_generator(UpstreamCausalWanModel, upstream_config, weights, device,
                                     torch.float32)
         with standins.upstream_attention_exact():
-            runs["oracle"] = {"latents": run_videos(generator, args, device, torch.float32,
-                                                    "none")[0]}
+            kind = "upstream" if args.decoder != "none" else "none"
+            out = run_videos(generator, args, device, torch.float32, kind, torch.float32,
+                             weights_vae)
+            runs["oracle"] = {"latents": out[0], "videos": out[3]}
 
     up, opt = runs["upstream"]["latents"], runs["optimized"]["latents"]
     report["optimized_vs_upstream_rel_err"] = [rel_err(o, u) for o, u in zip(opt, up)]
@@ -213,9 +271,17 @@ def main():
         oracle = runs["oracle"]["latents"]
         report["upstream_vs_oracle_rel_err"] = [rel_err(u, o) for u, o in zip(up, oracle)]
         report["optimized_vs_oracle_rel_err"] = [rel_err(p, o) for p, o in zip(opt, oracle)]
+    if runs["upstream"]["videos"]:
+        up, opt = runs["upstream"]["videos"], runs["optimized"]["videos"]
+        report["frames_optimized_vs_upstream_rel_err"] = [rel_err(o, u) for o, u in zip(opt, up)]
+        if args.oracle:
+            oracle = runs["oracle"]["videos"]
+            report["frames_upstream_vs_oracle_rel_err"] = [rel_err(u, o) for u, o in zip(up, oracle)]
+            report["frames_optimized_vs_oracle_rel_err"] = [rel_err(p, o)
+                                                            for p, o in zip(opt, oracle)]
     for name in ("upstream", "optimized"):
         run = runs[name]
-        report[name] = {k: v for k, v in run.items() if k != "latents"}
+        report[name] = {k: v for k, v in run.items() if k not in ("latents", "videos")}
     if runs["optimized"]["block_ms_median"] and runs["upstream"]["block_ms_median"]:
         report["speedup"] = runs["upstream"]["block_ms_median"] / runs["optimized"]["block_ms_median"]
     Path(args.out).write_text(json.dumps(report, indent=1))
