@@ -47,6 +47,7 @@ def main():
     p.add_argument("--blocks", type=int, default=10)
     p.add_argument("--videos", type=int, default=2)
     p.add_argument("--skip-suite", action="store_true", help="leave out the seed suite's benchmark")
+    p.add_argument("--suite-only", action="store_true", help="only the seed suite's benchmark")
     args = p.parse_args()
     source = os.environ.get("MATRIX_GAME_DIR")
     if not source:
@@ -59,23 +60,28 @@ def main():
     checkout = Path(tempfile.mkdtemp()) / "Matrix-Game-2"
     shutil.copytree(source, checkout, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.mp4",
                                                                     "*.pdf"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # this repository on the path for wan.integrate only; the checkout's own `wan` must win after
+    # (other entries, e.g. carried wheels, stay)
+    kept = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if entry and Path(entry).resolve() != ROOT]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *kept]))
+    plain = dict(os.environ, PYTHONPATH=os.pathsep.join(kept))
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
               "command": " ".join(sys.argv), "checkout": str(source)}
     integrate = run([sys.executable, "-m", "wan.integrate", str(checkout)], ROOT,
                     out / "upstream_pipeline_full_integrate.log", 600, env)
     if integrate.returncode != 0:
         raise SystemExit("wan.integrate failed")
-    # the checkout's own `wan` must win: no PYTHONPATH to this repository from here on
-    plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     pipeline_json = out / "upstream_pipeline_full_pipeline.json"
-    pipeline = run([sys.executable, str(ROOT / "tests" / "checkout" / "run_pipeline.py"),
-                    "--device", "cuda", "--dtype", "bf16", "--config", "universal",
-                    "--blocks", str(args.blocks), "--videos", str(args.videos),
-                    "--decoder", "integrated", "--decoder-dtype", "fp16", "--oracle",
-                    "--out", str(pipeline_json)], checkout,
-                   out / "upstream_pipeline_full_pipeline.log", 3000, plain)
-    if pipeline.returncode == 0:
+    pipeline = None
+    if not args.suite_only:
+        pipeline = run([sys.executable, str(ROOT / "tests" / "checkout" / "run_pipeline.py"),
+                        "--device", "cuda", "--dtype", "bf16", "--config", "universal",
+                        "--blocks", str(args.blocks), "--videos", str(args.videos),
+                        "--decoder", "integrated", "--decoder-dtype", "fp16", "--oracle",
+                        "--out", str(pipeline_json)], checkout,
+                       out / "upstream_pipeline_full_pipeline.log", 3000, plain)
+    if pipeline is not None and pipeline.returncode == 0:
         report["pipeline"] = json.loads(pipeline_json.read_text())
     suite = None
     if not args.skip_suite:
@@ -85,7 +91,8 @@ def main():
         report["seed_suite"] = {"exit": suite.returncode,
                                 "lines": [line for line in text.splitlines()
                                           if re.search(r"(?i)mean|median|speedup|ms\b", line)][-40:]}
-    (out / "upstream_pipeline_full.json").write_text(json.dumps(report, indent=1))
+    name = "upstream_pipeline_full_suite.json" if args.suite_only else "upstream_pipeline_full.json"
+    (out / name).write_text(json.dumps(report, indent=1))
 
     print("\nupstream's CausalInferencePipeline, bf16, universal, random weights, "
           f"{args.blocks} blocks x {args.videos} videos")
