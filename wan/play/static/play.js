@@ -97,6 +97,7 @@
     } else if (m.type === 'full') {
       state.full = m.reason;
       reconnect = false;
+      if (m.capacity) $('players').textContent = `${m.players}/${m.capacity}`;
       overlay('Server full');
       status(m.reason);
     } else if (m.type === 'idle') {
@@ -134,7 +135,6 @@
     state.framesShown++;
     state.lastShownInputId = entry.inputId;
     shownTimes.push(now);
-    while (shownTimes.length && now - shownTimes[0] > 1000) shownTimes.shift();
     // the first frame that reflects a press: press-to-frame latency as the player sees it
     while (pressed.length && pressed[0].id <= entry.inputId) {
       const press = pressed.shift();
@@ -156,7 +156,7 @@
     }
     // frames shown in the last second (drops to 0 when the frames stop, instead of keeping the
     // rate of the last burst)
-    while (shownTimes.length && now - shownTimes[0] > 1000) shownTimes.shift();
+    while (shownTimes.length && now - shownTimes[0] >= 1000) shownTimes.shift();
     $('fps').textContent = shownTimes.length.toFixed(1);
     requestAnimationFrame(tick);
   }
