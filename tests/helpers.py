@@ -74,8 +74,9 @@ def max_rel_err(outputs, references) -> float:
 
 
 class PlayServerThread:
-    """The play server (wan.play) on a free loopback port, served by uvicorn in a thread:
-    `with PlayServerThread(max_players=2) as s:` gives `s.http`, `s.ws`, `s.engine`, `s.server`."""
+    """The play server (wan.play) over `engine` (default: a new CPU tiny one) on a free loopback
+    port: `with PlayServerThread(max_players=2) as s:` gives `s.http`, `s.ws`, `s.port`,
+    `s.engine`, `s.server`."""
 
     def __init__(self, engine=None, token=None, play_mode="continuous", idle_timeout_s=600.0,
                  linger_s=0.0, **engine_config):
@@ -84,34 +85,16 @@ class PlayServerThread:
         from wan.play.server import PlayServer
         self.metrics = PlayMetrics()
         engine_config.setdefault("device", "cpu")
-        self.engine = engine or GameEngine(EngineConfig(**engine_config), metrics=self.metrics)
+        self.engine = engine or GameEngine(EngineConfig(**engine_config))
         self.engine.metrics = self.metrics
         self.server = PlayServer(self.engine, self.metrics, token=token, play_mode=play_mode,
                                  idle_timeout_s=idle_timeout_s, linger_s=linger_s)
 
     def __enter__(self):
-        import socket
-        import threading
-        import time
-        import uvicorn
-        from wan.play.server import WS_MAX_SIZE
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.uvicorn = uvicorn.Server(uvicorn.Config(
-            self.server.app, host="127.0.0.1", port=self.port, ws_max_size=WS_MAX_SIZE,
-            log_level="warning"))
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.uvicorn.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the play server did not start")
-            time.sleep(0.05)
-        self.http = f"http://127.0.0.1:{self.port}"
-        self.ws = f"ws://127.0.0.1:{self.port}/ws"
+        from wan.play.server import ServerThread
+        self.running = ServerThread(self.server).__enter__()
+        self.http, self.ws, self.port = self.running.http, self.running.ws, self.running.port
         return self
 
     def __exit__(self, *exc):
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=60)
+        self.running.__exit__(*exc)

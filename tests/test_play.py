@@ -423,3 +423,24 @@ def test_bad_configurations_are_clear_errors():
         GameEngine(EngineConfig(device="cpu", mode="templerun", preset="universal"))
     with pytest.raises(ValueError, match="tiny preset"):
         GameEngine(EngineConfig(device="cpu", vae="Wan2.1_VAE.pth"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+def test_gpu_jpeg_encoding_matches_the_cpu_encoder():
+    """nvJPEG (torchvision on CUDA) and Pillow give pictures within JPEG's error of the frame."""
+    from wan.play.encode import JpegEncoder, to_uint8
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(12, 3, 22, 40, generator=gen) * 2 - 1,
+                                             size=(352, 640), mode="bilinear")
+    frames = to_uint8(smooth)
+    gpu = JpegEncoder(torch.device("cuda"))
+    assert gpu.gpu, "nvJPEG should be available on the device"
+    cpu = JpegEncoder(torch.device("cpu"))
+    for encoded_gpu, encoded_cpu, frame in zip(gpu.encode(frames.cuda()), cpu.encode(frames),
+                                               frames):
+        for data in (encoded_gpu, encoded_cpu):
+            with Image.open(io.BytesIO(data)) as image:
+                decoded = torch.frombuffer(bytearray(image.convert("RGB").tobytes()),
+                                           dtype=torch.uint8).view(352, 640, 3).permute(2, 0, 1)
+            error = (decoded.float() - frame.float()).abs()
+            assert error.mean() < 3.0 and error.max() < 64, (error.mean(), error.max())

@@ -7,6 +7,8 @@ time, so press-to-frame latency is measured on the client's clock as a page woul
 """
 import asyncio
 import json
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -44,6 +46,7 @@ class PlayResult:
     texts: List[dict] = field(default_factory=list)
     presses: List[Tuple[int, float]] = field(default_factory=list)  # (input id, client time)
     closed: Optional[Tuple[int, str]] = None
+    begin: float = 0.0  # client clock when the hello arrived (the schedule's time 0)
 
     def errors(self) -> List[str]:
         return [t["reason"] for t in self.texts if t.get("type") == "error"]
@@ -56,17 +59,6 @@ class PlayResult:
             if reflected is not None:
                 out.append(1e3 * (reflected.received - sent))
         return out
-
-    def fps(self, skip_blocks: int = 2) -> float:
-        """Frames per second received, after the first `skip_blocks` blocks (graph captures)."""
-        frames = [f for f in self.frames if f.block >= skip_blocks]
-        if len(frames) < 2:
-            return 0.0
-        # frames arrive a block at a time: count the blocks after the first one received
-        first = frames[0].received
-        later = [f for f in frames if f.block > frames[0].block]
-        last = max(f.received for f in frames)
-        return len(later) / (last - first) if last > first else 0.0
 
 
 async def play(url: str, schedule: Sequence[Tuple[float, Sequence[str]]] = (), seconds: float = 3.0,
@@ -116,9 +108,128 @@ async def play(url: str, schedule: Sequence[Tuple[float, Sequence[str]]] = (), s
                     result.texts.append(message)
                     if message.get("type") == "hello":
                         result.hello = message
-                        begin = time.perf_counter()
+                        begin = result.begin = time.perf_counter()
                         deadline = begin + seconds
         except ConnectionClosed as closed:
             result.closed = (closed.rcvd.code if closed.rcvd else 1006,
                              closed.rcvd.reason if closed.rcvd else "")
     return result
+
+
+def _percentile(values, q):
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
+    """One continuous client's numbers after `warmup_s`: fps (frames received per second),
+    press-to-frame p50/p95 on the client's clock, and from the frame headers (same host: the
+    server's clock is this machine's perf_counter) the block, encode+queue and transport parts."""
+    begin = result.begin
+    window = [f for f in result.frames if warmup_s <= f.received - begin <= seconds]
+    span = seconds - warmup_s
+    presses = [(i, t) for i, t in result.presses if t - begin >= warmup_s]
+    latency = []
+    for input_id, sent in presses:
+        reflected = next((f for f in result.frames if f.input_id >= input_id), None)
+        if reflected is not None:
+            latency.append(1e3 * (reflected.received - sent))
+    epoch = (result.hello or {}).get("clock_epoch_s")
+    firsts = [f for f in window if f.index == 0]
+    parts = {}
+    if firsts:
+        parts["block_ms_p50"] = statistics.median(f.frames_ready_ms - f.block_start_ms
+                                                  for f in firsts)
+        parts["ready_to_sent_ms_p50"] = statistics.median(f.sent_ms - f.frames_ready_ms
+                                                          for f in firsts)
+        if epoch is not None:
+            parts["transport_ms_p50"] = statistics.median(
+                1e3 * (f.received - epoch) - f.sent_ms for f in firsts)
+    return {"fps": len(window) / span if span > 0 else 0.0, "frames": len(window),
+            "presses": len(presses), "press_to_frame_ms": latency,
+            "press_to_frame_p50_ms": _percentile(latency, 0.5),
+            "press_to_frame_p95_ms": _percentile(latency, 0.95), "errors": result.errors(),
+            "closed": result.closed, **parts}
+
+
+def key_schedule(keys_cycle, period_s: float, seconds: float, phase_s: float = 0.0):
+    """Held-key sets changing every `period_s` (cycling through `keys_cycle`) from `phase_s`."""
+    out, t, k = [], phase_s, 0
+    while t < seconds:
+        out.append((t, keys_cycle[k % len(keys_cycle)]))
+        t += period_s
+        k += 1
+    return out
+
+
+async def continuous_clients(url: str, clients: int, seconds: float, warmup_s: float) -> list:
+    """`clients` players at once, each changing its held keys every 0.7 s (phases spread so that
+    presses fall anywhere in a block): their summaries."""
+    cycle = [["w"], [], ["w", "l"], ["a"], [], ["d", "i"]]
+    runs = [play(url, schedule=key_schedule(cycle, 0.7, seconds, phase_s=0.13 * c + 0.05),
+                 seconds=seconds) for c in range(clients)]
+    results = await asyncio.gather(*runs)
+    return [summarize(r, warmup_s, seconds) for r in results]
+
+
+async def on_input_client(url: str, presses: int, warmup_presses: int = 3,
+                          pause_s: float = 0.4) -> dict:
+    """The seed server's play: a key press, its block's frames, a pause, the next press. The
+    press-to-frame latency of each press after the first `warmup_presses` (graph captures)."""
+    from websockets.asyncio.client import connect
+    latency = []
+    sep = "&" if "?" in url else "?"
+    async with connect(url + sep + "play=on-input", max_size=2**24) as ws:
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "hello", hello
+        for press in range(presses + warmup_presses):
+            key = "wd"[press % 2]
+            sent = time.perf_counter()
+            await ws.send(json.dumps({"type": "keyboard", "key": key, "timestamp": 0}))
+            first, count = None, 0
+            while True:
+                message = await asyncio.wait_for(ws.recv(), 120)
+                if isinstance(message, bytes):
+                    frame = parse_frame(message)
+                    if first is None:
+                        first = time.perf_counter()
+                    count += 1
+                    if count == frame.frames_in_block:
+                        break
+            if press >= warmup_presses:
+                latency.append(1e3 * (first - sent))
+            await asyncio.sleep(pause_s)
+    return {"presses": len(latency), "press_to_frame_ms": latency,
+            "press_to_frame_p50_ms": _percentile(latency, 0.5),
+            "press_to_frame_p95_ms": _percentile(latency, 0.95)}
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m wan.play.client",
+                                description="scripted players against a running play server")
+    p.add_argument("--url", required=True, help="ws://HOST:PORT/ws")
+    p.add_argument("--clients", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=12.0)
+    p.add_argument("--warmup", type=float, default=4.0, help="seconds not measured at first")
+    p.add_argument("--on-input", type=int, default=0,
+                   help="instead: one on-input player making this many presses")
+    p.add_argument("--out", help="write the summaries here (JSON)")
+    args = p.parse_args(argv)
+    url = args.url + ("&" if "?" in args.url else "?") + "frames=ws"
+    if args.on_input:
+        report = asyncio.run(on_input_client(url, args.on_input))
+    else:
+        report = asyncio.run(continuous_clients(url, args.clients, args.seconds, args.warmup))
+    text = json.dumps(report, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

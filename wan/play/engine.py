@@ -139,6 +139,7 @@ class Player:
         self.last_input = self.joined
         self.frames_shown = deque(maxlen=64)  # (time, frames) of recent blocks: the fps
         self.closed = False
+        self.press_waiting = False  # on-input: a press arrived before the game was set up
 
     # what the scheduler reads ----------------------------------------------------------------
     @property
@@ -309,7 +310,11 @@ class GameEngine:
     def press(self, player: Player):
         """On-input play: a key press asks for a block."""
         player.last_input = time.perf_counter()
-        if player.play_mode == "on-input" and player.session is not None:
+        if player.play_mode != "on-input":
+            return
+        if player.session is None:
+            player.press_waiting = True  # the worker asks for the block once the game is set up
+        else:
             self.scheduler.request(player)
 
     def player_count(self) -> int:
@@ -372,8 +377,10 @@ class GameEngine:
                 if argument is not None:
                     player.image = argument
             player.session = self._new_session(player, player.image)
-            player.input.sample()  # input sent before the game started does not carry over
             self.scheduler.join(player, continuous=player.play_mode == "continuous")
+            if player.play_mode == "on-input" and player.press_waiting:
+                player.press_waiting = False  # a press that came before its game was ready
+                self.scheduler.request(player)
             player.on_event({"type": "game", "game": player.games, "demo": self.demo})
 
     def _deliver(self, record, frames):
@@ -392,6 +399,8 @@ class GameEngine:
             encode_ms=1e3 * (encoded - start), block_ms=1e3 * (record.finish - record.start),
             wait_ms=1e3 * max(0.0, record.start - record.release), late=record.late)
         player.frames_shown.append((encoded, len(jpegs)))
+        if player.play_mode == "on-input" and player.input.has_pending_taps():
+            self.scheduler.request(player)  # presses that came while this block was made
         if self.metrics is not None:
             self.metrics.block_done(player, batch)
         player.sink(batch)

@@ -27,7 +27,7 @@ changes nothing else):
 To the client: `{"type": "hello", ...}` first (session, mode, keys, players), `{"fps", "latency",
 "players", ...}` after each block (the seed's stats message, with more fields), `error`,
 `full` (then the socket closes with 1013), and, with `?frames=ws`, one binary message per frame:
-a 36-byte little-endian header `FRAME_HEADER` (magic b"WANF", block, frame index, frames in the
+a 40-byte little-endian header `FRAME_HEADER` (magic b"WANF", block, frame index, frames in the
 block, id of the newest input the block read, then the block's start, frames-ready and send
 times in ms on the server's clock) followed by the JPEG.
 """
@@ -427,7 +427,7 @@ class PlayServer:
             "play_mode": session.player.play_mode, "controls": engine.space.describe(),
             "players": engine.player_count(), "capacity": engine.capacity, "demo": engine.demo,
             "conditioning": engine.conditioner.name, "frame_size": list(engine.frame_size),
-            "fps": 25})
+            "fps": 25, "clock_epoch_s": self.epoch})  # perf_counter of the frames' time 0
         sender = asyncio.create_task(connection.send_loop(self.epoch))
         try:
             while True:
@@ -523,3 +523,43 @@ class PlayServer:
         else:
             raise BadMessage(f"type: unknown message type {kind[:32]!r}; known: keyboard, input, "
                              f"image, reset, ping")
+
+
+class ServerThread:
+    """A PlayServer served by uvicorn in a background thread on `host:port` (0: a free port):
+    for tests and benchmarks that drive the server from the same process.
+
+        with ServerThread(server) as running:
+            running.http, running.ws   # http://127.0.0.1:PORT, ws://127.0.0.1:PORT/ws
+    """
+
+    def __init__(self, server: "PlayServer", host: str = "127.0.0.1", port: int = 0,
+                 start_timeout_s: float = 600.0):
+        self.server, self.host, self.port = server, host, port
+        self.start_timeout_s = start_timeout_s
+
+    def __enter__(self):
+        import socket
+        import threading
+        import uvicorn
+        if self.port == 0:
+            with socket.socket() as probe:
+                probe.bind((self.host, 0))
+                self.port = probe.getsockname()[1]
+        self.uvicorn = uvicorn.Server(uvicorn.Config(
+            self.server.app, host=self.host, port=self.port, ws_max_size=WS_MAX_SIZE,
+            log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, name="wan-play-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.uvicorn.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the play server did not start (see the log above)")
+            time.sleep(0.05)
+        self.http = f"http://{self.host}:{self.port}"
+        self.ws = f"ws://{self.host}:{self.port}/ws"
+        return self
+
+    def __exit__(self, *exc):
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=60)
