@@ -107,6 +107,8 @@ def main(argv=None):
         for n in range(1, args.players + 1):
             t0 = time.perf_counter() + args.warmup
             clients = _clients(running.ws, args, clients=n)
+            if engine.failure is not None:
+                raise RuntimeError("the engine's GPU worker failed") from engine.failure
             served = blocks.since(t0)
             realtime = all(c["fps"] >= REALTIME_FPS for c in clients)
             latency = [v for c in clients for v in c["press_to_frame_ms"]]

@@ -70,11 +70,14 @@ class EngineConfig:
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"--device {self.device}: CUDA is not available on this machine "
                                f"(use --device cpu --preset tiny)")
+        if device.type == "cuda" and device.index is None:  # the worker thread sets it by index
+            device = torch.device("cuda", torch.cuda.current_device())
         return device
 
 
@@ -284,6 +287,9 @@ class GameEngine:
     def add_player(self, play_mode: str, sink, on_event=lambda event: None,
                    image: Optional[Image.Image] = None) -> Player:
         """A new player, or ServerFull at capacity. Its game starts in the worker."""
+        if self.failure is not None:
+            raise ServerFull(f"the server cannot start games: its GPU worker failed "
+                             f"({self.failure!r})")
         with self._lock:
             limit = self.capacity if self.capacity is not None else 1
             if len(self.players) >= limit:
