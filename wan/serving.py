@@ -143,7 +143,7 @@ class DeadlineScheduler:
     deadline allows, `release_lead()` before it is due, so that it reads the freshest input."""
 
     # the margin a late release keeps beyond the estimated time to its block's end
-    RELEASE_MARGIN_S = 0.03
+    RELEASE_MARGIN_S = 0.05
 
     def __init__(self, sessions: Sequence[PlayerSession] = (),
                  clock: Callable[[], float] = time.perf_counter,

@@ -42,6 +42,10 @@ def parse_args(argv=None):
                    "available; under torchrun the local rank's GPU)")
     p.add_argument("--checkpoint", help="the DiT's .safetensors (default: random weights)")
     p.add_argument("--vae", help="Wan2.1_VAE.pth or a decoder .safetensors (default: random)")
+    p.add_argument("--matrix-game-dir",
+                   help="a Matrix-Game-2 checkout: its VAE encoder and CLIP (weights beside "
+                   "--vae) turn start images into the model's conditions (default: a demo "
+                   "conditioning from random projections)")
     p.add_argument("--max-players", type=int,
                    help="players admitted at most (default: measured at start-up: how many "
                    "blocks fit in real time)")
@@ -80,10 +84,10 @@ def main(argv=None):
     try:
         engine = GameEngine(EngineConfig(
             mode=args.mode, preset=args.preset, device=device, checkpoint=args.checkpoint,
-            vae=args.vae, cuda_graphs=False if args.no_graphs else None,
+            vae=args.vae, matrix_game_dir=args.matrix_game_dir, cuda_graphs=False if args.no_graphs else None,
             max_players=args.max_players, jpeg_quality=args.jpeg_quality),
             metrics=(metrics := PlayMetrics()))
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as error:
         log.error("%s", error)
         return 2
     if engine.demo:

@@ -129,7 +129,6 @@ def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
     server's clock is this machine's perf_counter) the block, encode+queue and transport parts."""
     begin = result.begin
     window = [f for f in result.frames if warmup_s <= f.received - begin <= seconds]
-    span = seconds - warmup_s
     presses = [(i, t) for i, t in result.presses if t - begin >= warmup_s]
     latency = []
     for input_id, sent in presses:
@@ -147,7 +146,13 @@ def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
         if epoch is not None:
             parts["transport_ms_p50"] = statistics.median(
                 1e3 * (f.received - epoch) - f.sent_ms for f in firsts)
-    return {"fps": len(window) / span if span > 0 else 0.0, "frames": len(window),
+    # fps from whole blocks: the frames of the blocks after the first one in the window over
+    # the time between the first frames' arrivals (frames come a block at a time)
+    fps = 0.0
+    if len(firsts) >= 2 and firsts[-1].received > firsts[0].received:
+        shown = sum(f.frames_in_block for f in firsts[:-1])
+        fps = shown / (firsts[-1].received - firsts[0].received)
+    return {"fps": fps, "frames": len(window),
             "presses": len(presses), "press_to_frame_ms": latency,
             "press_to_frame_p50_ms": _percentile(latency, 0.5),
             "press_to_frame_p95_ms": _percentile(latency, 0.95), "errors": result.errors(),

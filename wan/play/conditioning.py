@@ -12,29 +12,36 @@ A conditioner gives conditions for `CONDITION_BLOCKS` blocks; later blocks reuse
 (the encoder is causal and the black frames' latents settle far from the image: `PlayerSession`'s
 `hold_conditions`).
 """
+import importlib
 import io
+import logging
+import sys
+from pathlib import Path
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+log = logging.getLogger(__name__)
 CONDITION_BLOCKS = 2  # blocks of conditions a conditioner gives: the first one and a settled one
 CLIP_TOKENS, CLIP_DIM = 257, 1280
 LATENT_CHANNELS, MASK_CHANNELS = 16, 4
 
 
 def image_to_tensor(image: Image.Image, size: Tuple[int, int]) -> torch.Tensor:
-    """The image resized to cover `size` (H, W), centre-cropped, as [3, H, W] floats in [-1, 1]
-    (upstream's preprocessing of the start image)."""
+    """The start image as upstream's scripts prepare it: centre-cropped to the frame's aspect
+    ratio, resized to `size` (H, W) with an antialiased bilinear filter, as [3, H, W] floats in
+    [-1, 1]."""
     h, w = size
     image = image.convert("RGB")
-    scale = max(h / image.height, w / image.width)
-    resized = image.resize((max(w, round(image.width * scale)), max(h, round(image.height * scale))),
-                           Image.BICUBIC)
-    left, top = (resized.width - w) // 2, (resized.height - h) // 2
-    cropped = resized.crop((left, top, left + w, top + h))
-    data = torch.frombuffer(bytearray(cropped.tobytes()), dtype=torch.uint8)
+    if image.height * w > h * image.width:  # taller than the frame: crop rows
+        crop_w, crop_h = image.width, image.width * h / w
+    else:
+        crop_w, crop_h = image.height * w / h, image.height
+    left, top = (image.width - crop_w) / 2, (image.height - crop_h) / 2
+    image = image.resize((w, h), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return data.view(h, w, 3).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -101,3 +108,68 @@ def png_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+def import_from_checkout(root, module: str):
+    """Import `module` (e.g. 'wan.vae.wanx_vae') from a Matrix-Game-2 checkout at `root`, whose
+    top-level package is also named `wan`: this library's `wan` modules step aside while the
+    checkout's are imported, then come back; the checkout's stay reachable through the returned
+    module (imports inside its functions that run later must not name `wan`: upstream's encoder
+    code imports everything at the top)."""
+    root = str(Path(root).resolve())
+    clash = ("wan", "utils")
+
+    def ours(name):
+        return any(name == c or name.startswith(c + ".") for c in clash)
+    saved = {name: mod for name, mod in sys.modules.items() if ours(name)}
+    for name in saved:
+        del sys.modules[name]
+    sys.path.insert(0, root)
+    try:
+        loaded = importlib.import_module(module)
+    finally:
+        sys.path.remove(root)
+        for name in [n for n in sys.modules if ours(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+    if not str(Path(loaded.__file__).resolve()).startswith(root):
+        raise ImportError(f"{module} did not come from {root}")
+    return loaded
+
+
+class CheckoutConditioner:
+    """Upstream's image conditioning, with a Matrix-Game-2 checkout's own encoders and weights:
+    `get_wanx_vae_wrapper` of its `wan/vae/wanx_vae.py` over the folder holding Wan2.1_VAE.pth and
+    the CLIP checkpoint. As upstream's `inference_streaming.py`: the image and 4 * (N - 1) black
+    frames encoded (tiled: tiles 44 x 80, stride 23 x 38), the mask (1 on the first latent frame)
+    before them, CLIP features of the image. N = `condition_blocks` blocks of latent frames;
+    later blocks reuse the last one (upstream encodes all 360 frames up front)."""
+    demo = False
+
+    def __init__(self, matrix_game_dir, weights_dir, device, dtype, latent_hw=(44, 80),
+                 frames_per_block: int = 3, condition_blocks: int = 4):
+        module = import_from_checkout(matrix_game_dir, "wan.vae.wanx_vae")
+        vae = module.get_wanx_vae_wrapper(str(weights_dir), torch.float16)
+        vae.requires_grad_(False)
+        vae.eval()
+        self.vae = vae.to(device, dtype)
+        self.latent_hw, self.frames_per_block = tuple(latent_hw), frames_per_block
+        self.latent_frames = condition_blocks * frames_per_block
+        self.name = (f"upstream's VAE encoder + CLIP from {matrix_game_dir} (weights {weights_dir}), "
+                     f"{self.latent_frames} latent frames encoded per game")
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        return self.latent_hw[0] * 8, self.latent_hw[1] * 8
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image, device, dtype):
+        pixels = image_to_tensor(image, self.image_size)[None, :, None].to(device, dtype)
+        black = torch.zeros_like(pixels).repeat(1, 1, 4 * (self.latent_frames - 1), 1, 1)
+        latents = self.vae.encode(torch.cat([pixels, black], dim=2), device=device, tiled=True,
+                                  tile_size=[44, 80], tile_stride=[23, 38]).to(device, dtype)
+        mask = torch.zeros_like(latents[:, :MASK_CHANNELS])
+        mask[:, :, 0] = 1.0
+        cond = torch.cat([mask, latents], dim=1)
+        visual_context = self.vae.clip.encode_video(pixels)
+        return visual_context.to(device, dtype), cond

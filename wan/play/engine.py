@@ -17,6 +17,7 @@ timed, capacity = how many such blocks fit in one 0.48 s period with 5% to spare
 A player who leaves takes its caches with it (the session, its cache dicts and decoder stream
 are dropped in the worker; `memory_report` shows the device memory before and after).
 """
+import gc
 import itertools
 import logging
 import math
@@ -25,7 +26,8 @@ import statistics
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -39,7 +41,7 @@ from ..presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
 from ..random_init import randomize_decoder_weights_, randomize_weights_
 from ..serving import BLOCK_FRAMES, VIDEO_FPS, DeadlineScheduler, PlayerSession
 from .actions import ActionSpace, InputState, action_space, action_steps
-from .conditioning import DemoConditioner, builtin_start_image
+from .conditioning import CheckoutConditioner, DemoConditioner, builtin_start_image
 from .encode import JpegEncoder, to_uint8
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class EngineConfig:
     vae: Optional[str] = None            # Wan2.1_VAE.pth or a decoder .safetensors
     cuda_graphs: Optional[bool] = None   # default: on for CUDA
     max_players: Optional[int] = None    # default: measured at start-up
+    matrix_game_dir: Optional[str] = None  # a checkout: its VAE encoder + CLIP condition on images
     warmup_blocks: int = 4
     jpeg_quality: int = 85
     seed: int = 0
@@ -215,7 +218,16 @@ class GameEngine:
         model.num_frame_per_block = 3
         self.model = model.to(self.device, self.dtype).eval()
         self.decoder = decoder.to(self.device, self.decoder_dtype).eval()
-        self.conditioner = DemoConditioner(self.latent_hw, self.model.num_frame_per_block)
+        if config.matrix_game_dir:
+            if not config.vae:
+                raise ValueError("--matrix-game-dir needs --vae (Wan2.1_VAE.pth; the CLIP "
+                                 "checkpoint and xlm-roberta-large tokenizer beside it, as "
+                                 "upstream's get_wanx_vae_wrapper reads them)")
+            self.conditioner = CheckoutConditioner(
+                config.matrix_game_dir, Path(config.vae).resolve().parent, self.device,
+                self.dtype, self.latent_hw, self.model.num_frame_per_block)
+        else:
+            self.conditioner = DemoConditioner(self.latent_hw, self.model.num_frame_per_block)
         self.demo = config.checkpoint is None or self.conditioner.demo
         self.frame_size = self.conditioner.image_size
         self.default_image = builtin_start_image(self.frame_size)
@@ -271,6 +283,7 @@ class GameEngine:
             self._synchronize()
             times.append(time.perf_counter() - start)
         del player
+        gc.collect()
         steady = statistics.median(times[2:])
         self.steady_block_ms = 1e3 * steady
         self.scheduler.block_estimate_s = steady
@@ -368,11 +381,16 @@ class GameEngine:
                 return
             if name == "leave":
                 player.session = None  # its cache dicts, decoder stream and graphs go with it
+                # the caches sit in reference cycles (graph storages, finalizers): collect them
+                # now, or their device memory stays taken until Python's next full collection
+                collect_start = time.perf_counter()
+                gc.collect()
+                collect_ms = 1e3 * (time.perf_counter() - collect_start)
                 if self.device.type == "cuda" and self.player_count() == 0:
                     torch.cuda.empty_cache()
-                log.info("player %d left; device memory %.2f GiB (%.2f GiB before any player)",
-                         player.id, self.device_memory() / 2**30,
-                         self.memory_before_players / 2**30)
+                log.info("player %d left; device memory %.2f GiB (%.2f GiB before any player; "
+                         "collected in %.0f ms)", player.id, self.device_memory() / 2**30,
+                         self.memory_before_players / 2**30, collect_ms)
                 continue
             if player.closed:
                 continue
