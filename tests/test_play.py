@@ -411,7 +411,7 @@ def test_a_token_is_required_when_set(engine):
 def test_an_idle_player_is_closed(engine):
     with PlayServerThread(engine=engine, idle_timeout_s=1.0) as server:
         result = _run(play(server.ws, seconds=30))
-        assert any(t.get("type") == "idle" for t in result.texts)
+        assert any(t.get("type") == "idle" for t in result.texts), (result.texts, result.closed)
         assert result.closed is not None and result.closed[0] == 1000
         _wait_until(lambda: engine.player_count() == 0, what="the idle session to end")
 

@@ -159,6 +159,8 @@ class Player:
     def run_block(self):
         """The next block, reading the input as it is now (called by the scheduler)."""
         session = self.session
+        if session is None:  # the player left after its block was chosen: nothing to make
+            return None, None
         self.action = self.input.sample()
         f = session.runner.frames_per_block
         needed = 1 + 4 * ((session.blocks_done + 1) * f - 1)  # steps up to this block's last frame
@@ -380,6 +382,8 @@ class GameEngine:
             except queue.Empty:
                 return
             if name == "leave":
+                # again here: a join this worker applied while the player was leaving queued a block
+                self.scheduler.leave(player)
                 player.session = None  # its cache dicts, decoder stream and graphs go with it
                 # the caches sit in reference cycles (graph storages, finalizers): collect them
                 # now, or their device memory stays taken until Python's next full collection

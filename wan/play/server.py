@@ -166,6 +166,16 @@ class Connection:
             self.metrics.frames_dropped.inc(dropped)
         self.ready.set()
 
+    async def close_with(self, code: int, message: dict):
+        """Send `message` (ahead of anything queued) and close the socket with `code`."""
+        self.frames.clear()
+        self.texts.clear()
+        try:
+            await self.websocket.send_text(json.dumps(message))
+            await self.websocket.close(code=code)
+        except Exception:  # the client went away first
+            pass
+
     async def send_loop(self, epoch: float):
         ws = self.websocket
         while True:
@@ -237,10 +247,9 @@ class PlayServer:
                 if now - session.player.last_input > self.idle_timeout_s:
                     log.info("session %s idle for %.0f s: closed", session.key, self.idle_timeout_s)
                     for connection in list(session.sockets):
-                        connection.text({"type": "idle", "reason": f"no input for "
-                                         f"{self.idle_timeout_s:.0f} s: the game was closed"})
-                        await asyncio.sleep(0)
-                        await connection.websocket.close(code=1000)
+                        await connection.close_with(1000, {
+                            "type": "idle",
+                            "reason": f"no input for {self.idle_timeout_s:.0f} s: the game was closed"})
                     self._end(session)
 
     # access ----------------------------------------------------------------------------------
@@ -440,9 +449,8 @@ class PlayServer:
                     self.metrics.rejected.labels(str(bad).split(":")[0][:24]).inc()
                     connection.text({"type": "error", "reason": str(bad)})
                 if connection.flood > 1000:
-                    connection.text({"type": "error", "reason": "too many messages: closed"})
-                    await asyncio.sleep(0.05)
-                    await websocket.close(code=1008, reason="message flood")
+                    await connection.close_with(1008, {"type": "error",
+                                                       "reason": "too many messages: closed"})
                     break
         except WebSocketDisconnect:
             pass
