@@ -23,6 +23,7 @@ The noise schedule is upstream's flow matching as its inference configs set it (
 steps, shift 5, `warp_denoising_step: true`, `context_noise: 0`): the model's output is a flow
 prediction, x0 = x_t - sigma * flow, and the next step's input is (1 - sigma') x0 + sigma' noise.
 """
+import functools
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -74,7 +75,7 @@ class StreamingBlockRunner:
         self.split = self.decoder_device != self.device  # the DiT and the decoder on two GPUs
         self.overlap = overlap_update and self.device.type == "cuda" and not self.split
         # the decode's stream: the highest priority torch offers (lower numbers run first)
-        self.side = torch.cuda.Stream(self.device, priority=-1) if self.overlap else None
+        self.side = decode_stream(self.device) if self.overlap else None
         _, ph, pw = model.patch_size
         self.tokens_per_frame = (latent_hw[0] // ph) * (latent_hw[1] // pw)
         self.caches = None
@@ -139,6 +140,14 @@ class StreamingBlockRunner:
             clock.mark("done")
         self.frame += f
         return frames, clock
+
+
+@functools.lru_cache(maxsize=None)
+def decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """One high-priority decode stream per device, shared by every runner (player): cuBLAS and
+    cuDNN keep a workspace per stream for the life of the process (32 MiB and more each), so a
+    stream per player would leave that much behind every player who came and went."""
+    return torch.cuda.Stream(device, priority=-1)
 
 
 def _timesteps(t: float, batch: int, frames: int, device):

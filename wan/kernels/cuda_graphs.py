@@ -11,6 +11,7 @@ pipeline allocates new dicts for every video) or when the owner's buffers were r
 Inputs are copied into static buffers before each replay. Capture follows the usual recipe: warm
 up on a side stream, then capture the same call.
 """
+import functools
 import os
 import weakref
 from typing import Callable, Dict, List, Optional
@@ -141,7 +142,7 @@ class GraphRunner:
 
     def _capture(self, fn, inputs):
         static_inputs = {name: value.clone() for name, value in inputs.items()}
-        side = torch.cuda.Stream()
+        side = _capture_stream(torch.cuda.current_device())
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.WARMUP_CALLS):
@@ -155,6 +156,14 @@ class GraphRunner:
             static_out = fn(**static_inputs)
         self.pool = graph.pool()
         return graph, static_inputs, static_out
+
+
+@functools.lru_cache(maxsize=None)
+def _capture_stream(device: int) -> torch.cuda.Stream:
+    """One capture stream per device for every capture: cuBLAS and cuDNN keep a workspace per
+    stream for the life of the process, so a new stream per capture (per player's graphs) would
+    leave ~100 MiB behind every player who came and went (measured on an H200)."""
+    return torch.cuda.Stream(device)
 
 
 class ForgetsDerivedStateOnNewWeights:

@@ -385,16 +385,10 @@ class GameEngine:
                 # again here: a join this worker applied while the player was leaving queued a block
                 self.scheduler.leave(player)
                 player.session = None  # its cache dicts, decoder stream and graphs go with it
-                # the caches sit in reference cycles (graph storages, finalizers): collect them
-                # now, or their device memory stays taken until Python's next full collection
-                collect_start = time.perf_counter()
-                gc.collect()
-                collect_ms = 1e3 * (time.perf_counter() - collect_start)
                 if self.device.type == "cuda" and self.player_count() == 0:
                     torch.cuda.empty_cache()
-                log.info("player %d left; device memory %.2f GiB (%.2f GiB before any player; "
-                         "collected in %.0f ms)", player.id, self.device_memory() / 2**30,
-                         self.memory_before_players / 2**30, collect_ms)
+                log.info("player %d left; device memory %.2f GiB (%.2f GiB before any player)",
+                         player.id, self.device_memory() / 2**30, self.memory_before_players / 2**30)
                 continue
             if player.closed:
                 continue
