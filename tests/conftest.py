@@ -11,3 +11,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 # so it is set before anything imports them; `auto` never picks the interpreter (tests name it).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_dit_options_from_earlier_tests():
+    """A decoder given no options follows the last optimized DiT built in the process
+    (wan/kernels/options.py): each test starts as a fresh process would."""
+    from wan.kernels.options import publish_model_options
+    publish_model_options()
+    yield

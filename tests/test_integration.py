@@ -22,6 +22,7 @@ from wan.integrate import (DECODER_FILES, DECODER_IMPORT, OPTIMIZED_DECODER_IMPO
                            OPTIMIZED_IMPORT, RECOGNISED_BY, UPSTREAM_IMPORT, install, status, undo)
 from wan.kernels.cuda_graphs import cuda_graphs_on
 from wan.kernels.options import publish_model_options
+from wan.kernels.registry import BackendUnavailableError
 from wan.modules import optimized_vae_decoder
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper
@@ -237,6 +238,15 @@ def test_decoder_options_follow_the_dit_then_the_environment(monkeypatch, caplog
     own = OptimizedVAEDecoderWrapper(cuda_graphs=True).double()  # its own keyword wins
     own(z, *([None] * 32))
     assert own.cuda_graphs is True
+    # a DiT backend that cannot run the decoder here (Triton has no float64): not followed, said
+    publish_model_options(backend="triton")
+    fallback = OptimizedVAEDecoderWrapper().double()
+    with caplog.at_level(logging.INFO, logger="wan.fast"):
+        got, _ = fallback(z, *([None] * 32))
+    assert any("not following the DiT's backend='triton'" in r.getMessage() for r in caplog.records)
+    assert set(fallback.backend.values()) == {"auto"}
+    with pytest.raises(BackendUnavailableError):  # asked for by the decoder itself: an error
+        OptimizedVAEDecoderWrapper(backend="triton").double()(z, *([None] * 32))
     publish_model_options()  # no DiT options: the environment
     monkeypatch.setenv("WAN_CUDA_GRAPHS", "0")
     assert OptimizedVAEDecoderWrapper().cuda_graphs is False

@@ -6,7 +6,9 @@ the decoder with no arguments at all (`VAEDecoderWrapper()`). So the DiT publish
 was given here, and an OptimizedVAEDecoderWrapper given none of its own follows them, resolved at
 its first call (the DiT is built first in upstream's scripts, but need not be). Order per option:
 the decoder's own keyword, then the DiT's (config.json or keyword), then the environment
-(WAN_CUDA_GRAPHS, WAN_BACKEND), then the defaults. The last DiT built wins.
+(WAN_CUDA_GRAPHS, WAN_BACKEND), then the defaults. The last DiT built wins. A DiT backend that
+cannot run the decoder's ops on its device and dtype is not followed (said in the log); one
+asked for by the decoder's own keyword or WAN_BACKEND is an error, as for the DiT.
 """
 from typing import Optional
 

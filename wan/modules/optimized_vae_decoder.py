@@ -56,7 +56,8 @@ from ..kernels.cuda_graphs import (ForgetsDerivedStateOnNewWeights, GraphRunner,
                                   cuda_graphs_on, cuda_graphs_setting, describe_cuda_graphs)
 from ..kernels.log import info
 from ..kernels.options import model_options
-from ..kernels.registry import describe_resolved, load_selection, resolve
+from ..kernels.registry import (BackendUnavailableError, describe_resolved, load_selection,
+                                resolve)
 from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
 
@@ -272,7 +273,16 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
             return
         self._resolve_options()
         self._graphs.clear()  # captured over the old layout
-        resolved = {op: resolve(op, self.backend[op], device, dtype, 0) for op in DECODER_OPS}
+        try:
+            resolved = {op: resolve(op, self.backend[op], device, dtype, 0) for op in DECODER_OPS}
+        except BackendUnavailableError as err:
+            if not self._options_origin.get("backend", "").startswith("the DiT's"):
+                raise  # asked for here or in WAN_BACKEND: a clear error
+            # the DiT's choice does not run the decoder here (e.g. triton in float64 on a CPU)
+            info("%s: not following %s (%s); WAN_BACKEND or auto instead", type(self).__name__,
+                 self._options_origin.pop("backend"), err)
+            self.backend = load_selection(self._requested["backend"])
+            resolved = {op: resolve(op, self.backend[op], device, dtype, 0) for op in DECODER_OPS}
         self._ops = SimpleNamespace(**{op: fn for op, (_, fn) in resolved.items()})
         graphs = describe_cuda_graphs(self.cuda_graphs, device, *self._graphs_given)
         backend = self._options_origin.get("backend")
