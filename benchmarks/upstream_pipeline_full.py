@@ -11,7 +11,14 @@ Steps (each a subprocess, so every run has a process of its own):
    the OptimizedVAEDecoderWrapper its scripts now import (fp16, as the pipeline runs it), all
    options at their defaults (CUDA graphs on); a float32 run (upstream's model, exact attention,
    upstream's decoder in float32) is the reference for the latents' and the frames' error;
-3. `./tests/run_tests.sh benchmark` in the copy (the seed's protocol, no option set).
+3. `./tests/run_tests.sh benchmark` in the copy (the seed's protocol, no option set; with
+   tests/checkout/standins.py as a pytest plugin, for flash_attn, which the device lacks).
+
+On the device machine (torch 2.11, no omegaconf/diffusers/easydict/ftfy there): carry the
+checkout (e.g. `.mg2/Matrix-Game-2`) and wheels of omegaconf, diffusers, easydict, ftfy, wcwidth,
+importlib_metadata and zipp, installed with `pip install --no-index --no-deps --target /tmp/site`
+and PYTHONPATH=/tmp/site. The pipeline part and the suite part fit one 600 s call each
+(`--skip-suite`, then `--suite-only`).
 Writes DIR/upstream_pipeline_full.json (with the pipeline's full report) and the suite's log, and
 prints a short table last. DIR defaults to $OUT, else benchmarks/results.
 """
@@ -85,8 +92,12 @@ def main():
         report["pipeline"] = json.loads(pipeline_json.read_text())
     suite = None
     if not args.skip_suite:
+        # stand-ins for what the device lacks (flash_attn: SDPA), as tests/checkout/ runs the suite
+        standins = str(ROOT / "tests" / "checkout")
+        suite_env = dict(plain, PYTHONPATH=os.pathsep.join([standins, *kept]),
+                         PYTEST_ADDOPTS="-p standins")
         suite = run(["./tests/run_tests.sh", "benchmark"], checkout,
-                    out / "upstream_pipeline_full_seed_suite.log", 1800, plain)
+                    out / "upstream_pipeline_full_seed_suite.log", 1800, suite_env)
         text = suite.stdout + suite.stderr
         report["seed_suite"] = {"exit": suite.returncode,
                                 "lines": [line for line in text.splitlines()
