@@ -135,7 +135,8 @@ def test_torchrun_over_two_cpu_processes_gives_each_player_the_same_frames(tmp_p
     """4 players served by one process, then by 2 processes under torchrun (gloo): every
     player's frames are the same (one thread per process in both runs: the same summation order),
     and rank 0 reports all four players."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU processes on any machine (a one-GPU machine has no cuda:1 for rank 1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     command = ["-m", "wan.serve", "--players", "4", "--blocks", "2"]
     alone, together = tmp_path / "alone.pt", tmp_path / "torchrun.pt"
     subprocess.run([sys.executable, *command, "--frames-out", str(alone)], cwd=ROOT, env=env,
