@@ -28,13 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan import CausalWanModel  # noqa: E402
+from wan.kernels.conditioning import history_steps  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.kernels.stream_cache import StreamCache  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
 from wan.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
 from wan.random_init import randomize_weights_  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STEPS = (1000.0, 666.0, 333.0)
 
 
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
     p.add_argument("--preset", default="universal" if cuda else "tiny")
-    p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="bf16" if cuda else "fp32", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--blocks", type=int, default=2500)
     p.add_argument("--check-every", type=int, default=250)
     p.add_argument("--out", default=None)
@@ -108,7 +109,7 @@ class Conditions:
         self.h, self.w = LATENT_SIZE[preset]
         self.device, self.dtype = device, dtype
         gen = torch.Generator().manual_seed(0)
-        steps = 1 + 4 * 3 * blocks
+        steps = history_steps(3 * blocks)
         self.mouse = (0.1 * torch.randn(1, steps, 2, generator=gen)).to(device, dtype)
         width = next(b.action_model for b in model.blocks
                      if b.action_model is not None).keyboard_embed[0].in_features
@@ -117,7 +118,7 @@ class Conditions:
 
     def block(self, index: int):
         gen = torch.Generator().manual_seed(1000 + index)
-        steps = 1 + 4 * (3 * index + 2)
+        steps = history_steps(3 * index + 2)
         x, cond = (torch.randn(1, c, 3, self.h, self.w, generator=gen) for c in (16, 20))
         return {"x": x.to(self.device, self.dtype), "cond_concat": cond.to(self.device, self.dtype),
                 "visual_context": self.visual_context, "mouse_cond": self.mouse[:, :steps],

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.profile_forward import kernel_summary  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
 from wan.modules.vae_decoder import VAEDecoderWrapper  # noqa: E402
 from wan.random_init import randomize_decoder_weights_  # noqa: E402
@@ -30,7 +31,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     decoder = randomize_decoder_weights_(DECODERS[args.decoder]()).to("cuda", dtype).eval()
     latents = [torch.randn(1, 3, 16, 44, 80, device="cuda", dtype=dtype) for _ in range(4)]
     cache = [None] * 32

@@ -8,7 +8,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from attention_ops import time_ms  # CUDA events, warm-up, median
+from attention_ops import time_ms  # CUDA events, warm-up, median (puts the repository on the path)
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 
 
 def main():
@@ -17,7 +18,7 @@ def main():
     p.add_argument("--tokens", type=int, default=3 * 880)
     p.add_argument("--dim", type=int, default=1536)
     args = p.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     x = torch.randn(1, args.tokens, args.dim, device="cuda", dtype=dtype)
     w = torch.randn(3 * args.dim, args.dim, device="cuda", dtype=dtype) / args.dim ** 0.5
     b = torch.randn(3 * args.dim, device="cuda", dtype=dtype) * 0.02

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.stream import Timer, finish, run_header  # noqa: E402
+from wan.kernels.conditioning import history_steps  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
 from wan.pipeline import StreamingBlockRunner  # noqa: E402
@@ -60,7 +61,7 @@ def block_ms(model, decoder, args) -> float:
     steps = inputs["mouse_cond"].shape[1]
 
     def block(index):
-        end = 1 + 4 * (3 * index + 2)
+        end = history_steps(3 * index + 2)
         runner.block(inputs["cond_concat"], inputs["mouse_cond"][:, :min(end, steps)],
                      inputs["keyboard_cond"][:, :min(end, steps)])
 

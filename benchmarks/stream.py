@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan import CausalWanModel  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
 from wan.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
@@ -46,8 +47,6 @@ from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
 MODEL_CLASSES = {"reference": (CausalWanModel, {}),
                  "optimized": (OptimizedCausalWanModel, {"cuda_graphs": False}),
                  "graphs": (OptimizedCausalWanModel, {"cuda_graphs": True})}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "fp64": torch.float64}
 SEED_CACHE_FRAMES = 15
 VIDEO_FRAMES_PER_LATENT = 4
 
@@ -56,7 +55,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--preset", default="auto", help="tiny, universal, gta_drive, templerun or auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp64"])
     p.add_argument("--models", default=None,
                    help=f"comma list of {list(MODEL_CLASSES)} (default: all; no graphs on a CPU)")
     p.add_argument("--blocks", type=int, default=None, help="pipeline blocks (default 8 GPU, 5 CPU)")

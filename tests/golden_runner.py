@@ -6,6 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from wan.kernels.conditioning import frame_tokens, history_steps
 from wan.modules.rolling_cache import new_stream_caches
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -33,7 +34,7 @@ def golden_model(model_cls, meta, weights, dtype=torch.float64):
 
 def block_conditions(inputs, block: int, frames_per_block: int, dtype):
     s = frames_per_block * block
-    steps = 1 + 4 * (s + frames_per_block - 1)
+    steps = history_steps(s + frames_per_block - 1)
     cond = {"cond_concat": inputs["cond_concat"][:, :, s:s + frames_per_block].to(dtype),
             "visual_context": inputs["visual_context"].to(dtype),
             "keyboard_cond": inputs["keyboard_cond"][:, :steps].to(dtype),
@@ -47,7 +48,7 @@ def run_streaming(model, meta, inputs, dtype=torch.float64, caches=None):
     """Every call of the sequence; returns {output name: tensor} for the stored ones."""
     nfpb = meta["num_frame_per_block"]
     h, w = inputs["noise"].shape[-2:]
-    tokens_per_frame = (h // 2) * (w // 2)
+    tokens_per_frame = frame_tokens(h, w, model.patch_size)
     if caches is None:
         caches = new_stream_caches(model, 1, meta["window_frames"], tokens_per_frame, dtype=dtype)
     results = {}

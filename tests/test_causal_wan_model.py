@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from wan.modules.causal_model import CausalWanModel
+from wan.kernels.conditioning import history_steps
 from wan.kernels.upstream_caches import new_stream_caches
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.random_init import randomize_weights_
@@ -269,7 +270,7 @@ def _block_inputs(model, device, start_frame: int, seed: int, frames: int = 3) -
     histories hold every step up to the last frame (1 + 4 * last_frame)."""
     gen = torch.Generator().manual_seed(seed)
     dtype = model.patch_embedding.weight.dtype
-    steps = 1 + 4 * (start_frame + frames - 1)
+    steps = history_steps(start_frame + frames - 1)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from helpers import build_model, make_caches, rel_err, tiny_variant_config
+from wan.kernels.conditioning import VAE_TIME_COMPRESSION, history_steps
 from wan.kernels.rope_tables import (action_inverse_frequencies, angles, inverse_frequencies,
                                      self_attention_angles, self_attention_axis_dims)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
@@ -25,7 +26,7 @@ def _stream_inputs(model, block: int, seed: int, history=None, batch: int = 1):
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    steps = 1 + 4 * (3 * block + 2)
+    steps = history_steps(3 * block + 2)
 
     def shared(tensor, steps=None):
         if tensor is None:  # templerun has no mouse
@@ -119,7 +120,7 @@ def test_both_models_stream_past_frame_1024(variant, sink, batch, owned):
     optimized = build_model(config=config, cls=OptimizedCausalWanModel, sink_size=sink)
     window = reference.local_attn_size
     blocks = 344
-    history = _history(1 + 4 * 3 * blocks)
+    history = _history(history_steps(3 * blocks))
     keys = reference.blocks[0].action_model.keyboard_embed[0].in_features  # 4, 2 or 7 keys
     history["keyboard_cond"] = torch.cat([history["keyboard_cond"]] * 2, dim=2)[..., :keys]
     if variant == "templerun":
@@ -145,7 +146,8 @@ def test_shift_invariance_without_a_sink():
     any position through their end indices)."""
     model = build_model(config=tiny_variant_config())
     start, shift, blocks = 1020, 3000, 4
-    history = _history(1 + 4 * (start + shift + 3 * blocks), period=4 * shift)
+    history = _history(history_steps(start + shift + 3 * blocks),
+                       period=VAE_TIME_COMPRESSION * shift)
     outputs, keys = [], []
     for first in (start, start + shift):
         caches = make_caches(model)
@@ -171,7 +173,7 @@ def test_a_cache_that_would_be_written_past_its_end_is_refused_before_any_kernel
     be written out of range on the device (a device-side assert poisons the CUDA context). It is a
     clear error on the host instead, the caches untouched and the stream usable after."""
     model = build_model(config=tiny_variant_config(), cls=OptimizedCausalWanModel)
-    history = _history(1 + 4 * 12)
+    history = _history(history_steps(12))
     # layer 1's self-attention buffer; layer 0's mouse buffer (its keyboard one keeps 6 frames)
     for name, layer, unit in (("kv_cache", 1, TOKENS), ("kv_cache_mouse", 0, 1)):
         caches = make_caches(model)

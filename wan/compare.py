@@ -25,15 +25,14 @@ from typing import Dict, List
 
 import torch
 
-from .kernels.conditioning import attention_window_frames
+from .kernels.conditioning import attention_window_frames, frame_tokens
+from .kernels.dtypes import DTYPES, default_dtype_name
 from .kernels.upstream_caches import new_stream_caches
 from .modules.causal_model import CausalWanModel
 from .modules.optimized_causal_model import OptimizedCausalWanModel
 from .pipeline import FlowMatchSchedule
 from .presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
 from .random_init import random_inputs, randomize_weights_
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -47,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp8", help="the precision to compare with native "
                    "(default fp8)")
     p.add_argument("--blocks", type=int, default=10, help="blocks of 3 latent frames (default 10)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="the optimized model's dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="weights (without --checkpoint) and inputs")
@@ -77,8 +76,7 @@ def oracle_stream(oracle, blocks: int, latent_hw, seed: int) -> List[dict]:
     and its outputs, on the oracle's device."""
     schedule = FlowMatchSchedule()
     frames = oracle.num_frame_per_block
-    _, ph, pw = oracle.patch_size
-    tokens = (latent_hw[0] // ph) * (latent_hw[1] // pw)
+    tokens = frame_tokens(latent_hw[0], latent_hw[1], oracle.patch_size)
     caches = new_stream_caches(oracle, 1, attention_window_frames(oracle.local_attn_size), tokens)
     context = None
     gen = torch.Generator(device=oracle.patch_embedding.weight.device).manual_seed(seed)
@@ -182,7 +180,7 @@ def print_table(report: dict):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or default_dtype_name(device)]
     config = _config(args)
     latent_hw = LATENT_SIZE.get(args.preset, (44, 80)) if not args.config else (44, 80)
     _log(f"building the float32 oracle and the {dtype} optimized model on {device}")

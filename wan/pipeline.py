@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .kernels.conditioning import attention_window_frames
+from .kernels.conditioning import attention_window_frames, frame_tokens
 from .kernels.upstream_caches import new_stream_caches
 
 DISTILLED_STEPS = (1000, 666, 333)  # upstream's denoising_step_list (before warping)
@@ -76,8 +76,7 @@ class StreamingBlockRunner:
         self.overlap = overlap_update and self.device.type == "cuda" and not self.split
         # the decode's stream: the highest priority torch offers (lower numbers run first)
         self.side = decode_stream(self.device) if self.overlap else None
-        _, ph, pw = model.patch_size
-        self.tokens_per_frame = (latent_hw[0] // ph) * (latent_hw[1] // pw)
+        self.tokens_per_frame = frame_tokens(latent_hw[0], latent_hw[1], model.patch_size)
         self.caches = None
         self.generator = generator  # the noise's source (default: torch's global one)
 

@@ -3,6 +3,8 @@ import copy
 import json
 from pathlib import Path
 
+from .kernels.conditioning import frame_tokens
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "distilled_model"
 UPSTREAM_VARIANTS = ("universal", "gta_drive", "templerun")
 
@@ -35,5 +37,4 @@ def model_config(name: str) -> dict:
 
 def tokens_per_frame(name: str) -> int:
     """Tokens of one latent frame at a preset's latent size (patch 2 x 2): 880 for the real model."""
-    h, w = LATENT_SIZE[name]
-    return (h // 2) * (w // 2)
+    return frame_tokens(*LATENT_SIZE[name], patch_size=(1, 2, 2))

@@ -13,6 +13,8 @@ import zlib
 
 import torch
 
+from .kernels.conditioning import history_steps
+
 
 @torch.no_grad()
 def randomize_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -45,7 +47,7 @@ def random_inputs(model, latent_hw, frames: int = 3, start_frame: int = 0, batch
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
 
-    steps = 1 + 4 * (start_frame + frames - 1)
+    steps = history_steps(start_frame + frames - 1)
     inputs = {"x": rand(batch, 16, frames, h, w),
               "t": torch.full((batch, frames), t, dtype=dtype, device=device),
               "visual_context": rand(batch, 257, 1280),

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .kernels.conditioning import history_steps
 from .pipeline import StreamingBlockRunner
 
 VIDEO_FPS = 25
@@ -77,7 +78,7 @@ class PlayerSession:
         """The next block: (frames [B, T, 3, H, W], its runner clock)."""
         f = self.runner.frames_per_block
         start = self.blocks_done * f
-        steps = 1 + 4 * (start + f - 1)  # what the model reads for frames up to this block's last
+        steps = history_steps(start + f - 1)  # what the model reads for frames up to this block's last
         cond = self.cond_concat
         if cond.shape[2] != f:
             if cond.shape[2] < start + f and self.hold_conditions:

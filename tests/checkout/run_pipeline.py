@@ -44,10 +44,11 @@ from omegaconf import OmegaConf  # noqa: E402
 import utils.wan_wrapper as wan_wrapper  # noqa: E402
 from pipeline import CausalInferencePipeline  # noqa: E402
 from wan.modules.causal_model import CausalWanModel as UpstreamCausalWanModel  # noqa: E402
+from wan.kernels.conditioning import history_steps  # noqa: E402
 from wan.kernels.cuda_graphs import cuda_graphs_on  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.random_init import randomize_weights_  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENT = (44, 80)
 # what upstream's pipeline hard-codes (12 x 128 self-attention heads, 16 x 64 action heads, 30
 # cache entries) at a size a CPU runs: 2 layers, a narrow FFN
@@ -172,7 +173,7 @@ def conditions(frames, device, dtype, seed, latent=LATENT):
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    steps = 1 + 4 * (frames - 1)
+    steps = history_steps(frames - 1)
     return {"cond_concat": randn(1, 20, frames, *latent), "visual_context": randn(1, 257, 1280),
             "mouse_cond": 0.1 * randn(1, steps, 2),
             "keyboard_cond": (randn(1, steps, 4) > 0).to(dtype)}

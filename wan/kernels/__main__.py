@@ -9,10 +9,9 @@ import argparse
 
 import torch
 
+from .dtypes import DTYPES, default_dtype_name
 from .registry import BACKENDS, OPS, BackendUnavailableError, load_selection, resolve
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-          "fp64": torch.float64, "float32": torch.float32, "float64": torch.float64}
 # head sizes the model calls the ops with: the action modules' heads are 64 wide, the rest 128
 HEAD_DIMS = {"mouse_attention": 64, "keyboard_attention": 64}
 HEAD_DIM_DEPENDENT = ("attention", "norm_rope_store")
@@ -26,7 +25,7 @@ def main(argv=None):
                    help="selection to resolve (default: WAN_BACKEND or auto)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or default_dtype_name(device)]
     selection = load_selection(args.backend)
     print(f"device {device}, dtype {dtype}, torch {torch.__version__}")
     for op in OPS:

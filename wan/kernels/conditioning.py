@@ -1,10 +1,25 @@
 """Math both models share that is not attention: the timestep sinusoid, the attention window's
-length, and the action conditions' per-frame windows. It lives here (not in wan/modules) so that
-the optimized model, copied into an upstream tree with wan/kernels, has it too."""
+length, the tokens of one latent frame, the action histories' length and their per-frame windows.
+It lives here (not in wan/modules) so that the optimized model, copied into an upstream tree with
+wan/kernels, has it too."""
 import torch
 
 # upstream's cache length (frames) when local attention is off (local_attn_size == -1)
 GLOBAL_ATTENTION_FRAMES = 15
+# action steps per latent frame after the first (the VAE's temporal compression; upstream's
+# `vae_time_compression_ratio` default)
+VAE_TIME_COMPRESSION = 4
+
+
+def history_steps(last_frame: int, ratio: int = VAE_TIME_COMPRESSION) -> int:
+    """Action steps a call whose last latent frame is `last_frame` reads: the whole history,
+    `1 + ratio * last_frame` (upstream's pipeline passes exactly that many)."""
+    return 1 + ratio * last_frame
+
+
+def frame_tokens(latent_h: int, latent_w: int, patch_size=(1, 2, 2)) -> int:
+    """Tokens of one latent frame of size latent_h x latent_w: 880 for 44 x 80 and patch (1, 2, 2)."""
+    return (latent_h // patch_size[1]) * (latent_w // patch_size[2])
 
 
 def attention_window_frames(local_attn_size: int) -> int:

@@ -6,6 +6,12 @@ import torch.nn.functional as F
 from .fp8 import Fp8Rows, Fp8Weight, quantize_rows
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh GELU (upstream's FFN and mouse MLP) in x's dtype; the Triton kernels' twin is
+    `gelu_tanh` in wan/kernels/triton/common.py."""
+    return F.gelu(x, approximate="tanh")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention without a mask: [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D].
     Scores in float32 at least (float64 stays float64), scale 1/sqrt(D). float32/float64 inputs go
@@ -59,7 +65,7 @@ def gated_residual_layer_norm(x, y, gate, weight, bias, eps, quantize=False):
 def frame_bias_gelu(x, bias):
     """gelu_tanh(x + bias); x [B, F*S, C], bias [B, F, 1, C] (one row per frame)."""
     frames = bias.shape[1]
-    return F.gelu(x.unflatten(1, (frames, -1)) + bias, approximate="tanh").flatten(1, 2)
+    return gelu_tanh(x.unflatten(1, (frames, -1)) + bias).flatten(1, 2)
 
 
 def rms_norm(x, weight, eps, compute_dtype=None):
@@ -75,7 +81,8 @@ def rms_norm(x, weight, eps, compute_dtype=None):
 
 def rope(x, cos, sin, compute_dtype):
     """Rotate the channel pairs (2i, 2i+1) of x [N, L, H, D] by angles with cos/sin [L, D/2],
-    as one complex multiply in `compute_dtype` (float32 or float64)."""
+    as one complex multiply in `compute_dtype` (float32 or float64). The Triton kernels' twin is
+    `rotate_pairs` in wan/kernels/triton/common.py; the reference model's is wan/modules/rope.py."""
     xr = x.to(compute_dtype)
     if xr.stride(-1) != 1 or any(s % 2 for s in xr.stride()[:-1]):
         xr = xr.contiguous()
@@ -108,20 +115,22 @@ def qkv_norm_rope_store(q, k, v, q_weight, k_weight, eps, cos, sin, heads, k_cac
                         slots, rope_dtype=torch.float32):
     """The self-attention's q, k, v [B, L, H*D]: q normed and rotated into a new [B, L, H, D]
     tensor (returned), k normed and rotated into its ring slots of k_cache, v into v_cache's."""
-    norm_rope_store(k, k_weight, eps, cos, sin, heads, k_cache, slots, rope_dtype)
-    norm_rope_store(v, None, None, None, None, heads, v_cache, slots)
+    norm_rope_store(k, k_weight, eps, cos, sin, heads, dest=k_cache, slots=slots,
+                    rope_dtype=rope_dtype)
+    norm_rope_store(v, weight=None, eps=None, cos=None, sin=None, heads=heads, dest=v_cache,
+                    slots=slots)
     return norm_rope_store(q, q_weight, eps, cos, sin, heads, rope_dtype=rope_dtype)
 
 
 def linear_gelu(x, weight, bias):
     """gelu_tanh(x @ weight^T + bias): the FFN's first layer and activation (upstream's FFN uses the
     tanh GELU)."""
-    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    return gelu_tanh(F.linear(x, weight, bias))
 
 
 def quantize_fp8(x, gelu=False):
     """x [..., K] (or gelu_tanh(x), computed in x's dtype) -> Fp8Rows with one scale per row."""
-    return quantize_rows(F.gelu(x, approximate="tanh") if gelu else x)
+    return quantize_rows(gelu_tanh(x) if gelu else x)
 
 
 def linear_fp8(x: Fp8Rows, weight: Fp8Weight, bias):

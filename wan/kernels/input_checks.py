@@ -11,6 +11,8 @@ before any cache is touched. The checks read only what upstream's CausalWanModel
 """
 import torch
 
+from .conditioning import frame_tokens, history_steps
+
 SELF_CACHE_KEYS = ("k", "v", "global_end_index", "local_end_index")
 CROSS_CACHE_KEYS = ("k", "v", "is_init")
 
@@ -109,7 +111,7 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
     if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
         raise ValueError(f"latent size {tuple(x.shape[2:])} (F, H, W) is not divisible by the patch "
                          f"size {tuple(model.patch_size)}")
-    frames, tokens_per_frame = x.shape[2] // pt, (x.shape[3] // ph) * (x.shape[4] // pw)
+    frames, tokens_per_frame = x.shape[2] // pt, frame_tokens(x.shape[3], x.shape[4], model.patch_size)
     if not isinstance(t, torch.Tensor) or tuple(t.shape) not in ((batch, frames), (batch, 1)):
         got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"t must be a tensor of shape [batch, frames] = [{batch}, {frames}] (or "
@@ -144,7 +146,7 @@ def _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond,
         return
     ratio = action.vae_time_compression_ratio
     last_frame = start_frame + frames - 1
-    steps = 1 + ratio * last_frame
+    steps = history_steps(last_frame, ratio)
     window_steps = ratio * action.windows_size
     if action.enable_mouse:
         if mouse_cond is None:

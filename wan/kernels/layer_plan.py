@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .eager import gelu_tanh
 from .fp8 import Fp8Rows, quantize_weight
 
 # the block GEMMs FP8 can take: self-attention q/k/v and output, cross-attention query and
@@ -182,7 +183,7 @@ class BlockPlan:
             return ops.linear_gelu(x, gemm.weight, gemm.bias)
         if self.ffn_out.takes_fp8:
             return ops.quantize_fp8(gemm(x, ops), gelu=True)
-        return F.gelu(gemm(x, ops), approximate="tanh")
+        return gelu_tanh(gemm(x, ops))
 
 
 def _action_plan(action) -> Optional[ActionPlan]:

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from . import layers
-from ..kernels.conditioning import attention_window_frames, condition_steps, frame_windows
+from ..kernels.conditioning import (VAE_TIME_COMPRESSION, attention_window_frames, condition_steps,
+                                   frame_windows)
 from .attention import attention, block_causal_mask
 from .rolling_cache import write_and_read_window
 from .rope import ActionRope
@@ -38,7 +39,8 @@ class ActionModule(nn.Module):
 
     def __init__(self, mouse_dim_in: int = 2, keyboard_dim_in: int = 6, hidden_size: int = 128,
                  img_hidden_size: int = 1536, keyboard_hidden_dim: int = 1024,
-                 mouse_hidden_dim: int = 1024, vae_time_compression_ratio: int = 4,
+                 mouse_hidden_dim: int = 1024,
+                 vae_time_compression_ratio: int = VAE_TIME_COMPRESSION,
                  windows_size: int = 3, heads_num: int = 16, patch_size=(1, 2, 2),
                  qk_norm: bool = True, qkv_bias: bool = False, rope_dim_list=(8, 28, 28),
                  rope_theta=256, mouse_qk_dim_list=(8, 28, 28), enable_mouse: bool = True,

@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.conditioning import condition_steps, frame_windows, sinusoidal_embedding_1d
+from ..kernels.conditioning import (condition_steps, frame_tokens, frame_windows,
+                                   sinusoidal_embedding_1d)
 from ..kernels.cuda_graphs import (ForgetsDerivedStateOnNewWeights, GraphRunner,
                                   cuda_graphs_setting, describe_cuda_graphs)
 from ..kernels.log import info
@@ -165,8 +166,7 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         they fit, so one player restarting costs no allocation; `new=True` always allocates
         another stream (another player: ~1 GiB for the real model at 44 x 80) and keeps the
         others. Returns the stream, a handle for `use_stream`."""
-        _, ph, pw = self.patch_size
-        tokens = (latent_size[0] // ph) * (latent_size[1] // pw)
+        tokens = frame_tokens(latent_size[0], latent_size[1], self.patch_size)
         dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
         s = self._stream
         if (new or s is None or s.self_k[0].shape[0] != batch or s.tokens_per_frame != tokens
@@ -239,9 +239,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
                              *dicts, current_start, read_cache_position=False, streaming=True,
                              check_caches=not dicts_checked)
         t = per_frame_timesteps(self, x, t)
-        pt, ph, pw = self.patch_size
-        tokens_per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
-        frames = x.shape[2] // pt
+        tokens_per_frame = frame_tokens(x.shape[3], x.shape[4], self.patch_size)
+        frames = x.shape[2] // self.patch_size[0]
         start = current_start // tokens_per_frame
 
         # 2. the cache (a ring over the caller's dicts, or the owned stream) and the position
@@ -388,8 +387,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         context = self.img_emb(visual_context)
         b = context.shape[0]
         for layer, slot in zip(plan.blocks, cache.cross):
-            ops.norm_rope_store(layer.cross_k(context), *layer.cross_k_norm, None, None,
-                                layer.heads, slot["k"])
+            ops.norm_rope_store(layer.cross_k(context), *layer.cross_k_norm, cos=None, sin=None,
+                                heads=layer.heads, dest=slot["k"])
             slot["v"].copy_(layer.cross_v(context).view(b, -1, layer.heads, slot["v"].shape[-1]))
 
     # ------------------------------------------------------------------ the captured part
@@ -464,8 +463,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
             tokens = normed = ops.gated_residual(tokens, update, gate_msa)
 
         # cross-attention to the image context (keys/values projected once per stream)
-        q = ops.norm_rope_store(layer.cross_q(normed, ops), *layer.cross_q_norm, None, None,
-                                layer.heads)
+        q = ops.norm_rope_store(layer.cross_q(normed, ops), *layer.cross_q_norm, cos=None,
+                                sin=None, heads=layer.heads)
         y = ops.cross_attention(q, cache.cross[i]["k"], cache.cross[i]["v"])
         tokens = tokens + layer.cross_out(y.flatten(2), ops)
 

@@ -33,6 +33,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from PIL import Image
 
+from ..kernels.conditioning import history_steps
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
@@ -163,7 +164,7 @@ class Player:
             return None, None
         self.action = self.input.sample()
         f = session.runner.frames_per_block
-        needed = 1 + 4 * ((session.blocks_done + 1) * f - 1)  # steps up to this block's last frame
+        needed = history_steps((session.blocks_done + 1) * f - 1)  # up to this block's last frame
         given = (session.keyboard if session.keyboard is not None else session.mouse).shape[1]
         mouse, keyboard = action_steps(self.action, needed - given, session.runner.device,
                                        session.runner.dtype)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import rotate_pairs
+
 
 @triton.jit
 def _norm_rope_rounded(x, frame, cos_ptr, sin_ptr, eps, ok, dtype: tl.constexpr,
@@ -29,13 +31,11 @@ def _norm_rope_rounded(x, frame, cos_ptr, sin_ptr, eps, ok, dtype: tl.constexpr,
     if NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
         x = (x * rstd[:, None]).to(dtype).to(tl.float32)
-    even, odd = tl.split(tl.reshape(x, [x.shape[0], HEAD_DIM // 2, 2]))
     pairs = tl.arange(0, HEAD_DIM // 2)
     angle = frame[:, None] * (HEAD_DIM // 2) + pairs[None, :]
     cos = tl.load(cos_ptr + angle, mask=ok[:, None], other=1.0)
     sin = tl.load(sin_ptr + angle, mask=ok[:, None], other=0.0)
-    rotated = tl.join(even * cos - odd * sin, even * sin + odd * cos)
-    return tl.reshape(rotated, [x.shape[0], HEAD_DIM]).to(dtype)
+    return rotate_pairs(x, cos, sin, HEAD_DIM).to(dtype)
 
 
 @triton.jit

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import E4M3, Fp8Rows
+from ..fp8 import E4M3, E4M3_MAX, MIN_SCALE, Fp8Rows
+from .common import e4m3_row_scale, gelu_tanh
 
 # rows per program, chunk width and warps, measured on an H200 (benchmarks/fp8_quantize.py)
 ROWS, CHUNK, NUM_WARPS = 1, 1024, 8
@@ -24,15 +25,14 @@ def _load_activation(x_ptr, offsets, ok, GELU: tl.constexpr):
     x = tl.load(x_ptr + offsets, mask=ok, other=0.0)
     value = x.to(tl.float32)
     if GELU:
-        inner = 0.7978845608028654 * (value + 0.044715 * value * value * value)
-        tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
-        value = (0.5 * value * (1.0 + tanh)).to(x.dtype).to(tl.float32)
+        value = gelu_tanh(value).to(x.dtype).to(tl.float32)
     return value
 
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, k, s_xr, GELU: tl.constexpr,
-                          ROWS_PER_PROGRAM: tl.constexpr, CHUNK_K: tl.constexpr):
+                          ROWS_PER_PROGRAM: tl.constexpr, CHUNK_K: tl.constexpr,
+                          E4M3_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
     rows = tl.program_id(0) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
     row_ok = rows < n_rows
     amax = tl.zeros([ROWS_PER_PROGRAM, CHUNK_K], dtype=tl.float32)
@@ -41,7 +41,7 @@ def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, k, s_xr, GELU: tl.c
         ok = row_ok[:, None] & (cols < k)[None, :]
         value = _load_activation(x_ptr, rows[:, None] * s_xr + cols[None, :], ok, GELU)
         amax = tl.maximum(amax, tl.abs(value))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=1), 448.0), 1e-12)
+    scale = e4m3_row_scale(tl.max(amax, axis=1), E4M3_MAX, MIN_SCALE)
     for start in range(0, k, CHUNK_K):
         cols = start + tl.arange(0, CHUNK_K)
         ok = row_ok[:, None] & (cols < k)[None, :]
@@ -64,5 +64,5 @@ def quantize_fp8(x: torch.Tensor, gelu: bool = False, rows_per_program: int = RO
     chunk = min(chunk, triton.next_power_of_2(k))
     _quantize_rows_kernel[(triton.cdiv(n, rows_per_program),)](
         rows, out, scales, n, k, rows.stride(0), GELU=gelu, ROWS_PER_PROGRAM=rows_per_program,
-        CHUNK_K=chunk, num_warps=num_warps)
+        CHUNK_K=chunk, E4M3_MAX=E4M3_MAX, MIN_SCALE=MIN_SCALE, num_warps=num_warps)
     return Fp8Rows(out, scales)

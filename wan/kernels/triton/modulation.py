@@ -18,9 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import E4M3, Fp8Rows
+from ..fp8 import E4M3, E4M3_MAX, MIN_SCALE, Fp8Rows
+from .common import e4m3_row_scale, gelu_tanh
 
 NUM_WARPS = 2
+# the e4m3 row scale's constants (wan/kernels/fp8.py), for the kernels that quantize
+FP8_SCALE = dict(E4M3_MAX=E4M3_MAX, MIN_SCALE=MIN_SCALE)
 
 
 @triton.jit
@@ -50,13 +53,13 @@ def _gated_sum(x_ptr, y_ptr, gate_ptr, row, tokens, per_frame, cols, ok, s_xb, s
 
 @triton.jit
 def _store_row(out_ptr, scale_ptr, row, c, cols, ok, value, dtype: tl.constexpr,
-               QUANT: tl.constexpr):
+               QUANT: tl.constexpr, E4M3_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
     """Store one row rounded to `dtype`; QUANT: as e4m3 with the row's scale (the rounded row's
-    largest magnitude / 448) stored at scale_ptr[row] (wan/kernels/fp8.py)."""
+    largest magnitude / E4M3_MAX) stored at scale_ptr[row] (wan/kernels/fp8.py)."""
     value = value.to(dtype)
     if QUANT:
         value = value.to(tl.float32)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(value), axis=0), 448.0), 1e-12)
+        scale = e4m3_row_scale(tl.max(tl.abs(value), axis=0), E4M3_MAX, MIN_SCALE)
         tl.store(out_ptr + row * c + cols,
                  tl.math.div_rn(value, scale).to(out_ptr.dtype.element_ty), mask=ok)
         tl.store(scale_ptr + row, scale)
@@ -67,7 +70,7 @@ def _store_row(out_ptr, scale_ptr, row, c, cols, ok, value, dtype: tl.constexpr,
 @triton.jit
 def _layer_norm_kernel(x_ptr, a_ptr, b_ptr, out_ptr, scale_ptr, c, tokens, per_frame, eps,
                        s_xb, s_xl, s_mb, s_mf, MODULATE: tl.constexpr, QUANT: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+                       BLOCK_C: tl.constexpr, E4M3_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
     row = tl.program_id(0)
     b = row // tokens
     frame = (row % tokens) // per_frame
@@ -79,14 +82,16 @@ def _layer_norm_kernel(x_ptr, a_ptr, b_ptr, out_ptr, scale_ptr, c, tokens, per_f
     shift = tl.load(b_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
     dtype = x_ptr.dtype.element_ty
     _store_row(out_ptr, scale_ptr, row, c, cols, ok,
-               _normalize(x, a, shift, ok, c, eps, MODULATE, dtype), dtype, QUANT)
+               _normalize(x, a, shift, ok, c, eps, MODULATE, dtype), dtype, QUANT, E4M3_MAX,
+               MIN_SCALE)
 
 
 @triton.jit
 def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_ptr, out_ptr,
                                       scale_ptr, c, tokens, per_frame, eps, s_xb, s_xl, s_yb, s_yl,
                                       s_gb, s_gf, s_mb, s_mf, MODULATE: tl.constexpr,
-                                      QUANT: tl.constexpr, BLOCK_C: tl.constexpr):
+                                      QUANT: tl.constexpr, BLOCK_C: tl.constexpr,
+                                      E4M3_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
     """sum = x + y * gate (rounded, stored: the residual stream), then the LayerNorm of the sum."""
     row = tl.program_id(0)
     b = row // tokens
@@ -102,7 +107,7 @@ def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_
     shift = tl.load(b_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
     _store_row(out_ptr, scale_ptr, row, c, cols, ok,
                _normalize(total.to(tl.float32), a, shift, ok, c, eps, MODULATE, dtype), dtype,
-               QUANT)
+               QUANT, E4M3_MAX, MIN_SCALE)
 
 
 @triton.jit
@@ -129,9 +134,7 @@ def _frame_bias_gelu_kernel(x_ptr, bias_ptr, out_ptr, c, tokens, per_frame, s_xb
                    other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
     h = (x + bias).to(dtype).to(tl.float32)  # the eager twin rounds the sum before the GELU
-    inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)  # sqrt(2 / pi) * (h + 0.044715 h^3)
-    tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
-    tl.store(out_ptr + row * c + cols, (0.5 * h * (1.0 + tanh)).to(dtype), mask=ok)
+    tl.store(out_ptr + row * c + cols, gelu_tanh(h).to(dtype), mask=ok)
 
 
 def _check(x, factors, name):
@@ -173,7 +176,7 @@ def layer_norm_modulate(x, shift, scale, eps, quantize=False):
     _layer_norm_kernel[(b * length,)](
         x, scale, shift, out, scales, c, length, per_frame, eps, x.stride(0), x.stride(1),
         shift.stride(0), shift.stride(1), MODULATE=True, QUANT=quantize,
-        BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
+        BLOCK_C=triton.next_power_of_2(c), **FP8_SCALE, num_warps=NUM_WARPS)
     return _result(out, scales)
 
 
@@ -190,7 +193,7 @@ def layer_norm(x, weight, bias, eps):
     n = rows.shape[0]
     _layer_norm_kernel[(n,)](
         rows, weight, bias, out, None, c, n, n, eps, 0, rows.stride(0), 0, 0, MODULATE=False,
-        QUANT=False, BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
+        QUANT=False, BLOCK_C=triton.next_power_of_2(c), **FP8_SCALE, num_warps=NUM_WARPS)
     return out.view(x.shape)
 
 
@@ -241,7 +244,7 @@ def _gated_residual_layer_norm(x, y, gate, a, b, s_mb, s_mf, eps, modulate, quan
     _gated_residual_layer_norm_kernel[(batch * length,)](
         x, y, gate, a, b, total, out, scales, c, length, per_frame, eps, x.stride(0), x.stride(1),
         y.stride(0), y.stride(1), gate.stride(0), gate.stride(1), s_mb, s_mf, MODULATE=modulate,
-        QUANT=quantize, BLOCK_C=triton.next_power_of_2(c), num_warps=NUM_WARPS)
+        QUANT=quantize, BLOCK_C=triton.next_power_of_2(c), **FP8_SCALE, num_warps=NUM_WARPS)
     return total, _result(out, scales)
 
 

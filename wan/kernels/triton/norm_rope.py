@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import rotate_pairs
+
 
 @triton.jit
 def _norm_rope_store_row(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, slots_ptr, row, heads, tokens,
@@ -32,11 +34,10 @@ def _norm_rope_store_row(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, slots_ptr, row
         x = ((x * (1.0 / tl.sqrt(mean_square + eps))).to(dtype).to(tl.float32) * w)
         x = x.to(dtype).to(tl.float32)
     if ROPE:
-        even, odd = tl.split(tl.reshape(x, [BLOCK_H, HEAD_DIM // 2, 2]))
         pairs = tl.arange(0, HEAD_DIM // 2)
         cos = tl.load(cos_ptr + token * (HEAD_DIM // 2) + pairs)[None, :]
         sin = tl.load(sin_ptr + token * (HEAD_DIM // 2) + pairs)[None, :]
-        x = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), [BLOCK_H, HEAD_DIM])
+        x = rotate_pairs(x, cos, sin, HEAD_DIM)
     if SLOTS:
         slot = tl.load(slots_ptr + token // per_frame)
         dest_row = slot * per_frame + token % per_frame
