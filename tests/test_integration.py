@@ -186,19 +186,8 @@ def test_decoder_compile_starts_no_torch_compile_and_turns_its_graphs_on(monkeyp
 
 def _pickle_globals(path) -> set:
     """The globals a torch.save file's pickle names (read without unpickling)."""
-    import pickletools
-    import zipfile
-    with zipfile.ZipFile(path) as archive:
-        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-    names, strings = set(), []
-    for opcode, arg, _ in pickletools.genops(data):
-        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-            strings.append(arg)
-        elif opcode.name == "GLOBAL":
-            names.add(arg.replace("\n", " ").strip())
-        elif opcode.name == "STACK_GLOBAL":
-            names.add(" ".join(strings[-2:]))
-    return names
+    from checkout.pickle_names import pickle_globals
+    return set(pickle_globals(path))
 
 
 def test_decoder_torch_save_writes_a_marker_and_torch_load_gives_the_built_decoder(tmp_path):

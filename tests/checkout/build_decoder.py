@@ -18,16 +18,15 @@ import argparse
 import importlib
 import json
 import os
-import pickletools
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, os.getcwd())                      # the checkout's packages
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the stand-ins
 import standins  # noqa: E402
+from pickle_names import pickle_globals  # noqa: E402
 
 standins.install()
 
@@ -35,21 +34,6 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 SMALL = {"num_layers": 2, "ffn_dim": 256}
-
-
-def pickle_globals(path) -> list:
-    """The module/name pairs a torch.save file's pickle refers to, read without unpickling."""
-    with zipfile.ZipFile(path) as archive:
-        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-    names, strings = set(), []
-    for opcode, arg, _ in pickletools.genops(data):
-        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
-            strings.append(arg)
-        elif opcode.name == "GLOBAL":
-            names.add(arg.replace("\n", " ").strip())
-        elif opcode.name == "STACK_GLOBAL":
-            names.add(" ".join(strings[-2:]))
-    return sorted(names)
 
 
 class Recorder:
