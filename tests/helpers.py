@@ -1,11 +1,15 @@
-"""Shared test helpers: models with random weights, random inputs, fresh caches, error metric."""
+"""Shared test helpers: models and decoders with random weights, random inputs, fresh caches,
+error metrics (whole-tensor relative norm, elementwise atol + rtol)."""
+import functools
+
 import pytest
 import torch
 
 from wan import CausalWanModel
 from wan.modules.rolling_cache import new_stream_caches
+from wan.modules.vae_decoder import VAEDecoderWrapper
 from wan.presets import LATENT_SIZE, model_config, tokens_per_frame
-from wan.random_init import random_inputs, randomize_weights_
+from wan.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run on the device)")
@@ -50,6 +54,42 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+# elementwise tolerances (atol, rtol) per dtype of the tensor under test: 8 units in the last
+# place for the half types (a few roundings of an O(1) output, with room), looser than float32's
+# rounding for sums over thousands of channels; float64 results must be essentially exact
+ELEMENTWISE_TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+                         torch.float16: (8e-3, 8e-3), torch.bfloat16: (6.25e-2, 6.25e-2)}
+
+
+def assert_close_elementwise(got, expected, dtype=None, atol=None, rtol=None, twin=None,
+                             what="output"):
+    """Every element: |got - expected| <= atol + rtol * |expected| (defaults: got's dtype in
+    ELEMENTWISE_TOLERANCE). With `twin` (the eager twin's result for the same inputs) atol grows to
+    twice the twin's worst excess over rtol * |expected|: the kernel may be as wrong as 2x the
+    twin, no worse. A whole-tensor norm lets one bad row of thousands pass; this does not. On
+    failure: how many elements fail, the worst one's index and both values."""
+    assert got.shape == expected.shape, (what, tuple(got.shape), tuple(expected.shape))
+    default_atol, default_rtol = ELEMENTWISE_TOLERANCE[dtype or got.dtype]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    g, e = got.detach().double(), expected.detach().double()
+    if twin is not None:
+        twin_excess = (twin.detach().double() - e).abs() - rtol * e.abs()
+        atol = max(atol, 2 * twin_excess.max().item())
+    diff = torch.where(torch.isnan(g) != torch.isnan(e), torch.full_like(g, float("inf")),
+                       (g - e).abs().nan_to_num(0.0))
+    allowed = atol + rtol * e.abs()
+    bad = diff > allowed
+    if bad.any():
+        flat = int((diff - allowed).argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), g.shape))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {g.numel()} elements off by more than atol {atol:.3g} + "
+            f"rtol {rtol:.3g} * |expected|; worst at index {index}: got {g[index].item():.6g}, "
+            f"expected {e[index].item():.6g} (|diff| {diff[index].item():.3g}, allowed "
+            f"{allowed[index].item():.3g})")
+
+
 def run_stream(model, blocks, batch=1, preset="tiny", caches=None, steps=(1000.0, 500.0), seed=10):
     """The pipeline's call pattern: per block of 3 frames, one call per denoising step (feeding
     0.5 * x + 0.5 * output on) and a cache update at t=0. caches: upstream dicts, or None for a
@@ -71,6 +111,19 @@ def run_stream(model, blocks, batch=1, preset="tiny", caches=None, steps=(1000.0
 def max_rel_err(outputs, references) -> float:
     assert len(outputs) == len(references)
     return max(rel_err(o, r) for o, r in zip(outputs, references))
+
+
+@functools.lru_cache(maxsize=None)
+def decoder_weights():
+    """One random state dict of the VAE decoder (float64), shared by every test's decoders."""
+    return randomize_decoder_weights_(VAEDecoderWrapper().double()).state_dict()
+
+
+def build_decoder(cls, dtype=torch.float64):
+    """A decoder of class `cls` (VAEDecoderWrapper or the optimized one) with decoder_weights()."""
+    decoder = cls().to(dtype)
+    decoder.load_state_dict(decoder_weights())
+    return decoder.eval()
 
 
 class PlayServerThread:

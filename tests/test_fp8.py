@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_model, make_caches, make_inputs, rel_err, requires_cuda, run_stream
+from helpers import (assert_close_elementwise, build_model, make_caches, make_inputs, rel_err,
+                     requires_cuda, run_stream)
 from helpers import tiny_variant_config
 from wan.kernels import eager
 from wan.kernels.fp8 import E4M3, E4M3_MAX, Fp8Rows, quantize_rows, quantize_weight
@@ -253,12 +254,11 @@ def _assert_within_one_step(got: Fp8Rows, expected: Fp8Rows, allowed_fraction: f
         expected.scale.expand_as(diff).flatten()[worst].item())
 
 
-@requires_cuda
-@pytest.mark.parametrize("shape", [(1, 2640, 1536), (2, 3 * 37, 2 ** 7 + 17)], ids=str)
-def test_triton_fused_norm_quantization_matches_quantizing_the_output(shape):
-    """quantize=True in the Triton norms equals quantizing their bf16 output (the same kernel
-    without quantize) with the eager twin: the same scales (to an ulp), and the same e4m3 values
-    but where the GPU's conversion and torch's round differently (one step, rarely)."""
+FUSED_NORM_SHAPES = [(1, 2640, 1536), (2, 3 * 37, 2 ** 7 + 17)]
+
+
+def _fused_norm_cases(shape):
+    """The Triton norms that can quantize, each as `quantize -> output`, on bf16 inputs."""
     from wan.kernels import triton as triton_ops
     b, length, c = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -268,14 +268,22 @@ def test_triton_fused_norm_quantization_matches_quantizing_the_output(shape):
     x, y = randn(b, length, c), randn(b, length, c)
     gate, shift, scale = randn(b, 3, 1, c), randn(b, 3, 1, c), randn(b, 3, 1, c)
     weight, bias = randn(c), randn(c)
-    cases = [
+    return [
         (lambda q: triton_ops.OPS["layer_norm_modulate"](x, shift, scale, 1e-6, quantize=q)),
         (lambda q: triton_ops.OPS["gated_residual_layer_norm_modulate"](
             x, y, gate, shift, scale, 1e-6, quantize=q)[1]),
         (lambda q: triton_ops.OPS["gated_residual_layer_norm"](
             x, y, gate, weight, bias, 1e-6, quantize=q)[1]),
     ]
-    for op in cases:
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", FUSED_NORM_SHAPES, ids=str)
+def test_triton_fused_norm_quantization_matches_quantizing_the_output(shape):
+    """quantize=True in the Triton norms equals quantizing their bf16 output (the same kernel
+    without quantize) with the eager twin: the same scales (to an ulp), and the same e4m3 values
+    but where the GPU's conversion and torch's round differently (one step, rarely)."""
+    for op in _fused_norm_cases(shape):
         got, expected = op(True), quantize_rows(op(False))
         # torch divides by the Python scalar 448 as a multiply by its reciprocal: 1 ulp at most
         scale_diff = ((got.scale - expected.scale).abs() / expected.scale).max().item()
@@ -285,8 +293,26 @@ def test_triton_fused_norm_quantization_matches_quantizing_the_output(shape):
         # one step: ties (x / scale halfway between two e4m3 values, frequent with bf16 inputs)
         # round up in the GPU's conversion where torch rounds to even. Rarer (one element in 4M
         # on an H200) the fused kernel lands further off; not explained yet (OPTIMIZATION_GUIDE.md,
-        # step 28): bounded here so that it cannot grow unseen
+        # step 28): bounded here so that it cannot grow unseen, and stated as the expected failure
+        # below
         _assert_within_one_step(got, expected, allowed_fraction=1e-5)
+
+
+FUSED_NORM_MULTI_STEP = (
+    "known, unexplained: rare multi-step differences (about one element in 4M on an H200) between "
+    "the fused norm's e4m3 output and quantizing its bf16 output with the eager twin "
+    "(OPTIMIZATION_GUIDE.md, step 28); the test above bounds their fraction by 1e-5")
+
+
+@requires_cuda
+@pytest.mark.xfail(strict=False, reason=FUSED_NORM_MULTI_STEP)
+@pytest.mark.parametrize("shape", FUSED_NORM_SHAPES, ids=str)
+def test_triton_fused_norm_quantization_is_within_one_step_everywhere(shape):
+    """What the fused norms should meet: every e4m3 value within one step of quantizing the bf16
+    output (no exceptions). Expected to fail now and then until the multi-step cases are
+    explained; it passes when the inputs happen to hit none."""
+    for op in _fused_norm_cases(shape):
+        _assert_within_one_step(op(True), quantize_rows(op(False)), allowed_fraction=0.0)
 
 
 @requires_cuda
@@ -308,8 +334,8 @@ def test_scaled_mm_matches_the_emulated_gemm(mkn, bias):
     # ~1% at worst on single values
     got, expected = got.float(), expected.float()
     assert rel_err(got, expected) < 4e-3, rel_err(got, expected)
-    worst = ((got - expected).abs() - 2 ** -8 * expected.abs()).max() / expected.abs().max()
-    assert worst <= 2e-2, worst.item()
+    # each value: within a bf16 rounding (2^-8 relative) plus 2% of the largest output
+    assert_close_elementwise(got, expected, atol=2e-2 * expected.abs().max().item(), rtol=2 ** -8)
 
 
 @requires_cuda

@@ -5,7 +5,8 @@ import gc
 import pytest
 import torch
 
-from helpers import build_model, make_caches, make_inputs, rel_err, requires_cuda
+from helpers import (assert_close_elementwise, build_model, make_caches, make_inputs, rel_err,
+                     requires_cuda)
 from wan.kernels import eager, registry
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.random_init import random_action_attention_args
@@ -102,10 +103,11 @@ def test_flash_attention_matches_its_eager_twin(op, shape_set):
                for s in (q_shape, kv_shape, kv_shape))
     exact = eager.attention(q.double(), k.double(), v.double())
     _, flash = registry.resolve(op, "flash", torch.device("cuda"), torch.bfloat16, q.shape[-1])
-    flash_err = rel_err(flash(q, k, v), exact)
-    eager_err = rel_err(eager.attention(q, k, v), exact)
+    got, twin = flash(q, k, v), eager.attention(q, k, v)
+    flash_err, eager_err = rel_err(got, exact), rel_err(twin, exact)
     print(f"{op} {q_shape}x{kv_shape}: flash {flash_err:.2e}, eager bf16 {eager_err:.2e}")
     assert flash_err <= max(2 * eager_err, 1e-2)
+    assert_close_elementwise(got, exact, twin=twin)
 
 
 ACTION_SHAPES = {  # cases of random_action_attention_args: the real shapes (window full), awkward
@@ -132,6 +134,8 @@ def test_action_attention_backends_match_float64(backend, op, shape_set):
     print(f"{op} {backend}: {err:.2e}, eager bf16 {twin_err:.2e}")
     assert err <= max(2 * twin_err, 1e-2)
     assert rel_err(cache, wide) <= 1e-2 and rel_err(cache, twin_cache) <= 1e-2
+    assert_close_elementwise(got, exact, twin=twin)
+    assert_close_elementwise(cache, wide, dtype=torch.bfloat16, twin=twin_cache, what="cache")
 
 
 LINEAR_GELU_SHAPES = [((1, 2640, 1536), 8960, True), ((2, 2 ** 7 + 17, 100), 33, False)]
@@ -164,6 +168,7 @@ def test_cublas_linear_gelu_is_the_tanh_gelu(shape, dtype):
     else:
         twin = (eager.linear_gelu(x, weight, bias).double() - wide).abs().max().item()
         assert worst <= max(2 * twin, 2e-2)
+        assert_close_elementwise(got, wide, twin=eager.linear_gelu(x, weight, bias))
 
 
 @torch.no_grad()

@@ -4,8 +4,7 @@ errors; the flow-matching schedule against upstream's warped steps."""
 import pytest
 import torch
 
-from helpers import build_model, rel_err
-from test_vae_decoder import _decoder
+from helpers import build_decoder, build_model, rel_err
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper
@@ -28,7 +27,7 @@ def test_schedule_warps_the_distilled_steps():
 @torch.no_grad()
 def _frames(dit_cls, decoder_cls, blocks=2):
     dit = build_model(cls=dit_cls)
-    runner = StreamingBlockRunner(dit, _decoder(decoder_cls), latent_hw=LATENT)
+    runner = StreamingBlockRunner(dit, build_decoder(decoder_cls), latent_hw=LATENT)
     runner.start(random_inputs(dit, LATENT, 3, 0, seed=1)["visual_context"])
     torch.manual_seed(0)
     out = []

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_model
-from test_vae_decoder import _decoder
+from helpers import build_decoder, build_model
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.pipeline import StreamingBlockRunner
@@ -112,7 +111,7 @@ def test_session_feeds_the_runner_the_received_actions():
     mouse, keyboard = inputs["mouse_cond"], inputs["keyboard_cond"]
 
     def runner(**kwargs):
-        return StreamingBlockRunner(dit, _decoder(OptimizedVAEDecoderWrapper, torch.float32),
+        return StreamingBlockRunner(dit, build_decoder(OptimizedVAEDecoderWrapper, torch.float32),
                                     latent_hw=latent, **kwargs)
 
     session = PlayerSession("a", runner(), inputs["visual_context"], inputs["cond_concat"], seed=7,

@@ -4,7 +4,8 @@ Triton's interpreter in float32 and float16 (it mishandles bfloat16); on a GPU i
 import pytest
 import torch
 
-from helpers import HAS_CUDA, build_model, make_caches, max_rel_err, rel_err, run_stream
+from helpers import HAS_CUDA, assert_close_elementwise, build_model, make_caches, max_rel_err
+from helpers import rel_err, run_stream
 from helpers import tiny_variant_config
 
 pytest.importorskip("triton")
@@ -15,7 +16,8 @@ from wan.random_init import random_action_attention_args  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
-# relative error against float64 allowed, per dtype (a few roundings of the output)
+# relative error (whole-tensor norm) against float64 allowed, per dtype (a few roundings of the
+# output); beside it every test checks each element (helpers.assert_close_elementwise)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -50,6 +52,8 @@ def test_action_attention(case, dtype, eps):
     assert got.shape == exact.shape and got.dtype == dtype
     err, twin_err = rel_err(got, exact), rel_err(twin, exact)
     assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+    assert_close_elementwise(got, exact, twin=twin)
+    assert_close_elementwise(cache, wide, dtype=dtype, twin=twin_cache, what="cache")
     # written slots hold the same keys/values as the twin's; the others are untouched
     assert rel_err(cache, twin_cache) <= TOLERANCE[dtype]
     assert rel_err(cache[0], wide[0]) <= TOLERANCE[dtype]
@@ -74,6 +78,7 @@ def test_layer_norm_modulate(case, dtype):
     twin = eager.layer_norm_modulate(x, shift, scale, 1e-6)
     err, twin_err = rel_err(got, exact), rel_err(twin, exact)
     assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+    assert_close_elementwise(got, exact, twin=twin)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -86,6 +91,7 @@ def test_gated_residual(case, dtype):
     exact = eager.gated_residual(x.double(), y.double(), gate.double())
     got = triton_ops.gated_residual(x, y, gate)
     assert rel_err(got, exact) <= TOLERANCE[dtype]
+    assert_close_elementwise(got, exact)
 
 
 def test_bad_shapes_are_errors():
@@ -135,6 +141,7 @@ def test_layer_norm(case, dtype, affine):
     assert got.shape == x.shape and got.dtype == dtype
     err, twin_err = rel_err(got, exact), rel_err(twin, exact)
     assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+    assert_close_elementwise(got, exact, twin=twin)
 
 
 @pytest.mark.parametrize("norm", ["modulate", "affine", "plain"])
@@ -161,6 +168,7 @@ def test_gated_residual_layer_norm(case, dtype, norm):
         assert g.shape == e.shape and g.dtype == dtype
         err, twin_err = rel_err(g, e), rel_err(t, e)
         assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+        assert_close_elementwise(g, e, twin=t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -174,6 +182,7 @@ def test_frame_bias_gelu(case, dtype):
     twin = eager.frame_bias_gelu(x, bias)
     err, twin_err = rel_err(got, exact), rel_err(twin, exact)
     assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+    assert_close_elementwise(got, exact, twin=twin)
 
 
 NORM_ROPE_CASES = [(1, 2, 32, 2, 64), (2, 3, 17, 3, 32), (1, 1, 2 ** 5 + 17, 1, 16)]  # B F S H D
@@ -195,6 +204,8 @@ def test_norm_rope_store(case, dtype):
                                   heads, rope_dtype=torch.float64)
     got = triton_ops.norm_rope_store(x, weight, 1e-6, cos, sin, heads)
     assert rel_err(got, exact) <= TOLERANCE[dtype]
+    assert_close_elementwise(got, exact,
+                             twin=eager.norm_rope_store(x, weight, 1e-6, cos, sin, heads))
     slots = torch.arange(frames, device=DEVICE).flip(0) + 1   # frames land in reverse order
     cache = torch.zeros(b, (frames + 1) * per_frame, heads, dim, dtype=dtype, device=DEVICE)
     triton_ops.norm_rope_store(x, weight, 1e-6, cos, sin, heads, cache, slots)
@@ -202,6 +213,7 @@ def test_norm_rope_store(case, dtype):
     eager.norm_rope_store(x, weight, 1e-6, cos, sin, heads, twin, slots)
     assert torch.equal(cache[:, :per_frame], twin[:, :per_frame])  # slot 0 untouched: zeros
     assert rel_err(cache, twin) <= TOLERANCE[dtype]
+    assert_close_elementwise(cache, twin, what="cache vs the eager twin's")
     value = triton_ops.norm_rope_store(x, None, None, None, None, heads)  # v: a plain store
     assert torch.equal(value, x.view(b, length, heads, dim))
 
@@ -230,6 +242,8 @@ def test_qkv_norm_rope_store(case, dtype, with_norm):
     assert got.shape == (b, length, heads, dim) and got.dtype == dtype
     assert rel_err(got, exact) <= TOLERANCE[dtype]
     assert rel_err(caches, wide) <= TOLERANCE[dtype]
+    assert_close_elementwise(got, exact)
+    assert_close_elementwise(caches, wide, dtype=dtype, what="caches")
     assert torch.equal(caches[:, :, :per_frame], wide[:, :, :per_frame].to(dtype))  # slot 0 kept
 
 
@@ -263,6 +277,7 @@ def test_rms_norm_silu(case, dtype, with_bias):
     twin = eager.rms_norm_silu(x, gamma, None, bias)
     err, twin_err = rel_err(buffer[:, :, 2:], exact), rel_err(twin, exact)
     assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+    assert_close_elementwise(buffer[:, :, 2:], exact, twin=twin)
     contiguous = triton_ops.rms_norm_silu(x.contiguous(), gamma, None, bias)  # not channels-last
     assert rel_err(contiguous, exact) <= max(TOLERANCE[dtype], 2 * twin_err)
 
@@ -279,6 +294,7 @@ def test_bias_residual_add(case, dtype):
     twin = eager.bias_residual_add(h, bias, residual)
     err, twin_err = rel_err(got, exact), rel_err(twin, exact)
     assert got.dtype == dtype and err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+    assert_close_elementwise(got, exact, twin=twin)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from golden_runner import GOLDEN_DIR
-from helpers import rel_err, requires_cuda
+from helpers import build_decoder, decoder_weights, rel_err, requires_cuda
 from wan.modules.checkpoint import CheckpointMismatchError
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper, frames_out, load_decoder_weights
@@ -19,20 +19,9 @@ SMALL = (2, 3)  # latent h, w for the quicker checks (the decoder is fully convo
 
 
 @functools.lru_cache(maxsize=None)
-def _weights():
-    return randomize_decoder_weights_(VAEDecoderWrapper().double()).state_dict()
-
-
-def _decoder(cls, dtype=torch.float64):
-    decoder = cls().to(dtype)
-    decoder.load_state_dict(_weights())
-    return decoder.eval()
-
-
-@functools.lru_cache(maxsize=None)
 def _reference_stream(frames):
     """The reference decoder's output for _latents(frames) in 3-frame blocks (computed once)."""
-    return _stream(_decoder(VAEDecoderWrapper), _latents(frames), 3)[0]
+    return _stream(build_decoder(VAEDecoderWrapper), _latents(frames), 3)[0]
 
 
 def _latents(frames, hw=SMALL, seed=0, dtype=torch.float64):
@@ -65,7 +54,7 @@ def test_reproduces_upstream_golden(cls):
 @pytest.mark.parametrize("block_frames", [1, 2, 3, 5])
 def test_optimized_matches_reference_on_any_block_split(block_frames):
     latents, expected = _latents(7), _reference_stream(7)
-    got, _ = _stream(_decoder(OptimizedVAEDecoderWrapper), latents, block_frames)
+    got, _ = _stream(build_decoder(OptimizedVAEDecoderWrapper), latents, block_frames)
     assert got.shape == expected.shape == (1, frames_out(7, first_block=True), 3, 16, 24)
     assert rel_err(got, expected) <= 1e-10
 
@@ -75,15 +64,15 @@ def test_optimized_matches_reference_on_any_block_split(block_frames):
 @torch.no_grad()
 def test_cache_moves_between_decoders(first, second):
     latents, expected = _latents(6), _reference_stream(6)
-    head, cache = _decoder(first)(latents[:, :3], *[None] * 32)
-    tail, _ = _decoder(second)(latents[:, 3:], *cache)
+    head, cache = build_decoder(first)(latents[:, :3], *[None] * 32)
+    tail, _ = build_decoder(second)(latents[:, 3:], *cache)
     assert rel_err(torch.cat([head, tail], dim=1), expected) <= 1e-10
 
 
 @pytest.mark.parametrize("cls", DECODERS, ids=["reference", "optimized"])
 @torch.no_grad()
 def test_new_stream_after_none_cache(cls):
-    decoder = _decoder(cls)
+    decoder = build_decoder(cls)
     latents = _latents(3)
     first, _ = decoder(latents, *[None] * 32)
     decoder(_latents(3, seed=5), *[None] * 32)  # another stream in between
@@ -107,7 +96,7 @@ BAD_CALLS = {
 @torch.no_grad()
 def test_bad_input_is_a_clear_error_and_leaves_the_stream(cls, case):
     make_bad, message = BAD_CALLS[case]
-    decoder = _decoder(cls)
+    decoder = build_decoder(cls)
     latents, expected = _latents(6), _reference_stream(6)
     head, cache = decoder(latents[:, :3], *[None] * 32)
     kept = [entry.clone() for entry in cache]
@@ -120,7 +109,7 @@ def test_bad_input_is_a_clear_error_and_leaves_the_stream(cls, case):
 
 
 def test_weights_load_from_pth_and_safetensors(tmp_path):
-    source = _decoder(VAEDecoderWrapper, torch.float32)
+    source = build_decoder(VAEDecoderWrapper, torch.float32)
     full = {"encoder.conv1.weight": torch.zeros(2), **source.state_dict()}  # a whole VAE's dict
     torch.save(full, tmp_path / "Wan2.1_VAE.pth")
     save_file({k: v.contiguous() for k, v in source.state_dict().items()},
@@ -143,13 +132,13 @@ def test_gpu_half_precision_error_within_125_percent_of_the_reference(dtype):
     """8 blocks at the real 44 x 80 latent: each block's error against a float32 reference run
     within 1.25x of the reference decoder's own error in the same precision; graphs = eager."""
     latents = _latents(24, hw=(44, 80), dtype=torch.float32).cuda()
-    oracle, _ = _stream(_decoder(VAEDecoderWrapper, torch.float32).cuda(), latents, 3)
+    oracle, _ = _stream(build_decoder(VAEDecoderWrapper, torch.float32).cuda(), latents, 3)
     half = latents.to(dtype)
-    reference, _ = _stream(_decoder(VAEDecoderWrapper, dtype).cuda(), half, 3)
-    eager_decoder = _decoder(OptimizedVAEDecoderWrapper, dtype).cuda()
+    reference, _ = _stream(build_decoder(VAEDecoderWrapper, dtype).cuda(), half, 3)
+    eager_decoder = build_decoder(OptimizedVAEDecoderWrapper, dtype).cuda()
     eager_decoder.cuda_graphs = False  # graphs are the default on CUDA
     optimized, _ = _stream(eager_decoder, half, 3)
-    graphed_decoder = _decoder(OptimizedVAEDecoderWrapper, dtype).cuda()
+    graphed_decoder = build_decoder(OptimizedVAEDecoderWrapper, dtype).cuda()
     graphed_decoder.cuda_graphs = True
     graphed, _ = _stream(graphed_decoder, half, 3)
     bounds = [0, 9] + [9 + 12 * k for k in range(1, 8)]
@@ -173,12 +162,12 @@ def test_optimized_with_the_triton_norm_matches_reference(monkeypatch):
     if torch.cuda.is_available():  # against the eager ops on the same GPU (convs may use TF32)
         latents = latents.cuda()
         twin = OptimizedVAEDecoderWrapper(backend="eager").float()
-        twin.load_state_dict(_weights())
+        twin.load_state_dict(decoder_weights())
         expected, _ = _stream(twin.cuda().eval(), latents, 2)
     else:
         expected = _reference_stream(4)
     decoder = OptimizedVAEDecoderWrapper(backend="triton").float()
-    decoder.load_state_dict(_weights())
+    decoder.load_state_dict(decoder_weights())
     got, _ = _stream(decoder.to(latents.device).eval(), latents, 2)
     assert rel_err(got, expected) <= 1e-5
 
@@ -188,10 +177,10 @@ def test_optimized_decoder_continues_after_to_and_load():
     """A dtype round trip or an assign-load mid-stream gives parameters new storage: the decoder
     drops its graphs and weight layout and continues the stream from the cache it is given."""
     latents, expected = _latents(6), _reference_stream(6)
-    decoder = _decoder(OptimizedVAEDecoderWrapper)
+    decoder = build_decoder(OptimizedVAEDecoderWrapper)
     head, cache = decoder(latents[:, :3], *[None] * 32)
     decoder.float().double()
-    decoder.load_state_dict({k: v.clone() for k, v in _weights().items()}, assign=True)
+    decoder.load_state_dict({k: v.clone() for k, v in decoder_weights().items()}, assign=True)
     assert decoder._prepared_for is None and len(decoder._graphs) == 0
     tail, _ = decoder(latents[:, 3:], *cache)
     assert rel_err(torch.cat([head, tail], dim=1), expected) <= 1e-10
