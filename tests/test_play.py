@@ -23,6 +23,7 @@ pytest.importorskip("websockets")
 from PIL import Image  # noqa: E402
 
 from helpers import PlayServerThread, rel_err  # noqa: E402
+from wan.kernels.conditioning import history_steps  # noqa: E402
 from wan.pipeline import StreamingBlockRunner  # noqa: E402
 from wan.play.actions import (CAMERA_VALUE, MOUSE_PIXELS_FOR_FULL_TURN, InputState,  # noqa: E402
                               action_space)
@@ -101,11 +102,11 @@ def test_engine_frames_equal_the_runner_alone_and_depend_on_the_keys(engine):
     runner = StreamingBlockRunner(engine.model, engine.decoder, latent_hw=engine.latent_hw)
     runner.generator = torch.Generator().manual_seed(player.seed * 1000)
     runner.start(visual_context)
-    steps = 1 + 4 * (3 * blocks - 1)
+    steps = history_steps(3 * blocks - 1)
     keyboard = torch.tensor([1.0, 0, 0, 0]).expand(1, steps, 4)
     mouse = torch.zeros(1, steps, 2)
     for block in range(blocks):
-        used = 1 + 4 * (3 * (block + 1) - 1)
+        used = history_steps(3 * (block + 1) - 1)
         frames, _ = runner.block(cond[:, :, 3 * min(block, 1):3 * min(block, 1) + 3],
                                  mouse[:, :used], keyboard[:, :used])
         assert torch.equal(frames, played[block]), f"block {block}"
@@ -494,7 +495,7 @@ def test_a_checkouts_encoders_condition_on_the_image(tmp_path):
     visual_context, cond = conditioner(white, "cpu", torch.float32)
     calls = type(conditioner.vae).encode.__globals__["CALLS"]  # the fake checkout's module
     assert calls[0] == ("load", str(tmp_path / "weights"), torch.float16)
-    assert calls[1] == ("encode", (1, 3, 1 + 4 * 5, 64, 128), True, [44, 80], [23, 38])
+    assert calls[1] == ("encode", (1, 3, history_steps(5), 64, 128), True, [44, 80], [23, 38])
     assert calls[2] == ("clip", (1, 3, 1, 64, 128))
     assert cond.shape == (1, 20, 6, 8, 16) and visual_context.shape == (1, 257, 1280)
     assert cond[0, :4, 0].eq(1).all() and cond[0, :4, 1:].eq(0).all()  # the mask
