@@ -501,3 +501,30 @@ def test_a_checkouts_encoders_condition_on_the_image(tmp_path):
     assert cond[0, :4, 0].eq(1).all() and cond[0, :4, 1:].eq(0).all()  # the mask
     assert cond[0, 4:, 0].eq(1).all()  # the white image, scaled to [-1, 1], is the first frame
     assert not conditioner.demo
+
+
+def test_a_slow_client_loses_its_own_oldest_frames_only():
+    """A connection that has not sent its frames yet keeps the newest QUEUED_FRAMES; the rest are
+    dropped (and counted) for it alone."""
+    from wan.play.engine import FrameBatch
+    from wan.play.metrics import PlayMetrics
+    from wan.play.server import QUEUED_FRAMES, Connection
+
+    def batch(block):
+        return FrameBatch(block=block, jpegs=[bytes([block, i]) for i in range(LATER)], input_id=0,
+                          input_received=None, block_start=0.0, frames_ready=0.0, encoded=0.0,
+                          encode_ms=0.0, block_ms=0.0, wait_ms=0.0, late=False)
+
+    async def scenario():
+        metrics = PlayMetrics()
+        slow, fast = Connection(None, True, metrics), Connection(None, True, metrics)
+        for block in range(3):
+            slow.frames_of(batch(block), 0.0)
+        fast.frames_of(batch(0), 0.0)
+        return slow, fast, metrics
+    slow, fast, metrics = _run(scenario())
+    assert len(slow.frames) == QUEUED_FRAMES == 2 * LATER
+    assert [(b.block, i) for b, i, _ in slow.frames][0] == (1, 0)  # block 0 went, 1 and 2 stay
+    assert len(fast.frames) == LATER
+    dropped = metrics.frames_dropped.collect()[0].samples[0].value
+    assert dropped == LATER
