@@ -35,17 +35,6 @@ from wan.serving import REALTIME_FPS  # noqa: E402
 log = logging.getLogger("play_server")
 
 
-def _histogram_median(histogram) -> float:
-    """The median of a prometheus Histogram from its buckets (upper bound of the median's bucket)."""
-    samples = {s.labels["le"]: s.value for metric in histogram.collect() for s in metric.samples
-               if s.name.endswith("_bucket")}
-    total = samples.get("+Inf", 0)
-    for bound, count in sorted(((float(k), v) for k, v in samples.items()), key=lambda kv: kv[0]):
-        if count >= total / 2:
-            return bound
-    return float("nan")
-
-
 class BlockLog:
     """Every block the engine delivers: its server-side numbers (wrapping the metrics hook)."""
 

@@ -15,20 +15,6 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run on the device)")
 
 
-def tiny_variant_config(variant="universal"):
-    """The tiny preset shaped like one upstream variant: gta_drive (keyboard 2, 4-frame window),
-    templerun (keyboard 7, no mouse) or universal."""
-    config = model_config("tiny")
-    if variant == "gta_drive":
-        config["local_attn_size"] = 4
-        config["action_config"]["keyboard_dim_in"] = 2
-    elif variant == "templerun":
-        config["action_config"]["keyboard_dim_in"] = 7
-        config["action_config"]["enable_mouse"] = False
-    elif variant != "universal":
-        raise ValueError(variant)
-    return config
-
 
 def build_model(preset="tiny", dtype=torch.float64, device="cpu", seed=0, cls=CausalWanModel,
                 config=None, **overrides):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import build_model, make_caches, rel_err, tiny_variant_config
+from helpers import build_model, make_caches, rel_err
+from wan.presets import tiny_variant_config
 from wan.kernels.conditioning import VAE_TIME_COMPRESSION, history_steps
 from wan.kernels.rope_tables import (action_inverse_frequencies, angles, inverse_frequencies,
                                      self_attention_angles, self_attention_axis_dims)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import build_model, make_caches, max_rel_err, run_stream, tiny_variant_config
+from helpers import build_model, make_caches, max_rel_err, run_stream
+from wan.presets import tiny_variant_config
 from wan.kernels.layer_plan import ModelPlan, Packed
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 

@@ -519,8 +519,8 @@ def test_a_slow_client_loses_its_own_oldest_frames_only():
         metrics = PlayMetrics()
         slow, fast = Connection(None, True, metrics), Connection(None, True, metrics)
         for block in range(3):
-            slow.frames_of(batch(block), 0.0)
-        fast.frames_of(batch(0), 0.0)
+            slow.frames_of(batch(block))
+        fast.frames_of(batch(0))
         return slow, fast, metrics
     slow, fast, metrics = _run(scenario())
     assert len(slow.frames) == QUEUED_FRAMES == 2 * LATER

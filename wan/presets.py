@@ -35,6 +35,21 @@ def model_config(name: str) -> dict:
         return json.load(f)
 
 
+def tiny_variant_config(variant: str = "universal") -> dict:
+    """The tiny preset shaped like one upstream variant's action space and window: gta_drive
+    (keyboard 2, 4-frame window), templerun (keyboard 7, no mouse) or universal."""
+    config = model_config("tiny")
+    if variant == "gta_drive":
+        config["local_attn_size"] = 4
+        config["action_config"]["keyboard_dim_in"] = 2
+    elif variant == "templerun":
+        config["action_config"]["keyboard_dim_in"] = 7
+        config["action_config"]["enable_mouse"] = False
+    elif variant != "universal":
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(UPSTREAM_VARIANTS)}")
+    return config
+
+
 def tokens_per_frame(name: str) -> int:
     """Tokens of one latent frame at a preset's latent size (patch 2 x 2): 880 for the real model."""
     return frame_tokens(*LATENT_SIZE[name], patch_size=(1, 2, 2))

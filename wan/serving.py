@@ -31,6 +31,7 @@ from .pipeline import StreamingBlockRunner
 
 VIDEO_FPS = 25
 FIRST_BLOCK_FRAMES, BLOCK_FRAMES = 9, 12
+PERIOD_S = BLOCK_FRAMES / VIDEO_FPS  # a steady block is due every 0.48 s
 # a player holds real time when it shows at least this many frames per second (1% timer slack)
 REALTIME_FPS = 0.99 * VIDEO_FPS
 
@@ -81,13 +82,13 @@ class PlayerSession:
         steps = history_steps(start + f - 1)  # what the model reads for frames up to this block's last
         cond = self.cond_concat
         if cond.shape[2] != f:
-            if cond.shape[2] < start + f and self.hold_conditions:
+            if cond.shape[2] >= start + f:
+                cond = cond[:, :, start:start + f]
+            elif self.hold_conditions:
                 cond = cond[:, :, -f:]
-            elif cond.shape[2] < start + f:
+            else:
                 raise ValueError(f"player {self.player_id}: cond_concat covers {cond.shape[2]} "
                                  f"frames, block {self.blocks_done} needs {start + f}")
-            else:
-                cond = cond[:, :, start:start + f]
         frames, clock = self.runner.block(cond, _held(self.mouse, steps),
                                           _held(self.keyboard, steps))
         self.blocks_done += 1
@@ -159,7 +160,7 @@ class DeadlineScheduler:
         self._begin = None
         self._order = itertools.count()
         self._continuous = set()           # id() of live continuous sessions
-        self.block_estimate_s = BLOCK_FRAMES / VIDEO_FPS  # running estimate of one block's time
+        self.block_estimate_s = PERIOD_S  # running estimate of one block's time
 
     def run(self, blocks_per_player: int, on_block=None, stagger: bool = True) -> List[BlockRecord]:
         """Blocks until every session has done `blocks_per_player` (blocks done before this call
@@ -168,7 +169,7 @@ class DeadlineScheduler:
         all at once (the last ones then miss their first deadline when a round of first blocks
         takes longer than 0.36 s). Releases are one period before the deadline."""
         begin = self.clock()
-        spacing = BLOCK_FRAMES / VIDEO_FPS / len(self.sessions) if stagger else 0.0
+        spacing = PERIOD_S / len(self.sessions) if stagger else 0.0
         queue = [_Next(order * spacing + block_frames(session.blocks_done) / VIDEO_FPS, order,
                        order * spacing, session, order * spacing)
                  for order, session in enumerate(self.sessions)
@@ -186,11 +187,8 @@ class DeadlineScheduler:
             records.append(record)
             if on_block is not None:
                 on_block(record, frames)
-            session = chosen.session
-            if session.blocks_done < blocks_per_player:
-                shown = max(chosen.due, record.finish)  # a late block stalls the picture until ready
-                period = block_frames(session.blocks_done) / VIDEO_FPS
-                queue.append(_Next(shown + period, chosen.order, shown, session, chosen.joined))
+            if chosen.session.blocks_done < blocks_per_player:
+                queue.append(_following(chosen, record.finish, lead=PERIOD_S))
         return records
 
     def _run(self, chosen: "_Next", begin: float):
@@ -216,8 +214,7 @@ class DeadlineScheduler:
         continuous player's block takes (one may be running when it is released, the others may
         be due first) plus a margin, at most one period."""
         players = max(1, len(self._continuous))
-        return min(BLOCK_FRAMES / VIDEO_FPS,
-                   self.block_estimate_s * players + self.RELEASE_MARGIN_S)
+        return min(PERIOD_S, self.block_estimate_s * players + self.RELEASE_MARGIN_S)
 
     def join(self, session, continuous: bool = True):
         """A live session joins now: continuous sessions get their first block due when its
@@ -272,13 +269,19 @@ class DeadlineScheduler:
         if record.block >= 2:
             self.block_estimate_s = 0.8 * self.block_estimate_s + 0.2 * duration
         with self._wake:
-            session = chosen.session
-            if id(session) in self._continuous:
-                shown = max(chosen.due, record.finish)
-                due = shown + block_frames(session.blocks_done) / VIDEO_FPS
-                self._queue.append(_Next(due, chosen.order, max(shown, due - self.release_lead()),
-                                         session, chosen.joined))
+            if id(chosen.session) in self._continuous:
+                self._queue.append(_following(chosen, record.finish, self.release_lead()))
         return record, frames
+
+
+def _following(chosen: _Next, finish: float, lead: float) -> _Next:
+    """The session's next block after `chosen` finished at `finish`: due one block's frames after
+    the later of its deadline and its finish (a late block stalls the picture until it is ready,
+    moving the later deadlines), released `lead` before that but not before it was shown."""
+    session = chosen.session
+    shown = max(chosen.due, finish)
+    due = shown + block_frames(session.blocks_done) / VIDEO_FPS
+    return _Next(due, chosen.order, max(shown, due - lead), session, chosen.joined)
 
 
 def _synchronizer(devices) -> Callable[[], None]:
@@ -292,7 +295,8 @@ def _synchronizer(devices) -> Callable[[], None]:
     return synchronize
 
 
-def _percentile(values: List[float], q: float) -> float:
+def percentile(values: List[float], q: float) -> float:
+    """The nearest-rank q-quantile (0 < q <= 1) of a non-empty list."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
@@ -311,11 +315,11 @@ def players_report(records: List[BlockRecord]) -> Dict:
             "blocks": len(mine), "frames": sum(r.frames for r in mine),
             "fps": sum(r.frames for r in mine) / shown_until,
             "latency_p50_ms": statistics.median(latency),
-            "latency_p95_ms": _percentile(latency, 0.95),
-            "wait_p50_ms": statistics.median(wait), "wait_p95_ms": _percentile(wait, 0.95),
+            "latency_p95_ms": percentile(latency, 0.95),
+            "wait_p50_ms": statistics.median(wait), "wait_p95_ms": percentile(wait, 0.95),
             "missed_deadlines": sum(r.late for r in mine)}
     fps = [p["fps"] for p in per_player.values()]
     latency = [1e3 * (r.finish - r.start) for r in records]
     return {"players": len(per_player), "per_player": per_player, "min_fps": min(fps),
             "realtime": min(fps) >= REALTIME_FPS, "latency_p50_ms": statistics.median(latency),
-            "latency_p95_ms": _percentile(latency, 0.95)}
+            "latency_p95_ms": percentile(latency, 0.95)}

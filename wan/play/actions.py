@@ -108,15 +108,18 @@ class InputState:
     def _unknown(self, keys: Iterable[str]):
         return sorted(k for k in keys if k not in self.space.keys)
 
-    def hold(self, keys: Iterable[str], input_id: int, received: float):
+    def hold(self, keys: Iterable[str], input_id: int, received: float) -> bool:
+        """The held key set is now `keys`; True when a key went down (one not held before)."""
         keys = [str(k).lower() for k in keys]
         unknown = self._unknown(keys)
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} for mode {self.space.mode}; keys: "
                              f"{', '.join(self.space.keys)}")
         with self._lock:
+            pressed = bool(frozenset(keys) - self._held)
             self._held = frozenset(keys)
             self._mark(input_id, received)
+        return pressed
 
     def tap(self, key: str, input_id: int, received: float):
         key = str(key).lower()

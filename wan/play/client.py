@@ -7,12 +7,12 @@ time, so press-to-frame latency is measured on the client's clock as a page woul
 """
 import asyncio
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from ..serving import percentile
 from .server import FRAME_HEADER, FRAME_MAGIC
 
 
@@ -117,10 +117,8 @@ async def play(url: str, schedule: Sequence[Tuple[float, Sequence[str]]] = (), s
 
 
 def _percentile(values, q):
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    """`wan.serving.percentile`, None for no values."""
+    return percentile(values, q) if values else None
 
 
 def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:

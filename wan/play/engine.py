@@ -34,19 +34,19 @@ import torch
 from PIL import Image
 
 from ..kernels.conditioning import history_steps
+from ..kernels.cuda_graphs import cuda_graphs_on, cuda_graphs_setting
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
 from ..pipeline import StreamingBlockRunner
-from ..presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
+from ..presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config, tiny_variant_config
 from ..random_init import randomize_decoder_weights_, randomize_weights_
-from ..serving import BLOCK_FRAMES, VIDEO_FPS, DeadlineScheduler, PlayerSession
+from ..serving import PERIOD_S, DeadlineScheduler, PlayerSession
 from .actions import ActionSpace, InputState, action_space, action_steps
 from .conditioning import CheckoutConditioner, DemoConditioner, builtin_start_image
 from .encode import JpegEncoder, to_uint8
 
 log = logging.getLogger(__name__)
-PERIOD_S = BLOCK_FRAMES / VIDEO_FPS
 PLAY_MODES = ("continuous", "on-input")
 # the tiny preset's decoder: upstream's structure at 1/6 of its width (a CPU decodes a block in
 # a fraction of a second instead of seconds); the real presets use upstream's decoder
@@ -83,17 +83,6 @@ class EngineConfig:
         if device.type == "cuda" and device.index is None:  # the worker thread sets it by index
             device = torch.device("cuda", torch.cuda.current_device())
         return device
-
-
-def tiny_config_for(space: ActionSpace) -> dict:
-    """The tiny CPU preset with the mode's action space (keyboard width, mouse or not)."""
-    config = model_config("tiny")
-    action = config["action_config"]
-    action["keyboard_dim_in"] = space.keyboard_dim
-    action["enable_mouse"] = space.has_camera
-    if space.mode == "gta_drive":
-        config["local_attn_size"] = 4  # as upstream's gta_drive config
-    return config
 
 
 def _check_preset(preset: str, space: ActionSpace, config: dict):
@@ -134,7 +123,6 @@ class Player:
         if play_mode not in PLAY_MODES:
             raise ValueError(f"unknown play mode {play_mode!r}; choose from {', '.join(PLAY_MODES)}")
         self.id = next(Player._ids)
-        self.player_id = self.id
         self.play_mode = play_mode
         self.input = InputState(space)
         self.sink, self.on_event = sink, on_event
@@ -150,12 +138,12 @@ class Player:
 
     # what the scheduler reads ----------------------------------------------------------------
     @property
-    def blocks_done(self) -> int:
-        return 0 if self.session is None else self.session.blocks_done
+    def player_id(self) -> int:
+        return self.id
 
     @property
-    def runner(self):
-        return self.session.runner
+    def blocks_done(self) -> int:
+        return 0 if self.session is None else self.session.blocks_done
 
     def run_block(self):
         """The next block, reading the input as it is now (called by the scheduler)."""
@@ -165,11 +153,10 @@ class Player:
         self.action = self.input.sample()
         f = session.runner.frames_per_block
         needed = history_steps((session.blocks_done + 1) * f - 1)  # up to this block's last frame
-        given = (session.keyboard if session.keyboard is not None else session.mouse).shape[1]
-        mouse, keyboard = action_steps(self.action, needed - given, session.runner.device,
-                                       session.runner.dtype)
-        session.receive(mouse if session.mouse is not None else None,
-                        keyboard if session.keyboard is not None else None)
+        # every mode has a keyboard; the mouse history (modes with a camera) is as long
+        mouse, keyboard = action_steps(self.action, needed - session.keyboard.shape[1],
+                                       session.runner.device, session.runner.dtype)
+        session.receive(mouse, keyboard)
         return session.run_block()
 
     def fps(self, now: float, window_s: float = 5.0) -> float:
@@ -190,7 +177,7 @@ class GameEngine:
         cuda = self.device.type == "cuda"
         self.preset = config.preset or (config.mode if cuda else "tiny")
         if self.preset == "tiny":
-            model_cfg = tiny_config_for(self.space)
+            model_cfg = tiny_variant_config(self.space.mode)
         elif self.preset in UPSTREAM_VARIANTS:
             model_cfg = model_config(self.preset)
         else:
@@ -200,11 +187,11 @@ class GameEngine:
         self.latent_hw = LATENT_SIZE[self.preset]
         self.dtype = torch.bfloat16 if cuda else torch.float32
         self.decoder_dtype = torch.float16 if cuda else torch.float32
-        graphs = cuda if config.cuda_graphs is None else (config.cuda_graphs and cuda)
-        self.cuda_graphs = graphs
+        # None: the library's default (on wherever the models run on CUDA, WAN_CUDA_GRAPHS aside)
+        self.cuda_graphs = cuda_graphs_on(cuda_graphs_setting(config.cuda_graphs), self.device)
         with torch.device(self.device):
-            model = OptimizedCausalWanModel.from_config(model_cfg, cuda_graphs=graphs)
-            decoder = OptimizedVAEDecoderWrapper(cuda_graphs=graphs)
+            model = OptimizedCausalWanModel.from_config(model_cfg, cuda_graphs=config.cuda_graphs)
+            decoder = OptimizedVAEDecoderWrapper(cuda_graphs=config.cuda_graphs)
             if self.preset == "tiny":
                 decoder.decoder = VAEDecoder3d(dim=TINY_DECODER_DIM)
         if config.checkpoint:
@@ -407,7 +394,8 @@ class GameEngine:
             player.on_event({"type": "game", "game": player.games, "demo": self.demo})
 
     def _deliver(self, record, frames):
-        player = next((p for p in self.players if p.id == record.player), None)
+        with self._lock:
+            player = next((p for p in self.players if p.id == record.player), None)
         if player is None or player.session is None:  # left while its block ran
             return
         begin = self.scheduler._begin

@@ -131,7 +131,6 @@ class Session:
         self.sockets: Set["Connection"] = set()
         self.streams: Set[asyncio.Queue] = set()
         self.linger: Optional[asyncio.TimerHandle] = None
-        self.last_latency_ms = 0.0
 
     def connections(self) -> int:
         return len(self.sockets) + len(self.streams)
@@ -153,7 +152,7 @@ class Connection:
         self.texts.append(json.dumps(message))
         self.ready.set()
 
-    def frames_of(self, batch: FrameBatch, epoch: float):
+    def frames_of(self, batch: FrameBatch):
         if not self.wants_frames:
             return
         for index, jpeg in enumerate(batch.jpegs):
@@ -311,15 +310,13 @@ class PlayServer:
         if session is None:
             return
         player = session.player
-        if batch.input_received is not None:
-            session.last_latency_ms = 1e3 * (batch.frames_ready - batch.input_received)
         stats = {"type": "stats", "fps": round(player.fps(time.perf_counter()), 2),
                  "latency": round(batch.block_ms, 1), "players": self.engine.player_count(),
                  "capacity": self.engine.capacity, "block": batch.block,
                  "block_ms": round(batch.block_ms, 1), "encode_ms": round(batch.encode_ms, 2),
                  "wait_ms": round(batch.wait_ms, 1), "input_id": batch.input_id}
         for connection in session.sockets:
-            connection.frames_of(batch, self.epoch)
+            connection.frames_of(batch)
             connection.text(stats)
         for stream in session.streams:
             for jpeg in batch.jpegs:
@@ -506,14 +503,13 @@ class PlayServer:
                         and abs(v) <= MAX_MOUSE for v in mouse)):
                 raise BadMessage(f"input: 'mouse' must be [dx, dy], finite, |value| <= "
                                  f"{MAX_MOUSE:.0f} pixels")
-            before = player.input._held
             try:
-                player.input.hold(keys, input_id, received)
+                pressed = player.input.hold(keys, input_id, received)
             except ValueError as error:
                 raise BadMessage(f"key: {error}") from None
             if mouse is not None:
                 player.input.move(float(mouse[0]), float(mouse[1]), input_id, received)
-            if player.input._held - before:  # a key went down
+            if pressed:  # a key went down
                 engine.press(player)
             else:
                 player.last_input = received
