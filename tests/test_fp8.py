@@ -16,7 +16,7 @@ import torch
 
 from helpers import (assert_close_elementwise, build_model, make_caches, make_inputs, rel_err,
                      requires_cuda, run_stream)
-from helpers import tiny_variant_config
+from wan.presets import tiny_variant_config
 from wan.kernels import eager
 from wan.kernels.fp8 import E4M3, E4M3_MAX, Fp8Rows, quantize_rows, quantize_weight
 from wan.kernels.layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_model, make_inputs, tiny_variant_config
+from helpers import build_model, make_inputs
+from wan.presets import tiny_variant_config
 from wan.kernels import eager
 from wan.kernels.registry import (OPS, BackendUnavailableError, load_selection, resolve,
                                   resolve_all)

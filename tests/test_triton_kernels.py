@@ -6,7 +6,7 @@ import torch
 
 from helpers import HAS_CUDA, assert_close_elementwise, build_model, make_caches, max_rel_err
 from helpers import rel_err, run_stream
-from helpers import tiny_variant_config
+from wan.presets import tiny_variant_config
 
 pytest.importorskip("triton")
 from wan.kernels import eager  # noqa: E402
