@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan import CausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
-from wan.presets import model_config  # noqa: E402
-from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
+from wan.modules.presets import model_config  # noqa: E402
+from wan.modules.random_init import random_inputs, randomize_weights_  # noqa: E402
 
 TOKENS, LATENT, BLOCKS, STEPS = 880, (44, 80), 10, (1000.0, 666.0, 333.0)
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.stream import Timer, bar_chart, finish, run_header, summarize  # noqa: E402
+from benchmarks.harness import Timer, bar_chart, finish, run_header, summarize  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
 from wan.modules.vae_decoder import VAEDecoderWrapper  # noqa: E402
-from wan.pipeline import StreamingBlockRunner  # noqa: E402
-from wan.presets import LATENT_SIZE, model_config  # noqa: E402
-from wan.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_  # noqa: E402
+from wan.serving.runner import StreamingBlockRunner  # noqa: E402
+from wan.modules.presets import LATENT_SIZE, model_config  # noqa: E402
+from wan.modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_  # noqa: E402
 
 PAIRS = {  # name: (DiT class and options, decoder class and options, cache update beside decode)
     "reference": ((CausalWanModel, {}), (VAEDecoderWrapper, {}), False),

@@ -28,13 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan import CausalWanModel  # noqa: E402
-from wan.kernels.conditioning import history_steps  # noqa: E402
-from wan.kernels.dtypes import DTYPES  # noqa: E402
-from wan.kernels.stream_cache import StreamCache  # noqa: E402
+from wan.runtime.conditioning import history_steps  # noqa: E402
+from wan.ops.dtypes import DTYPES  # noqa: E402
+from wan.runtime.stream_cache import StreamCache  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
-from wan.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
-from wan.random_init import randomize_weights_  # noqa: E402
+from wan.modules.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
+from wan.modules.random_init import randomize_weights_  # noqa: E402
 
 STEPS = (1000.0, 666.0, 333.0)
 

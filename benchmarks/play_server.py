@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from wan.play.engine import EngineConfig, GameEngine  # noqa: E402
 from wan.play.metrics import PlayMetrics  # noqa: E402
 from wan.play.server import PlayServer, ServerThread  # noqa: E402
-from wan.serving import REALTIME_FPS  # noqa: E402
+from wan.serving.scheduler import REALTIME_FPS  # noqa: E402
 
 log = logging.getLogger("play_server")
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.stream import MODEL_CLASSES  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
-from wan.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
-from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
+from wan.modules.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
+from wan.modules.random_init import random_inputs, randomize_weights_  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("attention", r"fmha|flash|cudnn|attention|sdpa"),

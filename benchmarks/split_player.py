@@ -18,12 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.stream import Timer, finish, run_header  # noqa: E402
-from wan.kernels.conditioning import history_steps  # noqa: E402
+from wan.runtime.conditioning import history_steps  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
-from wan.pipeline import StreamingBlockRunner  # noqa: E402
-from wan.presets import LATENT_SIZE, model_config  # noqa: E402
-from wan.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_  # noqa: E402
+from wan.serving.runner import StreamingBlockRunner  # noqa: E402
+from wan.modules.presets import LATENT_SIZE, model_config  # noqa: E402
+from wan.modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_  # noqa: E402
 
 LATENT = LATENT_SIZE["universal"]
 

@@ -22,11 +22,7 @@ matplotlib is installed, and prints a table last.
     python benchmarks/stream.py --blocks 8 --out benchmarks/results/h100.json
 """
 import argparse
-import datetime
-import json
 import math
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -36,12 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.harness import Timer, bar_chart, finish, run_header, summarize  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
-from wan.kernels.dtypes import DTYPES  # noqa: E402
+from wan.ops.dtypes import DTYPES  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
-from wan.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
-from wan.random_init import random_inputs, randomize_weights_  # noqa: E402
+from wan.modules.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
+from wan.modules.random_init import random_inputs, randomize_weights_  # noqa: E402
 
 # name -> (class, constructor extras)
 MODEL_CLASSES = {"reference": (CausalWanModel, {}),
@@ -85,33 +82,6 @@ def parse_args(argv=None):
         p.error(f"unknown model(s) {unknown}; available: {list(MODEL_CLASSES)}")
     args.denoising_steps = [float(s) for s in args.denoising_steps.split(",")]
     return args
-
-
-class Timer:
-    """Milliseconds of one call: CUDA events on the GPU, perf_counter on the CPU."""
-
-    def __init__(self, device):
-        self.cuda = device == "cuda"
-
-    def __call__(self, fn):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = fn()
-            end.record()
-            torch.cuda.synchronize()
-            return result, start.elapsed_time(end)
-        begin = time.perf_counter()
-        result = fn()
-        return result, (time.perf_counter() - begin) * 1e3
-
-
-def summarize(ms):
-    ordered = sorted(ms)
-    return {"n": len(ordered), "mean_ms": statistics.mean(ordered),
-            "median_ms": statistics.median(ordered),
-            "p95_ms": ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)],
-            "min_ms": ordered[0]}
 
 
 def build_models(args):
@@ -202,10 +172,6 @@ def pipeline_protocol(model, args, timer, label):
     return stats
 
 
-def device_name(device):
-    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-
-
 def speedups(per_model):
     """reference vs the fastest optimized variant, on median milliseconds."""
     summary = {"per_model": per_model}
@@ -234,48 +200,6 @@ def print_table(report):
         print(f"{name:<11}{seed[name]['median_ms']:>10.2f}ms{seed[name]['p95_ms']:>8.2f}ms"
               f"{pipe[name]['median_ms']:>10.2f}ms{pipe[name]['p95_ms']:>8.2f}ms"
               f"{pipe[name]['block_median_ms']:>7.1f}ms{pipe[name]['dit_fps']:>9.1f}{speedup:>9}")
-
-
-def run_header(device) -> dict:
-    """What every benchmark report starts with: device, torch, date and the exact command."""
-    return {"device": device_name(device), "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv])}
-
-
-def bar_chart(groups: dict, names, ylabel: str, title: str, path):
-    """Grouped bars: {label: one value per name}; saved as a PNG (None without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.8 / len(groups)
-    for k, (label, values) in enumerate(groups.items()):
-        offset = (k - (len(groups) - 1) / 2) * width
-        bars = ax.bar([i + offset for i in range(len(names))], values, width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return str(path)
-
-
-def finish(report: dict, out, plotter, table):
-    """Write the report (and its plot beside it) when `out` is given, then print the table."""
-    if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        report["plot"] = plotter(report, out.with_suffix(".png"))
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
-    table(report)
 
 
 def plot(report, path):

@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _no_dit_options_from_earlier_tests():
     """A decoder given no options follows the last optimized DiT built in the process
-    (wan/kernels/options.py): each test starts as a fresh process would."""
-    from wan.kernels.options import publish_model_options
+    (wan/runtime/options.py): each test starts as a fresh process would."""
+    from wan.runtime.options import publish_model_options
     publish_model_options()
     yield

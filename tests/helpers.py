@@ -8,8 +8,8 @@ import torch
 from wan import CausalWanModel
 from wan.modules.rolling_cache import new_stream_caches
 from wan.modules.vae_decoder import VAEDecoderWrapper
-from wan.presets import LATENT_SIZE, model_config, tokens_per_frame
-from wan.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
+from wan.modules.presets import LATENT_SIZE, model_config, tokens_per_frame
+from wan.modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run on the device)")

@@ -34,10 +34,10 @@ import pytest
 import torch
 
 from wan.modules.causal_model import CausalWanModel
-from wan.kernels.conditioning import history_steps
-from wan.kernels.upstream_caches import new_stream_caches
+from wan.runtime.conditioning import history_steps
+from wan.runtime.upstream_caches import new_stream_caches
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
-from wan.random_init import randomize_weights_
+from wan.modules.random_init import randomize_weights_
 
 ROOT = Path(__file__).resolve().parent.parent  # the wan repository or the Matrix-Game-2 checkout
 CONFIG_DIR = ROOT / "configs" / "distilled_model" / "universal"

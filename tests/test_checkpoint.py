@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from helpers import build_model
 from wan import CausalWanModel
 from wan.modules.checkpoint import CheckpointMismatchError, save_safetensors_checkpoint
-from wan.presets import CONFIG_ROOT, model_config
+from wan.modules.presets import CONFIG_ROOT, model_config
 
 
 def _same_weights(a, b):

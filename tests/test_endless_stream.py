@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from helpers import build_model, make_caches, rel_err
-from wan.presets import tiny_variant_config
-from wan.kernels.conditioning import VAE_TIME_COMPRESSION, history_steps
-from wan.kernels.rope_tables import (action_inverse_frequencies, angles, inverse_frequencies,
+from wan.modules.presets import tiny_variant_config
+from wan.runtime.conditioning import VAE_TIME_COMPRESSION, history_steps
+from wan.runtime.rope_tables import (action_inverse_frequencies, angles, inverse_frequencies,
                                      self_attention_angles, self_attention_axis_dims)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.rope import ActionRope, rope_params, rope_rotations_3d
-from wan.presets import tokens_per_frame
+from wan.modules.presets import tokens_per_frame
 
 TOKENS = tokens_per_frame("tiny")
 CONTEXT_TOKENS = 8  # a short image context keeps 700 reference forwards cheap

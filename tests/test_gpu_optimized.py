@@ -7,9 +7,9 @@ import torch
 
 from helpers import (assert_close_elementwise, build_model, make_caches, make_inputs, rel_err,
                      requires_cuda)
-from wan.kernels import eager, registry
+from wan.ops import eager, registry
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
-from wan.random_init import random_action_attention_args
+from wan.modules.random_init import random_action_attention_args
 
 pytestmark = requires_cuda
 BLOCKS = 10

@@ -6,7 +6,7 @@ import torch
 
 from helpers import build_model, make_caches, make_inputs
 from wan import CausalWanModel
-from wan.kernels.stream_cache import DICT_TAG
+from wan.runtime.stream_cache import DICT_TAG
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
 TOKENS_PER_FRAME = 32  # tiny preset: 8 x 16 latent, patch 2 x 2

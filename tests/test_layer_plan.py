@@ -1,4 +1,4 @@
-"""The streaming forward's per-layer plan (wan/kernels/layer_plan.py): packing q/k/v and the
+"""The streaming forward's per-layer plan (wan/runtime/layer_plan.py): packing q/k/v and the
 modulations into one tensor changes no value, name or state dict; loading in place writes through;
 new storage (`.to()`, assign loads) is noticed and the plan rebuilt; results stay the reference's."""
 import pytest
@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import build_model, make_caches, max_rel_err, run_stream
-from wan.presets import tiny_variant_config
-from wan.kernels.layer_plan import ModelPlan, Packed
+from wan.modules.presets import tiny_variant_config
+from wan.runtime.layer_plan import ModelPlan, Packed
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
 
@@ -77,7 +77,7 @@ def test_state_dict_of_a_packed_model_saves_and_loads(tmp_path):
 
 
 def test_packed_rejects_mixed_bias():
-    from wan.kernels.layer_plan import _pack_biases
+    from wan.runtime.layer_plan import _pack_biases
     with pytest.raises(ValueError, match="bias"):
         _pack_biases([torch.nn.Parameter(torch.zeros(2)), None, None])
 

@@ -6,7 +6,7 @@ import torch
 from golden_runner import VARIANTS, golden_model, load_variant, run_streaming, run_train
 from helpers import build_model, make_caches, make_inputs, max_rel_err, rel_err, run_stream
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
-from wan.presets import tiny_variant_config, tokens_per_frame
+from wan.modules.presets import tiny_variant_config, tokens_per_frame
 
 STREAM_TOLERANCE = 1e-6
 BLOCKS = 10

@@ -1,4 +1,4 @@
-"""The streaming block runner (wan/pipeline.py): blocks of 9 then 12 frames, the same frames from
+"""The streaming block runner (wan/serving/runner.py): blocks of 9 then 12 frames, the same frames from
 the reference pair (reference DiT + decoder, upstream's order) and the optimized pair, clear
 errors; the flow-matching schedule against upstream's warped steps."""
 import pytest
@@ -8,8 +8,8 @@ from helpers import build_decoder, build_model, rel_err
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper
-from wan.pipeline import FlowMatchSchedule, StreamingBlockRunner
-from wan.random_init import random_inputs
+from wan.serving.runner import FlowMatchSchedule, StreamingBlockRunner
+from wan.modules.random_init import random_inputs
 
 LATENT = (8, 16)  # the tiny preset's latent
 

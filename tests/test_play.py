@@ -23,8 +23,8 @@ pytest.importorskip("websockets")
 from PIL import Image  # noqa: E402
 
 from helpers import PlayServerThread, rel_err  # noqa: E402
-from wan.kernels.conditioning import history_steps  # noqa: E402
-from wan.pipeline import StreamingBlockRunner  # noqa: E402
+from wan.runtime.conditioning import history_steps  # noqa: E402
+from wan.serving.runner import StreamingBlockRunner  # noqa: E402
 from wan.play.actions import (CAMERA_VALUE, MOUSE_PIXELS_FOR_FULL_TURN, InputState,  # noqa: E402
                               action_space)
 from wan.play.client import parse_frame, play  # noqa: E402

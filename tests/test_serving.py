@@ -1,4 +1,4 @@
-"""Sessions and the deadline scheduler (wan/serving.py) with a fake clock: deadlines and releases,
+"""Sessions and the deadline scheduler (wan/serving/scheduler.py) with a fake clock: deadlines and releases,
 earliest deadline first, fairness, stalls and the report; and a real session's actions."""
 import json
 import os
@@ -12,9 +12,9 @@ import torch
 from helpers import build_decoder, build_model
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
-from wan.pipeline import StreamingBlockRunner
-from wan.random_init import random_inputs
-from wan.serving import (BLOCK_FRAMES, VIDEO_FPS, DeadlineScheduler, PlayerSession, _held,
+from wan.serving.runner import StreamingBlockRunner
+from wan.modules.random_init import random_inputs
+from wan.serving.scheduler import (BLOCK_FRAMES, VIDEO_FPS, DeadlineScheduler, PlayerSession, _held,
                          players_report)
 
 PERIOD = BLOCK_FRAMES / VIDEO_FPS  # 0.48 s

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from helpers import build_model, make_caches, make_inputs, requires_cuda
-from wan.kernels.stream_cache import DICT_TAG
+from wan.runtime.stream_cache import DICT_TAG
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper
-from wan.random_init import randomize_decoder_weights_
+from wan.modules.random_init import randomize_decoder_weights_
 
 TOKENS_PER_FRAME = 32  # tiny preset: 8 x 16 latent
 PLAYERS, BLOCKS, STEPS = 3, 3, (1000.0, 500.0, 0.0)

@@ -6,13 +6,13 @@ import torch
 
 from helpers import HAS_CUDA, assert_close_elementwise, build_model, make_caches, max_rel_err
 from helpers import rel_err, run_stream
-from wan.presets import tiny_variant_config
+from wan.modules.presets import tiny_variant_config
 
 pytest.importorskip("triton")
-from wan.kernels import eager  # noqa: E402
-from wan.kernels import triton as triton_ops  # noqa: E402
+from wan.ops import eager  # noqa: E402
+from wan.ops import triton as triton_ops  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
-from wan.random_init import random_action_attention_args  # noqa: E402
+from wan.modules.random_init import random_action_attention_args  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])

@@ -12,7 +12,7 @@ from helpers import build_decoder, decoder_weights, rel_err, requires_cuda
 from wan.modules.checkpoint import CheckpointMismatchError
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper, frames_out, load_decoder_weights
-from wan.random_init import randomize_decoder_weights_
+from wan.modules.random_init import randomize_decoder_weights_
 
 DECODERS = [VAEDecoderWrapper, OptimizedVAEDecoderWrapper]
 SMALL = (2, 3)  # latent h, w for the quicker checks (the decoder is fully convolutional)

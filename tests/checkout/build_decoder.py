@@ -69,7 +69,7 @@ def small_setup(workdir: Path):
     yaml.model_kwargs.model_config = str(workdir / "model")
     OmegaConf.save(yaml, workdir / "inference.yaml")
     from demo_utils.vae_block3 import VAEDecoderWrapper as UpstreamDecoder
-    from wan.random_init import randomize_decoder_weights_
+    from wan.modules.random_init import randomize_decoder_weights_
     weights = randomize_decoder_weights_(UpstreamDecoder()).state_dict()
     weights["encoder.conv1.weight"] = torch.zeros(1)  # what the cut in the scripts drops
     (workdir / "pretrained").mkdir()

@@ -44,10 +44,10 @@ from omegaconf import OmegaConf  # noqa: E402
 import utils.wan_wrapper as wan_wrapper  # noqa: E402
 from pipeline import CausalInferencePipeline  # noqa: E402
 from wan.modules.causal_model import CausalWanModel as UpstreamCausalWanModel  # noqa: E402
-from wan.kernels.conditioning import history_steps  # noqa: E402
-from wan.kernels.cuda_graphs import cuda_graphs_on  # noqa: E402
-from wan.kernels.dtypes import DTYPES  # noqa: E402
-from wan.random_init import randomize_weights_  # noqa: E402
+from wan.runtime.conditioning import history_steps  # noqa: E402
+from wan.runtime.cuda_graphs import cuda_graphs_on  # noqa: E402
+from wan.ops.dtypes import DTYPES  # noqa: E402
+from wan.modules.random_init import randomize_weights_  # noqa: E402
 
 LATENT = (44, 80)
 # what upstream's pipeline hard-codes (12 x 128 self-attention heads, 16 x 64 action heads, 30
@@ -114,7 +114,7 @@ def build_generator(model_class, config_dir, weights, device, dtype):
 def decoder_weights():
     """Random weights for upstream's decoder (seeded: both decoders get the same)."""
     from demo_utils.vae_block3 import VAEDecoderWrapper
-    from wan.random_init import randomize_decoder_weights_
+    from wan.modules.random_init import randomize_decoder_weights_
     torch.manual_seed(0)
     return randomize_decoder_weights_(VAEDecoderWrapper()).state_dict()
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import layers
-from ..kernels.conditioning import (VAE_TIME_COMPRESSION, attention_window_frames, condition_steps,
+from ..runtime.conditioning import (VAE_TIME_COMPRESSION, attention_window_frames, condition_steps,
                                    frame_windows)
 from .attention import attention, block_causal_mask
 from .rolling_cache import write_and_read_window

@@ -22,11 +22,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..kernels.conditioning import attention_window_frames
+from ..runtime.conditioning import attention_window_frames
 from .action_module import ActionModule
 from .attention import attention, block_causal_mask
 from .checkpoint import load_safetensors_checkpoint
-from ..kernels.input_checks import check_forward_inputs, per_frame_timesteps
+from ..runtime.input_checks import check_forward_inputs, per_frame_timesteps
 from .layers import (AttentionProjections, MLPProj, WAN_CROSSATTENTION_CLASSES, WanLayerNorm,
                      sinusoidal_embedding_1d)
 from .rolling_cache import write_and_read_window
@@ -210,7 +210,7 @@ class CausalWanModel(nn.Module):
         self.img_emb = MLPProj(CLIP_DIM, dim)
         # upstream's complex128 RoPE table of 1024 frames (a plain attribute, not a buffer, so
         # .to(dtype) leaves it alone); kept for code that reads it: the forward computes the angles
-        # of any position instead (wan/kernels/rope_tables.py)
+        # of any position instead (wan/runtime/rope_tables.py)
         self.freqs = self_attention_rope_table(dim // num_heads)
         self.init_weights()
         self.gradient_checkpointing = False

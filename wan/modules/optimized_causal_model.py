@@ -4,8 +4,8 @@
 `CausalWanModel` (plus `backend`, `cuda_graphs` and `precision`) and gives the same outputs. What
 differs is the streaming path:
 
-* every attention, norm and RoPE goes through the backend registry (wan/kernels/registry.py);
-* caches are ring buffers (wan/kernels/stream_cache.py): a frame's K/V is written once into a
+* every attention, norm and RoPE goes through the backend registry (wan/ops/registry.py);
+* caches are ring buffers (wan/runtime/stream_cache.py): a frame's K/V is written once into a
   fixed slot, nothing shifts, and the stream position lives on the host, so the forward has no
   `.item()` and no host sync. Either the model owns them (`start_stream`) or the caller's
   upstream-style dicts serve as the storage (drop-in);
@@ -13,7 +13,7 @@ differs is the streaming path:
   WAN_CUDA_GRAPHS=0 or `"cuda_graphs": false` in config.json turn it off);
 * optionally the blocks' big GEMMs run in FP8 (`precision="fp8"`, opt-in: e4m3 weights with a scale
   per output channel, activations with a scale per token quantized by the norms that produce them;
-  wan/kernels/fp8.py). Its cost in accuracy on one's own weights: `python -m wan.compare`.
+  wan/ops/fp8.py). Its cost in accuracy on one's own weights: `python -m wan.compare`.
 
 It relies on its parent only through the constructor, the module tree, parameter names and public
 attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-2's CausalWanModel:
@@ -31,27 +31,27 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.conditioning import (condition_steps, frame_tokens, frame_windows,
+from ..runtime.conditioning import (condition_steps, frame_tokens, frame_windows,
                                    sinusoidal_embedding_1d)
-from ..kernels.cuda_graphs import (ForgetsDerivedStateOnNewWeights, GraphRunner,
-                                  cuda_graphs_setting, describe_cuda_graphs)
-from ..kernels.log import info
-from ..kernels.options import publish_model_options
-from ..kernels.fp8 import precision_setting
-from ..kernels.input_checks import (check_forward_inputs, check_stream_position,
+from ..runtime.cuda_graphs import GraphRunner, cuda_graphs_setting, describe_cuda_graphs
+from ..runtime.weight_watch import ForgetsDerivedStateOnNewWeights
+from ..runtime.log import info
+from ..runtime.options import publish_model_options
+from ..ops.fp8 import precision_setting
+from ..runtime.input_checks import (check_forward_inputs, check_stream_position,
                                    first_action_module, per_frame_timesteps)
-from ..kernels.registry import (FP8_OPS, BackendUnavailableError, describe_resolved,
+from ..ops.registry import (FP8_OPS, BackendUnavailableError, describe_resolved,
                                 load_selection, resolve, resolve_all)
-from ..kernels.rope_tables import action_inverse_frequencies, angles, self_attention_angles
-from ..kernels.layer_plan import FP8_GEMMS, ActionPlan, BlockPlan, ModelPlan, fp8_gemms_setting
-from ..kernels.stream_cache import StreamCache, bind, bound_cache, dict_identity
+from ..runtime.rope_tables import action_inverse_frequencies, angles, self_attention_angles
+from ..runtime.layer_plan import FP8_GEMMS, ActionPlan, BlockPlan, ModelPlan, fp8_gemms_setting
+from ..runtime.stream_cache import StreamCache, bind, bound_cache, dict_identity
 from .causal_model import CausalWanModel
 
 
 @dataclass
 class _DeviceState:
     """What the streaming forward needs per (device, dtype), made once."""
-    ops: SimpleNamespace        # op name -> the implementation chosen for it (wan/kernels/registry)
+    ops: SimpleNamespace        # op name -> the implementation chosen for it (wan/ops/registry)
     backends: dict              # op name -> the backend's name (the report)
     rope_dtype: torch.dtype     # float64 models rotate in float64 (as upstream), others in float32
     start_frame: torch.Tensor   # the call's first frame, on the device (a graph reads it by value)
@@ -306,7 +306,7 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         return cache
 
     def _layer_plan(self) -> ModelPlan:
-        """The per-layer plan (wan/kernels/layer_plan.py), built again when parameters got new
+        """The per-layer plan (wan/runtime/layer_plan.py), built again when parameters got new
         storage; graphs captured over the old storage are dropped with it."""
         if self._plan is None or not self._plan.is_current():
             self._forget_derived_state()
@@ -528,7 +528,7 @@ def _action(action: ActionPlan, i: int, tokens, step):
         torch.cuda.current_stream().wait_event(ready)
 
     # the attention ops take the raw projections: q/k norm, RoPE and the cache writes of k/v
-    # happen inside them (wan/kernels/registry.py)
+    # happen inside them (wan/ops/registry.py)
     if action.mouse:
         # attention per spatial token over frames. The MLP runs in the tokens' own frame-major
         # layout, and its first layer is split: the mouse window is shared by all tokens of a

@@ -21,7 +21,7 @@ What differs from the reference (vae_decoder.py):
 
 Options (CUDA graphs, backend) come from the same places as the DiT's: this constructor's keywords,
 else what the optimized DiT of this process was given (its config.json: upstream's scripts build
-the decoder with no arguments; wan/kernels/options.py), else WAN_CUDA_GRAPHS / WAN_BACKEND, else
+the decoder with no arguments; wan/runtime/options.py), else WAN_CUDA_GRAPHS / WAN_BACKEND, else
 the defaults (graphs on wherever it runs on CUDA, backend `auto`). They are resolved at the first
 call, and one start-up line (logging, `wan.fast`) says which backend runs each op and whether
 graphs are on, and why.
@@ -52,11 +52,12 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..kernels.cuda_graphs import (ForgetsDerivedStateOnNewWeights, GraphRunner,
-                                  cuda_graphs_on, cuda_graphs_setting, describe_cuda_graphs)
-from ..kernels.log import info
-from ..kernels.options import model_options
-from ..kernels.registry import (BackendUnavailableError, describe_resolved, load_selection,
+from ..runtime.cuda_graphs import (GraphRunner, cuda_graphs_on, cuda_graphs_setting,
+                                   describe_cuda_graphs)
+from ..runtime.weight_watch import ForgetsDerivedStateOnNewWeights
+from ..runtime.log import info
+from ..runtime.options import model_options
+from ..ops.registry import (BackendUnavailableError, describe_resolved, load_selection,
                                 resolve)
 from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)

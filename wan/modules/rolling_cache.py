@@ -13,7 +13,7 @@ shifting the rest to the left. Attention then reads the last `window` entries up
 import torch
 
 # allocation lives in wan/kernels: the seed suite uses it inside checkouts too
-from ..kernels.upstream_caches import new_cache, new_stream_caches  # noqa: F401
+from ..runtime.upstream_caches import new_cache, new_stream_caches  # noqa: F401
 
 
 def cache_end(cache: dict) -> int:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from ..serving import percentile
+from ..serving.scheduler import percentile
 from .server import FRAME_HEADER, FRAME_MAGIC
 
 

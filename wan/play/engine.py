@@ -33,15 +33,15 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from PIL import Image
 
-from ..kernels.conditioning import history_steps
-from ..kernels.cuda_graphs import cuda_graphs_on, cuda_graphs_setting
+from ..runtime.conditioning import history_steps
+from ..runtime.cuda_graphs import cuda_graphs_on, cuda_graphs_setting
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
-from ..pipeline import StreamingBlockRunner
-from ..presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config, tiny_variant_config
-from ..random_init import randomize_decoder_weights_, randomize_weights_
-from ..serving import PERIOD_S, DeadlineScheduler, PlayerSession
+from ..serving.runner import StreamingBlockRunner
+from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config, tiny_variant_config
+from ..modules.random_init import randomize_decoder_weights_, randomize_weights_
+from ..serving.scheduler import PERIOD_S, DeadlineScheduler, PlayerSession
 from .actions import ActionSpace, InputState, action_space, action_steps
 from .conditioning import CheckoutConditioner, DemoConditioner, builtin_start_image
 from .encode import JpegEncoder, to_uint8

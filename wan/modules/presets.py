@@ -3,9 +3,9 @@ import copy
 import json
 from pathlib import Path
 
-from .kernels.conditioning import frame_tokens
+from ..runtime.conditioning import frame_tokens
 
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs" / "distilled_model"
+CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "distilled_model"
 UPSTREAM_VARIANTS = ("universal", "gta_drive", "templerun")
 
 # The real structure (action modules, mouse + keyboard, 6-frame window) at a size a CPU runs in

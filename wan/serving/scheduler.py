@@ -5,7 +5,7 @@ player's block k is due on screen 0.36 s + 0.48 s * k after the player joined (a
 the picture and moves the player's later deadlines by as much). A block is released (may start)
 one period before it is due, so that it reads actions no older than that; the scheduler runs the
 released block with the earliest deadline, one block at a time (the DiT and the decoder each fill
-the GPU: running players side by side gains nothing, `wan.pipeline`'s note).
+the GPU: running players side by side gains nothing, `wan.serving.runner`'s note).
 
 A `PlayerSession` is one player's state over the shared model and decoder: its block runner (its
 own DiT cache dicts and decoder stream), image context, conditions, noise generator and the actions
@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .kernels.conditioning import history_steps
-from .pipeline import StreamingBlockRunner
+from ..runtime.conditioning import history_steps
+from .runner import StreamingBlockRunner
 
 VIDEO_FPS = 25
 FIRST_BLOCK_FRAMES, BLOCK_FRAMES = 9, 12

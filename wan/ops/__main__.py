@@ -1,0 +1,52 @@
+"""`python -m wan.kernels`: for every op, the backends that implement it, whether each can run here
+(or why not), and what the selection (default: WAN_BACKEND, else auto) picks.
+
+Options: --device (default: cuda when available, else cpu), --dtype (bf16, fp16, fp32, fp64;
+default bf16 on cuda, else fp32), --backend (a selection to resolve, as the model's `backend=`: a
+name or a YAML path).
+"""
+import argparse
+
+import torch
+
+from .dtypes import DTYPES, default_dtype_name
+from .registry import BACKENDS, OPS, BackendUnavailableError, load_selection, resolve
+
+# head sizes the model calls the ops with: the action modules' heads are 64 wide, the rest 128
+HEAD_DIMS = {"mouse_attention": 64, "keyboard_attention": 64}
+HEAD_DIM_DEPENDENT = ("attention", "norm_rope_store")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m wan.kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+    p.add_argument("--backend", default=None,
+                   help="selection to resolve (default: WAN_BACKEND or auto)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or default_dtype_name(device)]
+    selection = load_selection(args.backend)
+    print(f"device {device}, dtype {dtype}, torch {torch.__version__}")
+    for op in OPS:
+        head_dim = HEAD_DIMS.get(op, 128)
+        shown = f" (head_dim {head_dim})" if op.endswith(HEAD_DIM_DEPENDENT) else ""
+        print(f"\n{op}{shown}")
+        for name, backend in BACKENDS.items():
+            if not backend.implements(op):
+                continue
+            reason = backend.problem(op, device, dtype, head_dim)
+            label = name
+            if name == "flash" and reason is None:
+                from .flash import IMPLEMENTATION
+                label = f"flash ({IMPLEMENTATION})"
+            print(f"  {label:<7} {'available' if reason is None else 'unavailable: ' + reason}")
+        try:
+            chosen, _ = resolve(op, selection[op], device, dtype, head_dim)
+            print(f"  -> {selection[op]} picks {chosen}")
+        except BackendUnavailableError as err:
+            print(f"  -> {selection[op]} fails: {err}")
+
+
+if __name__ == "__main__":
+    main()
