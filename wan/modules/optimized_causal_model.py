@@ -39,7 +39,8 @@ from ..runtime.log import info
 from ..runtime.options import publish_model_options
 from ..ops.fp8 import precision_setting
 from ..runtime.input_checks import (check_forward_inputs, check_stream_position,
-                                   first_action_module, per_frame_timesteps)
+                                    check_stream_request, first_action_module,
+                                    per_frame_timesteps)
 from ..ops.registry import (FP8_OPS, BackendUnavailableError, describe_resolved,
                                 load_selection, resolve, resolve_all)
 from ..runtime.rope_tables import action_inverse_frequencies, angles, self_attention_angles
@@ -166,6 +167,7 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         they fit, so one player restarting costs no allocation; `new=True` always allocates
         another stream (another player: ~1 GiB for the real model at 44 x 80) and keeps the
         others. Returns the stream, a handle for `use_stream`."""
+        check_stream_request(batch, latent_size, self.patch_size)
         tokens = frame_tokens(latent_size[0], latent_size[1], self.patch_size)
         dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
         s = self._stream

@@ -1,7 +1,7 @@
 """Checks of a forward call's inputs, run before anything is computed or written to a cache.
 
-Shared by the reference and the optimized model. It lives in wan/kernels so that
-optimized_causal_model.py plus this package can be copied into an upstream tree.
+Shared by the reference and the optimized model. It lives in wan/runtime so that
+optimized_causal_model.py plus wan/runtime and wan/ops can be copied into an upstream tree.
 
 Upstream fails late (an assert, a shape error deep inside, or silently wrong output). Here every
 problem is a ValueError/TypeError that names the argument, what was expected and what came, raised
@@ -53,6 +53,25 @@ def _check_cache_tensor(name, tensor, shape_desc, expected, dtype):
     if not ok:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape_desc} = "
                          f"{tuple('*' if e is None else e for e in expected)}")
+
+
+def check_stream_request(batch, latent_size, patch_size) -> None:
+    """`start_stream(batch, latent_size)`: a positive int batch and a (height, width) pair of
+    positive ints that the patch size divides."""
+    if isinstance(batch, bool) or not isinstance(batch, int):
+        raise TypeError(f"start_stream: batch must be an int, got {type(batch).__name__}")
+    if batch < 1:
+        raise ValueError(f"start_stream: batch must be at least 1, got {batch}")
+    if (isinstance(latent_size, (str, bytes)) or not hasattr(latent_size, "__len__")
+            or len(latent_size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in latent_size)):
+        raise TypeError(f"start_stream: latent_size must be (height, width) in latent pixels, "
+                        f"got {latent_size!r}")
+    _, ph, pw = patch_size
+    h, w = latent_size
+    if h < 1 or w < 1 or h % ph or w % pw:
+        raise ValueError(f"start_stream: latent_size {tuple(latent_size)} must be positive and "
+                         f"divisible by the patch size ({ph}, {pw})")
 
 
 def per_frame_timesteps(model, x, t):
