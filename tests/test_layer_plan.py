@@ -104,15 +104,22 @@ def test_model_forgets_its_plan_on_conversion_and_load():
 
 @torch.no_grad()
 def test_unfused_qkv_gives_the_same_stream(monkeypatch):
-    """WAN_FUSED_QKV=0 (the off switch): three GEMMs, parameters not packed, same results."""
-    reference, model = _pair()
+    """fused_qkv=False / WAN_FUSED_QKV=0 (the off switch, read when the model is built): three
+    GEMMs, parameters not packed, same results."""
+    reference, _ = _pair()
     expected = _stream(reference)
-    monkeypatch.setenv("WAN_FUSED_QKV", "0")
-    assert max_rel_err(_stream(model), expected) <= 1e-6
-    assert len(model._plan.blocks[0].qkv) == 3
-    q = model.blocks[0].self_attn.q.weight
-    assert q.untyped_storage().nbytes() == q.numel() * q.element_size()  # its own storage
-    monkeypatch.setenv("WAN_FUSED_QKV", "yes")
-    model.set_backend()
+    for how in ("keyword", "environment"):
+        if how == "environment":
+            monkeypatch.setenv("WAN_FUSED_QKV", "0")
+            model = _pair()[1]
+        else:
+            model = build_model(config=tiny_variant_config("universal"), dtype=torch.float64,
+                                cls=OptimizedCausalWanModel, fused_qkv=False)
+        assert model.options_report()["fused_qkv"] is False
+        assert max_rel_err(_stream(model), expected) <= 1e-6
+        assert len(model._plan.blocks[0].qkv) == 3
+        q = model.blocks[0].self_attn.q.weight
+        assert q.untyped_storage().nbytes() == q.numel() * q.element_size()  # its own storage
+    monkeypatch.setenv("WAN_FUSED_QKV", "maybe")
     with pytest.raises(ValueError, match="WAN_FUSED_QKV"):
-        _stream(model, blocks=1)
+        _pair()

@@ -21,9 +21,7 @@ attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-
 parent's.
 """
 import contextlib
-import functools
 import inspect
-import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
@@ -31,33 +29,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..runtime.conditioning import (condition_steps, frame_tokens, frame_windows,
-                                   sinusoidal_embedding_1d)
-from ..runtime.cuda_graphs import GraphRunner, cuda_graphs_setting, describe_cuda_graphs
+from ..runtime.conditioning import frame_windows, sinusoidal_embedding_1d
+from ..runtime.layer_plan import FP8_GEMMS, ActionPlan, BlockPlan
+from ..runtime.options import FastOptions, publish_model_options
+from ..runtime.rope_tables import angles, self_attention_angles
+from ..runtime.stream_cache import StreamCache
+from ..runtime.streaming import StreamingForward
 from ..runtime.weight_watch import ForgetsDerivedStateOnNewWeights
-from ..runtime.log import info
-from ..runtime.options import publish_model_options
-from ..ops.fp8 import precision_setting
-from ..runtime.input_checks import (check_forward_inputs, check_stream_position,
-                                    check_stream_request, first_action_module,
-                                    per_frame_timesteps)
-from ..ops.registry import (FP8_OPS, BackendUnavailableError, describe_resolved,
-                                load_selection, resolve, resolve_all)
-from ..runtime.rope_tables import action_inverse_frequencies, angles, self_attention_angles
-from ..runtime.layer_plan import FP8_GEMMS, ActionPlan, BlockPlan, ModelPlan, fp8_gemms_setting
-from ..runtime.stream_cache import StreamCache, bind, bound_cache, dict_identity
 from .causal_model import CausalWanModel
-
-
-@dataclass
-class _DeviceState:
-    """What the streaming forward needs per (device, dtype), made once."""
-    ops: SimpleNamespace        # op name -> the implementation chosen for it (wan/ops/registry)
-    backends: dict              # op name -> the backend's name (the report)
-    rope_dtype: torch.dtype     # float64 models rotate in float64 (as upstream), others in float32
-    start_frame: torch.Tensor   # the call's first frame, on the device (a graph reads it by value)
-    side_stream: Optional[torch.cuda.Stream]  # the action conditions' projections run beside
-    action_inv_freq: Optional[torch.Tensor]   # the action RoPE's frequencies (None: no actions)
 
 
 @dataclass
@@ -79,85 +58,106 @@ class _Step:
 class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
 
     def __init__(self, *args, backend=None, cuda_graphs: Optional[bool] = None,
-                 precision: Optional[str] = None, inject_sample_info: bool = False, **kwargs):
-        """Arguments of CausalWanModel, plus:
+                 precision: Optional[str] = None, fp8_gemms=None, fused_qkv: Optional[bool] = None,
+                 inject_sample_info: bool = False, **kwargs):
+        """Arguments of CausalWanModel, plus the options (wan/runtime/options.py; each None:
+        its environment variable, else its default):
 
         * `backend`: a name, {op: name}, or a YAML path (configs/backends/); ops it leaves out
           follow WAN_BACKEND, then 'auto';
-        * `cuda_graphs`: replay the streaming forward from CUDA graphs; None reads WAN_CUDA_GRAPHS
-          (1/true/on or 0/false/off), default on wherever the model runs on CUDA (decided per
-          forward, from the input's device: a model built on the CPU and moved is graphed);
+        * `cuda_graphs`: replay the streaming forward from CUDA graphs (WAN_CUDA_GRAPHS; default
+          on wherever the model runs on CUDA, decided per forward from the input's device: a
+          model built on the CPU and moved is graphed);
         * `precision`: 'native' (every GEMM in the model's dtype) or 'fp8' (the blocks' big GEMMs
-          in FP8 e4m3; needs FP8 tensor cores and a bfloat16 model); None reads WAN_PRECISION,
-          default 'native';
+          in FP8 e4m3; needs FP8 tensor cores and a bfloat16 model) (WAN_PRECISION; 'native');
+        * `fp8_gemms`: which of the blocks' GEMMs 'fp8' runs in FP8: names of FP8_GEMMS, a
+          comma-separated string of them, or 'all' (WAN_FP8_GEMMS; DEFAULT_FP8_GEMMS);
+        * `fused_qkv`: self-attention's q, k and v in one GEMM (WAN_FUSED_QKV; on);
         * `inject_sample_info`: a key of upstream's config.json that no constructor uses; accepted
           (and ignored) so that building from that file keeps every key.
 
         These options can sit in the model's config.json, which `from_config` (this library's or
-        diffusers', upstream's parent) passes here; a value given there wins over the environment.
+        diffusers', upstream's parent) passes here as keywords. They are resolved once, here
+        (`self.options`), and reported by `options_report()` and the start-up log line.
         """
         super().__init__(*args, **kwargs)
+        given = dict(backend=backend, cuda_graphs=cuda_graphs, precision=precision,
+                     fp8_gemms=fp8_gemms, fused_qkv=fused_qkv)
         register = getattr(self, "register_to_config", None)
         if register is not None:  # diffusers' ConfigMixin (upstream's parent): keep them in .config
-            register(backend=backend, cuda_graphs=cuda_graphs, precision=precision,
-                     inject_sample_info=inject_sample_info)
-        self.backend = load_selection(backend)
-        self._cuda_graphs_requested = cuda_graphs
-        self.cuda_graphs = cuda_graphs_setting(cuda_graphs)  # True, False, None: on CUDA
+            register(**given, inject_sample_info=inject_sample_info)
+        self.options = FastOptions.resolve(given)
         # what a user gave the DiT (its config.json): the decoder built with no options follows
         publish_model_options(cuda_graphs=cuda_graphs, backend=backend)
-        self.precision = precision_setting(precision)
-        self._stream: Optional[StreamCache] = None  # the current owned stream
-        self._owned: list = []                      # every owned stream (start_stream)
-        self._graphs = GraphRunner()                # graphs per cache storage, one shared pool
-        self._plan: Optional[ModelPlan] = None  # built at the first streaming forward
+        self._runtime = StreamingForward(self)  # the call around the math: caches, plan, graphs
         self._watch_weights()  # the plan and graphs are forgotten after .to() or a load
-        self._per_device = {}      # (device, dtype) -> resolved ops and RoPE tables
-        self._warned_no_graphs = False
 
-    # ------------------------------------------------------------------ configuration
+    # ------------------------------------------------------------------ options
+    @property
+    def backend(self) -> dict:
+        return dict(self.options.backend)
+
+    @property
+    def cuda_graphs(self) -> Optional[bool]:
+        return self.options.cuda_graphs
+
+    @property
+    def precision(self) -> str:
+        return self.options.precision
+
+    def options_report(self) -> dict:
+        """The options this model runs with, and where each came from."""
+        return self.options.report()
+
     def set_backend(self, backend=None):
         """Select backends again (same forms as the constructor's `backend`). Also reads the module
         tree again: call it after replacing a submodule."""
-        self.backend = load_selection(backend)
-        self._per_device.clear()
+        self.options = self.options.with_option("backend", backend)
+        self._runtime.forget_devices()
         self._forget_derived_state()
-        self._drop_graphs()
+        self._runtime.graphs.clear()
 
     def set_precision(self, precision: Optional[str]):
         """Switch between 'native' and 'fp8' (None: WAN_PRECISION). The model's weights are never
         changed: FP8 copies are made from them at the next forward, and dropped on 'native'."""
-        self.precision = precision_setting(precision)
-        self._per_device.clear()
+        self.options = self.options.with_option("precision", precision)
+        self._runtime.forget_devices()
         self._forget_derived_state()
+
+    def enable_cuda_graphs(self, enabled: bool = True):
+        self.options = self.options.with_option("cuda_graphs", bool(enabled))
+        if not enabled:
+            self._runtime.graphs.clear()
 
     def precision_report(self) -> dict:
         """Which of the blocks' GEMMs run in FP8 and which in the model's dtype."""
-        fp8 = sorted(self._fp8_gemms(), key=FP8_GEMMS.index)
+        fp8 = sorted(self.options.fp8_gemms, key=FP8_GEMMS.index)
         return {"precision": self.precision, "fp8_gemms": fp8,
                 "native_gemms": [g for g in FP8_GEMMS if g not in fp8]
                 + ["patch_embedding", "time_embedding", "time_projection", "head",
                    "image context k/v", "action modules"]}
 
-    def _fp8_gemms(self):
-        return fp8_gemms_setting() if self.precision == "fp8" else frozenset()
+    def backend_report(self, device=None, dtype=None) -> dict:
+        """{op: backend name} that runs for the model's (or the given) device and dtype."""
+        weight = self.patch_embedding.weight
+        return dict(self._runtime.device_state(torch.device(device or weight.device),
+                                               dtype or weight.dtype).backends)
 
     def _forget_derived_state(self):
         """The plan packed over the parameters' storage, and the graphs that read it, go (both
         are rebuilt at the next forward)."""
-        if getattr(self, "_plan", None) is not None:
-            self._plan = None
-            self._drop_graphs()
+        runtime = getattr(self, "_runtime", None)
+        if runtime is not None:
+            runtime.forget_plan()
 
-    def enable_cuda_graphs(self, enabled: bool = True):
-        self.cuda_graphs = self._cuda_graphs_requested = bool(enabled)
-        if not enabled:
-            self._drop_graphs()
+    # the runtime's plan and graphs, as tests and tools look at them
+    @property
+    def _plan(self):
+        return self._runtime.plan
 
-    def backend_report(self, device=None, dtype=None) -> dict:
-        """{op: backend name} that runs for the model's (or the given) device and dtype."""
-        return dict(self._state(torch.device(device or self.patch_embedding.weight.device),
-                                dtype or self.patch_embedding.weight.dtype).backends)
+    @property
+    def _graphs(self):
+        return self._runtime.graphs
 
     # ------------------------------------------------------------------ owned streams
     def start_stream(self, batch: int = 1, latent_size=(44, 80), new: bool = False) -> StreamCache:
@@ -166,232 +166,62 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         pipeline does. Without `new` the current owned stream's caches are reused (rewound) when
         they fit, so one player restarting costs no allocation; `new=True` always allocates
         another stream (another player: ~1 GiB for the real model at 44 x 80) and keeps the
-        others. Returns the stream, a handle for `use_stream`."""
-        check_stream_request(batch, latent_size, self.patch_size)
-        tokens = frame_tokens(latent_size[0], latent_size[1], self.patch_size)
-        dtype, device = self.patch_embedding.weight.dtype, self.patch_embedding.weight.device
-        s = self._stream
-        if (new or s is None or s.self_k[0].shape[0] != batch or s.tokens_per_frame != tokens
-                or s.self_k[0].dtype != dtype or s.self_k[0].device != device):
-            if not new and s is not None:
-                self._owned.remove(s)  # replaced: its graphs go with it
-            s = StreamCache.allocate(self, batch, tokens)
-            self._owned.append(s)
-        s.reset()
-        self._stream = s
-        return s
+        others. Returns the stream, a handle for `use_stream`. The image context is projected
+        at the stream's first call and kept for the stream (as upstream's crossattn_cache)."""
+        return self._runtime.start_stream(batch, latent_size, new)
 
     def use_stream(self, stream: StreamCache):
         """Make one of the model's own streams (a `start_stream` result) the current one."""
-        if not any(stream is s for s in self._owned):
-            raise ValueError("not a stream of this model (start it with start_stream(new=True)) "
-                             "or it was ended")
-        self._stream = stream
+        self._runtime.use_stream(stream)
 
     @property
     def streams(self) -> list:
         """The model's own streams, oldest first."""
-        return list(self._owned)
+        return list(self._runtime.owned)
+
+    @property
+    def _stream(self) -> Optional[StreamCache]:
+        return self._runtime.current
 
     def reset_stream(self):
         """Rewind the current owned stream to frame 0 (new image context on the next call)."""
-        if self._stream is None:
+        if self._runtime.current is None:
             raise RuntimeError("no stream was started: call start_stream() first")
-        self._stream.reset()
+        self._runtime.current.reset()
 
     def end_stream(self, stream: Optional[StreamCache] = None):
         """Free an owned stream's caches (default: the current one; its graphs go with it). With no
         current stream left, forward without kv_cache is the cache-free forward again."""
-        stream = stream or self._stream
-        self._owned = [s for s in self._owned if s is not stream]
-        if stream is self._stream:
-            self._stream = None
+        self._runtime.end_stream(stream)
 
     def release_caches(self):
         """Drop every reference the model holds to cache memory: the owned streams and the
         captured graphs (and their memory pool). Caller's dicts are never held by the model."""
-        self._owned, self._stream = [], None
-        self._drop_graphs()
+        self._runtime.release()
 
-    def _drop_graphs(self):
-        self._graphs.clear()
+    def warm_up(self, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
+                stream: Optional[StreamCache] = None) -> int:
+        """Capture every CUDA graph an owned stream will replay before its first real call (as
+        nano-vllm captures before serving), so that no real call pays a capture: the stream's
+        blocks run once on zeros with the shapes of these inputs (`cond_concat` of one block;
+        the conditions' widths only), then the stream is rewound. `stream`: default the current
+        one, which it then stays. Returns the number of graphs captured (0 without graphs)."""
+        return self._runtime.warm_up(visual_context, cond_concat, mouse_cond, keyboard_cond,
+                                     stream)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
                 kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None, crossattn_cache=None,
                 current_start: int = 0, cache_start: int = 0):
-        if kv_cache is None and self._stream is None:
+        if kv_cache is None and self._runtime.current is None:
             return super().forward(x, t, visual_context, cond_concat, mouse_cond=mouse_cond,
                                    keyboard_cond=keyboard_cond)
-        return self._forward_inference(x, t, visual_context, cond_concat, mouse_cond,
-                                       keyboard_cond, kv_cache, kv_cache_mouse, kv_cache_keyboard,
-                                       crossattn_cache, current_start, cache_start)
-
-    @torch.no_grad()  # inference only: the Triton kernels have no backward (training: the parent)
-    def _forward_inference(self, x, t, visual_context, cond_concat, mouse_cond=None,
-                           keyboard_cond=None, kv_cache=None, kv_cache_mouse=None,
-                           kv_cache_keyboard=None, crossattn_cache=None, current_start: int = 0,
-                           cache_start: int = 0):
-        # 1. inputs, checked (the caller's dicts only when they were not checked already)
-        dicts = (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
-        identity = dict_identity(dicts) if kv_cache is not None else None
-        bound = bound_cache(dicts, identity) if kv_cache is not None else None
-        dicts_checked = bound is not None and bound.checked_shape == x.shape
-        check_forward_inputs(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
-                             *dicts, current_start, read_cache_position=False, streaming=True,
-                             check_caches=not dicts_checked)
-        t = per_frame_timesteps(self, x, t)
-        tokens_per_frame = frame_tokens(x.shape[3], x.shape[4], self.patch_size)
-        frames = x.shape[2] // self.patch_size[0]
-        start = current_start // tokens_per_frame
-
-        # 2. the cache (a ring over the caller's dicts, or the owned stream) and the position
-        if kv_cache is not None:  # the dicts' ring cache carries their stream's position
-            cache = bound
-            if cache is None or cache.tokens_per_frame != tokens_per_frame:
-                cache = StreamCache.from_upstream_dicts(self, *dicts, tokens_per_frame)
-            if start == 0:  # upstream pipelines start a new stream at frame 0 in reset dicts
-                cache.end_frame = 0
-        else:
-            cache = self._owned_stream(x.shape[0], tokens_per_frame)
-        check_stream_position("stream", cache.end_frame, start, frames, "frames")
-        state = self._state(x.device, x.dtype)  # an unrunnable backend fails here, before writes
-        plan = self._layer_plan()
-        graphs = self._graphs_usable(x)
-
-        # 3. a new stream: the image context's keys/values, projected once into fixed storage
-        new_stream = not cache.cross_ready
-        if new_stream:
-            self._cross_storage(cache, visual_context)
-        if graphs:
-            self._graphs.use_storage(cache, cache.buffers, changed=new_stream)
-        if new_stream:
-            project = functools.partial(self._project_image_context, cache=cache, ops=state.ops,
-                                        plan=plan)
-            if graphs:  # a new stream every call (the seed protocol) costs one replay, not ~150
-                self._graphs.run(("image_context", visual_context.shape, x.dtype), project,
-                                 {"visual_context": visual_context})
-            else:
-                project(visual_context)
-            for slot in cache.cross:
-                slot["is_init"] = True
-        if kv_cache is not None and (new_stream or not dicts_checked or cache is not bound):
-            bind(dicts, cache, x.shape)
-
-        # 4. the blocks, replayed from the graph of this phase or run eagerly
-        inputs = {"x": x, "t": t, "cond_concat": cond_concat}
-        action = first_action_module(self)
-        if action is not None and action.enable_mouse:
-            inputs["mouse_window"] = _condition_steps(action, mouse_cond, start, frames)
-        if action is not None and action.enable_keyboard:
-            inputs["keyboard_window"] = _condition_steps(action, keyboard_cond, start, frames)
-        state.start_frame.fill_(start)
-        end = start + frames
-        phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
-        compute = functools.partial(self._compute, cache=cache, phase=phase, state=state,
-                                    plan=plan)
-        if graphs:
-            key = (phase, x.dtype, tuple((name, value.shape) for name, value in inputs.items()))
-            out = self._graphs.run(key, compute, inputs)
-        else:
-            out = compute(**inputs)
-        cache.end_frame = max(cache.end_frame, end)
-        return out
-
-    def _owned_stream(self, batch: int, tokens_per_frame: int) -> StreamCache:
-        cache = self._stream
-        if cache.self_k[0].shape[0] != batch or cache.tokens_per_frame != tokens_per_frame:
-            raise ValueError(
-                f"the stream was started for batch {cache.self_k[0].shape[0]} and "
-                f"{cache.tokens_per_frame} tokens per frame; got batch {batch} and "
-                f"{tokens_per_frame}: call start_stream(batch=..., latent_size=...)")
-        return cache
-
-    def _layer_plan(self) -> ModelPlan:
-        """The per-layer plan (wan/runtime/layer_plan.py), built again when parameters got new
-        storage; graphs captured over the old storage are dropped with it."""
-        if self._plan is None or not self._plan.is_current():
-            self._forget_derived_state()
-            self._plan = ModelPlan(self, fp8=self._fp8_gemms())
-        return self._plan
-
-    # ------------------------------------------------------------------ pieces run outside graphs
-    def _graphs_usable(self, x) -> bool:
-        """Graphs replay on CUDA unless turned off (default: on); asked for on a CPU: a warning."""
-        if self.cuda_graphs is False:
-            return False
-        if x.is_cuda:
-            return True
-        if self.cuda_graphs and not self._warned_no_graphs:
-            warnings.warn("cuda_graphs=True needs a CUDA device; running the forward eagerly")
-            self._warned_no_graphs = True
-        return False
-
-    def _state(self, device, dtype) -> _DeviceState:
-        """Resolved ops, RoPE settings and the device-side start frame for (device, dtype)."""
-        key = (device, dtype)
-        if key not in self._per_device:
-            action = first_action_module(self)
-            head_dims = {op: self.dim // self.num_heads
-                         for op in ("self_attention", "cross_attention", "norm_rope_store",
-                                    "qkv_norm_rope_store")}
-            if action is not None:
-                head_dims["mouse_attention"] = head_dims["keyboard_attention"] = \
-                    sum(action.mouse_qk_dim_list)
-            # float64 models keep float64 RoPE (as upstream); others rotate in float32
-            rope_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-            resolved = resolve_all(self.backend, device, dtype, head_dims)
-            fp8 = self.precision == "fp8"
-            if fp8:
-                try:
-                    resolved.update({op: resolve(op, self.backend[op], device, dtype, 0)
-                                     for op in FP8_OPS})
-                except BackendUnavailableError as err:
-                    raise BackendUnavailableError(
-                        f"precision='fp8' cannot run here: {err}") from None
-            state = _DeviceState(
-                ops=SimpleNamespace(**{op: fn for op, (_, fn) in resolved.items()}),
-                backends={op: name for op, (name, _) in resolved.items()},
-                rope_dtype=rope_dtype,
-                start_frame=torch.zeros((), dtype=torch.long, device=device),
-                side_stream=torch.cuda.Stream(device) if device.type == "cuda" else None,
-                action_inv_freq=None if action is None else action_inverse_frequencies(
-                    action.mouse_qk_dim_list, action.rope_theta, device))
-            self._per_device[key] = state
-            # once per device and dtype: which implementation runs each op
-            precision = ""
-            if fp8:
-                precision = f", FP8 GEMMs: {', '.join(self.precision_report()['fp8_gemms'])}"
-            graphs = describe_cuda_graphs(self.cuda_graphs, device, self._cuda_graphs_requested,
-                                          f"cuda_graphs={self.cuda_graphs}: keyword or config.json")
-            info("%s on %s in %s, %s%s: %s", type(self).__name__, device, dtype, graphs, precision,
-                 describe_resolved(resolved))
-        return self._per_device[key]
-
-    def _cross_storage(self, cache: StreamCache, visual_context):
-        """Give every layer's cross-attention k/v a tensor of the right shape to be written in
-        place (the pipeline's preallocated dicts already have them; a dict holding None or another
-        shape gets a new one, as upstream would replace it)."""
-        b, tokens = visual_context.shape[:2]
-        for block, slot in zip(self.blocks, cache.cross):
-            attn = block.cross_attn
-            shape = (b, tokens, attn.num_heads, attn.head_dim)
-            for name in ("k", "v"):
-                held = slot[name]
-                if not (isinstance(held, torch.Tensor) and held.shape == shape
-                        and held.dtype == visual_context.dtype
-                        and held.device == visual_context.device):
-                    slot[name] = visual_context.new_empty(shape)
-
-    def _project_image_context(self, visual_context, *, cache: StreamCache, ops, plan):
-        """Cross-attention keys/values of the image context, once per stream, written into the
-        storage `_cross_storage` prepared."""
-        context = self.img_emb(visual_context)
-        b = context.shape[0]
-        for layer, slot in zip(plan.blocks, cache.cross):
-            ops.norm_rope_store(layer.cross_k(context), *layer.cross_k_norm, cos=None, sin=None,
-                                heads=layer.heads, dest=slot["k"])
-            slot["v"].copy_(layer.cross_v(context).view(b, -1, layer.heads, slot["v"].shape[-1]))
+        with torch.no_grad():  # inference only: the Triton kernels have no backward
+            return self._runtime(self._compute, x, t, visual_context, cond_concat,
+                                 mouse_cond=mouse_cond, keyboard_cond=keyboard_cond,
+                                 kv_cache=kv_cache, kv_cache_mouse=kv_cache_mouse,
+                                 kv_cache_keyboard=kv_cache_keyboard,
+                                 crossattn_cache=crossattn_cache, current_start=current_start)
 
     # ------------------------------------------------------------------ the captured part
     def _compute(self, x, t, cond_concat, mouse_window=None, keyboard_window=None, *, cache,
@@ -554,12 +384,6 @@ def _action(action: ActionPlan, i: int, tokens, step):
                                    action.keyboard_eps)
         tokens = _add_projection(tokens, y.flatten(2), module.proj_keyboard)
     return tokens
-
-
-def _condition_steps(action, cond, start_frame: int, frames: int):
-    """The action steps this call's frames read (host-side slicing, outside the graphs)."""
-    return condition_steps(cond, start_frame, frames, action.vae_time_compression_ratio,
-                           action.windows_size)
 
 
 def _frame_windows(action, steps):

@@ -38,12 +38,17 @@ error that says so.
 
 Streams: a stream (a call with an all-None cache starts one) owns only its history, the cache
 list: per cached convolution its last two input frames. The convolution buffers are one workspace
-shared by all streams (the history is copied in at a call's start, skipped when the same stream
-called last, and back at its end), so any number of players' streams alternate through one
-decoder with one set of CUDA graphs and ~1 GiB of history each (44 x 80, fp16). The returned cache
-holds the stream's own tensors, updated in place by its next call (pass it back as upstream's
-pipeline does). A cache made elsewhere (the reference decoder's, upstream's shapes) is copied into
-a new stream, so streams can move between the decoders.
+shared by all streams (the history is copied in at a call's start, skipped when the cache passed
+is the one the last call returned, and out into new tensors at its end), so any number of players'
+streams alternate through one decoder with one set of CUDA graphs and ~1 GiB of history each
+(44 x 80, fp16). Each call returns a new cache and leaves the one passed in as it was (as the
+reference decoder does): a call repeated with an earlier cache (a retry) decodes the same frames
+again. A cache made elsewhere (the reference decoder's, upstream's shapes) is copied into a new
+stream, so streams can move between the decoders.
+
+CUDA graphs are captured before a call copies its stream's history in (a capture decodes zeros
+for real), at the first call that needs them, or all of them up front by `warm_up(z)` (a player's
+first block then pays no capture).
 """
 import weakref
 from types import SimpleNamespace
@@ -52,13 +57,11 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..runtime.cuda_graphs import (GraphRunner, cuda_graphs_on, cuda_graphs_setting,
-                                   describe_cuda_graphs)
+from ..runtime.cuda_graphs import GraphRunner
 from ..runtime.weight_watch import ForgetsDerivedStateOnNewWeights
 from ..runtime.log import info
-from ..runtime.options import model_options
-from ..ops.registry import (BackendUnavailableError, describe_resolved, load_selection,
-                                resolve)
+from ..runtime.options import FastOptions, model_options
+from ..ops.registry import BackendUnavailableError, describe_resolved, resolve
 from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
 
@@ -116,22 +119,24 @@ class _Workspace:
         return [buffer[:, :, :HISTORY_FRAMES] for buffer in self.buffers]
 
     def take_in(self, histories: list):
-        """The stream's history into the fronts (skipped when they hold it already: one player)."""
+        """The stream's history into the fronts (skipped when they hold it already: the cache
+        the last call returned, passed back)."""
         if len(self._resident) == len(histories) and all(
                 ref() is t for ref, t in zip(self._resident, histories)):
             return
         torch._foreach_copy_(self.fronts(), histories)
 
-    def hand_back(self, histories: list):
-        """The new history back to the stream's own tensors."""
-        torch._foreach_copy_(histories, self.fronts())
+    def hand_back(self) -> list:
+        """The new history as new tensors: the cache passed in stays as it was, so a call
+        repeated with an earlier cache (a retry) decodes the same frames again, as the
+        reference decoder does."""
+        histories = [front.clone(memory_format=torch.channels_last_3d) for front in self.fronts()]
         self._resident = tuple(weakref.ref(t) for t in histories)
+        return histories
 
-    def save_histories(self) -> list:
-        return [front.clone() for front in self.fronts()]
-
-    def restore_histories(self, saved: list) -> None:
-        torch._foreach_copy_(self.fronts(), saved)
+    def forget_resident(self):
+        """The fronts no longer hold any stream's history (a capture wrote them)."""
+        self._resident = ()
 
 
 class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrapper):
@@ -146,17 +151,28 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         """
         global _last_built
         super().__init__()
-        self._requested = {"cuda_graphs": cuda_graphs, "backend": backend}
-        self._options_origin = None  # set at the first call: where the options came from
-        self._graphs_given = (None, "")  # (value, where from) when given, for the start-up line
-        self.cuda_graphs = cuda_graphs_setting(cuda_graphs)
-        self.backend = load_selection(backend)
+        self._given = {"cuda_graphs": cuda_graphs, "backend": backend}
+        # resolved at the first call (or compile()): upstream's scripts may build the DiT after
+        self.options: Optional[FastOptions] = None
+        FastOptions.resolve(self._given, given_as="")  # a bad option fails here already
         self._ops = None  # the decoder's registry ops for the streams' device/dtype
         self._graphs = GraphRunner()  # over the workspace's buffers
         self._workspace: Optional[_Workspace] = None
         self._prepared_for = None  # (device, dtype) of the weights' layout and the ops
         self._watch_weights()
         _last_built = weakref.ref(self)
+
+    @property
+    def cuda_graphs(self) -> Optional[bool]:
+        return self._resolved_options().cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, enabled: Optional[bool]):
+        self._given["cuda_graphs"] = enabled
+        if self.options is not None:
+            self.options = self.options.with_option("cuda_graphs", enabled)
+        if enabled is False:
+            self._graphs.clear()
 
     # ------------------------------------------------------------------ upstream's compile path
     def compile(self, *args, **kwargs):
@@ -165,9 +181,10 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         off: `cuda_graphs=False`, WAN_CUDA_GRAPHS=0, the DiT's config). Returns None, as
         nn.Module.compile does."""
         global _compile_noted
-        self._resolve_options()
-        if self.cuda_graphs is None:
-            self.cuda_graphs, self._graphs_given = True, (True, "compile()")
+        options = self._resolved_options()
+        if options.cuda_graphs is None:
+            self.options = options.with_option("cuda_graphs", True)
+            self.options.sources["cuda_graphs"] = "compile()"
         if not _compile_noted:
             _compile_noted = True
             state = ("its own CUDA graphs stay off (turned off)" if self.cuda_graphs is False
@@ -183,7 +200,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
     def __deepcopy__(self, memo):
         """A new decoder with the same options, weights, device, dtype and mode (not the marker
         that pickling writes, and no graphs or streams: they are rebuilt at its first call)."""
-        copy = type(self)(**self._requested)
+        copy = type(self)(**self._given)
         copy.load_state_dict(self.state_dict())
         reference = next(self.parameters())
         copy.to(reference.device, reference.dtype).train(self.training)
@@ -191,26 +208,13 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
             mine.requires_grad_(theirs.requires_grad)
         return copy
 
-    def _resolve_options(self):
+    def _resolved_options(self) -> FastOptions:
         """Once, at the first call (or compile()): options not given to the constructor follow the
-        optimized DiT's (its config.json), else the environment and defaults (read at
-        construction)."""
-        if self._options_origin is not None:
-            return
-        given = model_options()
-        origin = {}
-        for name in ("cuda_graphs", "backend"):
-            if self._requested[name] is not None:
-                origin[name] = f"{name}={self._requested[name]!r}"
-            elif given[name] is not None:
-                origin[name] = f"the DiT's {name}={given[name]!r}"
-                if name == "cuda_graphs":
-                    self.cuda_graphs = bool(given[name])
-                else:
-                    self.backend = load_selection(given[name])
-        self._options_origin = origin
-        if "cuda_graphs" in origin:
-            self._graphs_given = (self.cuda_graphs, origin["cuda_graphs"])
+        optimized DiT's (its config.json), else the environment, else the defaults."""
+        if self.options is None:
+            self.options = FastOptions.resolve(self._given, inherited=model_options(),
+                                               given_as="")
+        return self.options
 
     def _forget_derived_state(self):
         """After .to() or a load: the graphs (they read the old weights) and the weights' layout
@@ -227,28 +231,50 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         b, _, _, h, w = z.shape
         shapes = expected_cache_shapes(self.decoder, b, h, w)
         histories = self._histories_of(feat_cache, shapes, z)
+        phases = _phases(z.permute(0, 2, 1, 3, 4), getattr(histories[0], STARTED_TAG, False))
+        work = self._workspace_for(shapes, z, phases)  # graphs missing are captured first
+        work.take_in(histories)
+        pieces = [self._run(name, latents, work) for name, latents in phases]
+        histories = work.hand_back()
+        setattr(histories[0], STARTED_TAG, True)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return out, histories
+
+    @torch.no_grad()
+    def warm_up(self, z: torch.Tensor) -> int:
+        """Capture every CUDA graph a stream of blocks like `z` ([B, T, 16, h, w], one block's
+        latents) will replay, before the first real call (as nano-vllm captures before serving):
+        a stream's first block and a later one. No stream's state is touched. Returns the graphs
+        captured (0 without graphs)."""
+        check_decoder_inputs(self, z, [None] * len(self.decoder.cached_layers))
+        self._prepare(z.device, z.dtype)
+        b, _, _, h, w = z.shape
+        shapes = expected_cache_shapes(self.decoder, b, h, w)
+        latents = torch.zeros_like(z).permute(0, 2, 1, 3, 4)
+        before = self._graphs.captures
+        for started in (False, True):
+            self._workspace_for(shapes, z, _phases(latents, started))
+        return self._graphs.captures - before
+
+    def _workspace_for(self, shapes, z, phases) -> "_Workspace":
+        """The shared workspace, with room for these phases' frames, and on CUDA the graphs of
+        these phases, captured now when missing: before any stream's history is copied in (a
+        capture decodes for real, which moves the history in the buffers on)."""
         work = self._workspace
         if work is None or not work.fits(shapes, z.dtype, z.device):
             work = self._workspace = _Workspace(shapes, z.dtype, z.device)
-        started = getattr(histories[0], STARTED_TAG, False)
-        z = z.permute(0, 2, 1, 3, 4)  # [B, 16, T, h, w]
-        # frames each convolution gets in this call's largest pass (the first latent frame of a
-        # stream goes alone: one frame everywhere)
-        rest = z.shape[2] - (0 if started else 1)
-        grown = work.reserve([max(t * rest, 1) for _, _, t in self.decoder.cached_layers])
-        if cuda_graphs_on(self.cuda_graphs, z.device):  # new graphs when the buffers grew
-            self._graphs.use_storage(work, lambda: work.buffers, changed=grown)
-        work.take_in(histories)
-        pieces = []
-        if not started:  # the first latent frame alone: the temporal upsamplers skip it
-            pieces.append(self._run("first", z[:, :, :1], work))
-            z = z[:, :, 1:]
-        if z.shape[2]:
-            pieces.append(self._run("next", z, work))
-        work.hand_back(histories)
-        setattr(histories[0], STARTED_TAG, True)
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        return out, list(histories)
+        frames = max(latents.shape[2] for _, latents in phases)
+        grown = work.reserve([max(t * frames, 1) for _, _, t in self.decoder.cached_layers])
+        if not self.options.graphs_on(z.device):
+            return work
+        self._graphs.use_storage(work, lambda: work.buffers, changed=grown)
+        for name, latents in phases:
+            key = (name, tuple(latents.shape), latents.dtype)
+            if not self._graphs.captured(key):
+                self._graphs.capture(key, self._computation(name, work),
+                                     {"z": torch.zeros_like(latents)})
+                work.forget_resident()
+        return work
 
     def _histories_of(self, cache, shapes, z) -> list:
         """The stream's own history tensors: the cache itself when this decoder made it (its
@@ -272,23 +298,26 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         registry ops resolved, the latent statistics moved."""
         if self._prepared_for == (device, dtype):
             return
-        self._resolve_options()
+        options = self._resolved_options()
         self._graphs.clear()  # captured over the old layout
         try:
-            resolved = {op: resolve(op, self.backend[op], device, dtype, 0) for op in DECODER_OPS}
+            resolved = {op: resolve(op, options.backend[op], device, dtype, 0)
+                        for op in DECODER_OPS}
         except BackendUnavailableError as err:
-            if not self._options_origin.get("backend", "").startswith("the DiT's"):
+            if not options.sources["backend"].startswith("the DiT's"):
                 raise  # asked for here or in WAN_BACKEND: a clear error
             # the DiT's choice does not run the decoder here (e.g. triton in float64 on a CPU)
             info("%s: not following %s (%s); WAN_BACKEND or auto instead", type(self).__name__,
-                 self._options_origin.pop("backend"), err)
-            self.backend = load_selection(self._requested["backend"])
-            resolved = {op: resolve(op, self.backend[op], device, dtype, 0) for op in DECODER_OPS}
+                 options.sources["backend"], err)
+            options = self.options = FastOptions.resolve(
+                self._given, inherited=dict(options.inherited, backend=None), given_as="")
+            resolved = {op: resolve(op, options.backend[op], device, dtype, 0)
+                        for op in DECODER_OPS}
         self._ops = SimpleNamespace(**{op: fn for op, (_, fn) in resolved.items()})
-        graphs = describe_cuda_graphs(self.cuda_graphs, device, *self._graphs_given)
-        backend = self._options_origin.get("backend")
-        info("%s on %s in %s, %s: %s%s", type(self).__name__, device, dtype, graphs,
-             describe_resolved(resolved), f" (backend from {backend})" if backend else "")
+        backend = options.sources["backend"]
+        info("%s on %s in %s, %s: %s%s", type(self).__name__, device, dtype,
+             options.describe_graphs(device), describe_resolved(resolved),
+             f" (backend from {backend})" if backend != "default" else "")
         # plain attributes (upstream's), so .to() leaves them: on the device once, not per call
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         for module in self.modules():
@@ -300,19 +329,16 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
                     memory_format=torch.channels_last)
         self._prepared_for = (device, dtype)
 
-    def _run(self, phase: str, z, state: _Workspace):
+    def _computation(self, phase: str, state: "_Workspace"):
         def compute(z):
             return self._decode(z, state, first=phase == "first")
+        return compute
 
-        if not cuda_graphs_on(self.cuda_graphs, z.device):
-            return compute(z)
-        key = (phase, tuple(z.shape), z.dtype)
-        if not self._graphs.captured(key):
-            # capturing warms up by decoding for real, which moves the histories on: keep them
-            saved = state.save_histories()
-            self._graphs.capture(key, compute, {"z": z})
-            state.restore_histories(saved)
-        return self._graphs.run(key, compute, {"z": z})
+    def _run(self, phase: str, z, state: "_Workspace"):
+        if not self.options.graphs_on(z.device):
+            return self._decode(z, state, first=phase == "first")
+        return self._graphs.run((phase, tuple(z.shape), z.dtype), self._computation(phase, state),
+                                {"z": z})
 
     # ------------------------------------------------------------------ device work
     def _decode(self, z, state, first: bool):
@@ -359,6 +385,16 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
     def _normed(self, norm, x, bias=None):
         """A writer of silu(norm(x + bias)) into a convolution's buffer."""
         return lambda dest: self._ops.rms_norm_silu(x, norm.gamma, dest, bias)
+
+
+def _phases(latents, started: bool) -> list:
+    """[(phase, latents)] of one call, latents [B, 16, T, h, w]: a stream's first latent frame goes
+    alone (the temporal upsamplers treat it differently), the rest together."""
+    phases = [] if started else [("first", latents[:, :, :1])]
+    rest = latents if started else latents[:, :, 1:]
+    if rest.shape[2]:
+        phases.append(("next", rest))
+    return phases
 
 
 def _copy_of(x):

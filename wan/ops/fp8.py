@@ -11,7 +11,6 @@ saturates; the quantized value is round-to-nearest of x / scale. Every implement
 the scale in float32 from the value rounded to the model's dtype (what the unfused path would
 quantize), so the fused kernels and the eager twin agree up to float32 arithmetic order.
 """
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -81,15 +80,3 @@ def fp8_gemm_problem(device, dtype) -> Optional[str]:
 
 
 PRECISIONS = ("native", "fp8")
-PRECISION_ENV_VAR = "WAN_PRECISION"
-
-
-def precision_setting(requested: Optional[str]) -> str:
-    """`requested` when given (a keyword or a config.json value), else WAN_PRECISION, else
-    'native' (every GEMM in the model's dtype)."""
-    value = requested if requested is not None else os.environ.get(PRECISION_ENV_VAR) or "native"
-    value = str(value).strip().lower()
-    if value not in PRECISIONS:
-        source = "precision" if requested is not None else PRECISION_ENV_VAR
-        raise ValueError(f"{source}={value!r}: choose from {', '.join(PRECISIONS)}")
-    return value

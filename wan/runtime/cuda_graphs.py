@@ -12,53 +12,21 @@ Inputs are copied into static buffers before each replay. Capture follows the us
 up on a side stream, then capture the same call.
 """
 import functools
-import os
 import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-ENV_VAR = "WAN_CUDA_GRAPHS"
-_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
-
-
-def cuda_graphs_setting(requested: Optional[bool]) -> Optional[bool]:
-    """True or False when asked for (`requested`: a keyword or a config.json value, else
-    WAN_CUDA_GRAPHS), else None: the default, on wherever the module runs on CUDA (resolved per
-    call by `cuda_graphs_on`, when the device is known)."""
-    if requested is not None:
-        return bool(requested)
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    if value == "":
-        return None
-    if value not in _TRUE + _FALSE:
-        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: use 1/true/on or 0/false/off")
-    return value in _TRUE
-
-
 def cuda_graphs_on(setting: Optional[bool], device) -> bool:
-    """Whether graphs replay for work on `device`: never off CUDA; on CUDA unless turned off."""
+    """Graphs replay for work on `device` when `setting` (True, False or None: the default) says
+    so: never off CUDA; on CUDA unless turned off."""
     return torch.device(device).type == "cuda" and setting is not False
 
 
-def describe_cuda_graphs(setting: Optional[bool], device, requested: Optional[bool] = None,
-                         origin: str = "") -> str:
-    """'CUDA graphs on (default on CUDA)', 'CUDA graphs off (WAN_CUDA_GRAPHS=0)', ...: for the
-    start-up lines. `requested` is the value given to the constructor (None: none given);
-    `origin` names where a given value came from when not the module's own keyword."""
-    on = cuda_graphs_on(setting, device)
-    env = os.environ.get(ENV_VAR, "").strip()
-    if setting is None:
-        source = "default on CUDA" if on else "not on CUDA"
-    elif requested is not None and bool(requested) == setting:
-        source = origin or f"cuda_graphs={setting}"
-    elif env and cuda_graphs_setting(None) == setting:
-        source = f"{ENV_VAR}={env}"
-    else:
-        source = "set on the module"
-    if setting and not on:
-        source += "; not on CUDA"
-    return f"CUDA graphs {'on' if on else 'off'} ({source})"
+def cuda_graphs_setting(requested: Optional[bool]) -> Optional[bool]:
+    """`requested`, else WAN_CUDA_GRAPHS, else None (the default): wan/runtime/options.py."""
+    from .options import resolve_option  # options imports this module
+    return resolve_option("cuda_graphs", requested)
 
 
 class _Storage:

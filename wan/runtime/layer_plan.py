@@ -4,7 +4,7 @@ once (as gpt-fast's model reads its weights once) instead of on every forward.
 Building the plan also packs parameters that one launch reads together into one tensor:
 
 * each layer's q, k and v weights and biases, so the self-attention projects with one GEMM
-  (`WAN_FUSED_QKV=0` in the environment turns this off: three GEMMs, parameters left alone);
+  (`fused_qkv=False`, or WAN_FUSED_QKV=0: three GEMMs, parameters left alone);
 * every block's `modulation`, so all blocks' adaLN factors come from one add.
 
 With `precision="fp8"` the plan also holds e4m3 copies (one scale per output channel) of the
@@ -22,7 +22,6 @@ moved on its own). Replacing a submodule is not noticed: call `model.set_backend
 Only the module tree's attribute names are read here (no import of wan.modules), so the plan
 also works over upstream Matrix-Game-2's CausalWanModel.
 """
-import os
 from dataclasses import dataclass
 from typing import FrozenSet, List, Optional, Tuple
 
@@ -202,29 +201,6 @@ def _action_plan(action) -> Optional[ActionPlan]:
                                   "keyboard attention") if action.enable_keyboard else None))
 
 
-def fused_qkv_setting() -> bool:
-    """WAN_FUSED_QKV: 1 (default) packs q/k/v for one GEMM, 0 keeps three."""
-    value = os.environ.get("WAN_FUSED_QKV", "1").strip().lower()
-    if value not in ("0", "1"):
-        raise ValueError(f"WAN_FUSED_QKV={value!r}: use 1 or 0")
-    return value == "1"
-
-
-def fp8_gemms_setting() -> FrozenSet[str]:
-    """The GEMMs `precision="fp8"` runs in FP8: WAN_FP8_GEMMS (comma-separated names of FP8_GEMMS,
-    or `all`; for measuring what each costs), default DEFAULT_FP8_GEMMS."""
-    value = os.environ.get("WAN_FP8_GEMMS", "").strip()
-    if not value:
-        return frozenset(DEFAULT_FP8_GEMMS)
-    if value == "all":
-        return frozenset(FP8_GEMMS)
-    names = {n.strip() for n in value.split(",") if n.strip()}
-    unknown = sorted(names - set(FP8_GEMMS))
-    if unknown:
-        raise ValueError(f"WAN_FP8_GEMMS: unknown GEMM(s) {unknown}; choose from {list(FP8_GEMMS)}")
-    return frozenset(names)
-
-
 def _block_plan(index: int, block, fuse_qkv: bool, fp8: FrozenSet[str],
                 packed: List[Packed]) -> BlockPlan:
     """One block's plan; the tensors it packs are appended to `packed`."""
@@ -261,8 +237,7 @@ class ModelPlan:
     """The plan of a whole model: its blocks' plans and every block's modulation packed into one
     [L, 1, 6, C] tensor. `fp8`: the names (of FP8_GEMMS) of the GEMMs to run in FP8."""
 
-    def __init__(self, model, fp8: FrozenSet[str] = frozenset()):
-        fuse_qkv = fused_qkv_setting()
+    def __init__(self, model, fp8: FrozenSet[str] = frozenset(), fuse_qkv: bool = True):
         self.fp8 = frozenset(fp8)
         self.modulations = Packed([block.modulation for block in model.blocks], stack=True)
         self._packed = [self.modulations]

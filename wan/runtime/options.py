@@ -1,17 +1,171 @@
-"""The options given to the optimized DiT, for the decoder built beside it.
+"""The optimized models' options, resolved once into one object.
 
-In a Matrix-Game-2 checkout a user sets the options in the model's config.json (diffusers'
-`from_config` hands them to OptimizedCausalWanModel as keywords), while upstream's scripts build
-the decoder with no arguments at all (`VAEDecoderWrapper()`). So the DiT publishes the options it
-was given here, and an OptimizedVAEDecoderWrapper given none of its own follows them, resolved at
-its first call (the DiT is built first in upstream's scripts, but need not be). Order per option:
-the decoder's own keyword, then the DiT's (config.json or keyword), then the environment
-(WAN_CUDA_GRAPHS, WAN_BACKEND), then the defaults. The last DiT built wins. A DiT backend that
-cannot run the decoder's ops on its device and dtype is not followed (said in the log); one
-asked for by the decoder's own keyword or WAN_BACKEND is an error, as for the DiT.
+`FastOptions` holds what the optimized DiT and decoder may be told: the backend selection, CUDA
+graphs, the precision, the set of GEMMs FP8 runs, fused q/k/v. Each option is resolved once, when
+the model is built (or when a setter changes it), strongest first:
+
+1. the constructor's keyword, which is also how a key of the model's config.json arrives
+   (`from_config`, this library's or diffusers', passes config keys as keywords);
+2. the environment: WAN_BACKEND, WAN_CUDA_GRAPHS, WAN_PRECISION, WAN_FP8_GEMMS, WAN_FUSED_QKV
+   (this is the only module of the library that reads them);
+3. the defaults: backend `auto` for every op, CUDA graphs on wherever the model runs on CUDA,
+   precision `native`, FP8 (when asked for) on the default GEMM set, q/k/v fused.
+
+The model keeps the object (`model.options`), builds its plan from it and reports it
+(`options_report()`, the start-up log line), so what is reported is what runs.
+
+The decoder: upstream's scripts build it with no arguments (`VAEDecoderWrapper()`) while the user
+sets options in the DiT's config.json. So the DiT publishes the options it was *given*
+(`publish_model_options`), and a decoder given none of its own follows them (`inherited=` of
+`FastOptions.resolve`): its keyword, then the DiT's, then the environment, then the defaults. The
+last DiT built wins.
 """
-from typing import Optional
+import os
+from dataclasses import dataclass, field
+from typing import FrozenSet, Mapping, Optional
 
+from ..ops.fp8 import PRECISIONS
+from ..ops.registry import load_selection
+from .cuda_graphs import cuda_graphs_on
+from .layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS
+
+ENVIRONMENT = {"backend": "WAN_BACKEND", "cuda_graphs": "WAN_CUDA_GRAPHS",
+               "precision": "WAN_PRECISION", "fp8_gemms": "WAN_FP8_GEMMS",
+               "fused_qkv": "WAN_FUSED_QKV"}
+OPTION_NAMES = tuple(ENVIRONMENT)
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    backend: Mapping[str, str]        # op -> backend name or 'auto'
+    cuda_graphs: Optional[bool]       # None: on wherever the module runs on CUDA
+    precision: str                    # 'native' or 'fp8'
+    fp8_gemms: FrozenSet[str]         # the GEMMs precision='fp8' runs in FP8
+    fused_qkv: bool                   # q, k and v of self-attention in one GEMM
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)  # option -> origin
+    given: Mapping = field(default_factory=dict, compare=False)      # what the keywords said
+    inherited: Mapping = field(default_factory=dict, compare=False)  # what the DiT was given
+    given_as: str = field(default=": keyword or config.json", compare=False)
+
+    @classmethod
+    def resolve(cls, given: Optional[Mapping] = None, inherited: Optional[Mapping] = None,
+                environ: Optional[Mapping[str, str]] = None,
+                given_as: str = ": keyword or config.json") -> "FastOptions":
+        """`given`: {option: value} from the keywords (None values: not given); `inherited`: the
+        same from the DiT, for a decoder; `environ`: os.environ unless given (tests); `given_as`:
+        how the report names a given value's origin (after `name=value`)."""
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        inherited = {k: v for k, v in (inherited or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; options are {list(OPTION_NAMES)}")
+        values, sources = {}, {}
+        for name in OPTION_NAMES:
+            values[name], sources[name] = _resolve_one(name, given, inherited, environ, given_as)
+        if values["precision"] != "fp8":
+            values["fp8_gemms"] = frozenset()
+        return cls(**values, sources=sources, given=given, inherited=inherited, given_as=given_as)
+
+    def with_option(self, name: str, value, environ: Optional[Mapping[str, str]] = None):
+        """The same options with one given value changed (None: not given, so the environment,
+        then the default) and everything resolved again, as the models' setters need
+        (`set_backend`, `set_precision`, `enable_cuda_graphs`)."""
+        if name not in OPTION_NAMES:
+            raise TypeError(f"unknown option {name!r}; options are {list(OPTION_NAMES)}")
+        return FastOptions.resolve(dict(self.given, **{name: value}), self.inherited, environ,
+                                   self.given_as)
+
+    def graphs_on(self, device) -> bool:
+        """Whether graphs replay for work on `device`: never off CUDA; on CUDA unless turned off."""
+        return cuda_graphs_on(self.cuda_graphs, device)
+
+    def describe_graphs(self, device) -> str:
+        """'CUDA graphs on (default on CUDA)', 'CUDA graphs off (WAN_CUDA_GRAPHS=0)', ..."""
+        on = self.graphs_on(device)
+        origin = self.sources.get("cuda_graphs", "default")
+        if origin == "default":
+            origin = "default on CUDA" if on else "not on CUDA"
+        elif self.cuda_graphs and not on:
+            origin += "; not on CUDA"
+        return f"CUDA graphs {'on' if on else 'off'} ({origin})"
+
+    def report(self) -> dict:
+        """The options as plain values, with where each came from."""
+        return {"backend": dict(self.backend), "cuda_graphs": self.cuda_graphs,
+                "precision": self.precision, "fp8_gemms": sorted(self.fp8_gemms, key=FP8_GEMMS.index),
+                "fused_qkv": self.fused_qkv, "sources": dict(self.sources)}
+
+
+def resolve_option(name: str, value=None, environ: Optional[Mapping[str, str]] = None):
+    """One option alone: `value` when given, else its environment variable, else its default."""
+    return _resolve_one(name, {name: value} if value is not None else {}, {}, environ, "")[0]
+
+
+def _resolve_one(name, given, inherited, environ, given_as):
+    """(value, where it came from) of one option."""
+    environ = os.environ if environ is None else environ
+    env = str(environ.get(ENVIRONMENT[name], "")).strip()
+    if given.get(name) is not None:
+        raw, origin = given[name], f"{name}={given[name]!r}{given_as}"
+    elif inherited.get(name) is not None:
+        raw, origin = inherited[name], f"the DiT's {name}={inherited[name]!r}"
+    elif env:
+        raw, origin = env, f"{ENVIRONMENT[name]}={env}"
+    else:
+        raw, origin = None, "default"
+    return _PARSERS[name](raw, origin), origin
+
+
+# ---------------------------------------------------------------------- one parser per option
+def _backend(raw, origin):
+    return load_selection(raw)
+
+
+def _cuda_graphs(raw, origin):
+    if raw is None or isinstance(raw, bool):
+        return raw
+    value = str(raw).strip().lower()
+    if value in _TRUE + _FALSE:
+        return value in _TRUE
+    raise ValueError(f"{origin}: use 1/true/on or 0/false/off")
+
+
+def _precision(raw, origin):
+    value = "native" if raw is None else str(raw).strip().lower()
+    if value not in PRECISIONS:
+        raise ValueError(f"{origin}: choose from {', '.join(PRECISIONS)}")
+    return value
+
+
+def _fp8_gemms(raw, origin):
+    if raw is None:
+        return frozenset(DEFAULT_FP8_GEMMS)
+    names = ({n.strip() for n in raw.split(",") if n.strip()} if isinstance(raw, str)
+             else set(raw))
+    if names == {"all"}:
+        return frozenset(FP8_GEMMS)
+    unknown = sorted(names - set(FP8_GEMMS))
+    if unknown or not names:
+        raise ValueError(f"{origin}: unknown GEMM(s) {unknown}; choose from {list(FP8_GEMMS)} "
+                         f"or 'all'")
+    return frozenset(names)
+
+
+def _fused_qkv(raw, origin):
+    if raw is None or isinstance(raw, bool):
+        return True if raw is None else raw
+    value = str(raw).strip().lower()
+    if value in _TRUE + _FALSE:
+        return value in _TRUE
+    raise ValueError(f"{origin}: use 1 or 0")
+
+
+_PARSERS = {"backend": _backend, "cuda_graphs": _cuda_graphs, "precision": _precision,
+            "fp8_gemms": _fp8_gemms, "fused_qkv": _fused_qkv}
+
+
+# ---------------------------------------------------------------------- what the DiT was given
 _given = {"cuda_graphs": None, "backend": None}
 
 

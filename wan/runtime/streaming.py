@@ -1,0 +1,328 @@
+"""The call around OptimizedCausalWanModel's streaming math.
+
+The model's file holds the math of a streaming forward (`_compute`: device work only, no host
+sync). `StreamingForward` holds everything a call does around it, in this order:
+
+1. check the inputs (wan/runtime/input_checks.py), the caller's cache dicts only when they were
+   not checked already;
+2. find the cache: a ring over the caller's upstream-style dicts (wan/runtime/stream_cache.py,
+   made once per set of dicts and kept with them) or the model's own current stream, and check
+   the stream position;
+3. per device and dtype once: the ops chosen from the registry (wan/ops/registry.py), the RoPE
+   dtype, the device-side start frame; the per-layer plan (wan/runtime/layer_plan.py), rebuilt
+   when the parameters got new storage;
+4. a new stream: project the image context's cross-attention keys/values once into fixed storage
+   (or on every call when the caller passes no `crossattn_cache`: the image may change, as the
+   reference model reads it every call);
+5. run `compute` (the model's math) from the CUDA graph of this phase, or eagerly.
+
+So the data of a call goes from the model down into this module, its cache and the ops, and comes
+back into the model's file once: for the math. It also owns the model's own streams
+(`start_stream`), the CUDA graphs and the explicit warm-up that captures every graph a stream
+will replay before its first real call.
+"""
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+
+from ..ops.registry import FP8_OPS, BackendUnavailableError, describe_resolved, resolve, resolve_all
+from .conditioning import condition_steps, frame_tokens, history_steps
+from .cuda_graphs import GraphRunner
+from .input_checks import (check_forward_inputs, check_stream_position, check_stream_request,
+                           first_action_module, per_frame_timesteps)
+from .layer_plan import FP8_GEMMS, ModelPlan
+from .log import info
+from .rope_tables import action_inverse_frequencies
+from .stream_cache import StreamCache, bind, bound_cache, dict_identity
+
+
+@dataclass
+class DeviceState:
+    """What the streaming forward needs per (device, dtype), made once."""
+    ops: SimpleNamespace        # op name -> the implementation chosen for it (wan/ops/registry)
+    backends: dict              # op name -> the backend's name (the report)
+    rope_dtype: torch.dtype     # float64 models rotate in float64 (as upstream), others in float32
+    start_frame: torch.Tensor   # the call's first frame, on the device (a graph reads it by value)
+    side_stream: Optional[torch.cuda.Stream]  # the action conditions' projections run beside
+    action_inv_freq: Optional[torch.Tensor]   # the action RoPE's frequencies (None: no actions)
+    description: str = ""       # which backend runs each op (the start-up line)
+
+
+class StreamingForward:
+    """The streaming call of one OptimizedCausalWanModel (see the module's docstring)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graphs = GraphRunner()    # graphs per cache storage, one shared pool
+        self.plan: Optional[ModelPlan] = None
+        self.per_device = {}           # (device, dtype) -> DeviceState
+        self.owned: list = []          # every stream the model owns (start_stream)
+        self.current: Optional[StreamCache] = None
+        self._warned_no_graphs = False
+
+    # ------------------------------------------------------------------ derived state
+    def forget_plan(self):
+        """The plan packed over the parameters' storage, and the graphs that read it, go."""
+        if self.plan is not None:
+            self.plan = None
+            self.graphs.clear()
+
+    def forget_devices(self):
+        """Resolved ops go (new options): resolved again at the next call."""
+        self.per_device.clear()
+
+    def layer_plan(self) -> ModelPlan:
+        if self.plan is None or not self.plan.is_current():
+            self.forget_plan()
+            options = self.model.options
+            self.plan = ModelPlan(self.model, fp8=options.fp8_gemms, fuse_qkv=options.fused_qkv)
+        return self.plan
+
+    # ------------------------------------------------------------------ the model's own streams
+    def start_stream(self, batch: int, latent_size, new: bool) -> StreamCache:
+        model = self.model
+        check_stream_request(batch, latent_size, model.patch_size)
+        tokens = frame_tokens(latent_size[0], latent_size[1], model.patch_size)
+        weight = model.patch_embedding.weight
+        s = self.current
+        if (new or s is None or s.self_k[0].shape[0] != batch or s.tokens_per_frame != tokens
+                or s.self_k[0].dtype != weight.dtype or s.self_k[0].device != weight.device):
+            if not new and s is not None:
+                self.owned.remove(s)  # replaced: its graphs go with it
+            s = StreamCache.allocate(model, batch, tokens)
+            self.owned.append(s)
+        s.latent_size = tuple(latent_size)
+        s.reset()
+        self.current = s
+        return s
+
+    def use_stream(self, stream: StreamCache):
+        if not any(stream is s for s in self.owned):
+            raise ValueError("not a stream of this model (start it with start_stream(new=True)) "
+                             "or it was ended")
+        self.current = stream
+
+    def end_stream(self, stream: Optional[StreamCache]):
+        stream = stream or self.current
+        self.owned = [s for s in self.owned if s is not stream]
+        if stream is self.current:
+            self.current = None
+
+    def release(self):
+        self.owned, self.current = [], None
+        self.graphs.clear()
+
+    # ------------------------------------------------------------------ the call
+    def __call__(self, compute: Callable, x, t, visual_context, cond_concat, mouse_cond=None,
+                 keyboard_cond=None, kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None,
+                 crossattn_cache=None, current_start: int = 0):
+        model = self.model
+        # 1. inputs, checked (the caller's dicts only when they were not checked already)
+        dicts = (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
+        identity = dict_identity(dicts) if kv_cache is not None else None
+        bound = bound_cache(dicts, identity) if kv_cache is not None else None
+        dicts_checked = bound is not None and bound.checked_shape == tuple(x.shape)
+        check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
+                             *dicts, current_start, read_cache_position=False, streaming=True,
+                             check_caches=not dicts_checked)
+        t = per_frame_timesteps(model, x, t)
+        tokens_per_frame = frame_tokens(x.shape[3], x.shape[4], model.patch_size)
+        frames = x.shape[2] // model.patch_size[0]
+        start = current_start // tokens_per_frame
+
+        # 2. the cache (a ring over the caller's dicts, or the owned stream) and the position
+        if kv_cache is not None:  # the dicts' ring cache carries their stream's position
+            cache = bound
+            if cache is None or cache.tokens_per_frame != tokens_per_frame:
+                cache = StreamCache.from_upstream_dicts(model, *dicts, tokens_per_frame)
+            if start == 0:  # upstream pipelines start a new stream at frame 0 in reset dicts
+                cache.end_frame = 0
+        else:
+            cache = self._owned_stream(x.shape[0], tokens_per_frame)
+        check_stream_position("stream", cache.end_frame, start, frames, "frames")
+
+        # 3. what this device and dtype run (an unrunnable backend fails here, before writes)
+        state = self.device_state(x.device, x.dtype)
+        plan = self.layer_plan()
+        graphs = self._graphs_usable(x)
+
+        # 4. the image context's keys/values: once per stream, or every call without the
+        # caller's crossattn_cache (the reference reads the image on every call)
+        new_stream = not cache.cross_ready
+        project_now = new_stream or (kv_cache is not None and crossattn_cache is None)
+        if new_stream:
+            _cross_storage(model, cache, visual_context)
+        if graphs:
+            self.graphs.use_storage(cache, cache.buffers, changed=new_stream)
+        if project_now:
+            project = functools.partial(_project_image_context, model, cache=cache,
+                                        ops=state.ops, plan=plan)
+            if graphs:  # a new stream every call (the seed protocol) costs one replay, not ~150
+                self.graphs.run(("image_context", tuple(visual_context.shape), x.dtype), project,
+                                {"visual_context": visual_context})
+            else:
+                project(visual_context)
+            for slot in cache.cross:
+                slot["is_init"] = True
+        if kv_cache is not None and (new_stream or not dicts_checked or cache is not bound):
+            bind(dicts, cache, tuple(x.shape))
+
+        # 5. the math, replayed from the graph of this phase or run eagerly
+        inputs = {"x": x, "t": t, "cond_concat": cond_concat}
+        action = first_action_module(model)
+        if action is not None and action.enable_mouse:
+            inputs["mouse_window"] = _condition_window(action, mouse_cond, start, frames)
+        if action is not None and action.enable_keyboard:
+            inputs["keyboard_window"] = _condition_window(action, keyboard_cond, start, frames)
+        state.start_frame.fill_(start)
+        end = start + frames
+        phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
+        run = functools.partial(compute, cache=cache, phase=phase, state=state, plan=plan)
+        if graphs:
+            key = (phase, x.dtype, tuple((name, tuple(v.shape)) for name, v in inputs.items()))
+            out = self.graphs.run(key, run, inputs)
+        else:
+            out = run(**inputs)
+        cache.end_frame = max(cache.end_frame, end)
+        return out
+
+    def _owned_stream(self, batch: int, tokens_per_frame: int) -> StreamCache:
+        cache = self.current
+        if cache.self_k[0].shape[0] != batch or cache.tokens_per_frame != tokens_per_frame:
+            raise ValueError(
+                f"the stream was started for batch {cache.self_k[0].shape[0]} and "
+                f"{cache.tokens_per_frame} tokens per frame; got batch {batch} and "
+                f"{tokens_per_frame}: call start_stream(batch=..., latent_size=...)")
+        return cache
+
+    def _graphs_usable(self, x) -> bool:
+        """Graphs replay on CUDA unless turned off (default: on); asked for on a CPU: a warning."""
+        setting = self.model.options.cuda_graphs
+        if setting is False:
+            return False
+        if x.is_cuda:
+            return True
+        if setting and not self._warned_no_graphs:
+            warnings.warn("cuda_graphs=True needs a CUDA device; running the forward eagerly")
+            self._warned_no_graphs = True
+        return False
+
+    def device_state(self, device, dtype) -> DeviceState:
+        """Resolved ops, RoPE settings and the device-side start frame for (device, dtype)."""
+        key = (device, dtype)
+        if key not in self.per_device:
+            self.per_device[key] = state = _device_state(self.model, device, dtype)
+            options = self.model.options
+            precision = ""
+            if options.precision == "fp8":
+                precision = (f", FP8 GEMMs: "
+                             f"{', '.join(sorted(options.fp8_gemms, key=FP8_GEMMS.index))}")
+            info("%s on %s in %s, %s%s: %s", type(self.model).__name__, device, dtype,
+                 options.describe_graphs(device), precision, state.description)
+        return self.per_device[key]
+
+    # ------------------------------------------------------------------ explicit warm-up
+    def warm_up(self, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
+                stream: Optional[StreamCache] = None) -> int:
+        """Capture, before a stream's first real call, every graph its calls will replay: run
+        the blocks of a stream on zeros (one forward each, the shapes of the given inputs) until
+        the phase and the input shapes stop changing, then rewind the stream. Returns the
+        graphs captured. Without CUDA graphs it only resolves the ops and builds the plan."""
+        model = self.model
+        stream = stream or self.current
+        if stream is None:
+            raise RuntimeError("warm_up needs a stream: call start_stream() first")
+        self.use_stream(stream)
+        batch, _, frames, h, w = cond_concat.shape
+        frames //= model.patch_size[0]
+        before = self.graphs.captures
+        action = first_action_module(model)
+        window = stream.self_layout.slots
+        # after the window has filled, a block's phase and shapes repeat; the condition windows
+        # settle once the first block's shorter history is past: two more blocks cover both
+        blocks = math.ceil(window / frames) + 2
+        x = torch.zeros(batch, model.out_dim, frames * model.patch_size[0], h, w,
+                        dtype=cond_concat.dtype, device=cond_concat.device)
+        t = torch.zeros(batch, frames * model.patch_size[0], dtype=cond_concat.dtype,
+                        device=cond_concat.device)
+        stream.reset()
+        for block in range(blocks):
+            steps = history_steps((block + 1) * frames - 1)
+            conditions = {}
+            for name, cond, on in (("mouse_cond", mouse_cond, action and action.enable_mouse),
+                                   ("keyboard_cond", keyboard_cond,
+                                    action and action.enable_keyboard)):
+                if on:
+                    if cond is None:
+                        raise ValueError(f"warm_up: the model has {name.split('_')[0]} actions: "
+                                         f"pass {name} (any length: only its width is used)")
+                    conditions[name] = cond.new_zeros(batch, steps, cond.shape[-1])
+            model(x, t, visual_context, cond_concat, **conditions,
+                  current_start=block * frames * stream.tokens_per_frame)
+        stream.reset()
+        return self.graphs.captures - before
+
+
+def _device_state(model, device, dtype) -> DeviceState:
+    action = first_action_module(model)
+    head_dims = {op: model.dim // model.num_heads
+                 for op in ("self_attention", "cross_attention", "norm_rope_store",
+                            "qkv_norm_rope_store")}
+    if action is not None:
+        head_dims["mouse_attention"] = head_dims["keyboard_attention"] = \
+            sum(action.mouse_qk_dim_list)
+    resolved = resolve_all(model.options.backend, device, dtype, head_dims)
+    if model.options.precision == "fp8":
+        try:
+            resolved.update({op: resolve(op, model.options.backend[op], device, dtype, 0)
+                             for op in FP8_OPS})
+        except BackendUnavailableError as err:
+            raise BackendUnavailableError(f"precision='fp8' cannot run here: {err}") from None
+    return DeviceState(
+        ops=SimpleNamespace(**{op: fn for op, (_, fn) in resolved.items()}),
+        backends={op: name for op, (name, _) in resolved.items()},
+        # float64 models keep float64 RoPE (as upstream); others rotate in float32
+        rope_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        start_frame=torch.zeros((), dtype=torch.long, device=device),
+        side_stream=torch.cuda.Stream(device) if device.type == "cuda" else None,
+        action_inv_freq=None if action is None else action_inverse_frequencies(
+            action.mouse_qk_dim_list, action.rope_theta, device),
+        description=describe_resolved(resolved))
+
+
+def _cross_storage(model, cache: StreamCache, visual_context):
+    """Give every layer's cross-attention k/v a tensor of the right shape to be written in place
+    (the pipeline's preallocated dicts already have them; a dict holding None or another shape
+    gets a new one, as upstream would replace it)."""
+    b, tokens = visual_context.shape[:2]
+    for block, slot in zip(model.blocks, cache.cross):
+        attn = block.cross_attn
+        shape = (b, tokens, attn.num_heads, attn.head_dim)
+        for name in ("k", "v"):
+            held = slot[name]
+            if not (isinstance(held, torch.Tensor) and held.shape == shape
+                    and held.dtype == visual_context.dtype
+                    and held.device == visual_context.device):
+                slot[name] = visual_context.new_empty(shape)
+
+
+def _project_image_context(model, visual_context, *, cache: StreamCache, ops, plan):
+    """Cross-attention keys/values of the image context, written into the storage
+    `_cross_storage` prepared (device work only: it may be captured)."""
+    context = model.img_emb(visual_context)
+    b = context.shape[0]
+    for layer, slot in zip(plan.blocks, cache.cross):
+        ops.norm_rope_store(layer.cross_k(context), *layer.cross_k_norm, cos=None, sin=None,
+                            heads=layer.heads, dest=slot["k"])
+        slot["v"].copy_(layer.cross_v(context).view(b, -1, layer.heads, slot["v"].shape[-1]))
+
+
+def _condition_window(action, cond, start_frame: int, frames: int):
+    """The action steps this call's frames read (host-side slicing, outside the graphs)."""
+    return condition_steps(cond, start_frame, frames, action.vae_time_compression_ratio,
+                           action.windows_size)
