@@ -7,7 +7,8 @@ one named is never changed.
   upstream's hard-coded head sizes: 2 layers) gives the same latents with the integrated optimized
   model as with upstream's model: relative error <= 1e-5 over 6 blocks, two videos through one
   pipeline (tests/checkout/run_pipeline.py);
-* the seed's `./tests/run_tests.sh compare` (and `correctness`) pass inside the integrated checkout;
+* the seed's `./tests/run_tests.sh compare` (and `correctness`) pass inside the integrated checkout,
+  run as the README says, `bash scripts/checkout_suite.sh CHECKOUT compare` (the stand-ins below);
 * upstream's scripts' own model-building code (`_init_models` of inference.py and
   inference_streaming.py, every --vae_compile_mode) builds OptimizedVAEDecoderWrapper, calls no
   torch.compile, and the only file read with weights_only=False is the decoder's marker, whose
@@ -111,14 +112,15 @@ def test_upstream_pipeline_gives_the_same_latents(integrated, tmp_path):
 
 @pytest.mark.parametrize("mode", ["compare", "correctness"])
 def test_seed_workflow_inside_the_checkout(integrated, mode):
+    """The README's command: scripts/checkout_suite.sh runs the checkout's ./tests/run_tests.sh
+    with the stand-ins this machine needs."""
     checkout, _, _ = integrated
-    env = dict(os.environ, PYTHONPATH=str(STANDINS),
-               PYTEST_ADDOPTS="-p standins",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["./tests/run_tests.sh", mode], cwd=checkout, env=env,
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "checkout_suite.sh"), str(checkout),
+                             mode], env=dict(os.environ, PYTHON=sys.executable),
                             capture_output=True, text=True, timeout=1800)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
+    assert f"checkout_suite.sh: running {checkout}/tests/run_tests.sh {mode}" in result.stderr
     assert " passed" in output and " failed" not in output and " skipped" not in output
     print(output[-1500:])
 

@@ -121,16 +121,21 @@ def upstream_attention_exact():
         _swap_upstream_attention(saved)
 
 
-def install():
+def install() -> list:
     """Install the stand-ins this machine needs (call before importing upstream's modules, with
-    the checkout's root on sys.path)."""
+    the checkout's root on sys.path); returns what it stood in for, in words."""
+    used = []
     if importlib.util.find_spec("flash_attn") is None:
         sys.modules["flash_attn"] = _flash_attn_module()
+        used.append("flash_attn (torch SDPA)")
     if not _torchvision_usable():
         _empty_torchvision()
+        used.append("torchvision (empty modules: its build does not fit this torch)")
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: "cpu"
         _swap_upstream_attention((exact_attention, exact_attention))  # upstream's asserts CUDA
+        used.append("no CUDA: torch.cuda.current_device and upstream's attention (exact SDPA)")
+    return used
 
 
 def pytest_configure(config):
