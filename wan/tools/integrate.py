@@ -660,6 +660,8 @@ def _apply(plan: Plan):
             done.roll_back()
         raise
     except BaseException as err:
+        if isinstance(err, OSError) and str(err.filename or "").endswith(TEMP_SUFFIX):
+            err.filename = None  # the temporary file of the target `step` names
         reason = _os_error(err, root) if isinstance(err, OSError) else (
             err.code if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}")
         problems = done.roll_back()
