@@ -194,6 +194,15 @@ def upsample_nearest2x(x):
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def conv3d_narrow(x, weight, bias=None):
+    """conv3d of the window x [B, Cin, KT - 1 + T, H, W] with weight [Cout, Cin, KT, KH, KW], valid
+    in time, zero-padded (KH - 1) / 2, (KW - 1) / 2 in height and width, + bias (torch's conv in
+    x's dtype: cuDNN on CUDA); channels-last out."""
+    _, _, _, kh, kw = weight.shape
+    y = F.conv3d(x, weight, bias, padding=(0, (kh - 1) // 2, (kw - 1) // 2))
+    return y.contiguous(memory_format=torch.channels_last_3d)
+
+
 OPS = {
     "self_attention": attention,
     "cross_attention": attention,
@@ -213,4 +222,5 @@ OPS = {
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
     "upsample_nearest2x": upsample_nearest2x,
+    "conv3d_narrow": conv3d_narrow,
 }

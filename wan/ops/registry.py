@@ -32,6 +32,10 @@ Ops (one signature each, every backend implements a subset):
     bias_residual_add(h, bias, residual)        (h + bias) + residual: a decoder conv's bias and
                                                 its residual block's shortcut in one pass
     upsample_nearest2x(x)                       nearest 2x upsampling of frames [N, C, H, W]
+    conv3d_narrow(x, weight, bias)              a decoder conv with few outputs (the head, 96 -> 3,
+                                                3x3x3) over its window [B, Cin, 2 + T, H, W]
+                                                (channels-last; valid in time, padded in H/W):
+                                                one GEMM over the pixels + the 27-tap shifted sum
 
 The LayerNorm ops also take `quantize=True` (their output as Fp8Rows for an FP8 GEMM). The two FP8
 ops (FP8_OPS) are resolved only by a model in `precision="fp8"`.
@@ -63,8 +67,8 @@ ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboa
 OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual",
                        "gated_residual_layer_norm_modulate", "gated_residual_layer_norm",
                        "frame_bias_gelu", "norm_rope_store", "qkv_norm_rope_store", "linear_gelu",
-                       "rms_norm_silu", "bias_residual_add", "upsample_nearest2x", "quantize_fp8",
-                       "linear_fp8")
+                       "rms_norm_silu", "bias_residual_add", "upsample_nearest2x", "conv3d_narrow",
+                       "quantize_fp8", "linear_fp8")
 FP8_OPS = ("quantize_fp8", "linear_fp8")
 # ops whose eager implementation emulates hardware (float32 math): never picked by `auto`
 EMULATED_BY_EAGER = ("linear_fp8",)

@@ -2,6 +2,7 @@
 backend is considered, and it needs the triton package)."""
 from .action_attention import action_attention
 from .channel_norm import bias_residual_add, rms_norm_silu, upsample_nearest2x
+from .conv3d import conv3d_narrow
 from .fp8_rows import quantize_fp8
 from .modulation import (frame_bias_gelu, gated_residual, gated_residual_layer_norm,
                          gated_residual_layer_norm_modulate, layer_norm, layer_norm_modulate)
@@ -22,4 +23,5 @@ OPS = {
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
     "upsample_nearest2x": upsample_nearest2x,
+    "conv3d_narrow": conv3d_narrow,
 }
