@@ -137,3 +137,19 @@ class PlayServerThread:
 
     def __exit__(self, *exc):
         self.running.__exit__(*exc)
+
+
+def same_nested(a, b, ignore_keys=()) -> bool:
+    """Bitwise equality of nested lists/tuples/dicts of tensors and plain values (dict keys in
+    `ignore_keys` aside, e.g. the optimized model's tag of the caller's cache dicts)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape \
+            and torch.equal(a, b)
+    if isinstance(a, dict):
+        keys = a.keys() - set(ignore_keys)
+        return (isinstance(b, dict) and keys == b.keys() - set(ignore_keys)
+                and all(same_nested(a[k], b[k], ignore_keys) for k in keys))
+    if isinstance(a, (list, tuple)):
+        return (isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(same_nested(x, y, ignore_keys) for x, y in zip(a, b)))
+    return a == b

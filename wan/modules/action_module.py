@@ -18,6 +18,7 @@ import torch.nn as nn
 from . import layers
 from ..runtime.conditioning import (VAE_TIME_COMPRESSION, attention_window_frames, condition_steps,
                                    frame_windows)
+from ..runtime.input_checks import check_positive_ints
 from .attention import attention, block_causal_mask
 from .rolling_cache import write_and_read_window
 from .rope import ActionRope
@@ -46,6 +47,14 @@ class ActionModule(nn.Module):
                  rope_theta=256, mouse_qk_dim_list=(8, 28, 28), enable_mouse: bool = True,
                  enable_keyboard: bool = True, local_attn_size: int = 6, blocks=()):
         super().__init__()
+        sizes = dict(hidden_size=hidden_size, img_hidden_size=img_hidden_size, heads_num=heads_num,
+                     vae_time_compression_ratio=vae_time_compression_ratio,
+                     windows_size=windows_size)
+        if enable_mouse:
+            sizes.update(mouse_dim_in=mouse_dim_in, mouse_hidden_dim=mouse_hidden_dim)
+        if enable_keyboard:
+            sizes.update(keyboard_dim_in=keyboard_dim_in, keyboard_hidden_dim=keyboard_hidden_dim)
+        check_positive_ints("action_config", **sizes)
         self.local_attn_size = local_attn_size
         self.enable_mouse = enable_mouse
         self.enable_keyboard = enable_keyboard

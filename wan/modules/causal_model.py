@@ -17,6 +17,7 @@ import inspect
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from ..runtime.conditioning import attention_window_frames
 from .action_module import ActionModule
 from .attention import attention, block_causal_mask
 from .checkpoint import load_safetensors_checkpoint
-from ..runtime.input_checks import check_forward_inputs, per_frame_timesteps
+from ..runtime.input_checks import check_forward_inputs, check_positive_ints, per_frame_timesteps
 from .layers import (AttentionProjections, MLPProj, WAN_CROSSATTENTION_CLASSES, WanLayerNorm,
                      sinusoidal_embedding_1d)
 from .rolling_cache import write_and_read_window
@@ -49,6 +50,54 @@ def _constructor_keywords(cls) -> set:
         if not any(p.kind == p.VAR_KEYWORD for p in params):
             break
     return names - {"self"}
+
+
+def _check_config(owner, patch_size, in_dim, dim, ffn_dim, freq_dim, out_dim, num_heads, num_layers,
+                  local_attn_size, sink_size, eps, action_config) -> dict:
+    """The constructor's sizes, each a clear error naming the keyword (a config.json typo would
+    otherwise build a model that fails deep inside its first forward, or silently differs).
+    Returns the action config as a dict."""
+    check_positive_ints(owner, in_dim=in_dim, dim=dim, ffn_dim=ffn_dim, freq_dim=freq_dim,
+                        out_dim=out_dim, num_heads=num_heads, num_layers=num_layers)
+    if dim % num_heads or (dim // num_heads) % 2:
+        raise ValueError(f"{owner}: dim {dim} / num_heads {num_heads} must give an even head size")
+    if freq_dim % 2:
+        raise ValueError(f"{owner}: freq_dim must be even (cosines and sines), got {freq_dim}")
+    if isinstance(patch_size, (str, bytes)) or not hasattr(patch_size, "__len__") \
+            or len(patch_size) != 3:
+        raise TypeError(f"{owner}: patch_size must be (frames, height, width), got {patch_size!r}")
+    check_positive_ints(owner, **{f"patch_size[{i}]": p for i, p in enumerate(patch_size)})
+    if isinstance(local_attn_size, bool) or not isinstance(local_attn_size, int):
+        raise TypeError(f"{owner}: local_attn_size must be an int, got {local_attn_size!r}")
+    if local_attn_size != -1 and local_attn_size < 1:
+        raise ValueError(f"{owner}: local_attn_size must be -1 (global attention) or at least 1 "
+                         f"frame, got {local_attn_size}")
+    if isinstance(sink_size, bool) or not isinstance(sink_size, int):
+        raise TypeError(f"{owner}: sink_size must be an int, got {sink_size!r}")
+    if sink_size < 0:
+        raise ValueError(f"{owner}: sink_size must be at least 0, got {sink_size}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{owner}: eps must be a number, got {type(eps).__name__} {eps!r}")
+    if not 0 <= eps < 1:
+        raise ValueError(f"{owner}: eps must be a small non-negative number, got {eps!r}")
+    if action_config is not None and not isinstance(action_config, dict):
+        raise TypeError(f"{owner}: action_config must be a dict, got {type(action_config).__name__}")
+    action_config = dict(action_config or {})
+    if action_config:
+        blocks = action_config.get("blocks")
+        if (not isinstance(blocks, (list, tuple))
+                or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
+            raise ValueError(f"{owner}: action_config['blocks'] must list the layers (ints) that "
+                             f"get an action module, got {blocks!r}")
+        outside = [b for b in blocks if not 0 <= b < num_layers]
+        if outside:
+            raise ValueError(f"{owner}: action_config['blocks'] names layers {outside}, but the "
+                             f"model has layers 0..{num_layers - 1}")
+        width = action_config.get("img_hidden_size", dim)
+        if width != dim:
+            raise ValueError(f"{owner}: action_config['img_hidden_size'] {width!r} must equal dim "
+                             f"{dim} (the action modules work on the blocks' tokens)")
+    return action_config
 
 
 class CausalWanSelfAttention(AttentionProjections):
@@ -175,9 +224,9 @@ class CausalWanModel(nn.Module):
         # upstream's default is 't2v', which its own constructor rejects: only 'i2v' exists
         if model_type != "i2v":
             raise ValueError(f"model_type {model_type!r} is not supported: Matrix-Game-2 is 'i2v'")
-        if dim % num_heads or (dim // num_heads) % 2:
-            raise ValueError(f"dim {dim} / num_heads {num_heads} must give an even head size")
-        action_config = dict(action_config or {})
+        action_config = _check_config(type(self).__name__, patch_size, in_dim, dim, ffn_dim, freq_dim, out_dim,
+                                      num_heads, num_layers, local_attn_size, sink_size, eps,
+                                      action_config)
         self.model_type = model_type
         self.use_action_module = len(action_config) > 0
         self.patch_size = tuple(patch_size)
@@ -225,8 +274,19 @@ class CausalWanModel(nn.Module):
             path = os.fspath(config)
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"model config not found: {path}")
             with open(path) as f:
-                config = json.load(f)
+                try:
+                    config = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise ValueError(f"model config {path} is not valid JSON: {err}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"model config {path} holds a JSON {type(config).__name__}, "
+                                 f"not an object of constructor keywords")
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a config dir, a config.json path or a dict, got "
+                            f"{type(config).__name__}")
         kwargs = {k: v for k, v in dict(config).items()
                   if not k.startswith("_") and k not in IGNORED_CONFIG_KEYS}
         kwargs.update(overrides)

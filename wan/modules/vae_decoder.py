@@ -17,13 +17,15 @@ marks it with the string 'Rep').
 State-dict names, constructor defaults and the call are upstream's; the code is this library's.
 Eager and readable; the fast one is OptimizedVAEDecoderWrapper (optimized_vae_decoder.py).
 """
+import os
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointMismatchError, describe_mismatch, read_state_dict
+from .checkpoint import (CheckpointMismatchError, check_state_tensors, describe_mismatch,
+                         read_state_dict, read_torch_state_dict)
 
 # the latent normalisation of Wan2.1's VAE (per channel); decoding starts by undoing it
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -258,33 +260,51 @@ def expected_cache_shapes(decoder: VAEDecoder3d, batch: int, h: int, w: int) -> 
 
 
 def check_decoder_inputs(wrapper: VAEDecoderWrapper, z, cache) -> None:
-    """A clear error, before anything runs, for latents or a cache the decoder cannot take."""
-    if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[2] != wrapper.z_dim:
-        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-        raise ValueError(f"z must be [batch, frames, {wrapper.z_dim}, h, w] latents, got {shape}")
+    """A clear error, before anything runs, for latents or a cache the decoder cannot take:
+    TypeError for a value that is not a tensor (or None, in the cache), ValueError for a wrong
+    shape, dtype or device (the dtype and device must be the weights'). NaN/inf are not checked
+    (no host sync): they propagate into the frames and, through the cache, into later blocks."""
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z must be a tensor of latents [batch, frames, {wrapper.z_dim}, h, w], "
+                        f"got {type(z).__name__}")
+    if z.ndim != 5 or z.shape[2] != wrapper.z_dim:
+        raise ValueError(f"z must be [batch, frames, {wrapper.z_dim}, h, w] latents, got "
+                         f"{tuple(z.shape)}")
     if z.shape[1] < 1:
         raise ValueError("z holds no latent frames")
+    if 0 in (z.shape[0], z.shape[3], z.shape[4]):
+        raise ValueError(f"z {tuple(z.shape)} is empty: batch, h and w must each be at least 1")
     weight = wrapper.conv2.weight
     if z.dtype != weight.dtype or z.device != weight.device:
         raise ValueError(f"z is {z.dtype} on {z.device} but the decoder's weights are "
                          f"{weight.dtype} on {weight.device}: convert one of them")
     entries = wrapper.decoder.cache_entries
     if len(cache) != entries:
+        hint = ""
+        if len(cache) == 1 and isinstance(cache[0], (list, tuple)):
+            hint = " (a list was passed as one argument: unpack it, decoder(z, *cache))"
         raise ValueError(f"the decoder takes a cache of {entries} entries (all None for a new "
-                         f"stream: decoder(z, *([None] * {entries}))); got {len(cache)}")
+                         f"stream: decoder(z, *([None] * {entries}))); got {len(cache)}{hint}")
     b, _, _, h, w = z.shape
     for i, (entry, shape) in enumerate(zip(cache, expected_cache_shapes(wrapper.decoder, b, h, w))):
         if entry is None:
             continue
-        if not isinstance(entry, torch.Tensor) or entry.ndim != 5:
-            got = tuple(entry.shape) if isinstance(entry, torch.Tensor) else type(entry).__name__
+        if not isinstance(entry, torch.Tensor):
+            raise TypeError(f"cache entry {i} must be None or a [B, C, frames, H, W] tensor, got "
+                            f"{type(entry).__name__} {entry!r:.40} (upstream's 'Rep' marker is a "
+                            f"0-frame tensor here: pass back the cache this decoder returned)")
+        if entry.ndim != 5:
             raise ValueError(f"cache entry {i} must be None or a [B, C, frames, H, W] tensor, "
-                             f"got {got}")
+                             f"got {tuple(entry.shape)}")
         got = (entry.shape[0], entry.shape[1], entry.shape[3], entry.shape[4])
         if got != shape:
             raise ValueError(f"cache entry {i} is {tuple(entry.shape)}, but for latents of batch {b} "
                              f"and {h} x {w} it must be [{shape[0]}, {shape[1]}, frames, {shape[2]}, "
                              f"{shape[3]}]: a cache from another stream or resolution")
+        if entry.dtype != weight.dtype or entry.device != weight.device:
+            raise ValueError(f"cache entry {i} is {entry.dtype} on {entry.device} but the "
+                             f"decoder's weights are {weight.dtype} on {weight.device}: a cache "
+                             f"from a decoder of another dtype or device")
     started = [entry is not None for entry in cache]
     if any(started) and not all(started):
         raise ValueError("the cache is partly None: pass it on whole, or all None for a new stream")
@@ -293,20 +313,23 @@ def check_decoder_inputs(wrapper: VAEDecoderWrapper, z, cache) -> None:
 def decoder_state_dict(state: dict) -> dict:
     """The decoder's part of a Wan2.1 VAE state dict (`decoder.*` and `conv2.*`), as upstream's
     inference.py selects it."""
-    return {k: v for k, v in state.items() if k.startswith("decoder.") or k.startswith("conv2.")}
+    return {k: v for k, v in state.items()
+            if isinstance(k, str) and (k.startswith("decoder.") or k.startswith("conv2."))}
 
 
 def load_decoder_weights(decoder: VAEDecoderWrapper, path) -> VAEDecoderWrapper:
     """Load the decoder from upstream's `Wan2.1_VAE.pth` (a plain state dict, read with
     weights_only=True: nothing is unpickled) or a .safetensors file; strict, with every missing,
-    unexpected or mis-shaped key listed."""
-    path = str(path)
-    if path.endswith(".safetensors"):
+    unexpected, mis-shaped or mis-typed key listed. A file that cannot be read, or whose decoder
+    entries are not tensors, is an error naming it (and the key); the decoder is left as it was."""
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).endswith(".safetensors"):
         state = read_state_dict(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_torch_state_dict(path)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        check_state_tensors(state if not isinstance(state, dict) else decoder_state_dict(state),
+                            path)
     state = decoder_state_dict(state)
     problems = describe_mismatch(decoder, state, strict=True)
     if problems:

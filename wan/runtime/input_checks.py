@@ -5,9 +5,21 @@ optimized_causal_model.py plus wan/runtime and wan/ops can be copied into an ups
 
 Upstream fails late (an assert, a shape error deep inside, or silently wrong output). Here every
 problem is a ValueError/TypeError that names the argument, what was expected and what came, raised
-before any cache is touched. The checks read only what upstream's CausalWanModel also has
-(`patch_size`, `in_dim`, `num_layers`, `num_heads`, `dim`, `local_attn_size`, `blocks[i].self_attn`,
-`blocks[i].action_model`, `patch_embedding`), so they serve the optimized model over either parent.
+before any cache is touched: TypeError for a value of the wrong type or dtype (a list for `x`, a
+bool `t`, a float `current_start`), ValueError for a wrong shape, size, device or position. The
+checks read only what upstream's CausalWanModel also has (`patch_size`, `in_dim`, `num_layers`,
+`num_heads`, `dim`, `local_attn_size`, `blocks[i].self_attn`, `blocks[i].action_model`,
+`patch_embedding`), so they serve the optimized model over either parent.
+
+NaN and inf are not checked, on purpose, by either model or either forward: finding one needs the
+values on the host (a device sync, which the streaming forward never makes), and a check in the
+cache-free forward only would make the two forwards disagree. Non-finite values propagate, as in
+upstream: a call with one in its input returns non-finite output, and a streaming call writes
+non-finite keys/values into the caches, which reach every later block that attends to them (the
+layers after the first mix all cached frames), so the stream stays poisoned until it starts again
+at frame 0 (fresh or reset caches, `start_stream`/`reset_stream`: nothing of the old stream is
+read then). Where the values reach the host anyway (a runner or server that copies each block's
+frames out), `non_finite(...)` below names the bad ones.
 """
 import torch
 
@@ -26,33 +38,81 @@ def first_action_module(model):
     return next((b.action_model for b in model.blocks if b.action_model is not None), None)
 
 
-def _check_dtype(name, tensor, dtype):
+def _check_tensor(name, tensor):
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
+def check_tensor_arguments(x, t, visual_context, cond_concat, mouse_cond=None,
+                           keyboard_cond=None) -> None:
+    """TypeError unless the forward's tensor arguments are tensors (the action conditions may be
+    None). Reads no shape, so it can run first, before anything else looks at `x.shape`."""
+    for name, tensor in (("x", x), ("t", t), ("visual_context", visual_context),
+                         ("cond_concat", cond_concat)):
+        _check_tensor(name, tensor)
+    for name, tensor in (("mouse_cond", mouse_cond), ("keyboard_cond", keyboard_cond)):
+        if tensor is not None:
+            _check_tensor(name, tensor)
+
+
+def non_finite(**tensors) -> list:
+    """Names of the given tensors that hold a NaN or an infinity (None values are skipped). One
+    host sync per tensor: for host-side paths (a runner checking a block's output), never for the
+    streaming forward."""
+    return [name for name, tensor in tensors.items()
+            if tensor is not None and not bool(torch.isfinite(tensor).all())]
+
+
+def _check_device(name, tensor, device):
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the model is on {device}; move it "
+                         f"(or the model) so they agree")
+
+
+def _check_dtype(name, tensor, dtype):
+    _check_tensor(name, tensor)
     if tensor.dtype != dtype:
         raise TypeError(f"{name} has dtype {tensor.dtype} but the model runs in {dtype}; "
                         f"cast the input (or the model) so they agree")
 
 
-def _check_cache_list(name, caches, num_layers, keys):
+def _check_cache_list(name, caches, num_layers, keys, layers=None):
+    """A list (or tuple) of at least `num_layers` dicts holding `keys`; `layers`: the indices that
+    must hold a dict (default all; the action caches may hold None for layers without one)."""
     if not isinstance(caches, (list, tuple)):
         raise TypeError(f"{name} must be a list of {num_layers} dicts (one per layer), "
                         f"got {type(caches).__name__}")
     if len(caches) < num_layers:  # longer lists are fine: upstream's pipeline makes 30 entries
         raise ValueError(f"{name} has {len(caches)} entries but the model has {num_layers} layers")
-    missing = [k for k in keys if k not in caches[0]]
-    if missing:
-        raise ValueError(f"{name}[0] lacks the keys {missing} (expected {list(keys)})")
+    for i in range(num_layers) if layers is None else layers:
+        if not isinstance(caches[i], dict):
+            raise TypeError(f"{name}[{i}] must be a dict with the keys {list(keys)}, got "
+                            f"{type(caches[i]).__name__}")
+        missing = [k for k in keys if k not in caches[i]]
+        if missing:
+            raise ValueError(f"{name}[{i}] lacks the keys {missing} (expected {list(keys)})")
 
 
-def _check_cache_tensor(name, tensor, shape_desc, expected, dtype):
+def _check_cache_tensor(name, tensor, shape_desc, expected, dtype, device=None):
     """expected: tuple with None where any size is allowed."""
     _check_dtype(name, tensor, dtype)
+    if device is not None:
+        _check_device(name, tensor, device)
     ok = tensor.ndim == len(expected) and all(
         e is None or s == e for s, e in zip(tensor.shape, expected))
     if not ok:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape_desc} = "
                          f"{tuple('*' if e is None else e for e in expected)}")
+
+
+def check_positive_ints(owner: str, **values) -> None:
+    """TypeError unless each value is an int (not a bool), ValueError unless it is at least 1; the
+    message names `owner` and the keyword (constructor and config checks)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{owner}: {name} must be at least 1, got {value}")
 
 
 def check_stream_request(batch, latent_size, patch_size) -> None:
@@ -112,10 +172,19 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
     `global_end_index` (a host sync); the optimized model tracks the position itself instead.
     `streaming` defaults to "kv_cache was given"; the optimized model's own cache streams without.
     `check_caches=False` skips the per-layer cache checks (the optimized model runs them once per
-    cache storage and call shape: ~120 tensors, a visible share of a 20 ms forward)."""
+    cache storage and call shape: ~120 tensors, a visible share of a 20 ms forward).
+    Nothing here reads a tensor's values (no host sync but `read_cache_position`'s): NaN/inf
+    are not checked (see the module's docstring)."""
+    check_tensor_arguments(x, t, visual_context, cond_concat, mouse_cond, keyboard_cond)
     dtype = model_dtype(model)
+    device = model.patch_embedding.weight.device
     for name, tensor in (("x", x), ("cond_concat", cond_concat), ("visual_context", visual_context)):
         _check_dtype(name, tensor, dtype)
+    for name, tensor in (("x", x), ("t", t), ("cond_concat", cond_concat),
+                         ("visual_context", visual_context), ("mouse_cond", mouse_cond),
+                         ("keyboard_cond", keyboard_cond)):
+        if tensor is not None:
+            _check_device(name, tensor, device)
     if x.ndim != 5 or cond_concat.ndim != 5:
         raise ValueError(f"x and cond_concat must be [B, C, F, H, W], got {tuple(x.shape)} and "
                          f"{tuple(cond_concat.shape)}")
@@ -125,24 +194,39 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
     if x.shape[1] + cond_concat.shape[1] != model.in_dim:
         raise ValueError(f"x has {x.shape[1]} channels and cond_concat {cond_concat.shape[1]}; "
                          f"together they must make the model's in_dim {model.in_dim}")
+    if 0 in (x.shape[0], x.shape[2], x.shape[3], x.shape[4]):
+        raise ValueError(f"x {tuple(x.shape)} is empty: batch, frames, height and width must each "
+                         f"be at least 1")
     batch = x.shape[0]
     pt, ph, pw = model.patch_size
     if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
         raise ValueError(f"latent size {tuple(x.shape[2:])} (F, H, W) is not divisible by the patch "
                          f"size {tuple(model.patch_size)}")
     frames, tokens_per_frame = x.shape[2] // pt, frame_tokens(x.shape[3], x.shape[4], model.patch_size)
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) not in ((batch, frames), (batch, 1)):
-        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+    if tuple(t.shape) not in ((batch, frames), (batch, 1)):
         raise ValueError(f"t must be a tensor of shape [batch, frames] = [{batch}, {frames}] (or "
-                         f"[{batch}, 1]: one timestep for every frame), got {got}")
+                         f"[{batch}, 1]: one timestep for every frame), got {tuple(t.shape)}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"t has dtype {t.dtype}: timesteps are real numbers (a float dtype, or an "
+                        f"integer one as upstream's pipeline may pass)")
     clip_dim = model.img_emb.proj[0].normalized_shape[0]
     if visual_context.ndim != 3 or visual_context.shape[0] != batch or visual_context.shape[2] != clip_dim:
         raise ValueError(f"visual_context has shape {tuple(visual_context.shape)}, expected "
                          f"[{batch}, tokens, {clip_dim}]")
+    if visual_context.shape[1] < 1:
+        raise ValueError("visual_context holds no tokens: cross-attention needs at least one "
+                         "(the CLIP image encoder gives 257)")
+    per_block = getattr(model, "num_frame_per_block", 1)
+    if isinstance(per_block, bool) or not isinstance(per_block, int) or per_block < 1:
+        raise ValueError(f"model.num_frame_per_block must be a positive int (the pipeline sets 3), "
+                         f"got {per_block!r}")
 
     streaming = kv_cache is not None if streaming is None else streaming
     if streaming:
-        if not isinstance(current_start, int) or isinstance(current_start, bool) or current_start < 0:
+        if not isinstance(current_start, int) or isinstance(current_start, bool):
+            raise TypeError(f"current_start must be a non-negative int (a token index), got "
+                            f"{type(current_start).__name__} {current_start!r}")
+        if current_start < 0:
             raise ValueError(f"current_start must be a non-negative int, got {current_start!r}")
         if current_start % tokens_per_frame:
             raise ValueError(f"current_start {current_start} is not a multiple of the "
@@ -152,7 +236,7 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
     # the caches first: a cache made for another latent size explains other mismatches
     if kv_cache is not None and check_caches:
         _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
-                      kv_cache_keyboard, crossattn_cache, dtype, read_cache_position)
+                      kv_cache_keyboard, crossattn_cache, dtype, read_cache_position, device)
     _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype)
 
 
@@ -185,7 +269,7 @@ def _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond,
 
 
 def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
-                  kv_cache_keyboard, crossattn_cache, dtype, read_position):
+                  kv_cache_keyboard, crossattn_cache, dtype, read_position, device=None):
     layers = model.num_layers
     heads, head_dim = model.num_heads, model.dim // model.num_heads
     sink_frames = model.blocks[0].self_attn.sink_size
@@ -193,7 +277,7 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
     for i, cache in enumerate(kv_cache[:layers]):
         for key in ("k", "v"):
             _check_cache_tensor(f"kv_cache[{i}]['{key}']", cache[key], "[B, tokens, heads, head_dim]",
-                                (batch, None, heads, head_dim), dtype)
+                                (batch, None, heads, head_dim), dtype, device)
     capacity = kv_cache[0]["k"].shape[1]
     if capacity % tokens_per_frame or capacity < (sink_frames + frames) * tokens_per_frame:
         raise ValueError(
@@ -205,6 +289,13 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
                               frames * tokens_per_frame, "tokens")
     if crossattn_cache is not None:
         _check_cache_list("crossattn_cache", crossattn_cache, layers, CROSS_CACHE_KEYS)
+        for i, cache in enumerate(crossattn_cache[:layers]):
+            if not cache["is_init"]:  # its k/v are (re)computed by this call
+                continue
+            for key in ("k", "v"):  # reused as they are: they must fit
+                _check_cache_tensor(f"crossattn_cache[{i}]['{key}']", cache[key],
+                                    "[B, context tokens, heads, head_dim]",
+                                    (batch, None, heads, head_dim), dtype, device)
 
     action = first_action_module(model)
     if action is None:
@@ -217,13 +308,15 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
             continue
         if caches is None:
             raise ValueError(f"{name} is required for streaming with this model's action modules")
-        _check_cache_list(name, caches, layers, SELF_CACHE_KEYS)
+        action_layers = [i for i, b in enumerate(model.blocks) if b.action_model is not None]
+        _check_cache_list(name, caches, layers, SELF_CACHE_KEYS, action_layers)
         for i, block in enumerate(model.blocks):
             if block.action_model is None:
                 continue
             for key in ("k", "v"):
                 _check_cache_tensor(f"{name}[{i}]['{key}']", caches[i][key],
-                                    "[rows, frames, heads, head_dim]", (rows, None, a_heads, None), dtype)
+                                    "[rows, frames, heads, head_dim]", (rows, None, a_heads, None), dtype,
+                                    device)
             if caches[i]["k"].shape[1] < frames:
                 raise ValueError(f"{name}[{i}] holds {caches[i]['k'].shape[1]} frames, fewer than "
                                  f"this call's {frames}")

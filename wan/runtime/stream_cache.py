@@ -157,12 +157,21 @@ class StreamCache:
 def dict_identity(dicts) -> Optional[tuple]:
     """(ids, tensors) of every "k"/"v" tensor in the caller's upstream-style dicts
     (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache; a list given as None is
-    skipped), or None when they are malformed (the input checks then say why)."""
-    try:
-        tensors = [cache[key] for caches in dicts if caches is not None for cache in caches
-                   for key in ("k", "v")]
-    except (KeyError, TypeError, IndexError):
-        return None
+    skipped, and so is an entry given as None: the action caches of layers without an action
+    module, as `new_stream_caches(..., action_layers_only=True)` makes them), or None when they are
+    malformed (the input checks then say why)."""
+    tensors = []
+    for caches in dicts:
+        if caches is None:
+            continue
+        if not isinstance(caches, (list, tuple)):
+            return None
+        for cache in caches:
+            if cache is None:
+                continue
+            if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
+                return None
+            tensors += [cache["k"], cache["v"]]
     return tuple(map(id, tensors)), tensors
 
 
