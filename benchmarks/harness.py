@@ -58,7 +58,8 @@ def bar_chart(groups: dict, names, ylabel: str, title: str, path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+        print("matplotlib is not installed: no plot (scripts/env.sh installs it; or pip install "
+              "'.[plot]')", file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(groups)

@@ -21,7 +21,6 @@ matplotlib is installed, and prints a table last.
     python benchmarks/stream.py                     # auto: GPU universal bf16 / CPU tiny fp32
     python benchmarks/stream.py --blocks 8 --out benchmarks/results/h100.json
 """
-import argparse
 import math
 import statistics
 import sys
@@ -33,11 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import Timer, bar_chart, finish, run_header, summarize  # noqa: E402
+from wan.tools import cli  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.ops.dtypes import DTYPES  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
-from wan.modules.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
+from wan.modules.presets import (LATENT_SIZE, UPSTREAM_VARIANTS, model_config,  # noqa: E402
+                                 tokens_per_frame)
 from wan.modules.random_init import random_inputs, randomize_weights_  # noqa: E402
 
 # name -> (class, constructor extras)
@@ -48,40 +49,90 @@ SEED_CACHE_FRAMES = 15
 VIDEO_FRAMES_PER_LATENT = 4
 
 
+PROG = "benchmarks/stream.py"
+
+
+def _device(text: str) -> str:
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = cli.device(text)
+    if device.index not in (None, 0):
+        raise cli.argparse.ArgumentTypeError(f"{text}: the benchmarks run on the current GPU; "
+                                             f"pick it with CUDA_VISIBLE_DEVICES={device.index}")
+    return device.type
+
+
+def _models(text: str):
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODEL_CLASSES]
+    if unknown or not models:
+        raise cli.argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; choose from "
+                                             f"{', '.join(MODEL_CLASSES)}")
+    return models
+
+
+def _steps(text: str):
+    try:
+        steps = [float(step) for step in text.split(",")]
+    except ValueError:
+        raise cli.argparse.ArgumentTypeError(f"expected comma-separated timesteps, got "
+                                             f"{text!r}") from None
+    bad = [step for step in steps if not 0 < step <= 1000]
+    if bad:
+        raise cli.argparse.ArgumentTypeError(f"timesteps lie in (0, 1000], got {bad}")
+    return steps
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
-    p.add_argument("--preset", default="auto", help="tiny, universal, gta_drive, templerun or auto")
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", type=_device, default="auto",
+                   help="cuda, cpu or auto (cuda when available)")
+    p.add_argument("--preset", default="auto", choices=("auto", "tiny") + UPSTREAM_VARIANTS,
+                   help="tiny, universal, gta_drive, templerun or auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp64"])
-    p.add_argument("--models", default=None,
+    p.add_argument("--models", type=_models, default=None,
                    help=f"comma list of {list(MODEL_CLASSES)} (default: all; no graphs on a CPU)")
-    p.add_argument("--blocks", type=int, default=None, help="pipeline blocks (default 8 GPU, 5 CPU)")
-    p.add_argument("--denoising-steps", default="1000,666,333",
+    p.add_argument("--blocks", type=cli.positive_int, default=None,
+                   help="pipeline blocks (default 8 GPU, 5 CPU)")
+    p.add_argument("--denoising-steps", type=_steps, default="1000,666,333",
                    help="timesteps of a block's denoising forwards (each block adds the t=0 cache "
                         "update); default: the inference YAML's list")
-    p.add_argument("--seed-runs", type=int, default=None,
+    p.add_argument("--seed-runs", type=cli.positive_int, default=None,
                    help="timed forwards of the seed protocol (default 10, as the seed suite)")
-    p.add_argument("--warmup", type=int, default=3,
+    p.add_argument("--warmup", type=cli.non_negative_int, default=3,
                    help="untimed seed-protocol forwards first (default 3; graphs capture here)")
-    p.add_argument("--out", default=None, help="JSON report path (default: print only)")
+    p.add_argument("--out", default=None, help="JSON report path (default: print only; the "
+                   "folder must exist)")
     args = p.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if args.device == "auto":
-        args.device = "cuda" if cuda else "cpu"
-    if args.device == "cuda" and not cuda:
-        p.error("--device cuda requested but torch sees no CUDA GPU")
     on_gpu = args.device == "cuda"
     args.preset = args.preset if args.preset != "auto" else ("universal" if on_gpu else "tiny")
     args.dtype = DTYPES[args.dtype if args.dtype != "auto" else ("bf16" if on_gpu else "fp32")]
     args.blocks = args.blocks or (8 if on_gpu else 5)
     args.seed_runs = args.seed_runs or 10
-    args.models = ([m.strip() for m in args.models.split(",") if m.strip()] if args.models
-                   else [m for m in MODEL_CLASSES if on_gpu or m != "graphs"])
-    unknown = [m for m in args.models if m not in MODEL_CLASSES]
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; available: {list(MODEL_CLASSES)}")
-    args.denoising_steps = [float(s) for s in args.denoising_steps.split(",")]
+    args.models = args.models or [m for m in MODEL_CLASSES if on_gpu or m != "graphs"]
+    window = model_config(args.preset)["local_attn_size"]
+    steady_from = math.ceil(window / 3)
+    if args.blocks <= steady_from:
+        p.error(f"--blocks {args.blocks} never reaches steady state: the {window}-frame window "
+                f"fills at block {steady_from}, so give at least {steady_from + 1}")
     return args
+
+
+def preflight(args):
+    """Before any model is built: the report's path, and the memory of the models (all
+    resident at once), their caches and the longest block's action history."""
+    if args.out:
+        cli.output_file(args.out)
+    config = model_config(args.preset)
+    latent = LATENT_SIZE[args.preset]
+    itemsize = torch.empty((), dtype=args.dtype).element_size()
+    steps = 12 * args.blocks  # the last block's action history (mouse 2 + keyboard <= 7 wide)
+    cli.check_memory(
+        {f"{len(args.models)} model(s)": len(args.models) * cli.model_bytes(config, args.dtype),
+         "caches": cli.stream_bytes(config, latent, args.dtype) * max(1, SEED_CACHE_FRAMES // 6),
+         f"{args.blocks} blocks' actions": steps * 9 * itemsize},
+        torch.device(args.device), f"{', '.join(args.models)} ({args.preset}) on {args.device}",
+        {"actions as drawn": 2 * steps * 9 * 8, "timings": 4 * args.blocks * 64})
 
 
 def build_models(args):
@@ -212,7 +263,12 @@ def plot(report, path):
 
 
 def main(argv=None):
+    return cli.run(PROG, _main, argv)
+
+
+def _main(argv=None):
     args = parse_args(argv)
+    preflight(args)
     torch.manual_seed(0)
     timer = Timer(args.device)
     print(f"building {args.models} ({args.preset}, {args.dtype}, {args.device})", file=sys.stderr)

@@ -5,10 +5,11 @@
 #      pip (saying so), never a CPU venv beside it, which would silently swap the GPU torch for a
 #      CPU one; if pip cannot install them, stop with a message naming what is missing and the fix.
 #   3. otherwise (no torch, or a CPU-only torch): make .venv and install into it, CPU torch 2.13.0
-#      first (so pip takes the CPU build rather than downloading a CUDA one), then `-e .[test]`.
+#      first (so pip takes the CPU build rather than downloading a CUDA one), then `-e .[test,plot]`
+#      (plot: matplotlib, for the PNG the benchmarks write beside a --out report).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-MODULES="torch numpy safetensors einops omegaconf pytest"   # import names = pip names here
+MODULES="torch numpy safetensors einops omegaconf pytest matplotlib"   # import names = pip names here
 missing_in() {  # the modules of $MODULES that interpreter $1 cannot import
     "$1" -c "import importlib.util, sys
 print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))" $MODULES 2>/dev/null \
@@ -40,10 +41,10 @@ else
     fi
     PYTHON="$ROOT/.venv/bin/python"
     if [ -n "$(missing_in "$PYTHON")" ]; then
-        echo "env.sh: installing torch==2.13.0 and the project (-e .[test]) into $ROOT/.venv" >&2
+        echo "env.sh: installing torch==2.13.0 and the project (-e .[test,plot]) into $ROOT/.venv" >&2
         "$PYTHON" -m pip install -q --upgrade pip
         "$PYTHON" -m pip install -q torch==2.13.0
-        "$PYTHON" -m pip install -q -e "$ROOT[test]"
+        "$PYTHON" -m pip install -q -e "$ROOT[test,plot]"
     fi
     echo "env.sh: using $PYTHON (.venv: python3 lacks a CUDA torch or dependencies)" >&2
 fi

@@ -55,3 +55,75 @@ def test_block_before_start_is_an_error():
     runner = StreamingBlockRunner(dit, VAEDecoderWrapper())
     with pytest.raises(RuntimeError, match="start"):
         runner.block(None)
+
+
+# ------------------------------------------------------------------ NaN/inf: checked per block
+class _PoisonedDecoder(VAEDecoderWrapper):
+    """A narrow decoder (width 16, random weights) whose output gets a NaN at call `poison_at`."""
+
+    def __init__(self, poison_at=None):
+        from wan.modules.random_init import randomize_decoder_weights_
+        from wan.modules.vae_decoder import VAEDecoder3d
+        super().__init__()
+        self.decoder = VAEDecoder3d(dim=16)
+        randomize_decoder_weights_(self)
+        self.calls, self.poison_at = 0, poison_at
+        self.eval()
+
+    def forward(self, z, *cache):
+        frames, cache = super().forward(z, *cache)
+        if self.calls == self.poison_at:
+            frames = frames.clone()
+            frames[0, -1, 0, 0, 0] = float("nan")
+        self.calls += 1
+        return frames, cache
+
+
+def _nan_runner(poison_at=None):
+    from wan.serving.runner import NonFiniteOutputError  # noqa: F401 (imported by the tests)
+    dit = build_model(cls=OptimizedCausalWanModel, dtype=torch.float32)
+    runner = StreamingBlockRunner(dit, _PoisonedDecoder(poison_at), latent_hw=LATENT)
+    runner.start(random_inputs(dit, LATENT, 3, 0, seed=1)["visual_context"])
+    return dit, runner
+
+
+def _block(runner, dit, block, **kwargs):
+    inputs = random_inputs(dit, LATENT, 3, 3 * block, seed=1 + block)
+    return runner.block(inputs["cond_concat"], inputs["mouse_cond"], inputs["keyboard_cond"],
+                        **kwargs)
+
+
+@torch.no_grad()
+def test_nan_latents_stop_the_stream_naming_the_block_until_a_new_one_starts():
+    from wan.serving.runner import NonFiniteOutputError
+    dit, runner = _nan_runner()
+    _, clock = _block(runner, dit, 0)
+    clock.timing()
+    runner.check_finite()  # a good block: nothing to say
+    noise = torch.full((1, 16, 3, *LATENT), float("nan"))
+    _, clock = _block(runner, dit, 1, noise=noise)
+    with pytest.raises(NonFiniteOutputError, match=r"block 1 \(latent frames 3-5\): the DiT's "
+                       r"denoised latents hold \d+ non-finite") as caught:
+        clock.timing()
+    assert (caught.value.block, caught.value.where) == (1, "latents")
+    with pytest.raises(NonFiniteOutputError, match="block 1"):  # the stream stays stopped
+        _block(runner, dit, 2)
+    runner.start(random_inputs(dit, LATENT, 3, 0, seed=1)["visual_context"])
+    frames, clock = _block(runner, dit, 0)  # a new stream plays again
+    clock.timing()
+    assert torch.isfinite(frames).all()
+
+
+@torch.no_grad()
+def test_nan_frames_from_the_decoder_are_named_at_the_next_block_or_check():
+    from wan.serving.runner import NonFiniteOutputError
+    dit, runner = _nan_runner(poison_at=1)
+    _block(runner, dit, 0)
+    frames, _ = _block(runner, dit, 1)  # returns: the check is read later, without a sync
+    assert torch.isnan(frames).any()
+    with pytest.raises(NonFiniteOutputError, match=r"block 1 .*decoder's frames hold 1 "
+                       r"non-finite value\(s\) \(NaN or inf\) from finite latents") as caught:
+        _block(runner, dit, 2)  # the next block reads block 1's count first
+    assert caught.value.where == "frames"
+    with pytest.raises(NonFiniteOutputError):
+        runner.check_finite()

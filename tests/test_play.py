@@ -528,3 +528,55 @@ def test_a_slow_client_loses_its_own_oldest_frames_only():
     assert len(fast.frames) == LATER
     dropped = metrics.frames_dropped.collect()[0].samples[0].value
     assert dropped == LATER
+
+
+def test_a_player_whose_blocks_hold_nan_is_told_and_restarted_the_other_plays_on(monkeypatch):
+    """NaN in one player's block: that player gets an error message and a new game (after
+    MAX_NONFINITE_RESTARTS in a row its game stops, until it asks for a new one); the other
+    player's frames keep coming and it hears nothing."""
+    import functools
+    from wan.play.engine import MAX_NONFINITE_RESTARTS
+    engine = GameEngine(EngineConfig(device="cpu", max_players=2))
+    seen = {"a": [], "b": []}
+    poison = {"on": True}
+
+    def sink_a(batch):
+        seen["a"].append(("frames", batch.block))
+
+    def sink_b(batch):
+        seen["b"].append(("frames", batch.block))
+
+    original = engine._new_session
+
+    def new_session(player, image):  # player A's games: NaN latents while poison is on
+        session = original(player, image)
+        if player.sink is sink_a and poison["on"]:
+            nan = torch.full((1, 16, 3, *engine.latent_hw), float("nan"))
+            session.runner.block = functools.partial(StreamingBlockRunner.block, session.runner,
+                                                     noise=nan)
+        return session
+
+    monkeypatch.setattr(engine, "_new_session", new_session)
+    engine.start()
+    try:
+        a = engine.add_player("continuous", sink_a, lambda event: seen["a"].append(event))
+        engine.add_player("continuous", sink_b, lambda event: seen["b"].append(event))
+        errors = lambda: [e for e in seen["a"] if isinstance(e, dict) and e["type"] == "error"]
+        _wait_until(lambda: len(errors()) == MAX_NONFINITE_RESTARTS + 1, timeout=300,
+                    what="player A's games to fail and stop")
+        restarted, stopped = errors()[:-1], errors()[-1]
+        assert all(e["reason"].startswith("a new game was started: block 0 (latent frames 0-2): "
+                                          "the DiT's denoised latents hold") for e in restarted)
+        assert stopped["reason"].startswith("your game stopped: block 0") and \
+            "New game" in stopped["reason"]
+        assert a.session is None and not any(e[0] == "frames" for e in seen["a"]
+                                             if isinstance(e, tuple))
+        poison["on"] = False
+        engine.new_game(a)  # the player asks again: a good game
+        _wait_until(lambda: ("frames", 0) in seen["a"], timeout=120, what="A's new game")
+        b_frames = [e for e in seen["b"] if isinstance(e, tuple)]
+        assert len(b_frames) >= 2 and [e[1] for e in b_frames] == list(range(len(b_frames)))
+        assert not any(isinstance(e, dict) and e["type"] == "error" for e in seen["b"])
+        assert engine.failure is None
+    finally:
+        engine.stop()

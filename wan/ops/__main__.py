@@ -6,27 +6,81 @@ default bf16 on cuda, else fp32), --backend (a selection to resolve, as the mode
 name or a YAML path).
 """
 import argparse
+import os
+import sys
 
 import torch
 
 from .dtypes import DTYPES, default_dtype_name
 from .registry import BACKENDS, OPS, BackendUnavailableError, load_selection, resolve
 
+PROG = "python -m wan.kernels"
+
 # head sizes the model calls the ops with: the action modules' heads are 64 wide, the rest 128
 HEAD_DIMS = {"mouse_attention": 64, "keyboard_attention": 64}
 HEAD_DIM_DEPENDENT = ("attention", "norm_rope_store")
 
 
+try:  # the library's command-line helper; an integrated Matrix-Game-2 checkout has only wan/ops
+    from ..tools import cli
+except ImportError:
+    cli = None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as wan.tools.cli's parser
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _device(text: str) -> torch.device:
+    if cli is not None:
+        return cli.device(text)
+    try:
+        return torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N") \
+            from None
+
+
+def _selection(spec):
+    """load_selection, with a YAML file that is missing, unreadable or not a mapping refused by
+    name (the registry would raise omegaconf's or yaml's own errors)."""
+    if spec is not None and str(spec).endswith((".yaml", ".yml")):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"--backend {spec}: no such file")
+        from omegaconf import OmegaConf
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(spec))
+        except Exception as error:  # yaml's and omegaconf's parse errors have no common base here
+            raise ValueError(f"--backend {spec}: not a readable YAML selection "
+                             f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"--backend {spec}: holds a {type(cfg).__name__}, not a mapping "
+                             f"with default: and ops: entries")
+    return load_selection(spec)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m wan.kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if cli is not None:
+        return cli.run(PROG, _main, argv)
+    try:
+        return _main(argv)
+    except (ValueError, FileNotFoundError, PermissionError, BackendUnavailableError) as error:
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _main(argv=None):
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", type=_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--backend", default=None,
                    help="selection to resolve (default: WAN_BACKEND or auto)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     dtype = DTYPES[args.dtype or default_dtype_name(device)]
-    selection = load_selection(args.backend)
+    selection = _selection(args.backend)
     print(f"device {device}, dtype {dtype}, torch {torch.__version__}")
     for op in OPS:
         head_dim = HEAD_DIMS.get(op, 128)

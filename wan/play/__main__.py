@@ -13,24 +13,45 @@ import argparse
 import logging
 import os
 import secrets
+import socket
 import sys
+from pathlib import Path
 
+from ..tools import cli
 from .actions import MODES
 from .engine import PLAY_MODES, EngineConfig, GameEngine
-from .metrics import PlayMetrics
-from .server import WS_MAX_SIZE, PlayServer
 
 log = logging.getLogger("wan.play")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PROG = "python -m wan.play"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _device(text: str):
+    return text if text == "auto" else str(cli.device(text))
+
+
+def _port(text: str) -> int:
+    port = cli.non_negative_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
+    return port
+
+
+def _jpeg_quality(text: str) -> int:
+    quality = cli.positive_int(text)
+    if quality > 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality is 1 to 100, got {quality}")
+    return quality
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m wan.play", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs a token)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; under torchrun "
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; under torchrun "
                    "each rank listens on --port + its local rank)")
     p.add_argument("--token", help="access token clients must give (?token=...); generated and "
                    "printed when --host is not loopback and none is given")
@@ -38,7 +59,7 @@ def parse_args(argv=None):
                    help="game mode: the action space and, on a GPU, the model config")
     p.add_argument("--preset", choices=("tiny", "universal", "gta_drive", "templerun"),
                    help="model config (default: the mode's on a GPU, tiny on a CPU)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when "
+    p.add_argument("--device", type=_device, default="auto", help="cuda, cuda:N or cpu (default: cuda when "
                    "available; under torchrun the local rank's GPU)")
     p.add_argument("--checkpoint", help="the DiT's .safetensors (default: random weights)")
     p.add_argument("--vae", help="Wan2.1_VAE.pth or a decoder .safetensors (default: random)")
@@ -46,50 +67,102 @@ def parse_args(argv=None):
                    help="a Matrix-Game-2 checkout: its VAE encoder and CLIP (weights beside "
                    "--vae) turn start images into the model's conditions (default: a demo "
                    "conditioning from random projections)")
-    p.add_argument("--max-players", type=int,
+    p.add_argument("--max-players", type=cli.positive_int,
                    help="players admitted at most (default: measured at start-up: how many "
                    "blocks fit in real time)")
     p.add_argument("--play", default="continuous", choices=PLAY_MODES,
                    help="continuous: 25 fps, the held keys read at each block; on-input: one "
                    "block per key press (the seed server's); a page may ask for either")
-    p.add_argument("--idle-timeout", type=float, default=300.0,
+    p.add_argument("--idle-timeout", type=cli.positive_float, default=300.0,
                    help="seconds without input after which a game is closed (default 300)")
-    p.add_argument("--linger", type=float, default=5.0,
+    p.add_argument("--linger", type=cli.non_negative_float, default=5.0,
                    help="seconds a game waits for its page to come back after the last "
                    "connection closed (default 5; a reload finds its game)")
     p.add_argument("--no-graphs", action="store_true", help="run eagerly (no CUDA graphs)")
-    p.add_argument("--jpeg-quality", type=int, default=85)
-    p.add_argument("--log-level", default="INFO")
-    args = p.parse_args(argv)
-    if args.max_players is not None and args.max_players < 1:
-        p.error("--max-players must be at least 1")
-    if args.idle_timeout <= 0:
-        p.error("--idle-timeout must be positive")
-    return args
+    p.add_argument("--jpeg-quality", type=_jpeg_quality, default=85, help="1 to 100 (default 85)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    return p.parse_args(argv)
+
+
+def _check_listen(host: str, port: int):
+    """Refuse, before the model is built, an address this process cannot listen on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise cli.UsageError(f"--host {host}: cannot be resolved ({error})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise cli.UsageError(f"cannot listen on {host}:{port}: {error.strerror or error} "
+                                 f"(another server there? try --port)") from None
+
+
+def preflight(args, config: EngineConfig):
+    """What can be checked before the model is built: the server's dependencies, the files,
+    the address, and that the weights plus --max-players players fit the device's memory."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise cli.UsageError(f"the play server needs its dependencies ({error}): pip install "
+                             f"'.[play]', or run bash scripts/play.sh") from None
+    if args.checkpoint:
+        cli.weights_file(args.checkpoint, "--checkpoint", directory_ok=True)
+    if args.vae:
+        cli.weights_file(args.vae, "--vae")
+    if args.matrix_game_dir and not Path(args.matrix_game_dir).is_dir():
+        raise cli.UsageError(f"--matrix-game-dir {args.matrix_game_dir}: no such folder")
+    device = config.resolved_device()
+    preset, model_cfg = config.model_config(device)
+    from ..modules.presets import LATENT_SIZE
+    dtype, decoder_dtype = config.dtypes(device)
+    latent = LATENT_SIZE[preset]
+    players = args.max_players or 1
+    per_player = (cli.stream_bytes(model_cfg, latent, dtype)
+                  + cli.decoder_history_bytes(latent, decoder_dtype, config.decoder_dim(preset)))
+    cli.check_memory({"DiT weights": cli.model_bytes(model_cfg, dtype),
+                      "decoder weights": cli.decoder_weight_bytes(decoder_dtype,
+                                                                  config.decoder_dim(preset)),
+                      f"{players} player(s) at {cli._gib(per_player)} each": players * per_player},
+                     device, f"the play server ({preset} on {device})")
 
 
 def main(argv=None):
+    return cli.run(PROG, _main, argv)
+
+
+def _main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     local_rank = os.environ.get("LOCAL_RANK")
     device, port = args.device, args.port
     if local_rank is not None:  # torchrun: one server per GPU
         device = f"cuda:{local_rank}" if device == "auto" else device
         port += int(local_rank)
+    config = EngineConfig(
+        mode=args.mode, preset=args.preset, device=device, checkpoint=args.checkpoint,
+        vae=args.vae, matrix_game_dir=args.matrix_game_dir,
+        cuda_graphs=False if args.no_graphs else None, max_players=args.max_players,
+        jpeg_quality=args.jpeg_quality)
+    _check_listen(args.host, port)
+    preflight(args, config)
+    from .metrics import PlayMetrics
+    from .server import WS_MAX_SIZE, PlayServer
     token = args.token
     if args.host not in LOOPBACK and token is None:
         token = secrets.token_urlsafe(16)
         log.warning("listening on %s: clients need the access token %s", args.host, token)
     try:
-        engine = GameEngine(EngineConfig(
-            mode=args.mode, preset=args.preset, device=device, checkpoint=args.checkpoint,
-            vae=args.vae, matrix_game_dir=args.matrix_game_dir, cuda_graphs=False if args.no_graphs else None,
-            max_players=args.max_players, jpeg_quality=args.jpeg_quality),
-            metrics=(metrics := PlayMetrics()))
-    except (ValueError, RuntimeError, FileNotFoundError, ImportError) as error:
-        log.error("%s", error)
-        return 2
+        engine = GameEngine(config, metrics=(metrics := PlayMetrics()))
+    except ImportError as error:  # a checkout's own imports (--matrix-game-dir)
+        raise cli.UsageError(f"{error} (a Matrix-Game-2 checkout needs its Python dependencies)") \
+            from None
+    if engine.capacity is None:
+        engine.warm_up()  # here, not in the server's start-up: its errors are one line
     if engine.demo:
         log.warning("DEMO: %s; the pictures are not Matrix-Game-2's world",
                     "random weights" if args.checkpoint is None else engine.conditioner.name)

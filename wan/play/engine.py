@@ -16,6 +16,13 @@ timed, capacity = how many such blocks fit in one 0.48 s period with 5% to spare
 `max_players` is given; one more is refused (`ServerFull`), so nobody's game gets slower.
 A player who leaves takes its caches with it (the session, its cache dicts and decoder stream
 are dropped in the worker; `memory_report` shows the device memory before and after).
+
+NaN or inf: every block's latents and frames are checked (`StreamingBlockRunner.check_finite`,
+read after the scheduler's synchronize: no extra wait). A block that holds any is not sent; its
+player gets `{"type": "error", "reason": ...}` naming the block and a new game (fresh caches and
+decoder stream; the other players' games go on untouched). After MAX_NONFINITE_RESTARTS such
+games in a row without one good block the game is stopped instead, with a message ("New game"
+starts it again). During the warm-up such a block is an error at start-up.
 """
 import gc
 import itertools
@@ -38,7 +45,7 @@ from ..runtime.cuda_graphs import cuda_graphs_on, cuda_graphs_setting
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
-from ..serving.runner import StreamingBlockRunner
+from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config, tiny_variant_config
 from ..modules.random_init import randomize_decoder_weights_, randomize_weights_
 from ..serving.scheduler import PERIOD_S, DeadlineScheduler, PlayerSession
@@ -51,6 +58,8 @@ PLAY_MODES = ("continuous", "on-input")
 # the tiny preset's decoder: upstream's structure at 1/6 of its width (a CPU decodes a block in
 # a fraction of a second instead of seconds); the real presets use upstream's decoder
 TINY_DECODER_DIM = 16
+# games restarted in a row because a block held NaN/inf before the player's game is stopped
+MAX_NONFINITE_RESTARTS = 3
 
 
 class ServerFull(Exception):
@@ -78,11 +87,31 @@ class EngineConfig:
                 else torch.device("cpu")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"--device {self.device}: CUDA is not available on this machine "
-                               f"(use --device cpu --preset tiny)")
+            raise ValueError(f"--device {self.device}: CUDA is not available on this machine "
+                             f"(use --device cpu --preset tiny)")
         if device.type == "cuda" and device.index is None:  # the worker thread sets it by index
             device = torch.device("cuda", torch.cuda.current_device())
         return device
+
+    def model_config(self, device: torch.device) -> Tuple[str, dict]:
+        """(preset, the DiT's config) on `device`: the mode's config on CUDA, tiny on a CPU."""
+        preset = self.preset or (self.mode if device.type == "cuda" else "tiny")
+        if preset == "tiny":
+            return preset, tiny_variant_config(action_space(self.mode).mode)
+        if preset in UPSTREAM_VARIANTS:
+            return preset, model_config(preset)
+        raise ValueError(f"unknown preset {preset!r}; choose from tiny, "
+                         f"{', '.join(UPSTREAM_VARIANTS)}")
+
+    @staticmethod
+    def dtypes(device: torch.device) -> Tuple[torch.dtype, torch.dtype]:
+        """(the DiT's dtype, the decoder's): bf16 and fp16 on CUDA (upstream's), float32 on CPU."""
+        if device.type == "cuda":
+            return torch.bfloat16, torch.float16
+        return torch.float32, torch.float32
+
+    def decoder_dim(self, preset: str) -> int:
+        return TINY_DECODER_DIM if preset == "tiny" else 96
 
 
 def _check_preset(preset: str, space: ActionSpace, config: dict):
@@ -135,6 +164,8 @@ class Player:
         self.frames_shown = deque(maxlen=64)  # (time, frames) of recent blocks: the fps
         self.closed = False
         self.press_waiting = False  # on-input: a press arrived before the game was set up
+        self.broken: Optional[NonFiniteOutputError] = None  # its last block held NaN/inf
+        self.nonfinite_restarts = 0  # games restarted for that since its last good block
 
     # what the scheduler reads ----------------------------------------------------------------
     @property
@@ -157,7 +188,11 @@ class Player:
         mouse, keyboard = action_steps(self.action, needed - session.keyboard.shape[1],
                                        session.runner.device, session.runner.dtype)
         session.receive(mouse, keyboard)
-        return session.run_block()
+        try:
+            return session.run_block()
+        except NonFiniteOutputError as error:  # an earlier block's, read now: the worker restarts
+            self.broken = error
+            return None, None
 
     def fps(self, now: float, window_s: float = 5.0) -> float:
         recent = [(t, n) for t, n in self.frames_shown if now - t <= window_s]
@@ -175,18 +210,18 @@ class GameEngine:
         self.space = action_space(config.mode)
         self.device = config.resolved_device()
         cuda = self.device.type == "cuda"
-        self.preset = config.preset or (config.mode if cuda else "tiny")
-        if self.preset == "tiny":
-            model_cfg = tiny_variant_config(self.space.mode)
-        elif self.preset in UPSTREAM_VARIANTS:
-            model_cfg = model_config(self.preset)
-        else:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from tiny, "
-                             f"{', '.join(UPSTREAM_VARIANTS)}")
+        self.preset, model_cfg = config.model_config(self.device)
         _check_preset(self.preset, self.space, model_cfg)
+        # what the weights do not decide, before anything is built
+        if config.vae and self.preset == "tiny":
+            raise ValueError("--vae needs a real preset: the tiny preset's decoder is narrower "
+                             "than upstream's")
+        if config.matrix_game_dir and not config.vae:
+            raise ValueError("--matrix-game-dir needs --vae (Wan2.1_VAE.pth; the CLIP "
+                             "checkpoint and xlm-roberta-large tokenizer beside it, as "
+                             "upstream's get_wanx_vae_wrapper reads them)")
         self.latent_hw = LATENT_SIZE[self.preset]
-        self.dtype = torch.bfloat16 if cuda else torch.float32
-        self.decoder_dtype = torch.float16 if cuda else torch.float32
+        self.dtype, self.decoder_dtype = config.dtypes(self.device)
         # None: the library's default (on wherever the models run on CUDA, WAN_CUDA_GRAPHS aside)
         self.cuda_graphs = cuda_graphs_on(cuda_graphs_setting(config.cuda_graphs), self.device)
         with torch.device(self.device):
@@ -198,9 +233,6 @@ class GameEngine:
             model.load_checkpoint(config.checkpoint)
         else:
             randomize_weights_(model, config.seed)
-        if config.vae and self.preset == "tiny":
-            raise ValueError("--vae needs a real preset: the tiny preset's decoder is narrower "
-                             "than upstream's")
         if config.vae:
             load_decoder_weights(decoder, config.vae)
         else:
@@ -209,10 +241,6 @@ class GameEngine:
         self.model = model.to(self.device, self.dtype).eval()
         self.decoder = decoder.to(self.device, self.decoder_dtype).eval()
         if config.matrix_game_dir:
-            if not config.vae:
-                raise ValueError("--matrix-game-dir needs --vae (Wan2.1_VAE.pth; the CLIP "
-                                 "checkpoint and xlm-roberta-large tokenizer beside it, as "
-                                 "upstream's get_wanx_vae_wrapper reads them)")
             self.conditioner = CheckoutConditioner(
                 config.matrix_game_dir, Path(config.vae).resolve().parent, self.device,
                 self.dtype, self.latent_hw, self.model.num_frame_per_block)
@@ -269,8 +297,11 @@ class GameEngine:
         for _ in range(max(3, self.config.warmup_blocks)):
             start = time.perf_counter()
             frames, _ = player.run_block()
+            if player.broken is not None:
+                raise player.broken
             self.encoder.encode(to_uint8(frames[0]))
             self._synchronize()
+            player.session.runner.check_finite()  # NaN/inf from these weights: refuse to serve
             times.append(time.perf_counter() - start)
         del player
         gc.collect()
@@ -381,23 +412,59 @@ class GameEngine:
             if player.closed:
                 continue
             if name == "reset":
-                self.scheduler.leave(player)
-                player.session = None
-                player.games += 1
+                player.nonfinite_restarts = 0  # the player asked: a new series of tries
                 if argument is not None:
                     player.image = argument
-            player.session = self._new_session(player, player.image)
-            self.scheduler.join(player, continuous=player.play_mode == "continuous")
-            if player.play_mode == "on-input" and player.press_waiting:
-                player.press_waiting = False  # a press that came before its game was ready
-                self.scheduler.request(player)
-            player.on_event({"type": "game", "game": player.games, "demo": self.demo})
+                self._restart(player)
+            else:
+                self._start_game(player)
+
+    def _start_game(self, player: Player):
+        player.broken = None
+        player.session = self._new_session(player, player.image)
+        self.scheduler.join(player, continuous=player.play_mode == "continuous")
+        if player.play_mode == "on-input" and player.press_waiting:
+            player.press_waiting = False  # a press that came before its game was ready
+            self.scheduler.request(player)
+        player.on_event({"type": "game", "game": player.games, "demo": self.demo})
+
+    def _restart(self, player: Player):
+        """The player's game again from its start image (a new session: caches, decoder stream)."""
+        self.scheduler.leave(player)
+        player.session = None
+        player.games += 1
+        self._start_game(player)
+
+    def _nonfinite(self, player: Player, error: NonFiniteOutputError):
+        """A block of `player` held NaN/inf: not shown; the player is told and gets a new game
+        (or, after MAX_NONFINITE_RESTARTS in a row, its game stops). Nobody else is touched."""
+        player.nonfinite_restarts += 1
+        stop = player.nonfinite_restarts > MAX_NONFINITE_RESTARTS
+        log.warning("player %d, game %d: %s; %s", player.id, player.games, error,
+                    "game stopped" if stop else "new game")
+        if stop:
+            self.scheduler.leave(player)
+            player.session, player.broken = None, None
+            player.on_event({"type": "error", "reason": (
+                f"your game stopped: {error}. It happened in {MAX_NONFINITE_RESTARTS + 1} games "
+                f"in a row (the model's weights?); 'New game' tries again")})
+            return
+        player.on_event({"type": "error", "reason": f"a new game was started: {error}"})
+        self._restart(player)
 
     def _deliver(self, record, frames):
         with self._lock:
             player = next((p for p in self.players if p.id == record.player), None)
         if player is None or player.session is None:  # left while its block ran
             return
+        try:  # the scheduler synchronized after the block: reading its check waits for nothing
+            if player.broken is not None:
+                raise player.broken
+            player.session.runner.check_finite()
+        except NonFiniteOutputError as error:
+            self._nonfinite(player, error)
+            return
+        player.nonfinite_restarts = 0
         begin = self.scheduler._begin
         start = time.perf_counter()
         jpegs = self.encoder.encode(to_uint8(frames[0]))

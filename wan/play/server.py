@@ -25,7 +25,9 @@ changes nothing else):
 * `{"type": "image", "data": "data:image/png;base64,..."}`: a new start image (a new game);
 * `{"type": "reset"}` a new game; `{"type": "ping", "t": ...}` answered with a pong.
 To the client: `{"type": "hello", ...}` first (session, mode, keys, players), `{"fps", "latency",
-"players", ...}` after each block (the seed's stats message, with more fields), `error`,
+"players", ...}` after each block (the seed's stats message, with more fields), `error` (also
+when a block of the game held NaN or inf: the block is not sent, the reason names it, and a
+`game` message for the new game follows; wan/play/engine.py), `game` (a game started),
 `full` (then the socket closes with 1013), and, with `?frames=ws`, one binary message per frame:
 a 40-byte little-endian header `FRAME_HEADER` (magic b"WANF", block, frame index, frames in the
 block, id of the newest input the block read, then the block's start, frames-ready and send

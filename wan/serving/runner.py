@@ -19,6 +19,17 @@ whose two GPUs have no common event clock: time it from the host over many block
 * action-to-frame latency: from the block's start (its action input given) to its frames ready;
 * block time: from the block's start until the next block can start (throughput).
 
+Non-finite values (NaN, inf) are checked once per block where it costs no host synchronisation:
+the block's denoised latents and its frames each get a count of non-finite values on the device
+(one small reduction), copied to the host without waiting. The count is read when the host has
+waited for the block anyway: at the next `block()` call if the block is done by then, at
+`clock.timing()`, or at `check_finite()` (which waits for it; free after a synchronize or once
+its frames were copied to the host). A block with any raises NonFiniteOutputError naming the
+block and what held them (the latents: the DiT; only the frames: the decoder); from that block
+on the stream's caches or decoder history hold them too, so the runner refuses further blocks
+until `start()` begins a new stream. On a CPU the count is known at once and read at the next
+of those calls as well.
+
 The noise schedule is upstream's flow matching as its inference configs set it (1000 training
 steps, shift 5, `warp_denoising_step: true`, `context_noise: 0`): the model's output is a flow
 prediction, x0 = x_t - sigma * flow, and the next step's input is (1 - sigma') x0 + sigma' noise.
@@ -54,6 +65,54 @@ class FlowMatchSchedule:
 class BlockTiming:
     action_to_frame_ms: float
     block_ms: float
+    decode_ms: Optional[float] = None  # the decode's own span within the block
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A block's latents or frames hold NaN or inf. `block` is the block's index in its stream
+    (0 = the first), `where` 'latents' (the DiT's output: the DiT or its inputs) or 'frames' (the
+    decoder's output from finite latents). The stream's caches or decoder history hold them from
+    that block on: start a new stream."""
+
+    def __init__(self, message: str, block: int, where: str):
+        super().__init__(message)
+        self.block, self.where = block, where
+
+
+class _FiniteCheck:
+    """One block's counts of non-finite values (latents, frames) on their way to the host."""
+
+    def __init__(self, block: int, frame: int, parts):
+        self.block, self.frame = block, frame
+        self.parts = parts  # [(what, count on the host, CUDA event or None)]
+
+    def done(self) -> bool:
+        return all(event is None or event.query() for _, _, event in self.parts)
+
+    def error(self, frames_per_block: int) -> Optional[NonFiniteOutputError]:
+        for _, _, event in self.parts:
+            if event is not None:
+                event.synchronize()
+        counts = {}
+        for what, count, _ in self.parts:
+            if what == "both":
+                counts["latents"], counts["frames"] = (int(c) for c in count.tolist())
+            else:
+                counts[what] = int(count.item())
+        bad = {k: v for k, v in counts.items() if v}
+        if not bad:
+            return None
+        first, last = self.frame, self.frame + frames_per_block - 1
+        if "latents" in bad:
+            where, cause = "latents", (f"the DiT's denoised latents hold {bad['latents']} "
+                                       f"non-finite value(s) (NaN or inf: the weights or the "
+                                       f"inputs)")
+        else:
+            where, cause = "frames", (f"the decoder's frames hold {bad['frames']} non-finite "
+                                      f"value(s) (NaN or inf) from finite latents")
+        return NonFiniteOutputError(
+            f"block {self.block} (latent frames {first}-{last}): {cause}; the stream's caches "
+            f"carry them on, so it stopped: start a new stream", self.block, where)
 
 
 class StreamingBlockRunner:
@@ -79,6 +138,8 @@ class StreamingBlockRunner:
         self.tokens_per_frame = frame_tokens(latent_hw[0], latent_hw[1], model.patch_size)
         self.caches = None
         self.generator = generator  # the noise's source (default: torch's global one)
+        self._checks = []           # blocks whose non-finite counts were not read yet
+        self._failure: Optional[NonFiniteOutputError] = None
 
     def start(self, visual_context: torch.Tensor):
         """A new stream with this image context (fresh caches, a new decoder stream)."""
@@ -87,6 +148,21 @@ class StreamingBlockRunner:
         self.visual_context = visual_context
         self.decoder_cache = [None] * 32
         self.frame = 0
+        self.blocks_done = 0
+        self._checks, self._failure = [], None
+
+    def check_finite(self, wait: bool = True):
+        """Raise NonFiniteOutputError if a block made so far held NaN or inf. Reads the counts of
+        the blocks not checked yet: with `wait`, waiting for them (free once the host has waited
+        for the blocks, e.g. after a synchronize or a copy of their frames); without, only those
+        already done."""
+        if self._failure is not None:
+            raise self._failure
+        while self._checks and (wait or self._checks[0].done()):
+            error = self._checks.pop(0).error(self.frames_per_block)
+            if error is not None:
+                self._checks, self._failure = [], error
+                raise error
 
     @torch.no_grad()
     def block(self, cond_concat, mouse_cond=None, keyboard_cond=None, noise=None):
@@ -95,6 +171,7 @@ class StreamingBlockRunner:
         frames; the action histories up to its last frame."""
         if self.caches is None:
             raise RuntimeError("call start(visual_context) before the first block")
+        self.check_finite(wait=False)  # the earlier blocks that are done (no waiting)
         clock = _Clock(self.device)
         clock.mark("start")
         b, f, (h, w) = self.batch, self.frames_per_block, self.latent_hw
@@ -120,24 +197,34 @@ class StreamingBlockRunner:
             with torch.cuda.device(self.decoder_device):
                 frames, self.decoder_cache = self.decoder(
                     latents.to(self.decoder_device, non_blocking=True), *self.decoder_cache)
+                frames_check = _to_host(_non_finite(frames))
             update()
+            parts = [("latents", *_to_host(_non_finite(x0))), ("frames", *frames_check)]
             clock = None  # no event clock spans the two GPUs
         elif self.overlap:  # the decode first on its high-priority stream, the update beside it
             main = torch.cuda.current_stream(self.device)
             self.side.wait_stream(main)
             latents.record_stream(self.side)  # made on main, read on the side stream
             with torch.cuda.stream(self.side):
+                clock.mark("decode")
                 frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
                 clock.mark("frames")
             update()
             main.wait_stream(self.side)
         else:  # upstream's order
             update()
+            clock.mark("decode")
             frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
             clock.mark("frames")
         if clock is not None:
+            # one count per block of non-finite latents and frames, on its way to the host
+            # (before "done": once timing() has waited for the block, it has arrived)
+            parts = [("both", *_to_host(torch.stack([_non_finite(x0), _non_finite(frames)])))]
             clock.mark("done")
+            clock.after = lambda: self.check_finite(wait=False)
+        self._checks.append(_FiniteCheck(self.blocks_done, self.frame, parts))
         self.frame += f
+        self.blocks_done += 1
         return frames, clock
 
 
@@ -147,6 +234,23 @@ def decode_stream(device: torch.device) -> torch.cuda.Stream:
     cuDNN keep a workspace per stream for the life of the process (32 MiB and more each), so a
     stream per player would leave that much behind every player who came and went."""
     return torch.cuda.Stream(device, priority=-1)
+
+
+def _non_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """How many values of `tensor` are NaN or inf (a 0-d int64 on its device; no sync)."""
+    return torch.isfinite(tensor).logical_not().sum()
+
+
+def _to_host(count: torch.Tensor):
+    """(the count on the host, an event that says it arrived): a copy that does not wait (CUDA:
+    into pinned memory on the current stream), or the count itself on a CPU."""
+    if count.device.type != "cuda":
+        return count, None
+    with torch.cuda.device(count.device):
+        host = count.to("cpu", non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    return host, event
 
 
 def _timesteps(t: float, batch: int, frames: int, device):
@@ -162,6 +266,7 @@ class _Clock:
     def __init__(self, device):
         self.cuda = device.type == "cuda"
         self.marks = {}
+        self.after = None  # called once the block's work is known done (the runner's check)
 
     def mark(self, name: str):
         if self.cuda:
@@ -172,10 +277,19 @@ class _Clock:
             self.marks[name] = time.perf_counter()
 
     def timing(self) -> BlockTiming:
+        """The block's times (waits for its work); raises NonFiniteOutputError if this or an
+        earlier block of the stream held NaN or inf."""
         if self.cuda:
             self.marks["done"].synchronize()
             start = self.marks["start"]
-            return BlockTiming(start.elapsed_time(self.marks["frames"]),
-                               start.elapsed_time(self.marks["done"]))
-        start = self.marks["start"]
-        return BlockTiming(1e3 * (self.marks["frames"] - start), 1e3 * (self.marks["done"] - start))
+            decode = self.marks["decode"].elapsed_time(self.marks["frames"])
+            timing = BlockTiming(start.elapsed_time(self.marks["frames"]),
+                                 start.elapsed_time(self.marks["done"]), decode)
+        else:
+            start = self.marks["start"]
+            timing = BlockTiming(1e3 * (self.marks["frames"] - start),
+                                 1e3 * (self.marks["done"] - start),
+                                 1e3 * (self.marks["frames"] - self.marks["decode"]))
+        if self.after is not None:
+            self.after()
+        return timing

@@ -15,8 +15,9 @@ it prints each precision's error against the oracle over the block's four output
 Without a checkpoint the weights are drawn by wan.modules.random_init (seeded). The oracle takes ~6.5 GB
 of GPU memory for the real model, the optimized model ~3.1 GB (+1.3 GB of FP8 weights).
 --emulate-fp8 runs the FP8 GEMMs as float32 emulation (any device; for tests without FP8 hardware).
+Without --precision it compares fp8 where the device has FP8 tensor cores, and emulated fp8
+elsewhere (a CPU: saying so); an explicit --precision fp8 there needs --emulate-fp8.
 """
-import argparse
 import json
 import sys
 import time
@@ -25,8 +26,10 @@ from typing import Dict, List
 
 import torch
 
+from . import cli
 from ..runtime.conditioning import attention_window_frames, frame_tokens
 from ..ops.dtypes import DTYPES, default_dtype_name
+from ..ops.fp8 import PRECISIONS, fp8_gemm_problem
 from ..runtime.upstream_caches import new_stream_caches
 from ..modules.causal_model import CausalWanModel
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
@@ -35,35 +38,78 @@ from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
 from ..modules.random_init import random_inputs, randomize_weights_
 
 
+PROG = "python -m wan.compare"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m wan.compare",
-                                description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="the DiT's .safetensors file or folder (default: random "
                    "weights)")
     p.add_argument("--preset", default="universal", choices=("tiny",) + UPSTREAM_VARIANTS,
                    help="model config (default universal); --config overrides it")
     p.add_argument("--config", help="a config.json of the model (as in the checkpoint's folder)")
-    p.add_argument("--precision", default="fp8", help="the precision to compare with native "
-                   "(default fp8)")
-    p.add_argument("--blocks", type=int, default=10, help="blocks of 3 latent frames (default 10)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="the precision to compare with native (default fp8; emulated where the "
+                   "device has no FP8 tensor cores)")
+    p.add_argument("--blocks", type=cli.positive_int, default=10,
+                   help="blocks of 3 latent frames (default 10)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="the optimized model's dtype (default bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=cli.device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="weights (without --checkpoint) and inputs")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the optimized forwards from "
                    "CUDA graphs (outputs are the same as eager)")
     p.add_argument("--emulate-fp8", action="store_true", help="run FP8 GEMMs in float32 emulation "
                    "(any device; slow; for testing without FP8 tensor cores)")
     p.add_argument("--out", help="write the report as JSON here")
-    args = p.parse_args(argv)
-    if args.blocks < 1:
-        p.error("--blocks must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def _config(args):
-    """A config.json path, or the preset's config dict (both as from_config takes them)."""
-    return args.config or model_config(args.preset)
+    """The model's config: --config's JSON (read and checked), else the preset's."""
+    return cli.config_file(args.config) if args.config else model_config(args.preset)
+
+
+def preflight(args, device, dtype, config, latent_hw):
+    """Before any model is built: the output path, the checkpoint, the precision this device
+    can run (the default fp8 is emulated where it cannot), and the memory of both models and of
+    the recorded oracle stream. Sets args.precision and args.emulate_fp8."""
+    if args.out:
+        cli.output_file(args.out)
+    if args.checkpoint:
+        cli.weights_file(args.checkpoint, "--checkpoint", directory_ok=True)
+    fp8_problem = fp8_gemm_problem(device, dtype)
+    note = None
+    if args.precision is None:
+        args.precision = "fp8"
+        if fp8_problem and not args.emulate_fp8:
+            args.emulate_fp8 = True
+            note = f"no FP8 GEMMs here ({fp8_problem}): comparing emulated fp8 (--emulate-fp8)"
+    elif args.precision == "fp8" and fp8_problem and not args.emulate_fp8:
+        raise cli.UsageError(f"--precision fp8: {fp8_problem}; add --emulate-fp8 to emulate "
+                             f"the FP8 GEMMs in float32 (slow), or leave --precision out")
+    h, w = latent_hw
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    weights = cli.model_bytes(config, torch.float32)
+    action = config.get("action_config") or {}
+    widths = 2 * bool(action.get("enable_mouse")) + action.get("keyboard_dim_in", 0) * bool(
+        action.get("enable_keyboard"))
+    blocks = args.blocks
+    # per block the oracle's four calls keep their latents and outputs, and the block's
+    # conditions; the action histories grow by 12 steps a block (all of them kept)
+    per_block = (4 * 2 * 16 + 20) * 3 * h * w * 4
+    actions = 12 * widths * 4 * blocks * (blocks + 1) // 2
+    parts = {"oracle weights (float32)": weights,
+             f"optimized weights ({str(dtype).replace('torch.', '')})": weights // 4 * itemsize,
+             "caches": cli.stream_bytes(config, latent_hw, torch.float32)
+             + cli.stream_bytes(config, latent_hw, dtype),
+             f"{blocks} recorded blocks": blocks * per_block + actions}
+    if args.precision == "fp8":
+        parts["FP8 weight copies"] = weights // 4
+    cli.check_memory(parts, device, f"--blocks {blocks} on {device}")
+    if note:  # after the checks: an error stays the one line printed
+        _log(note)
 
 
 def _log(message: str):
@@ -178,11 +224,16 @@ def print_table(report: dict):
 
 
 def main(argv=None):
+    return cli.run(PROG, _main, argv)
+
+
+def _main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     dtype = DTYPES[args.dtype or default_dtype_name(device)]
     config = _config(args)
     latent_hw = LATENT_SIZE.get(args.preset, (44, 80)) if not args.config else (44, 80)
+    preflight(args, device, dtype, config, latent_hw)
     _log(f"building the float32 oracle and the {dtype} optimized model on {device}")
     with torch.device(device):
         oracle = CausalWanModel.from_config(config)

@@ -18,8 +18,8 @@ decoder .safetensors) are given. On a CPU it runs the tiny config in float32 (a 
 The first --warmup blocks of every player are not measured: they capture the CUDA graphs of every
 phase; the report counts graphs captured while measuring (0 expected).
 """
-import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,20 +27,28 @@ from pathlib import Path
 
 import torch
 
+from . import cli
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import load_decoder_weights
-from ..serving.runner import StreamingBlockRunner
+from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
 from ..modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
 from ..serving.scheduler import DeadlineScheduler, PlayerSession, players_report
 
 
+PROG = "python -m wan.serve"
+# host memory per block and player beyond its actions: its BlockRecord and list entries (generous)
+RECORD_BYTES = 1024
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m wan.serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("--players", type=int, default=2, help="players in all (over every process)")
-    p.add_argument("--blocks", type=int, default=12, help="measured blocks per player")
-    p.add_argument("--warmup", type=int, default=None,
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--players", type=cli.positive_int, default=2,
+                   help="players in all (over every process)")
+    p.add_argument("--blocks", type=cli.positive_int, default=12,
+                   help="measured blocks per player")
+    p.add_argument("--warmup", type=cli.non_negative_int, default=None,
                    help="unmeasured blocks per player first (default 3 on CUDA, 0 on CPU)")
     p.add_argument("--sweep", action="store_true",
                    help="serve 1, 2, ... --players players per process, stopping after the "
@@ -53,10 +61,53 @@ def parse_args(argv=None):
     p.add_argument("--frames-out", help="save every player's frames here (torch.save; small "
                    "configs: for comparing runs)")
     p.add_argument("--out", help="write the report as JSON here (rank 0)")
-    args = p.parse_args(argv)
-    if args.players < 1 or args.blocks < 1:
-        p.error("--players and --blocks must be at least 1")
-    return args
+    return p.parse_args(argv)
+
+
+def _settings(args, device):
+    """(preset, DiT dtype, decoder dtype, warm-up blocks) on `device`."""
+    preset = args.preset or ("universal" if device.type == "cuda" else "tiny")
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 0)
+    return (preset, torch.bfloat16 if cuda else torch.float32,
+            torch.float16 if cuda else torch.float32, warmup)
+
+
+def preflight(args, device, world: int, rank: int):
+    """Everything that can be refused before the model is built: output paths (rank 0 writes
+    them), the weight files, and the memory the run needs on the device and the host."""
+    if rank == 0:
+        for option, path in (("--out", args.out), ("--frames-out", args.frames_out)):
+            if path:
+                cli.output_file(path, option)
+    if args.checkpoint:
+        cli.weights_file(args.checkpoint, "--checkpoint", directory_ok=True)
+    if args.vae:
+        cli.weights_file(args.vae, "--vae")
+    preset, dtype, decoder_dtype, warmup = _settings(args, device)
+    config, (h, w) = model_config(preset), LATENT_SIZE[preset]
+    players = math.ceil(args.players / world)  # this process's share (rank 0's is the largest)
+    blocks = warmup + args.blocks
+    per_player = (cli.stream_bytes(config, (h, w), dtype)
+                  + cli.decoder_history_bytes((h, w), decoder_dtype))
+    action = config.get("action_config") or {}
+    widths = 2 * bool(action.get("enable_mouse")) + action.get("keyboard_dim_in", 0) * bool(
+        action.get("enable_keyboard"))
+    steps = 4 * 3 * blocks  # every action step of the stream, drawn up front
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    device_parts = {
+        "DiT weights": cli.model_bytes(config, dtype),
+        "decoder weights": cli.decoder_weight_bytes(decoder_dtype),
+        f"{players} player(s) x {cli._gib(per_player)} of caches": players * per_player,
+        f"{players} x {blocks} blocks of actions": players * steps * widths * itemsize}
+    host_parts = {  # float64 draws of the actions, and a record per block
+        "actions as drawn": 2 * steps * widths * 8,
+        f"{players * blocks} block records": players * blocks * RECORD_BYTES}
+    if args.frames_out:  # every frame kept in float32 on the host
+        host_parts["--frames-out frames"] = players * blocks * 12 * 3 * (8 * h) * (8 * w) * 4
+    cli.check_memory(device_parts, device,
+                     f"--players {args.players} --blocks {args.blocks} ({preset} on {device}, "
+                     f"{players} per process)", host_parts)
 
 
 def _distributed():
@@ -73,8 +124,7 @@ def _distributed():
 
 def build(args, device):
     """The shared model and decoder (random weights seeded alike in every process, or loaded)."""
-    preset = args.preset or ("universal" if device.type == "cuda" else "tiny")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    preset, dtype, decoder_dtype, _ = _settings(args, device)
     graphs = device.type == "cuda" and not args.no_graphs
     with torch.device(device):
         model = OptimizedCausalWanModel.from_config(model_config(preset), cuda_graphs=graphs)
@@ -88,7 +138,6 @@ def build(args, device):
     else:
         randomize_decoder_weights_(decoder)
     model.num_frame_per_block = 3
-    decoder_dtype = torch.float16 if device.type == "cuda" else torch.float32
     return (model.to(device, dtype).eval(), decoder.to(device, decoder_dtype).eval(),
             LATENT_SIZE[preset])
 
@@ -108,14 +157,21 @@ def new_session(player: int, model, decoder, latent_hw, blocks: int) -> PlayerSe
 
 def serve(players, model, decoder, latent_hw, args, device, keep_frames: bool) -> dict:
     """Serve `players` (ids) on this process: warm-up blocks, then measured ones; the report."""
-    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 0)
+    warmup = _settings(args, device)[3]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
     sessions = [new_session(p, model, decoder, latent_hw, warmup + args.blocks) for p in players]
     frames = {p: [] for p in players}
 
+    runners = {s.player_id: s.runner for s in sessions}
+
     def keep(record, block_frames):
+        try:  # the scheduler has synchronized: reading the block's NaN/inf check waits for nothing
+            runners[record.player].check_finite()
+        except NonFiniteOutputError as error:
+            raise NonFiniteOutputError(f"player {record.player}: {error}", error.block,
+                                       error.where) from None
         if keep_frames:
             frames[record.player].append(block_frames.cpu())
 
@@ -144,9 +200,14 @@ def _log(rank, message):
 
 
 def main(argv=None):
+    return cli.run(PROG, _main, argv)
+
+
+def _main(argv=None):
     args = parse_args(argv)
     rank, world, local = _distributed()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    preflight(args, device, world, rank)
     model, decoder, latent_hw = build(args, device)
     mine = list(range(rank, args.players, world))
     counts = range(1, len(mine) + 1) if args.sweep else [len(mine)]
