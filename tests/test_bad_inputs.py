@@ -21,7 +21,7 @@ from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.presets import model_config, tiny_variant_config
 from wan.modules.rolling_cache import new_stream_caches
 from wan.modules.vae_decoder import VAEDecoderWrapper, load_decoder_weights
-from wan.runtime.input_checks import non_finite
+from wan.runtime.input_checks import check_warm_up_inputs, non_finite
 from wan.runtime.stream_cache import DICT_TAG
 
 TOKENS = 32               # tiny preset: 8 x 16 latent, patch 2 x 2
@@ -243,6 +243,53 @@ def test_forward_and_stream_api(forward_states, row, model_name, mode):
     with torch.no_grad(), pytest.raises(row.error, match=row.match):
         row.act(state.model, call)
     assert state.intact(before), "a refused call changed the caches"
+    with torch.no_grad():
+        assert torch.equal(state.model(**state.call()), state.expected)
+
+
+def _warm_up_args(c, **changes):
+    args = {k: c[k] for k in ("visual_context", "cond_concat", "mouse_cond", "keyboard_cond")}
+    args.update({k: change(args) if callable(change) else change for k, change in changes.items()})
+    return args
+
+
+WARM_UP_ROWS = [  # warm_up(visual_context, cond_concat, mouse_cond, keyboard_cond) of the owned stream
+    ("cond_concat None", dict(cond_concat=None), TypeError, "cond_concat must be a torch.Tensor"),
+    ("cond_concat 4-D", dict(cond_concat=lambda a: a["cond_concat"][0]), ValueError,
+     r"warm_up: cond_concat must be one block's \[B, C, F, H, W\]"),
+    ("cond_concat float64", dict(cond_concat=lambda a: a["cond_concat"].double()), TypeError,
+     "cond_concat has dtype torch.float64"),
+    ("cond_concat channels", dict(cond_concat=lambda a: a["cond_concat"][:, :5]), ValueError,
+     "cond_concat 5; together they must make the model's in_dim 36"),
+    ("visual_context width", dict(visual_context=lambda a: a["visual_context"][..., :10]), ValueError,
+     r"visual_context has shape \(1, 257, 10\)"),
+    ("mouse_cond missing", dict(mouse_cond=None), ValueError, "warm_up: the model has mouse actions"),
+    ("mouse_cond list", dict(mouse_cond=[0.0, 0.0]), TypeError, "mouse_cond must be a torch.Tensor"),
+    ("keyboard_cond width", dict(keyboard_cond=lambda a: a["keyboard_cond"][..., :2]), ValueError,
+     r"keyboard_cond has shape \(1, \d+, 2\), expected \[1, steps, 4\]"),
+    ("another latent size", dict(cond_concat=lambda a: a["cond_concat"][..., :8]), ValueError,
+     "warm_up: the stream was started for batch 1 and 32 tokens per frame"),
+]
+
+
+@pytest.mark.parametrize("name,changes,error,match", WARM_UP_ROWS, ids=[r[0] for r in WARM_UP_ROWS])
+def test_warm_up_checks(forward_states, name, changes, error, match):
+    """check_warm_up_inputs (wan/runtime/input_checks.py): the lead calls it first in warm_up."""
+    state = forward_states("optimized", "owned")
+    with pytest.raises(error, match=match):
+        check_warm_up_inputs(state.model, **_warm_up_args(state.call(), **changes),
+                             stream=state.model.streams[0])
+
+
+@pytest.mark.xfail(strict=False, reason="warm_up rewinds the stream before its inputs are checked "
+                   "until the lead calls check_warm_up_inputs first (notes/bad_inputs.md)")
+@pytest.mark.parametrize("name,changes,error,match", WARM_UP_ROWS, ids=[r[0] for r in WARM_UP_ROWS])
+def test_warm_up_refuses_before_rewinding(forward_states, name, changes, error, match):
+    state = forward_states("optimized", "owned")
+    before = state.snapshot()
+    with torch.no_grad(), pytest.raises(error, match=match):
+        state.model.warm_up(**_warm_up_args(state.call(), **changes))
+    assert state.intact(before)
     with torch.no_grad():
         assert torch.equal(state.model(**state.call()), state.expected)
 

@@ -240,6 +240,50 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
     _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype)
 
 
+def check_warm_up_inputs(model, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
+                         stream=None) -> None:
+    """`warm_up(visual_context, cond_concat, mouse_cond, keyboard_cond)`'s arguments checked as its
+    first block's call will check them, before anything runs or the stream is rewound: the
+    forward's errors, named as the forward names them. The action conditions' length is free
+    (warm_up reads only their width); an action branch the model has needs its condition. With
+    `stream` (an owned stream), the batch and latent size must be the ones it was started for."""
+    _check_tensor("visual_context", visual_context)
+    _check_dtype("cond_concat", cond_concat, model_dtype(model))  # x is made from it
+    _check_device("cond_concat", cond_concat, model.patch_embedding.weight.device)
+    if cond_concat.ndim != 5:
+        raise ValueError(f"warm_up: cond_concat must be one block's [B, C, F, H, W], got "
+                         f"{tuple(cond_concat.shape)}")
+    batch, _, frames, h, w = cond_concat.shape
+    zero = cond_concat.new_zeros(())
+    x = zero.expand(batch, model.out_dim, frames, h, w)  # what warm_up feeds (no memory here)
+    t = zero.expand(batch, frames)
+    action = first_action_module(model)
+    steps = history_steps(max(frames // model.patch_size[0], 1) - 1,
+                          action.vae_time_compression_ratio if action is not None else 4)
+    conditions = {}
+    for name, cond, on in (("mouse_cond", mouse_cond, action is not None and action.enable_mouse),
+                           ("keyboard_cond", keyboard_cond,
+                            action is not None and action.enable_keyboard)):
+        if not on:
+            continue
+        if cond is None:
+            raise ValueError(f"warm_up: the model has {name.split('_')[0]} actions: pass {name} "
+                             f"(any length: only its width is used)")
+        _check_tensor(name, cond)
+        conditions[name] = (cond.new_zeros(()).expand(batch, steps, cond.shape[-1])
+                            if cond.ndim == 3 else cond)
+    check_forward_inputs(model, x, t, visual_context, cond_concat, conditions.get("mouse_cond"),
+                         conditions.get("keyboard_cond"), None, None, None, None, 0,
+                         read_cache_position=False, streaming=True, check_caches=False)
+    if stream is not None:
+        tokens = frame_tokens(h, w, model.patch_size)
+        started = stream.self_k[0].shape[0]
+        if started != batch or stream.tokens_per_frame != tokens:
+            raise ValueError(f"warm_up: the stream was started for batch {started} and "
+                             f"{stream.tokens_per_frame} tokens per frame; cond_concat gives batch "
+                             f"{batch} and {tokens}")
+
+
 def _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype):
     action = first_action_module(model)
     if action is None:
