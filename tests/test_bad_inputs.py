@@ -141,9 +141,9 @@ FORWARD_ROWS = [
         "no stream was started", ("cachefree-optimized",)),
 ]
 
-# the optimized model reads x.shape (to find the caller's dicts' ring cache) before its checks run:
-# the lead wires check_tensor_arguments() first (see /work/notes/bad_inputs.md)
-NEEDS_WIRING = {("optimized", "stream", "x list"), ("optimized", "stream", "x None")}
+# rows that were expected to fail until a check was wired in (none left: the streaming call checks
+# its tensor arguments first, before it reads x.shape to find the caller's dicts' ring cache)
+NEEDS_WIRING = set()
 
 
 def _with_attribute(model, name, value, call):
@@ -281,8 +281,6 @@ def test_warm_up_checks(forward_states, name, changes, error, match):
                              stream=state.model.streams[0])
 
 
-@pytest.mark.xfail(strict=False, reason="warm_up rewinds the stream before its inputs are checked "
-                   "until the lead calls check_warm_up_inputs first (notes/bad_inputs.md)")
 @pytest.mark.parametrize("name,changes,error,match", WARM_UP_ROWS, ids=[r[0] for r in WARM_UP_ROWS])
 def test_warm_up_refuses_before_rewinding(forward_states, name, changes, error, match):
     state = forward_states("optimized", "owned")

@@ -50,6 +50,7 @@ CUDA graphs are captured before a call copies its stream's history in (a capture
 for real), at the first call that needs them, or all of them up front by `warm_up(z)` (a player's
 first block then pays no capture).
 """
+import contextlib
 import weakref
 from types import SimpleNamespace
 from typing import List, Optional
@@ -66,7 +67,8 @@ from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resampl
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
 
 
-DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_nearest2x")  # the backend registry's decoder ops
+# the backend registry's decoder ops
+DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_nearest2x", "conv3d_narrow")
 STARTED_TAG = "wan_decoder_stream_started"  # set on a stream's first history tensor
 PICKLE_FORMAT = "wan.OptimizedVAEDecoderWrapper/marker-1"  # what torch.save writes of a decoder
 _last_built = None  # weak reference to the decoder this process built last (for the marker)
@@ -141,17 +143,24 @@ class _Workspace:
 
 class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrapper):
 
-    def __init__(self, cuda_graphs: Optional[bool] = None, backend=None):
-        """Upstream's VAEDecoderWrapper() plus two options (upstream's scripts pass none):
+    def __init__(self, cuda_graphs: Optional[bool] = None, backend=None,
+                 conv_search: Optional[bool] = None):
+        """Upstream's VAEDecoderWrapper() plus three options (upstream's scripts pass none):
 
         * `cuda_graphs`: replay each phase from CUDA graphs; None: the optimized DiT's option,
           else WAN_CUDA_GRAPHS, else on wherever the decoder runs on CUDA;
         * `backend`: a name, {op: name} or a YAML path (configs/backends/) for the decoder's ops;
-          None: the DiT's, else WAN_BACKEND, else `auto`.
+          None: the DiT's, else WAN_BACKEND, else `auto`;
+        * `conv_search`: on CUDA, let cuDNN time every engine for the steady blocks' convolutions
+          once (torch's `cudnn.benchmark` with `benchmark_limit=0`; the heuristics pick a tile
+          that reads the 96-channel convs' input three times: ~21 ms per block more on an H200)
+          at the cost of ~26 s at the first steady block (or `warm_up`) of a process;
+          None: WAN_CONV_SEARCH, else on.
         """
         global _last_built
         super().__init__()
-        self._given = {"cuda_graphs": cuda_graphs, "backend": backend}
+        self._given = {"cuda_graphs": cuda_graphs, "backend": backend,
+                       "conv_search": conv_search}
         # resolved at the first call (or compile()): upstream's scripts may build the DiT after
         self.options: Optional[FastOptions] = None
         FastOptions.resolve(self._given, given_as="")  # a bad option fails here already
@@ -165,6 +174,11 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
     @property
     def cuda_graphs(self) -> Optional[bool]:
         return self._resolved_options().cuda_graphs
+
+    @property
+    def backend(self) -> dict:
+        """{op: backend name or 'auto'} of the decoder's options (resolved at the first call)."""
+        return dict(self._resolved_options().backend)
 
     @cuda_graphs.setter
     def cuda_graphs(self, enabled: Optional[bool]):
@@ -231,10 +245,12 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         b, _, _, h, w = z.shape
         shapes = expected_cache_shapes(self.decoder, b, h, w)
         histories = self._histories_of(feat_cache, shapes, z)
-        phases = _phases(z.permute(0, 2, 1, 3, 4), getattr(histories[0], STARTED_TAG, False))
-        work = self._workspace_for(shapes, z, phases)  # graphs missing are captured first
+        started = getattr(histories[0], STARTED_TAG, False)
+        phases = _phases(z.permute(0, 2, 1, 3, 4), started)
+        work = self._workspace_for(shapes, z, phases, steady=started)  # missing graphs first
         work.take_in(histories)
-        pieces = [self._run(name, latents, work) for name, latents in phases]
+        with self._conv_search(z.device, steady=started):
+            pieces = [self._run(name, latents, work) for name, latents in phases]
         histories = work.hand_back()
         setattr(histories[0], STARTED_TAG, True)
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
@@ -253,13 +269,15 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         latents = torch.zeros_like(z).permute(0, 2, 1, 3, 4)
         before = self._graphs.captures
         for started in (False, True):
-            self._workspace_for(shapes, z, _phases(latents, started))
+            self._workspace_for(shapes, z, _phases(latents, started), steady=started)
         return self._graphs.captures - before
 
-    def _workspace_for(self, shapes, z, phases) -> "_Workspace":
+    def _workspace_for(self, shapes, z, phases, steady: bool) -> "_Workspace":
         """The shared workspace, with room for these phases' frames, and on CUDA the graphs of
         these phases, captured now when missing: before any stream's history is copied in (a
-        capture decodes for real, which moves the history in the buffers on)."""
+        capture decodes for real, which moves the history in the buffers on). A steady block's
+        capture runs under cuDNN's full engine search (`conv_search`): the captured graph then
+        replays the engines it picked."""
         work = self._workspace
         if work is None or not work.fits(shapes, z.dtype, z.device):
             work = self._workspace = _Workspace(shapes, z.dtype, z.device)
@@ -271,10 +289,21 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         for name, latents in phases:
             key = (name, tuple(latents.shape), latents.dtype)
             if not self._graphs.captured(key):
-                self._graphs.capture(key, self._computation(name, work),
-                                     {"z": torch.zeros_like(latents)})
+                with self._conv_search(z.device, steady):
+                    self._graphs.capture(key, self._computation(name, work),
+                                         {"z": torch.zeros_like(latents)})
                 work.forget_resident()
         return work
+
+    def _conv_search(self, device, steady: bool):
+        """cuDNN's full engine search for the convolutions run inside (a steady block's, with
+        `conv_search` on, on CUDA), else nothing changes. torch keeps what the search picked per
+        conv shape, and a graph captured under it replays those engines."""
+        cudnn = torch.backends.cudnn
+        if not (steady and self.options.conv_search and torch.device(device).type == "cuda"):
+            return contextlib.nullcontext()
+        return cudnn.flags(enabled=cudnn.enabled, benchmark=True, benchmark_limit=0,
+                           deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32)
 
     def _histories_of(self, cache, shapes, z) -> list:
         """The stream's own history tensors: the cache itself when this decoder made it (its
@@ -354,7 +383,9 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
             elif isinstance(layer, Resample):
                 x = self._resample(layer, x, state, first)
         norm, _, conv = decoder.head
-        x = _causal_conv(conv, self._normed(norm, x), x.shape[2], state, len(state.buffers) - 1)
+        # the head (96 -> 3 channels): one GEMM over the pixels + a 27-tap sum (wan/ops/triton/conv3d.py)
+        x = _causal_conv(conv, self._normed(norm, x), x.shape[2], state, len(state.buffers) - 1,
+                         conv_op=self._ops.conv3d_narrow)
         return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)
 
     def _residual(self, block: ResidualBlock, x, state):
@@ -402,16 +433,21 @@ def _copy_of(x):
     return lambda dest: dest.copy_(x)
 
 
-def _causal_conv(conv, write, frames: int, state: _Workspace, index: int, bias: bool = True):
+def _causal_conv(conv, write, frames: int, state: _Workspace, index: int, bias: bool = True,
+                 conv_op=None):
     """conv over [the two previous frames, this call's `frames` input frames] through entry
     `index`'s buffer: `write(dest)` puts the input right after the history; the last two frames
-    stay as the next call's history. bias=False leaves the conv's bias to the caller."""
+    stay as the next call's history. bias=False leaves the conv's bias to the caller. `conv_op`:
+    a registry op that runs the conv instead of torch's (3x3x3, stride 1, padded 1 in H/W)."""
     buffer = state.buffers[index]  # reserved for this call's frames
     window = buffer[:, :, :HISTORY_FRAMES + frames]
     write(window[:, :, HISTORY_FRAMES:])
-    pw, _, ph, _ = conv.spatial_padding
-    y = F.conv3d(window, conv.weight, conv.bias if bias else None, conv.stride, (0, ph, pw),
-                 conv.dilation, conv.groups)
+    if conv_op is not None:
+        y = conv_op(window, conv.weight, conv.bias if bias else None)
+    else:
+        pw, _, ph, _ = conv.spatial_padding
+        y = F.conv3d(window, conv.weight, conv.bias if bias else None, conv.stride, (0, ph, pw),
+                     conv.dilation, conv.groups)
     tail = window[:, :, frames:]  # the last two frames of [history, input]
     buffer[:, :, :HISTORY_FRAMES].copy_(tail.clone() if frames < HISTORY_FRAMES else tail)
     return y

@@ -34,7 +34,8 @@ from ..ops.registry import FP8_OPS, BackendUnavailableError, describe_resolved, 
 from .conditioning import condition_steps, frame_tokens, history_steps
 from .cuda_graphs import GraphRunner
 from .input_checks import (check_forward_inputs, check_stream_position, check_stream_request,
-                           first_action_module, per_frame_timesteps)
+                           check_tensor_arguments, check_warm_up_inputs, first_action_module,
+                           per_frame_timesteps)
 from .layer_plan import FP8_GEMMS, ModelPlan
 from .log import info
 from .rope_tables import action_inverse_frequencies
@@ -122,6 +123,7 @@ class StreamingForward:
                  keyboard_cond=None, kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None,
                  crossattn_cache=None, current_start: int = 0):
         model = self.model
+        check_tensor_arguments(x, t, visual_context, cond_concat, mouse_cond, keyboard_cond)
         # 1. inputs, checked (the caller's dicts only when they were not checked already)
         dicts = (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
         identity = dict_identity(dicts) if kv_cache is not None else None
@@ -237,6 +239,7 @@ class StreamingForward:
         stream = stream or self.current
         if stream is None:
             raise RuntimeError("warm_up needs a stream: call start_stream() first")
+        check_warm_up_inputs(model, visual_context, cond_concat, mouse_cond, keyboard_cond, stream)
         self.use_stream(stream)
         batch, _, frames, h, w = cond_concat.shape
         frames //= model.patch_size[0]
