@@ -103,6 +103,20 @@ def test_warm_up_leaves_the_stream_as_a_fresh_one():
     assert max(rel_err(g, e) for g, e in zip(got, expected)) == 0.0
 
 
+@torch.no_grad()
+def test_warm_up_over_the_callers_dicts_leaves_them_as_fresh_ones():
+    plain = build_model(cls=OptimizedCausalWanModel, dtype=torch.float64)
+    warmed = build_model(cls=OptimizedCausalWanModel, dtype=torch.float64)
+    caches = make_caches(warmed)
+    inputs = make_inputs(warmed)
+    assert warmed.warm_up(inputs["visual_context"], inputs["cond_concat"], inputs["mouse_cond"],
+                          inputs["keyboard_cond"], caches=caches) == 0
+    assert not any(slot["is_init"] for slot in caches["crossattn_cache"])
+    expected = run_stream(plain, 3, caches=make_caches(plain))
+    got = run_stream(warmed, 3, caches=caches)
+    assert max(rel_err(g, e) for g, e in zip(got, expected)) == 0.0
+
+
 def test_warm_up_without_a_stream_or_conditions_is_a_clear_error():
     model = build_model(cls=OptimizedCausalWanModel, dtype=torch.float32)
     inputs = make_inputs(model)

@@ -200,14 +200,16 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         self._runtime.release()
 
     def warm_up(self, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
-                stream: Optional[StreamCache] = None) -> int:
-        """Capture every CUDA graph an owned stream will replay before its first real call (as
+                stream: Optional[StreamCache] = None, caches: Optional[dict] = None) -> int:
+        """Capture every CUDA graph a stream will replay before its first real call (as
         nano-vllm captures before serving), so that no real call pays a capture: the stream's
         blocks run once on zeros with the shapes of these inputs (`cond_concat` of one block;
-        the conditions' widths only), then the stream is rewound. `stream`: default the current
-        one, which it then stays. Returns the number of graphs captured (0 without graphs)."""
+        the conditions' widths only), then the stream is rewound. The stream: the caller's
+        upstream-style cache dicts (`caches`, the four lists by their keyword names), else an
+        owned one (`stream`, default the current one, which it then stays). Returns the number
+        of graphs captured (0 without graphs)."""
         return self._runtime.warm_up(visual_context, cond_concat, mouse_cond, keyboard_cond,
-                                     stream)
+                                     stream, caches)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,

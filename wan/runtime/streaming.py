@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from ..ops.registry import FP8_OPS, BackendUnavailableError, describe_resolved, resolve, resolve_all
-from .conditioning import condition_steps, frame_tokens, history_steps
+from .conditioning import attention_window_frames, condition_steps, frame_tokens, history_steps
 from .cuda_graphs import GraphRunner
 from .input_checks import (check_forward_inputs, check_stream_position, check_stream_request,
                            check_tensor_arguments, check_warm_up_inputs, first_action_module,
@@ -230,44 +230,51 @@ class StreamingForward:
 
     # ------------------------------------------------------------------ explicit warm-up
     def warm_up(self, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
-                stream: Optional[StreamCache] = None) -> int:
+                stream: Optional[StreamCache] = None, caches: Optional[dict] = None) -> int:
         """Capture, before a stream's first real call, every graph its calls will replay: run
         the blocks of a stream on zeros (one forward each, the shapes of the given inputs) until
-        the phase and the input shapes stop changing, then rewind the stream. Returns the
-        graphs captured. Without CUDA graphs it only resolves the ops and builds the plan."""
+        the phase and the input shapes stop changing, then rewind the stream. The stream: the
+        caller's upstream-style cache dicts (`caches`: {"kv_cache": ..., "kv_cache_mouse": ...,
+        "kv_cache_keyboard": ..., "crossattn_cache": ...}, as the pipeline passes them), else an
+        owned one (`stream`, default the current one). Returns the graphs captured. Without CUDA
+        graphs it only resolves the ops and builds the plan."""
         model = self.model
-        stream = stream or self.current
-        if stream is None:
-            raise RuntimeError("warm_up needs a stream: call start_stream() first")
-        check_warm_up_inputs(model, visual_context, cond_concat, mouse_cond, keyboard_cond, stream)
-        self.use_stream(stream)
+        if caches is None:
+            stream = stream or self.current
+            if stream is None:
+                raise RuntimeError("warm_up needs a stream: call start_stream() first, or pass "
+                                   "the caller's cache dicts as caches=")
+        check_warm_up_inputs(model, visual_context, cond_concat, mouse_cond, keyboard_cond,
+                             stream if caches is None else None)
+        if caches is None:
+            self.use_stream(stream)
+            stream.reset()
         batch, _, frames, h, w = cond_concat.shape
         frames //= model.patch_size[0]
+        tokens_per_frame = frame_tokens(h, w, model.patch_size)
         before = self.graphs.captures
         action = first_action_module(model)
-        window = stream.self_layout.slots
         # after the window has filled, a block's phase and shapes repeat; the condition windows
         # settle once the first block's shorter history is past: two more blocks cover both
-        blocks = math.ceil(window / frames) + 2
-        x = torch.zeros(batch, model.out_dim, frames * model.patch_size[0], h, w,
-                        dtype=cond_concat.dtype, device=cond_concat.device)
-        t = torch.zeros(batch, frames * model.patch_size[0], dtype=cond_concat.dtype,
-                        device=cond_concat.device)
-        stream.reset()
-        for block in range(blocks):
-            steps = history_steps((block + 1) * frames - 1)
+        window = attention_window_frames(model.local_attn_size)
+        x = cond_concat.new_zeros(batch, model.out_dim, frames * model.patch_size[0], h, w)
+        t = cond_concat.new_zeros(batch, frames * model.patch_size[0])
+        for block in range(math.ceil(window / frames) + 2):
             conditions = {}
             for name, cond, on in (("mouse_cond", mouse_cond, action and action.enable_mouse),
                                    ("keyboard_cond", keyboard_cond,
                                     action and action.enable_keyboard)):
                 if on:
-                    if cond is None:
-                        raise ValueError(f"warm_up: the model has {name.split('_')[0]} actions: "
-                                         f"pass {name} (any length: only its width is used)")
+                    steps = history_steps((block + 1) * frames - 1)
                     conditions[name] = cond.new_zeros(batch, steps, cond.shape[-1])
-            model(x, t, visual_context, cond_concat, **conditions,
-                  current_start=block * frames * stream.tokens_per_frame)
-        stream.reset()
+            model(x, t, visual_context, cond_concat, **conditions, **(caches or {}),
+                  current_start=block * frames * tokens_per_frame)
+        # rewound: the next call at frame 0 starts the stream and projects its image again
+        if caches is None:
+            stream.reset()
+        else:
+            for slot in caches["crossattn_cache"] or ():
+                slot["is_init"] = False
         return self.graphs.captures - before
 
 
