@@ -21,12 +21,12 @@ END = "<!-- results-table:end -->"
 
 # The runs the README's numbers come from (one per kind of measurement; the newest on current code).
 SOURCES = {
-    "stream": "2026-11-30_h200_stream_plan.json",
-    "end_to_end": "2026-11-30_h200_end_to_end.json",
+    "stream": "2026-12-02_h200_stream.json",
+    "end_to_end": "2026-12-02_h200_end_to_end.json",
     "upstream_pipeline_full": "2026-12-01_h200_upstream_pipeline_full.json",
     "seed_suite": "2026-12-01_h200_upstream_pipeline_full_suite.json",
     "play": "2026-12-01_h200_play.json",
-    "players": "2026-11-30_h200_players.json",
+    "players": "2026-12-02_h200_players.json",
     "fp8": "2026-11-30_h200_fp8.json",
 }
 
