@@ -138,7 +138,8 @@ def test_after_warm_up_real_calls_capture_nothing_and_match_eager():
         model.start_stream(latent_size=(8, 16))
     inputs = make_inputs(graphed)
     assert graphed.warm_up(inputs["visual_context"], inputs["cond_concat"],
-                           inputs["mouse_cond"], inputs["keyboard_cond"]) >= 3
+                           inputs["mouse_cond"], inputs["keyboard_cond"],
+                           t_dtype=inputs["t"].dtype) >= 3
     captured = graphed._graphs.captures
     got, expected = run_stream(graphed, 5), run_stream(eager, 5)
     assert graphed._graphs.captures == captured

@@ -200,16 +200,18 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         self._runtime.release()
 
     def warm_up(self, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
-                stream: Optional[StreamCache] = None, caches: Optional[dict] = None) -> int:
+                stream: Optional[StreamCache] = None, caches: Optional[dict] = None,
+                t_dtype: torch.dtype = torch.float32) -> int:
         """Capture every CUDA graph a stream will replay before its first real call (as
         nano-vllm captures before serving), so that no real call pays a capture: the stream's
         blocks run once on zeros with the shapes of these inputs (`cond_concat` of one block;
         the conditions' widths only), then the stream is rewound. The stream: the caller's
         upstream-style cache dicts (`caches`, the four lists by their keyword names), else an
-        owned one (`stream`, default the current one, which it then stays). Returns the number
-        of graphs captured (0 without graphs)."""
+        owned one (`stream`, default the current one, which it then stays). `t_dtype`: the dtype
+        of the real calls' `t` (float32, as upstream's pipeline passes it). Returns the number of
+        graphs captured (0 without graphs)."""
         return self._runtime.warm_up(visual_context, cond_concat, mouse_cond, keyboard_cond,
-                                     stream, caches)
+                                     stream, caches, t_dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,

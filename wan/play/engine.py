@@ -282,10 +282,12 @@ class GameEngine:
         image = image if image is not None else self.default_image
         visual_context, cond_concat = self.conditioner(image, self.device, self.dtype)
         runner = StreamingBlockRunner(self.model, self.decoder, latent_hw=self.latent_hw)
-        return PlayerSession(player.id, runner, visual_context, cond_concat,
-                             seed=player.seed * 1000 + player.games,
-                             mouse_dim=2 if self.space.has_camera else None,
-                             keyboard_dim=self.space.keyboard_dim, hold_conditions=True)
+        session = PlayerSession(player.id, runner, visual_context, cond_concat,
+                                seed=player.seed * 1000 + player.games,
+                                mouse_dim=2 if self.space.has_camera else None,
+                                keyboard_dim=self.space.keyboard_dim, hold_conditions=True)
+        session.warm_up()  # every graph its blocks replay, before its first block
+        return session
 
     @torch.no_grad()
     def warm_up(self) -> float:

@@ -186,7 +186,8 @@ class StreamingForward:
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
         run = functools.partial(compute, cache=cache, phase=phase, state=state, plan=plan)
         if graphs:
-            key = (phase, x.dtype, tuple((name, tuple(v.shape)) for name, v in inputs.items()))
+            # shapes and dtypes: a graph captured for t in bfloat16 must not replay a float32 t
+            key = (phase, tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items()))
             out = self.graphs.run(key, run, inputs)
         else:
             out = run(**inputs)
@@ -230,14 +231,16 @@ class StreamingForward:
 
     # ------------------------------------------------------------------ explicit warm-up
     def warm_up(self, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
-                stream: Optional[StreamCache] = None, caches: Optional[dict] = None) -> int:
+                stream: Optional[StreamCache] = None, caches: Optional[dict] = None,
+                t_dtype: torch.dtype = torch.float32) -> int:
         """Capture, before a stream's first real call, every graph its calls will replay: run
         the blocks of a stream on zeros (one forward each, the shapes of the given inputs) until
         the phase and the input shapes stop changing, then rewind the stream. The stream: the
         caller's upstream-style cache dicts (`caches`: {"kv_cache": ..., "kv_cache_mouse": ...,
         "kv_cache_keyboard": ..., "crossattn_cache": ...}, as the pipeline passes them), else an
-        owned one (`stream`, default the current one). Returns the graphs captured. Without CUDA
-        graphs it only resolves the ops and builds the plan."""
+        owned one (`stream`, default the current one). `t_dtype`: the dtype the real calls' `t` has
+        (a graph is captured per input dtype). Returns the graphs captured. Without CUDA graphs it
+        only resolves the ops and builds the plan."""
         model = self.model
         if caches is None:
             stream = stream or self.current
@@ -258,7 +261,8 @@ class StreamingForward:
         # settle once the first block's shorter history is past: two more blocks cover both
         window = attention_window_frames(model.local_attn_size)
         x = cond_concat.new_zeros(batch, model.out_dim, frames * model.patch_size[0], h, w)
-        t = cond_concat.new_zeros(batch, frames * model.patch_size[0])
+        # t in float32, as upstream's pipeline and the runner pass it (`t_dtype` otherwise)
+        t = torch.zeros(batch, frames, dtype=t_dtype, device=cond_concat.device)
         for block in range(math.ceil(window / frames) + 2):
             conditions = {}
             for name, cond, on in (("mouse_cond", mouse_cond, action and action.enable_mouse),

@@ -151,6 +151,28 @@ class StreamingBlockRunner:
         self.blocks_done = 0
         self._checks, self._failure = [], None
 
+    @torch.no_grad()
+    def warm_up(self, cond_concat, mouse_cond=None, keyboard_cond=None) -> int:
+        """Capture every CUDA graph this stream's blocks will replay, before its first block: the
+        DiT's over this stream's cache dicts (its blocks once on zeros, then rewound) and the
+        decoder's (a stream's first block and a later one), so that no real block pays a capture
+        (as nano-vllm captures before serving). Call after `start`; `cond_concat` of one block,
+        the action conditions for their widths only. Returns the graphs captured (0 for models
+        without `warm_up`, such as the reference ones, or without CUDA graphs)."""
+        if self.caches is None:
+            raise RuntimeError("call start(visual_context) before warm_up")
+        captured = 0
+        if hasattr(self.model, "warm_up"):
+            captured += self.model.warm_up(self.visual_context, cond_concat, mouse_cond,
+                                           keyboard_cond, caches=self.caches,
+                                           t_dtype=torch.float32)  # as _timesteps passes it
+        if hasattr(self.decoder, "warm_up"):
+            b, f, (h, w) = self.batch, self.frames_per_block, self.latent_hw
+            latents = torch.zeros(b, f, 16, h, w, dtype=self.decoder_dtype,
+                                  device=self.decoder_device)
+            captured += self.decoder.warm_up(latents)
+        return captured
+
     def check_finite(self, wait: bool = True):
         """Raise NonFiniteOutputError if a block made so far held NaN or inf. Reads the counts of
         the blocks not checked yet: with `wait`, waiting for them (free once the host has waited

@@ -68,6 +68,13 @@ class PlayerSession:
         runner.start(visual_context)
         self.blocks_done = 0
 
+    def warm_up(self) -> int:
+        """Capture the graphs this player's blocks will replay before its first block
+        (`StreamingBlockRunner.warm_up`); the graphs captured."""
+        f = self.runner.frames_per_block
+        return self.runner.warm_up(self.cond_concat[:, :, :f], _width_of(self.mouse),
+                                   _width_of(self.keyboard))
+
     def receive(self, mouse=None, keyboard=None):
         """Append action steps ([B, steps, dim] each; 4 steps per latent frame after the first)."""
         if mouse is not None:
@@ -93,6 +100,11 @@ class PlayerSession:
                                           _held(self.keyboard, steps))
         self.blocks_done += 1
         return frames, clock
+
+
+def _width_of(history):
+    """One zero step of an action history (its width is what warm-up needs), or None."""
+    return None if history is None else history.new_zeros(history.shape[0], 1, history.shape[2])
 
 
 def _held(history, steps: int):

@@ -152,6 +152,7 @@ def new_session(player: int, model, decoder, latent_hw, blocks: int) -> PlayerSe
                             seed=player, mouse_dim=None if mouse is None else mouse.shape[2],
                             keyboard_dim=None if keyboard is None else keyboard.shape[2])
     session.receive(mouse, keyboard)
+    session.warm_up()  # every graph its blocks replay, before its first block
     return session
 
 
