@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import Timer, bar_chart, finish, run_header, summarize  # noqa: E402
+from benchmarks.harness import (Timer, bar_chart, finish, progress_bar, run_header,  # noqa: E402
+                                summarize)
 from wan.tools import cli  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
@@ -128,7 +129,7 @@ def build(args):
 
 
 def progress(label, done, total, text):
-    bar = "#" * done + "." * (total - done)
+    bar = progress_bar(done, total)
     print(f"  {label:<10} [{bar}] {text}", file=sys.stderr, flush=True)
 
 

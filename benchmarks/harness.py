@@ -32,6 +32,12 @@ class Timer:
         return result, (time.perf_counter() - begin) * 1e3
 
 
+def progress_bar(done: int, total: int, width: int = 40) -> str:
+    """`[###...]` of `done` out of `total`, at most `width` characters wide."""
+    filled = round(width * done / total) if total > width else done
+    return "#" * filled + "." * (min(total, width) - filled)
+
+
 def summarize(ms):
     ordered = sorted(ms)
     return {"n": len(ordered), "mean_ms": statistics.mean(ordered),

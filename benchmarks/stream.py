@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import Timer, bar_chart, finish, run_header, summarize  # noqa: E402
+from benchmarks.harness import (Timer, bar_chart, finish, progress_bar, run_header,  # noqa: E402
+                                summarize)
 from wan.tools import cli  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.ops.dtypes import DTYPES  # noqa: E402
@@ -205,7 +206,7 @@ def pipeline_protocol(model, args, timer, label):
         if block >= steady_from:
             steady.extend(forward_ms)
         done = block + 1
-        bar = "#" * done + "." * (args.blocks - done)
+        bar = progress_bar(done, args.blocks)
         print(f"  {label:<10} [{bar}] block {done}/{args.blocks}: {len(forward_ms)} forwards, "
               f"{block_ms[-1]:.1f} ms", file=sys.stderr, flush=True)
     if not steady:
