@@ -268,7 +268,9 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         shapes = expected_cache_shapes(self.decoder, b, h, w)
         latents = torch.zeros_like(z).permute(0, 2, 1, 3, 4)
         before = self._graphs.captures
-        for started in (False, True):
+        # a later block first: it needs the largest buffers, so the first block's graphs,
+        # captured after, are not dropped by the buffers growing
+        for started in (True, False):
             self._workspace_for(shapes, z, _phases(latents, started), steady=started)
         return self._graphs.captures - before
 
