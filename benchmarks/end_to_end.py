@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.harness import (Timer, bar_chart, finish, progress_bar, run_header,  # noqa: E402
-                                summarize)
+from benchmarks.harness import (Timer, bar_chart, benchmark_device, finish,  # noqa: E402
+                                names_from, progress_bar, run_header, summarize)
 from wan.tools import cli  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
@@ -49,27 +49,13 @@ PROG = "benchmarks/end_to_end.py"
 
 
 def _pairs(text: str):
-    pairs = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in pairs if name not in PAIRS]
-    if unknown or not pairs:
-        raise cli.argparse.ArgumentTypeError(f"unknown pair(s) {unknown or text!r}; choose from "
-                                             f"{', '.join(PAIRS)}")
-    return pairs
+    return names_from(text, PAIRS, "pair")
 
-
-def _device(text: str) -> str:
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    device = cli.device(text)
-    if device.index not in (None, 0):
-        raise cli.argparse.ArgumentTypeError(f"{text}: the benchmarks run on the current GPU; "
-                                             f"pick it with CUDA_VISIBLE_DEVICES={device.index}")
-    return device.type
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", type=_device, default="auto", help="cuda, cpu or auto")
+    p.add_argument("--device", type=benchmark_device, default="auto", help="cuda, cpu or auto")
     p.add_argument("--blocks", type=cli.positive_int, default=None,
                    help="blocks per run (default 8 GPU, 3 CPU)")
     p.add_argument("--warmup", type=cli.non_negative_int, default=None,

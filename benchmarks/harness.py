@@ -91,3 +91,26 @@ def finish(report: dict, out, plotter, table):
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     table(report)
+
+
+def benchmark_device(text: str) -> str:
+    """--device of a benchmark: 'auto' (cuda when there is one), 'cpu' or the current GPU."""
+    from wan.tools import cli
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = cli.device(text)
+    if device.index not in (None, 0):
+        raise cli.argparse.ArgumentTypeError(f"{text}: the benchmarks run on the current GPU; "
+                                             f"pick it with CUDA_VISIBLE_DEVICES={device.index}")
+    return device.type
+
+
+def names_from(text: str, choices, what: str) -> list:
+    """A comma list of names, each one of `choices` (an argparse type's body)."""
+    from wan.tools import cli
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise cli.argparse.ArgumentTypeError(f"unknown {what}(s) {unknown or text!r}; choose "
+                                             f"from {', '.join(choices)}")
+    return names

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import (Timer, bar_chart, finish, progress_bar, run_header,  # noqa: E402
-                                summarize)
+from benchmarks.harness import (Timer, bar_chart, benchmark_device, finish,  # noqa: E402
+                                names_from, progress_bar, run_header, summarize)
 from wan.tools import cli  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.ops.dtypes import DTYPES  # noqa: E402
@@ -53,23 +53,9 @@ VIDEO_FRAMES_PER_LATENT = 4
 PROG = "benchmarks/stream.py"
 
 
-def _device(text: str) -> str:
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    device = cli.device(text)
-    if device.index not in (None, 0):
-        raise cli.argparse.ArgumentTypeError(f"{text}: the benchmarks run on the current GPU; "
-                                             f"pick it with CUDA_VISIBLE_DEVICES={device.index}")
-    return device.type
-
 
 def _models(text: str):
-    models = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODEL_CLASSES]
-    if unknown or not models:
-        raise cli.argparse.ArgumentTypeError(f"unknown model(s) {unknown or text!r}; choose from "
-                                             f"{', '.join(MODEL_CLASSES)}")
-    return models
+    return names_from(text, MODEL_CLASSES, "model")
 
 
 def _steps(text: str):
@@ -86,7 +72,7 @@ def _steps(text: str):
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", type=_device, default="auto",
+    p.add_argument("--device", type=benchmark_device, default="auto",
                    help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--preset", default="auto", choices=("auto", "tiny") + UPSTREAM_VARIANTS,
                    help="tiny, universal, gta_drive, templerun or auto")
