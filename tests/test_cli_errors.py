@@ -67,7 +67,7 @@ SUBPROCESS_ROWS = [  # (command after python, fragment, an output path that must
       "--out", "{d}/out/c.json"], "add --emulate-fp8", "{d}/out/c.json"),
     (["-m", "wan.compare", "--config", "{d}/not_json.json"], "not valid JSON", None),
     (["-m", "wan.kernels", "--backend", "bogus"], "unknown backend 'bogus'", None),
-    (["-m", "wan.ops", "--device", "bogus"], "unknown device 'bogus'", None),
+    (["-m", "wan.kernels", "--device", "bogus"], "unknown device 'bogus'", None),
     (["-m", "wan.play", "--device", "cpu", "--vae", "{d}/missing.pth"], "no such file", None),
     (["benchmarks/stream.py", "--blocks", "1000000000", "--out", "{d}/out/b.json"],
      "needs about", "{d}/out/b.json"),
@@ -121,7 +121,7 @@ def _main(tool):
     elif tool == "play":
         from wan.play.__main__ import main
     elif tool == "kernels":
-        from wan.ops.__main__ import main
+        from wan.tools.backends import main
     elif tool == "stream":
         from benchmarks.stream import main
     else:

@@ -9,7 +9,7 @@ the model is built (or when a setter changes it), strongest first:
    (`from_config`, this library's or diffusers', passes config keys as keywords);
 2. the environment: WAN_BACKEND, WAN_CUDA_GRAPHS, WAN_PRECISION, WAN_FP8_GEMMS, WAN_FUSED_QKV,
    WAN_CONV_SEARCH (the models read them only here; the registry's `load_selection` lays a
-   backend selection over WAN_BACKEND, as `python -m wan.ops` shows it);
+   backend selection over WAN_BACKEND, as `python -m wan.kernels` shows it);
 3. the defaults: backend `auto` for every op, CUDA graphs on wherever the model runs on CUDA,
    precision `native`, FP8 (when asked for) on the default GEMM set, q/k/v fused, the conv
    search on.

@@ -5,41 +5,19 @@ Options: --device (default: cuda when available, else cpu), --dtype (bf16, fp16,
 default bf16 on cuda, else fp32), --backend (a selection to resolve, as the model's `backend=`: a
 name or a YAML path).
 """
-import argparse
 import os
-import sys
 
 import torch
 
-from .dtypes import DTYPES, default_dtype_name
-from .registry import BACKENDS, OPS, BackendUnavailableError, load_selection, resolve
+from ..ops.dtypes import DTYPES, default_dtype_name
+from ..ops.registry import BACKENDS, OPS, BackendUnavailableError, load_selection, resolve
+from . import cli
 
 PROG = "python -m wan.kernels"
 
 # head sizes the model calls the ops with: the action modules' heads are 64 wide, the rest 128
 HEAD_DIMS = {"mouse_attention": 64, "keyboard_attention": 64}
 HEAD_DIM_DEPENDENT = ("attention", "norm_rope_store")
-
-
-try:  # the library's command-line helper; an integrated Matrix-Game-2 checkout has only wan/ops
-    from ..tools import cli
-except ImportError:
-    cli = None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as wan.tools.cli's parser
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _device(text: str) -> torch.device:
-    if cli is not None:
-        return cli.device(text)
-    try:
-        return torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N") \
-            from None
 
 
 def _selection(spec):
@@ -61,18 +39,12 @@ def _selection(spec):
 
 
 def main(argv=None):
-    if cli is not None:
-        return cli.run(PROG, _main, argv)
-    try:
-        return _main(argv)
-    except (ValueError, FileNotFoundError, PermissionError, BackendUnavailableError) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return cli.run(PROG, _main, argv)
 
 
 def _main(argv=None):
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", type=_device,
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", type=cli.device,
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--backend", default=None,
@@ -92,7 +64,7 @@ def _main(argv=None):
             reason = backend.problem(op, device, dtype, head_dim)
             label = name
             if name == "flash" and reason is None:
-                from .flash import IMPLEMENTATION
+                from ..ops.flash import IMPLEMENTATION
                 label = f"flash ({IMPLEMENTATION})"
             print(f"  {label:<7} {'available' if reason is None else 'unavailable: ' + reason}")
         try:
