@@ -208,15 +208,31 @@ def load_selection(spec: Union[None, str, os.PathLike, Mapping[str, str]] = None
     return selection
 
 
+def _read_selection_file(path: str):
+    """(default, {op: name}) of a YAML selection (`default:` and `ops:`); a file that is missing,
+    does not parse or is not such a mapping is refused by name."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backend selection {path}: no such file")
+    from omegaconf import OmegaConf
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as error:  # yaml's and omegaconf's parse errors share no base class
+        raise ValueError(f"backend selection {path}: not readable YAML ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    ops = cfg.get("ops") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict) or not isinstance(ops or {}, dict):
+        raise ValueError(f"backend selection {path}: must be a mapping with `default:` and/or "
+                         f"`ops:` (op: backend) entries")
+    return cfg.get("default"), dict(ops or {})
+
+
 def _parse_selection(spec) -> Dict[str, str]:
     """The ops a spec names: a backend name covers the ops that backend implements."""
     default, per_op = None, {}
     if isinstance(spec, Mapping):
         per_op = dict(spec)
     elif str(spec).endswith((".yaml", ".yml")):
-        from omegaconf import OmegaConf
-        cfg = OmegaConf.to_container(OmegaConf.load(os.fspath(spec)))
-        default, per_op = cfg.get("default"), dict(cfg.get("ops") or {})
+        default, per_op = _read_selection_file(os.fspath(spec))
     else:
         default = str(spec)
     unknown_ops = sorted(set(per_op) - set(OPS))

@@ -4,10 +4,10 @@ the deadline scheduler that orders their blocks). The command line tool over the
 the browser game server is `wan.play`.
 
 `from wan.serving import DeadlineScheduler` (the path the README gave) keeps working."""
-from .runner import FlowMatchSchedule, StreamingBlockRunner
+from .runner import FlowMatchSchedule, NonFiniteOutputError, StreamingBlockRunner
 from .scheduler import (BLOCK_FRAMES, PERIOD_S, REALTIME_FPS, VIDEO_FPS, BlockRecord,
                         DeadlineScheduler, PlayerSession, percentile, players_report)
 
 __all__ = ["BLOCK_FRAMES", "PERIOD_S", "REALTIME_FPS", "VIDEO_FPS", "BlockRecord",
-           "DeadlineScheduler", "FlowMatchSchedule", "PlayerSession", "StreamingBlockRunner",
+           "DeadlineScheduler", "FlowMatchSchedule", "NonFiniteOutputError", "PlayerSession", "StreamingBlockRunner",
            "percentile", "players_report"]

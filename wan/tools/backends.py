@@ -5,7 +5,6 @@ Options: --device (default: cuda when available, else cpu), --dtype (bf16, fp16,
 default bf16 on cuda, else fp32), --backend (a selection to resolve, as the model's `backend=`: a
 name or a YAML path).
 """
-import os
 
 import torch
 
@@ -18,24 +17,6 @@ PROG = "python -m wan.kernels"
 # head sizes the model calls the ops with: the action modules' heads are 64 wide, the rest 128
 HEAD_DIMS = {"mouse_attention": 64, "keyboard_attention": 64}
 HEAD_DIM_DEPENDENT = ("attention", "norm_rope_store")
-
-
-def _selection(spec):
-    """load_selection, with a YAML file that is missing, unreadable or not a mapping refused by
-    name (the registry would raise omegaconf's or yaml's own errors)."""
-    if spec is not None and str(spec).endswith((".yaml", ".yml")):
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"--backend {spec}: no such file")
-        from omegaconf import OmegaConf
-        try:
-            cfg = OmegaConf.to_container(OmegaConf.load(spec))
-        except Exception as error:  # yaml's and omegaconf's parse errors have no common base here
-            raise ValueError(f"--backend {spec}: not a readable YAML selection "
-                             f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"--backend {spec}: holds a {type(cfg).__name__}, not a mapping "
-                             f"with default: and ops: entries")
-    return load_selection(spec)
 
 
 def main(argv=None):
@@ -52,7 +33,7 @@ def _main(argv=None):
     args = p.parse_args(argv)
     device = args.device
     dtype = DTYPES[args.dtype or default_dtype_name(device)]
-    selection = _selection(args.backend)
+    selection = load_selection(args.backend)
     print(f"device {device}, dtype {dtype}, torch {torch.__version__}")
     for op in OPS:
         head_dim = HEAD_DIMS.get(op, 128)
