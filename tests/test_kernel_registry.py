@@ -89,3 +89,15 @@ def test_cli_lists_every_op_and_backend():
         assert out.count("auto picks") == len(OPS) - 1
         assert "FP8 tensor cores" in out
     assert "triton" in out and "flash" in out and "eager" in out
+
+
+@pytest.mark.parametrize("text, message", [("- eager\n- flash\n", "must be a mapping"),
+                                           ("default: [\n", "not readable YAML"),
+                                           ("ops: [eager]\n", "must be a mapping")])
+def test_a_bad_selection_file_is_refused_by_name(tmp_path, text, message):
+    path = tmp_path / "selection.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}.*{message}"):
+        load_selection(path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml: no such file"):
+        load_selection(tmp_path / "missing.yaml")
