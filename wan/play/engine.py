@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from ..runtime.conditioning import history_steps
-from ..runtime.cuda_graphs import cuda_graphs_on, cuda_graphs_setting
+from ..runtime.options import cuda_graphs_on, resolve_option
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
@@ -209,7 +209,6 @@ class GameEngine:
         self.config = config
         self.space = action_space(config.mode)
         self.device = config.resolved_device()
-        cuda = self.device.type == "cuda"
         self.preset, model_cfg = config.model_config(self.device)
         _check_preset(self.preset, self.space, model_cfg)
         # what the weights do not decide, before anything is built
@@ -223,7 +222,8 @@ class GameEngine:
         self.latent_hw = LATENT_SIZE[self.preset]
         self.dtype, self.decoder_dtype = config.dtypes(self.device)
         # None: the library's default (on wherever the models run on CUDA, WAN_CUDA_GRAPHS aside)
-        self.cuda_graphs = cuda_graphs_on(cuda_graphs_setting(config.cuda_graphs), self.device)
+        self.cuda_graphs = cuda_graphs_on(resolve_option("cuda_graphs", config.cuda_graphs),
+                                          self.device)
         with torch.device(self.device):
             model = OptimizedCausalWanModel.from_config(model_cfg, cuda_graphs=config.cuda_graphs)
             decoder = OptimizedVAEDecoderWrapper(cuda_graphs=config.cuda_graphs)

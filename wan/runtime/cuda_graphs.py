@@ -23,12 +23,6 @@ def cuda_graphs_on(setting: Optional[bool], device) -> bool:
     return torch.device(device).type == "cuda" and setting is not False
 
 
-def cuda_graphs_setting(requested: Optional[bool]) -> Optional[bool]:
-    """`requested`, else WAN_CUDA_GRAPHS, else None (the default): wan/runtime/options.py."""
-    from .options import resolve_option  # options imports this module
-    return resolve_option("cuda_graphs", requested)
-
-
 class _Storage:
     """The graphs captured over one owner's buffers; the buffers are held, so that equal ids mean
     the same tensors and the memory a graph writes stays theirs."""

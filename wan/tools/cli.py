@@ -345,7 +345,7 @@ def stream_bytes(config: dict, latent_hw, dtype: torch.dtype) -> int:
     from the config: self-attention k/v over the attention window, cross-attention k/v over the
     257 image tokens, the action modules' k/v."""
     from ..runtime.conditioning import attention_window_frames, frame_tokens
-    dim, heads, layers = config["dim"], config["num_heads"], config["num_layers"]
+    dim, layers = config["dim"], config["num_layers"]
     patch = config.get("patch_size", (1, 2, 2))
     tokens = frame_tokens(latent_hw[0], latent_hw[1], patch)
     window = attention_window_frames(config.get("local_attn_size", -1))
