@@ -35,13 +35,19 @@ from wan.serving.runner import StreamingBlockRunner  # noqa: E402
 from wan.modules.presets import LATENT_SIZE, model_config  # noqa: E402
 from wan.modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_  # noqa: E402
 
-PAIRS = {  # name: (DiT class and options, decoder class and options, cache update beside decode)
-    "reference": ((CausalWanModel, {}), (VAEDecoderWrapper, {}), False),
+# name: (DiT class and options, decoder class and options, the block runner's options)
+PAIRS = {
+    "reference": ((CausalWanModel, {}), (VAEDecoderWrapper, {}), {"overlap_update": False}),
     "optimized": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
-                  (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}), True),
+                  (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}), {"overlap_update": True}),
     # the optimized pair in upstream's order (update, then decode): what the overlap buys
     "optimized_serial": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
-                         (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}), False),
+                         (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}),
+                         {"overlap_update": False}),
+    # the t=0 update as a full forward (head and last block's tail): what cache_update_only buys
+    "optimized_full_update": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
+                              (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}),
+                              {"overlap_update": True, "cache_update_only": False}),
 }
 
 
@@ -99,7 +105,7 @@ def build(args):
     """Every pair's DiT and decoder, with the same random weights per kind."""
     built, dit_weights, decoder_weights = {}, None, None
     for name in args.pairs:
-        (dit_cls, dit_opts), (dec_cls, dec_opts), overlap = PAIRS[name]
+        (dit_cls, dit_opts), (dec_cls, dec_opts), runner_opts = PAIRS[name]
         with torch.device(args.device):
             dit = dit_cls.from_config(model_config(args.preset), **dit_opts)
         decoder = dec_cls(**dec_opts)
@@ -110,7 +116,7 @@ def build(args):
         decoder.load_state_dict(decoder_weights)
         dit.num_frame_per_block = 3
         built[name] = (dit.to(args.device, args.dit_dtype).eval(),
-                       decoder.to(args.device, args.decoder_dtype).eval(), overlap)
+                       decoder.to(args.device, args.decoder_dtype).eval(), runner_opts)
     return built
 
 
@@ -139,8 +145,8 @@ def time_decoder(decoder, args, label):
 
 
 @torch.no_grad()
-def time_blocks(dit, decoder, overlap, args, label):
-    runner = StreamingBlockRunner(dit, decoder, latent_hw=args.latent, overlap_update=overlap)
+def time_blocks(dit, decoder, runner_opts, args, label):
+    runner = StreamingBlockRunner(dit, decoder, latent_hw=args.latent, **runner_opts)
     first = random_inputs(dit, args.latent, 3, 0, seed=1)
     runner.start(first["visual_context"])
     blocks, screen, decode = [], [], []
@@ -238,11 +244,13 @@ def _main(argv=None):
         "decoder_dtype": str(args.decoder_dtype).replace("torch.", ""),
         "blocks": args.blocks, "warmup_blocks": args.warmup, "pairs": {},
     }
-    for name, (dit, decoder, overlap) in built.items():
+    for name, (dit, decoder, runner_opts) in built.items():
         decoder_stats = time_decoder(decoder, args, name)
-        block_stats = time_blocks(dit, decoder, overlap, args, name)
+        block_stats = time_blocks(dit, decoder, runner_opts, args, name)
         report["pairs"][name] = {"decoder": decoder_stats, "blocks": block_stats,
-                                 "update_beside_decode": overlap}
+                                 "update_beside_decode": runner_opts["overlap_update"],
+                                 "update_cache_only": runner_opts.get("cache_update_only", True)
+                                 and name != "reference"}
     report["end_to_end"] = summary(report["pairs"])
     finish(report, args.out, plot, print_table)
     return report

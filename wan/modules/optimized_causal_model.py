@@ -59,7 +59,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
 
     def __init__(self, *args, backend=None, cuda_graphs: Optional[bool] = None,
                  precision: Optional[str] = None, fp8_gemms=None, fused_qkv: Optional[bool] = None,
-                 inject_sample_info: bool = False, **kwargs):
+                 residual_in_gemm: Optional[bool] = None, inject_sample_info: bool = False,
+                 **kwargs):
         """Arguments of CausalWanModel, plus the options (wan/runtime/options.py; each None:
         its environment variable, else its default):
 
@@ -73,6 +74,9 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         * `fp8_gemms`: which of the blocks' GEMMs 'fp8' runs in FP8: names of FP8_GEMMS, a
           comma-separated string of them, or 'all' (WAN_FP8_GEMMS; DEFAULT_FP8_GEMMS);
         * `fused_qkv`: self-attention's q, k and v in one GEMM (WAN_FUSED_QKV; on);
+        * `residual_in_gemm`: the cross-attention's residual add inside its output GEMM, whose
+          bias the LayerNorm kernel before adds to the residual stream ahead
+          (WAN_RESIDUAL_IN_GEMM; on);
         * `inject_sample_info`: a key of upstream's config.json that no constructor uses; accepted
           (and ignored) so that building from that file keeps every key.
 
@@ -82,7 +86,7 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         """
         super().__init__(*args, **kwargs)
         given = dict(backend=backend, cuda_graphs=cuda_graphs, precision=precision,
-                     fp8_gemms=fp8_gemms, fused_qkv=fused_qkv)
+                     fp8_gemms=fp8_gemms, fused_qkv=fused_qkv, residual_in_gemm=residual_in_gemm)
         register = getattr(self, "register_to_config", None)
         if register is not None:  # diffusers' ConfigMixin (upstream's parent): keep them in .config
             register(**given, inject_sample_info=inject_sample_info)
@@ -201,23 +205,31 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
 
     def warm_up(self, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
                 stream: Optional[StreamCache] = None, caches: Optional[dict] = None,
-                t_dtype: torch.dtype = torch.float32) -> int:
+                t_dtype: torch.dtype = torch.float32, cache_update_only: bool = False) -> int:
         """Capture every CUDA graph a stream will replay before its first real call (as
         nano-vllm captures before serving), so that no real call pays a capture: the stream's
         blocks run once on zeros with the shapes of these inputs (`cond_concat` of one block;
         the conditions' widths only), then the stream is rewound. The stream: the caller's
         upstream-style cache dicts (`caches`, the four lists by their keyword names), else an
         owned one (`stream`, default the current one, which it then stays). `t_dtype`: the dtype
-        of the real calls' `t` (float32, as upstream's pipeline passes it). Returns the number of
-        graphs captured (0 without graphs)."""
+        of the real calls' `t` (float32, as upstream's pipeline passes it). `cache_update_only`:
+        also capture the graphs of `forward(..., cache_update_only=True)` calls (the block
+        runner's t=0 update). Returns the number of graphs captured (0 without graphs)."""
         return self._runtime.warm_up(visual_context, cond_concat, mouse_cond, keyboard_cond,
-                                     stream, caches, t_dtype)
+                                     stream, caches, t_dtype, cache_update_only)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, t, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
                 kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None, crossattn_cache=None,
-                current_start: int = 0, cache_start: int = 0):
+                current_start: int = 0, cache_start: int = 0, cache_update_only: bool = False):
+        """Upstream's forward. `cache_update_only` (this library's; streaming calls only): the
+        call is made for the cache writes alone, as the pipeline's t=0 update of a clean block
+        is, and returns None: the last block stops after its cache writes and the head is
+        skipped (the caches come out exactly as from the full call)."""
         if kv_cache is None and self._runtime.current is None:
+            if cache_update_only:
+                raise ValueError("cache_update_only=True needs a stream's caches (kv_cache "
+                                 "dicts or a stream started with start_stream())")
             return super().forward(x, t, visual_context, cond_concat, mouse_cond=mouse_cond,
                                    keyboard_cond=keyboard_cond)
         with torch.no_grad():  # inference only: the Triton kernels have no backward
@@ -225,12 +237,15 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
                                  mouse_cond=mouse_cond, keyboard_cond=keyboard_cond,
                                  kv_cache=kv_cache, kv_cache_mouse=kv_cache_mouse,
                                  kv_cache_keyboard=kv_cache_keyboard,
-                                 crossattn_cache=crossattn_cache, current_start=current_start)
+                                 crossattn_cache=crossattn_cache, current_start=current_start,
+                                 cache_update_only=cache_update_only)
 
     # ------------------------------------------------------------------ the captured part
     def _compute(self, x, t, cond_concat, mouse_window=None, keyboard_window=None, *, cache,
-                 phase, state, plan):
-        """Device work only (no host sync, shapes fixed by the inputs and `phase`)."""
+                 phase, state, plan, cache_update_only: bool = False):
+        """Device work only (no host sync, shapes fixed by the inputs and `phase`). With
+        `cache_update_only` only the cache writes matter: the last block stops after its own and
+        no output is made (returns None)."""
         ops = state.ops
         b = x.shape[0]
         tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1))
@@ -266,7 +281,13 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         # gets its input normalised already
         shift, scale, eps, quantize = opening_norms[0]
         normed = ops.layer_norm_modulate(tokens, shift, scale, eps, quantize=quantize)
+        last = plan.blocks[-1].index
         for layer in plan.blocks:
+            if cache_update_only and layer.index == last:
+                # nothing after the last block's cache writes is read by a later call
+                self._block(layer, tokens, normed, modulations[layer.index], step, None,
+                            cache_writes_only=True)
+                return None
             tokens, normed = self._block(layer, tokens, normed, modulations[layer.index], step,
                                          opening_norms[layer.index + 1])
         out = self.head.head(normed)
@@ -276,9 +297,12 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
             b, self.out_dim, frames * pt, h * ph, w * pw)
 
     @staticmethod
-    def _block(layer: BlockPlan, tokens, hn, modulation, step, next_norm):
+    def _block(layer: BlockPlan, tokens, hn, modulation, step, next_norm,
+               cache_writes_only: bool = False):
         """tokens and hn (their opening LayerNorm + modulation) -> this block's output and the
-        output normalised by `next_norm` (shift, scale, eps, quantize)."""
+        output normalised by `next_norm` (shift, scale, eps, quantize). With `cache_writes_only`
+        the block stops once it has written its caches (its self-attention k/v, and its action
+        module's keys when it has one) and returns None."""
         ops, cache, i = step.ops, step.cache, layer.index
         _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = modulation.chunk(6, dim=2)
 
@@ -287,14 +311,19 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         q = ops.qkv_norm_rope_store(
             *layer.project_qkv(hn, ops), layer.q_norm, layer.k_norm, layer.qk_eps, *step.rope,
             layer.heads, cache.self_k[i], cache.self_v[i], step.self_slots, step.rope_dtype)
+        if cache_writes_only and layer.action is None:
+            return None
         y = ops.self_attention(q, *cache.self_window(i, step.attended_self))
         update = layer.self_out(y.flatten(2), ops)
         # the gated residual (per frame), with the cross-attention's pre-norm in the same pass
         norm = layer.cross_norm
+        in_gemm = layer.cross_residual_in_gemm
         if norm is not None:
-            tokens, normed = ops.gated_residual_layer_norm(tokens, update, gate_msa, norm.weight,
-                                                           norm.bias, norm.eps,
-                                                           quantize=layer.cross_q.takes_fp8)
+            # with the cross residual in its GEMM, the stream gets that GEMM's bias here
+            tokens, normed = ops.gated_residual_layer_norm(
+                tokens, update, gate_msa, norm.weight, norm.bias, norm.eps,
+                quantize=layer.cross_q.takes_fp8,
+                sum_bias=layer.cross_out.bias if in_gemm else None)
         else:
             tokens = normed = ops.gated_residual(tokens, update, gate_msa)
 
@@ -302,10 +331,15 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         q = ops.norm_rope_store(layer.cross_q(normed, ops), *layer.cross_q_norm, cos=None,
                                 sin=None, heads=layer.heads)
         y = ops.cross_attention(q, cache.cross[i]["k"], cache.cross[i]["v"])
-        tokens = tokens + layer.cross_out(y.flatten(2), ops)
+        if in_gemm:  # tokens is the fresh sum from the kernel above: accumulated into in place
+            tokens = layer.cross_out.accumulate_into(tokens, y.flatten(2))
+        else:
+            tokens = tokens + layer.cross_out(y.flatten(2), ops)
 
         if layer.action is not None:
             tokens = _action(layer.action, i, tokens, step)
+            if cache_writes_only:  # its keys are in the action caches now; the FFN is not read
+                return None
 
         hn = ops.layer_norm_modulate(tokens, shift_ffn, scale_ffn, layer.ffn_norm_eps,
                                      quantize=layer.ffn_in.takes_fp8)

@@ -81,7 +81,8 @@ class StreamingForward:
         if self.plan is None or not self.plan.is_current():
             self.forget_plan()
             options = self.model.options
-            self.plan = ModelPlan(self.model, fp8=options.fp8_gemms, fuse_qkv=options.fused_qkv)
+            self.plan = ModelPlan(self.model, fp8=options.fp8_gemms, fuse_qkv=options.fused_qkv,
+                                  residual_in_gemm=options.residual_in_gemm)
         return self.plan
 
     # ------------------------------------------------------------------ the model's own streams
@@ -121,8 +122,11 @@ class StreamingForward:
     # ------------------------------------------------------------------ the call
     def __call__(self, compute: Callable, x, t, visual_context, cond_concat, mouse_cond=None,
                  keyboard_cond=None, kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None,
-                 crossattn_cache=None, current_start: int = 0):
+                 crossattn_cache=None, current_start: int = 0, cache_update_only: bool = False):
         model = self.model
+        if not isinstance(cache_update_only, bool):
+            raise TypeError(f"cache_update_only must be True or False, got "
+                            f"{type(cache_update_only).__name__}")
         check_tensor_arguments(x, t, visual_context, cond_concat, mouse_cond, keyboard_cond)
         # 1. inputs, checked (the caller's dicts only when they were not checked already)
         dicts = (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
@@ -184,10 +188,12 @@ class StreamingForward:
         state.start_frame.fill_(start)
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
-        run = functools.partial(compute, cache=cache, phase=phase, state=state, plan=plan)
+        run = functools.partial(compute, cache=cache, phase=phase, state=state, plan=plan,
+                                cache_update_only=cache_update_only)
         if graphs:
             # shapes and dtypes: a graph captured for t in bfloat16 must not replay a float32 t
-            key = (phase, tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items()))
+            key = (phase, tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items()),
+                   cache_update_only)
             out = self.graphs.run(key, run, inputs)
         else:
             out = run(**inputs)
@@ -232,14 +238,16 @@ class StreamingForward:
     # ------------------------------------------------------------------ explicit warm-up
     def warm_up(self, visual_context, cond_concat, mouse_cond=None, keyboard_cond=None,
                 stream: Optional[StreamCache] = None, caches: Optional[dict] = None,
-                t_dtype: torch.dtype = torch.float32) -> int:
+                t_dtype: torch.dtype = torch.float32, cache_update_only: bool = False) -> int:
         """Capture, before a stream's first real call, every graph its calls will replay: run
         the blocks of a stream on zeros (one forward each, the shapes of the given inputs) until
         the phase and the input shapes stop changing, then rewind the stream. The stream: the
         caller's upstream-style cache dicts (`caches`: {"kv_cache": ..., "kv_cache_mouse": ...,
         "kv_cache_keyboard": ..., "crossattn_cache": ...}, as the pipeline passes them), else an
         owned one (`stream`, default the current one). `t_dtype`: the dtype the real calls' `t` has
-        (a graph is captured per input dtype). Returns the graphs captured. Without CUDA graphs it
+        (a graph is captured per input dtype). `cache_update_only`: the stream's blocks will
+        also be written by `cache_update_only=True` calls (the block runner's t=0 update): their
+        graphs are captured too. Returns the graphs captured. Without CUDA graphs it
         only resolves the ops and builds the plan."""
         model = self.model
         if caches is None:
@@ -271,8 +279,10 @@ class StreamingForward:
                 if on:
                     steps = history_steps((block + 1) * frames - 1)
                     conditions[name] = cond.new_zeros(batch, steps, cond.shape[-1])
-            model(x, t, visual_context, cond_concat, **conditions, **(caches or {}),
-                  current_start=block * frames * tokens_per_frame)
+            for update_only in (False, True) if cache_update_only else (False,):
+                model(x, t, visual_context, cond_concat, **conditions, **(caches or {}),
+                      current_start=block * frames * tokens_per_frame,
+                      cache_update_only=update_only)
         # rewound: the next call at frame 0 starts the stream and projects its image again
         if caches is None:
             stream.reset()

@@ -6,7 +6,10 @@ frames, and the t=0 forward that writes the clean block into the caches.
 update only matters to the next block, and the decode only needs the denoised latents, so with
 `overlap_update=True` (CUDA) the decoder runs on a high-priority stream and the update on the
 default one beside it: the GPU's schedulers give the decoder's kernels precedence, the update
-fills what they leave, the frames are ready after about denoise + decode.
+fills what they leave, the frames are ready after about denoise + decode. And the update is made for its cache writes
+alone: a model whose forward takes `cache_update_only` (the optimized one) stops its last block
+after that block's cache writes and skips the head, whose output nobody reads
+(`cache_update_only=False` here calls the full forward, as upstream does).
 
 With the decoder on another GPU than the DiT (one player split over two GPUs) the runner pipelines:
 the block's latents cross over (NVLink), the decode runs on the decoder's GPU and `block()`
@@ -35,6 +38,7 @@ steps, shift 5, `warp_denoising_step: true`, `context_noise: 0`): the model's ou
 prediction, x0 = x_t - sigma * flow, and the next step's input is (1 - sigma') x0 + sigma' noise.
 """
 import functools
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -122,7 +126,7 @@ class StreamingBlockRunner:
     def __init__(self, model, decoder, latent_hw=(44, 80), batch: int = 1,
                  schedule: Optional[FlowMatchSchedule] = None, overlap_update: bool = True,
                  decoder_dtype: Optional[torch.dtype] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, cache_update_only: bool = True):
         self.model, self.decoder = model, decoder
         self.latent_hw, self.batch = tuple(latent_hw), batch
         self.schedule = schedule or FlowMatchSchedule()
@@ -136,6 +140,9 @@ class StreamingBlockRunner:
         # the decode's stream: the highest priority torch offers (lower numbers run first)
         self.side = decode_stream(self.device) if self.overlap else None
         self.tokens_per_frame = frame_tokens(latent_hw[0], latent_hw[1], model.patch_size)
+        # the t=0 update's output is never read: a model that can skip what only makes it does
+        self.update_kwargs = ({"cache_update_only": True} if cache_update_only
+                              and _takes_keyword(model.forward, "cache_update_only") else {})
         self.caches = None
         self.generator = generator  # the noise's source (default: torch's global one)
         self._checks = []           # blocks whose non-finite counts were not read yet
@@ -165,7 +172,8 @@ class StreamingBlockRunner:
         if hasattr(self.model, "warm_up"):
             captured += self.model.warm_up(self.visual_context, cond_concat, mouse_cond,
                                            keyboard_cond, caches=self.caches,
-                                           t_dtype=torch.float32)  # as _timesteps passes it
+                                           t_dtype=torch.float32,  # as _timesteps passes it
+                                           **self.update_kwargs)
         if hasattr(self.decoder, "warm_up"):
             b, f, (h, w) = self.batch, self.frames_per_block, self.latent_hw
             latents = torch.zeros(b, f, 16, h, w, dtype=self.decoder_dtype,
@@ -212,7 +220,7 @@ class StreamingBlockRunner:
                     x0.shape, device=x0.device, dtype=x0.dtype, generator=self.generator)
 
         def update():  # the clean block into the caches (t = context noise = 0)
-            self.model(x0, _timesteps(0.0, b, f, self.device), **call)
+            self.model(x0, _timesteps(0.0, b, f, self.device), **call, **self.update_kwargs)
 
         latents = x0.transpose(1, 2).to(self.decoder_dtype)
         if self.split:  # latents over to the decoder's GPU; both GPUs go on without waiting
@@ -273,6 +281,14 @@ def _to_host(count: torch.Tensor):
         event = torch.cuda.Event()
         event.record()
     return host, event
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether `fn` has a parameter called `name` (the reference models lack the library's)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _timesteps(t: float, batch: int, frames: int, device):
