@@ -123,3 +123,40 @@ def test_unfused_qkv_gives_the_same_stream(monkeypatch):
     monkeypatch.setenv("WAN_FUSED_QKV", "maybe")
     with pytest.raises(ValueError, match="WAN_FUSED_QKV"):
         _pair()
+
+
+@torch.no_grad()
+def test_the_cross_residual_outside_its_gemm_gives_the_same_stream(monkeypatch):
+    """residual_in_gemm=False / WAN_RESIDUAL_IN_GEMM=0 (the off switch): the cross-attention's
+    residual add runs on its own again; the stream is the same as with it inside the GEMM (and
+    both as the reference's, float64)."""
+    reference, fused = _pair()
+    expected = _stream(reference)
+    assert fused.options.residual_in_gemm is True
+    assert max_rel_err(_stream(fused), expected) <= 1e-6
+    assert all(block.cross_residual_in_gemm for block in fused._plan.blocks)
+    for how in ("keyword", "environment"):
+        if how == "environment":
+            monkeypatch.setenv("WAN_RESIDUAL_IN_GEMM", "0")
+            model = _pair()[1]
+        else:
+            model = build_model(config=tiny_variant_config("universal"), dtype=torch.float64,
+                                cls=OptimizedCausalWanModel, residual_in_gemm=False)
+        assert model.options_report()["residual_in_gemm"] is False
+        assert max_rel_err(_stream(model), expected) <= 1e-6
+        assert not any(block.cross_residual_in_gemm for block in model._plan.blocks)
+    monkeypatch.setenv("WAN_RESIDUAL_IN_GEMM", "maybe")
+    with pytest.raises(ValueError, match="WAN_RESIDUAL_IN_GEMM"):
+        _pair()
+
+
+def test_the_cross_residual_stays_outside_an_fp8_gemm_or_without_the_norm():
+    """Inside the GEMM needs the norm kernel (which adds the bias ahead) and a GEMM in the
+    model's dtype: an FP8 cross_out or cross_attn_norm=False keeps the separate add."""
+    config = tiny_variant_config("universal")
+    config["cross_attn_norm"] = False
+    model = build_model(config=config, dtype=torch.float64, cls=OptimizedCausalWanModel)
+    _stream(model, blocks=1)
+    assert not any(block.cross_residual_in_gemm for block in model._plan.blocks)
+    plan = ModelPlan(_pair()[1], fp8=frozenset({"cross_out"}))
+    assert not any(block.cross_residual_in_gemm for block in plan.blocks)

@@ -55,11 +55,13 @@ def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps, quantize=F
     return total, layer_norm_modulate(total, shift, scale, eps, quantize)
 
 
-def gated_residual_layer_norm(x, y, gate, weight, bias, eps, quantize=False):
+def gated_residual_layer_norm(x, y, gate, weight, bias, eps, quantize=False, sum_bias=None):
     """(s, LayerNorm(s) [* weight + bias]) for s = x + y * gate (per frame); the second as
-    Fp8Rows with `quantize`."""
+    Fp8Rows with `quantize`. With `sum_bias` [C] the first is s + sum_bias: the bias of the
+    residual add that follows, added ahead so that its GEMM can accumulate into the stream."""
     total = gated_residual(x, y, gate)
-    return total, _maybe_quantized(layer_norm(total, weight, bias, eps), quantize)
+    normed = _maybe_quantized(layer_norm(total, weight, bias, eps), quantize)
+    return (total if sum_bias is None else total + sum_bias), normed
 
 
 def frame_bias_gelu(x, bias):

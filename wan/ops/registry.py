@@ -13,7 +13,7 @@ Ops (one signature each, every backend implements a subset):
     layer_norm(x, weight, bias, eps)            LayerNorm(x) [* weight + bias]
     gated_residual(x, y, gate)                  x + y * gate, per frame
     gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps)
-    gated_residual_layer_norm(x, y, gate, weight, bias, eps)
+    gated_residual_layer_norm(x, y, gate, weight, bias, eps, sum_bias=None)
                                                 (s, the LayerNorm of s) for s = x + y * gate
     frame_bias_gelu(x, bias)                    gelu_tanh(x + bias), bias per frame
     norm_rope_store(x, weight, eps, cos, sin, heads, dest, slots, rope_dtype)

@@ -124,6 +124,16 @@ class Gemm:
             x = ops.quantize_fp8(x)
         return ops.linear_fp8(x, self.fp8, self.bias)
 
+    def accumulate_into(self, into: torch.Tensor, x) -> torch.Tensor:
+        """into += x @ weight^T inside the GEMM (beta = 1: one rounding), in place, without the
+        bias (the caller added it to `into` ahead). Only in the model's dtype: `into` must be a
+        fresh contiguous tensor nothing else reads."""
+        if self.fp8 is not None:
+            raise ValueError("an FP8 GEMM cannot accumulate into its output")
+        flat = into.view(-1, into.shape[-1])
+        flat.addmm_(x.reshape(-1, x.shape[-1]), self.weight.t())
+        return into
+
     @property
     def takes_fp8(self) -> bool:
         """Whether the op producing x should hand it over quantized."""
@@ -159,6 +169,9 @@ class BlockPlan:
     cross_q: Gemm
     cross_q_norm: tuple                # (weight, eps), (None, None) without qk_norm
     cross_out: Gemm
+    # the cross-attention's residual add runs inside cross_out's GEMM (its bias added ahead, to
+    # the residual stream, by the gated residual + LayerNorm kernel before)
+    cross_residual_in_gemm: bool
     cross_k: nn.Linear                 # the image context's keys and values (once per stream)
     cross_k_norm: tuple
     cross_v: nn.Linear
@@ -202,7 +215,7 @@ def _action_plan(action) -> Optional[ActionPlan]:
 
 
 def _block_plan(index: int, block, fuse_qkv: bool, fp8: FrozenSet[str],
-                packed: List[Packed]) -> BlockPlan:
+                packed: List[Packed], residual_in_gemm: bool = True) -> BlockPlan:
     """One block's plan; the tensors it packs are appended to `packed`."""
     attn, cross = block.self_attn, block.cross_attn
     ffn_in, _, ffn_out = _layers_of(block.ffn, (nn.Linear, nn.GELU, nn.Linear), "an FFN")
@@ -218,15 +231,20 @@ def _block_plan(index: int, block, fuse_qkv: bool, fp8: FrozenSet[str],
         qkv = (Gemm(weights.tensor, biases and biases.tensor, "qkv" in fp8),)
     else:
         qkv = tuple(gemm(p, "qkv") for p in projections)
+    cross_norm = block.norm3 if isinstance(block.norm3, nn.LayerNorm) else None
     return BlockPlan(
         index=index, heads=attn.num_heads, qkv=qkv,
         q_norm=_norm_weight(attn.norm_q), k_norm=_norm_weight(attn.norm_k),
         qk_eps=_shared_eps(attn.norm_q, attn.norm_k, "self-attention"),
         self_out=gemm(attn.o, "self_out"),
-        cross_norm=block.norm3 if isinstance(block.norm3, nn.LayerNorm) else None,
-        cross_q=gemm(cross.q, "cross_q"),
+        cross_norm=cross_norm, cross_q=gemm(cross.q, "cross_q"),
         cross_q_norm=(_norm_weight(cross.norm_q), _norm_eps(cross.norm_q)),
-        cross_out=gemm(cross.o, "cross_out"), cross_k=cross.k,
+        cross_out=gemm(cross.o, "cross_out"),
+        # needs the norm's kernel to add the bias ahead (without it the stream is the normed
+        # input itself) and a GEMM in the model's dtype
+        cross_residual_in_gemm=(residual_in_gemm and cross_norm is not None
+                                and "cross_out" not in fp8),
+        cross_k=cross.k,
         cross_k_norm=(_norm_weight(cross.norm_k), _norm_eps(cross.norm_k)), cross_v=cross.v,
         action=_action_plan(block.action_model),
         ffn_norm_eps=block.norm2.eps, ffn_in=gemm(ffn_in, "ffn_in"),
@@ -235,13 +253,15 @@ def _block_plan(index: int, block, fuse_qkv: bool, fp8: FrozenSet[str],
 
 class ModelPlan:
     """The plan of a whole model: its blocks' plans and every block's modulation packed into one
-    [L, 1, 6, C] tensor. `fp8`: the names (of FP8_GEMMS) of the GEMMs to run in FP8."""
+    [L, 1, 6, C] tensor. `fp8`: the names (of FP8_GEMMS) of the GEMMs to run in FP8;
+    `residual_in_gemm`: the cross-attention's residual add inside its output GEMM."""
 
-    def __init__(self, model, fp8: FrozenSet[str] = frozenset(), fuse_qkv: bool = True):
+    def __init__(self, model, fp8: FrozenSet[str] = frozenset(), fuse_qkv: bool = True,
+                 residual_in_gemm: bool = True):
         self.fp8 = frozenset(fp8)
         self.modulations = Packed([block.modulation for block in model.blocks], stack=True)
         self._packed = [self.modulations]
-        self.blocks = [_block_plan(i, block, fuse_qkv, self.fp8, self._packed)
+        self.blocks = [_block_plan(i, block, fuse_qkv, self.fp8, self._packed, residual_in_gemm)
                        for i, block in enumerate(model.blocks)]
 
     def is_current(self) -> bool:

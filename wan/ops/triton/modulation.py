@@ -87,12 +87,15 @@ def _layer_norm_kernel(x_ptr, a_ptr, b_ptr, out_ptr, scale_ptr, c, tokens, per_f
 
 
 @triton.jit
-def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_ptr, out_ptr,
-                                      scale_ptr, c, tokens, per_frame, eps, s_xb, s_xl, s_yb, s_yl,
-                                      s_gb, s_gf, s_mb, s_mf, MODULATE: tl.constexpr,
-                                      QUANT: tl.constexpr, BLOCK_C: tl.constexpr,
+def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_bias_ptr,
+                                      sum_ptr, out_ptr, scale_ptr, c, tokens, per_frame, eps, s_xb,
+                                      s_xl, s_yb, s_yl, s_gb, s_gf, s_mb, s_mf,
+                                      MODULATE: tl.constexpr, QUANT: tl.constexpr,
+                                      SUM_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
                                       E4M3_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
-    """sum = x + y * gate (rounded, stored: the residual stream), then the LayerNorm of the sum."""
+    """sum = x + y * gate (rounded: the residual stream), then the LayerNorm of the sum. The sum
+    is stored, with SUM_BIAS plus a bias row (rounded again: the next residual add's bias, added
+    ahead so that its GEMM can accumulate into the stream)."""
     row = tl.program_id(0)
     b = row // tokens
     frame = (row % tokens) // per_frame
@@ -101,7 +104,11 @@ def _gated_residual_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, a_ptr, b_ptr, sum_
     dtype = sum_ptr.dtype.element_ty
     total = _gated_sum(x_ptr, y_ptr, gate_ptr, row, tokens, per_frame, cols, ok, s_xb, s_xl, s_yb,
                        s_yl, s_gb, s_gf).to(dtype)
-    tl.store(sum_ptr + row * c + cols, total, mask=ok)
+    if SUM_BIAS:
+        ahead = tl.load(sum_bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(sum_ptr + row * c + cols, (total.to(tl.float32) + ahead).to(dtype), mask=ok)
+    else:
+        tl.store(sum_ptr + row * c + cols, total, mask=ok)
     m_off = b * s_mb + frame * s_mf + cols
     a = tl.load(a_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
     shift = tl.load(b_ptr + m_off, mask=ok, other=0.0).to(tl.float32)
@@ -221,20 +228,24 @@ def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps, quantize=F
                                       eps, modulate=True, quantize=quantize)
 
 
-def gated_residual_layer_norm(x, y, gate, weight, bias, eps, quantize=False):
+def gated_residual_layer_norm(x, y, gate, weight, bias, eps, quantize=False, sum_bias=None):
     """(s, LayerNorm(s) [* weight + bias]) for s = x + y * gate; x, y [B, F*S, C], gate
-    [B, F, 1, C], weight/bias [C] or None. With `quantize` the second is Fp8Rows."""
+    [B, F, 1, C], weight/bias [C] or None. With `quantize` the second is Fp8Rows. With
+    `sum_bias` [C] the first is s + sum_bias (the LayerNorm still of s)."""
     c = x.shape[-1]
+    if sum_bias is not None and sum_bias.shape != (c,):
+        raise ValueError(f"sum_bias must be [{c}], got {tuple(sum_bias.shape)}")
     weight = weight if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
     bias = bias if bias is not None else torch.zeros(c, dtype=x.dtype, device=x.device)
     if weight.shape != (c,) or bias.shape != (c,):
         raise ValueError(f"weight and bias must be [{c}], got {tuple(weight.shape)}, "
                          f"{tuple(bias.shape)}")
     return _gated_residual_layer_norm(x, y, gate, weight, bias, 0, 0, eps, modulate=False,
-                                      quantize=quantize)
+                                      quantize=quantize, sum_bias=sum_bias)
 
 
-def _gated_residual_layer_norm(x, y, gate, a, b, s_mb, s_mf, eps, modulate, quantize):
+def _gated_residual_layer_norm(x, y, gate, a, b, s_mb, s_mf, eps, modulate, quantize,
+                               sum_bias=None):
     batch, length, c, per_frame = _check(x, gate, "gate")
     if y.shape != x.shape:
         raise ValueError(f"y {tuple(y.shape)} must match x {tuple(x.shape)}")
@@ -242,9 +253,10 @@ def _gated_residual_layer_norm(x, y, gate, a, b, s_mb, s_mf, eps, modulate, quan
     total = torch.empty(batch, length, c, dtype=x.dtype, device=x.device)
     out, scales = _outputs(x, (batch, length, c), quantize)
     _gated_residual_layer_norm_kernel[(batch * length,)](
-        x, y, gate, a, b, total, out, scales, c, length, per_frame, eps, x.stride(0), x.stride(1),
-        y.stride(0), y.stride(1), gate.stride(0), gate.stride(1), s_mb, s_mf, MODULATE=modulate,
-        QUANT=quantize, BLOCK_C=triton.next_power_of_2(c), **FP8_SCALE, num_warps=NUM_WARPS)
+        x, y, gate, a, b, sum_bias, total, out, scales, c, length, per_frame, eps, x.stride(0),
+        x.stride(1), y.stride(0), y.stride(1), gate.stride(0), gate.stride(1), s_mb, s_mf,
+        MODULATE=modulate, QUANT=quantize, SUM_BIAS=sum_bias is not None,
+        BLOCK_C=triton.next_power_of_2(c), **FP8_SCALE, num_warps=NUM_WARPS)
     return total, _result(out, scales)
 
 
