@@ -144,11 +144,12 @@ def test_layer_norm(case, dtype, affine):
     assert_close_elementwise(got, exact, twin=twin)
 
 
-@pytest.mark.parametrize("norm", ["modulate", "affine", "plain"])
+@pytest.mark.parametrize("norm", ["modulate", "affine", "plain", "affine+sum_bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", MODULATION_CASES, ids=str)
 def test_gated_residual_layer_norm(case, dtype, norm):
-    """The residual sum and its LayerNorm from one pass, both vs float64 and the eager twin."""
+    """The residual sum and its LayerNorm from one pass, both vs float64 and the eager twin;
+    with sum_bias the stored sum carries the next residual add's bias (the norm does not)."""
     b, frames, per_frame, c = case
     x = _randn((b, frames * per_frame, c), dtype, 27) * 3 + 1
     y = _randn((b, frames * per_frame, c), dtype, 28)
@@ -159,11 +160,19 @@ def test_gated_residual_layer_norm(case, dtype, norm):
     else:
         op = "gated_residual_layer_norm"
         factors = ((1 + 0.1 * _randn((c,), dtype, 30), 0.1 * _randn((c,), dtype, 31))
-                   if norm == "affine" else (None, None))
+                   if norm.startswith("affine") else (None, None))
     wide = tuple(None if f is None else f.double() for f in factors)
-    exact = getattr(eager, op)(x.double(), y.double(), gate.double(), *wide, 1e-6)
-    twin = getattr(eager, op)(x, y, gate, *factors, 1e-6)
-    got = getattr(triton_ops, op)(x, y, gate, *factors, 1e-6)
+    extra = {}
+    if norm.endswith("sum_bias"):
+        extra = {"sum_bias": _randn((c,), dtype, 32)}
+    wide_extra = {k: v.double() for k, v in extra.items()}
+    exact = getattr(eager, op)(x.double(), y.double(), gate.double(), *wide, 1e-6, **wide_extra)
+    twin = getattr(eager, op)(x, y, gate, *factors, 1e-6, **extra)
+    got = getattr(triton_ops, op)(x, y, gate, *factors, 1e-6, **extra)
+    if extra:  # the sum with the bias ahead, and the LayerNorm of the sum without it
+        plain = eager.gated_residual(x.double(), y.double(), gate.double())
+        assert rel_err(exact[0], plain + wide_extra["sum_bias"]) == 0
+        assert rel_err(exact[1], eager.layer_norm(plain, *wide, 1e-6)) == 0
     for g, t, e in zip(got, twin, exact):
         assert g.shape == e.shape and g.dtype == dtype
         err, twin_err = rel_err(g, e), rel_err(t, e)
