@@ -127,7 +127,7 @@ def test_graphs_of_update_calls_are_captured_by_warm_up_and_replay_as_eager():
               for k, v in make_inputs(graphed).items()}
     assert graphed.warm_up(inputs["visual_context"], inputs["cond_concat"], inputs["mouse_cond"],
                            inputs["keyboard_cond"], t_dtype=inputs["t"].dtype,
-                           cache_update_only=True) >= 6
+                           cache_update_only=True) >= 5  # + the image context's
     captured = graphed._graphs.captures
     got = _stream(graphed, 4, None, True, device="cuda")
     expected = _stream(eager, 4, None, False, device="cuda")

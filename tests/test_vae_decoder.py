@@ -11,7 +11,8 @@ from golden_runner import GOLDEN_DIR
 from helpers import build_decoder, decoder_weights, rel_err, requires_cuda
 from wan.modules.checkpoint import CheckpointMismatchError
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
-from wan.modules.vae_decoder import VAEDecoderWrapper, frames_out, load_decoder_weights
+from wan.modules.vae_decoder import (Resample, ResidualBlock, VAEDecoderWrapper, frames_out,
+                                     load_decoder_weights)
 from wan.modules.random_init import randomize_decoder_weights_
 
 DECODERS = [VAEDecoderWrapper, OptimizedVAEDecoderWrapper]
@@ -56,6 +57,22 @@ def test_optimized_matches_reference_on_any_block_split(block_frames):
     latents, expected = _latents(7), _reference_stream(7)
     got, _ = _stream(build_decoder(OptimizedVAEDecoderWrapper), latents, block_frames)
     assert got.shape == expected.shape == (1, frames_out(7, first_block=True), 3, 16, 24)
+    assert rel_err(got, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["bias_folded", "bias_in_conv"])
+def test_the_resample_bias_fold_changes_nothing_but_rounding(fold):
+    """fold_resample_bias (default on) leaves a resample conv's bias to the next residual block
+    where its shortcut is the identity; off, the conv adds it as upstream. Both are the
+    reference's stream (float64)."""
+    latents, expected = _latents(7), _reference_stream(7)
+    decoder = build_decoder(OptimizedVAEDecoderWrapper)
+    decoder.fold_resample_bias = fold
+    layers = [*decoder.decoder.middle, *decoder.decoder.upsamples]
+    folds = [isinstance(b, ResidualBlock) and isinstance(b.shortcut, torch.nn.Identity)
+             for a, b in zip(layers, layers[1:]) if isinstance(a, Resample)]
+    assert any(folds)  # the decoder under test has a resample whose bias folds
+    got, _ = _stream(decoder, latents, 3)
     assert rel_err(got, expected) <= 1e-10
 
 

@@ -168,6 +168,10 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         self._graphs = GraphRunner()  # over the workspace's buffers
         self._workspace: Optional[_Workspace] = None
         self._prepared_for = None  # (device, dtype) of the weights' layout and the ops
+        # the bias of a resample's 2-D conv is added by the next residual block's norm and
+        # residual add (where its shortcut is the identity) instead of a pass of its own; False:
+        # in the conv, as upstream (set it before the first call: graphs capture either)
+        self.fold_resample_bias = True
         self._watch_weights()
         _last_built = weakref.ref(self)
 
@@ -377,33 +381,48 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         decoder = self.decoder
         x = self.conv2(self.denormalize(z).contiguous(memory_format=torch.channels_last_3d))
         x = _causal_conv(decoder.conv1, _copy_of(x), x.shape[2], state, 0)
-        for layer in [*decoder.middle, *decoder.upsamples]:
+        layers = [*decoder.middle, *decoder.upsamples]
+        pending_bias = None  # a conv bias the next block adds (see the resample below)
+        for i, layer in enumerate(layers):
             if isinstance(layer, ResidualBlock):
-                x = self._residual(layer, x, state)
+                x = self._residual(layer, x, state, pending_bias)
             elif isinstance(layer, AttentionBlock):
                 x = layer(x)
-            elif isinstance(layer, Resample):
-                x = self._resample(layer, x, state, first)
+            pending_bias = None
+            if isinstance(layer, Resample):
+                # a resample's conv bias is left to the next block when its shortcut is the
+                # identity: its norm adds it before normalising, its residual add with its own
+                # conv's bias (one full-resolution pass fewer)
+                after = layers[i + 1] if i + 1 < len(layers) else None
+                fold = (isinstance(after, ResidualBlock) and isinstance(after.shortcut, torch.nn.Identity)
+                        and self.fold_resample_bias)
+                x = self._resample(layer, x, state, first, bias=not fold)
+                if fold:
+                    pending_bias = layer.resample[1].bias
         norm, _, conv = decoder.head
         # the head (96 -> 3 channels): one GEMM over the pixels + a 27-tap sum (wan/ops/triton/conv3d.py)
         x = _causal_conv(conv, self._normed(norm, x), x.shape[2], state, len(state.buffers) - 1,
                          conv_op=self._ops.conv3d_narrow)
         return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)
 
-    def _residual(self, block: ResidualBlock, x, state):
+    def _residual(self, block: ResidualBlock, x, state, x_bias=None):
         """shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x)))))), each conv's bias added by the
-        op after it."""
+        op after it. `x_bias`: the bias of the conv that made x, not added yet (only with an
+        identity shortcut): norm1 adds it, and the residual add with conv2's."""
         norm1, _, conv1, norm2, _, _, conv2 = block.residual
         frames = x.shape[2]
-        h = _causal_conv(conv1, self._normed(norm1, x), frames, state, block.first_index,
+        h = _causal_conv(conv1, self._normed(norm1, x, x_bias), frames, state, block.first_index,
                          bias=False)
         h = _causal_conv(conv2, self._normed(norm2, h, conv1.bias), frames, state,
                          block.first_index + 1, bias=False)
+        if x_bias is not None:  # (h + b2) + (x + b_x) = (h + (b2 + b_x)) + x
+            return self._ops.bias_residual_add(h, conv2.bias + x_bias, x)
         return self._ops.bias_residual_add(h, conv2.bias, block.shortcut(x))
 
-    def _resample(self, layer: Resample, x, state, first: bool):
+    def _resample(self, layer: Resample, x, state, first: bool, bias: bool = True):
         """Frames doubled by the causal time conv (not at a stream's first latent frame), then
-        each frame upsampled 2x and convolved, channels-last throughout."""
+        each frame upsampled 2x and convolved, channels-last throughout (bias=False: without the
+        2-D conv's bias, which the caller leaves to the next op)."""
         if layer.mode == "upsample3d" and not first:
             b, c, t, h, w = x.shape
             y = _causal_conv(layer.time_conv, _copy_of(x), t, state, layer.index)
@@ -412,7 +431,10 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
             x = x.contiguous(memory_format=torch.channels_last_3d)
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # a view in channels-last memory
-        y = layer.resample[1](self._ops.upsample_nearest2x(frames))
+        conv = layer.resample[1]
+        y = F.conv2d(self._ops.upsample_nearest2x(frames), conv.weight,
+                     conv.bias if bias else None, conv.stride, conv.padding, conv.dilation,
+                     conv.groups)
         return y.view(b, t, *y.shape[1:]).transpose(1, 2)
 
     def _normed(self, norm, x, bias=None):
