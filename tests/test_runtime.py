@@ -86,6 +86,18 @@ def test_the_decoder_follows_the_dits_options_unless_given_its_own(monkeypatch):
     assert follows.options.sources["cuda_graphs"] == "the DiT's cuda_graphs=False"
 
 
+def test_decoder_compile_turns_graphs_on_and_names_itself_without_touching_the_old_options():
+    """upstream's scripts call decoder.compile(...): graphs on unless turned off, reported as
+    coming from compile(); the options object held before stays as it was (a new one is made)."""
+    publish_model_options()  # no DiT options in play
+    decoder = OptimizedVAEDecoderWrapper()
+    before = decoder._resolved_options()
+    decoder.compile(mode="max-autotune-no-cudagraphs")
+    assert decoder.options.cuda_graphs is True
+    assert decoder.options.sources["cuda_graphs"] == "compile()"
+    assert before.cuda_graphs is None and before.sources["cuda_graphs"] == "default"
+
+
 # ---------------------------------------------------------------------- warm-up
 @torch.no_grad()
 def test_warm_up_leaves_the_stream_as_a_fresh_one():

@@ -201,8 +201,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         global _compile_noted
         options = self._resolved_options()
         if options.cuda_graphs is None:
-            self.options = options.with_option("cuda_graphs", True)
-            self.options.sources["cuda_graphs"] = "compile()"
+            self.options = options.with_option("cuda_graphs", True, origin="compile()")
         if not _compile_noted:
             _compile_noted = True
             state = ("its own CUDA graphs stay off (turned off)" if self.cuda_graphs is False
@@ -253,7 +252,9 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         phases = _phases(z.permute(0, 2, 1, 3, 4), started)
         work = self._workspace_for(shapes, z, phases, steady=started)  # missing graphs first
         work.take_in(histories)
-        with self._conv_search(z.device, steady=started):
+        # the search matters where cuDNN picks engines: eager calls (graphs were captured under it)
+        eager = not self.options.graphs_on(z.device)
+        with self._conv_search(z.device, steady=started and eager):
             pieces = [self._run(name, latents, work) for name, latents in phases]
         histories = work.hand_back()
         setattr(histories[0], STARTED_TAG, True)

@@ -25,7 +25,7 @@ sets options in the DiT's config.json. So the DiT publishes the options it was *
 last DiT built wins.
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import FrozenSet, Mapping, Optional
 
 from ..ops.fp8 import PRECISIONS
@@ -74,14 +74,19 @@ class FastOptions:
             values["fp8_gemms"] = frozenset()
         return cls(**values, sources=sources, given=given, inherited=inherited, given_as=given_as)
 
-    def with_option(self, name: str, value, environ: Optional[Mapping[str, str]] = None):
+    def with_option(self, name: str, value, environ: Optional[Mapping[str, str]] = None,
+                    origin: Optional[str] = None):
         """The same options with one given value changed (None: not given, so the environment,
         then the default) and everything resolved again, as the models' setters need
-        (`set_backend`, `set_precision`, `enable_cuda_graphs`)."""
+        (`set_backend`, `set_precision`, `enable_cuda_graphs`). `origin`: what the report names
+        as that value's source (e.g. "compile()") instead of the keyword."""
         if name not in OPTION_NAMES:
             raise TypeError(f"unknown option {name!r}; options are {list(OPTION_NAMES)}")
-        return FastOptions.resolve(dict(self.given, **{name: value}), self.inherited, environ,
-                                   self.given_as)
+        resolved = FastOptions.resolve(dict(self.given, **{name: value}), self.inherited, environ,
+                                       self.given_as)
+        if origin is None:
+            return resolved
+        return replace(resolved, sources={**resolved.sources, name: origin})
 
     def graphs_on(self, device) -> bool:
         """Whether graphs replay for work on `device`: never off CUDA; on CUDA unless turned off."""
