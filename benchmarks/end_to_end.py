@@ -44,6 +44,12 @@ PAIRS = {
     "optimized_serial": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
                          (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}),
                          {"overlap_update": False}),
+    # the resample as nearest upsampling + torch's 3x3 conv (the eager twin): what the 2x2
+    # sub-pixel conv of upsample_conv2d buys
+    "optimized_upsample_eager": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
+                                 (OptimizedVAEDecoderWrapper,
+                                  {"cuda_graphs": True, "backend": {"upsample_conv2d": "eager"}}),
+                                 {"overlap_update": True}),
     # the t=0 update as a full forward (head and last block's tail): what cache_update_only buys
     "optimized_full_update": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
                               (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}),

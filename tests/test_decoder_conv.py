@@ -97,3 +97,55 @@ def test_conv3d_narrow_in_the_registry():
     assert fn is triton_ops.conv3d_narrow
     name, fn = resolve("conv3d_narrow", "eager", DEVICE, torch.float32, 0)
     assert fn is eager.conv3d_narrow
+
+
+# ------------------------------------------------------------------ the resample: upsample + conv
+# (frames N, Cin, Cout, H, W): the decoder's resamples (12 or 6 frames) on a GPU, awkward ones
+UPSAMPLE_CASES = [(2, 16, 8, 5, 7), (1, 12, 6, 1, 1), (3, 8, 24, 4, 2 ** 4 + 1), (1, 96, 48, 3, 6)]
+if HAS_CUDA:
+    UPSAMPLE_CASES += [(12, 192, 96, 176, 320), (12, 384, 192, 88, 160), (6, 384, 192, 44, 80)]
+
+
+def _upsample_inputs(case, dtype, seed=0):
+    n, cin, cout, h, w = case
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen, device=DEVICE).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)  # as the decoder's frames are
+    weight = (torch.randn(cout, cin, 3, 3, generator=gen, device=DEVICE) / (9 * cin) ** 0.5)
+    bias = 0.1 * torch.randn(cout, generator=gen, device=DEVICE)
+    return x, weight.to(dtype), bias.to(dtype)
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", UPSAMPLE_CASES, ids=str)
+def test_upsample_conv2d(case, dtype, with_bias):
+    """The 2x2 sub-pixel conv + interleave against torch's conv of the upsampled frames (the
+    eager twin) and float64, elementwise and by norm; channels-last out."""
+    x, weight, bias = _upsample_inputs(case, dtype)
+    bias = bias if with_bias else None
+    wide = None if bias is None else bias.double()
+    exact = eager.upsample_conv2d(x.double(), weight.double(), wide)
+    twin = eager.upsample_conv2d(x, weight, bias)
+    got = triton_ops.upsample_conv2d(x, weight, bias)
+    assert got.shape == exact.shape == (case[0], case[2], 2 * case[3], 2 * case[4])
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    err, twin_err = rel_err(got, exact), rel_err(twin, exact)
+    assert err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
+    assert_close_elementwise(got, exact, twin=twin)
+
+
+def test_upsample_conv2d_float64_is_the_upsampled_conv():
+    """In float64 the two are the same math up to summation order (~1e-15)."""
+    x, weight, bias = _upsample_inputs(UPSAMPLE_CASES[0], torch.float64)
+    assert rel_err(triton_ops.upsample_conv2d(x, weight, bias),
+                   eager.upsample_conv2d(x, weight, bias)) <= 1e-13
+
+
+def test_upsample_conv2d_refuses_other_kernels():
+    x, weight, bias = _upsample_inputs(UPSAMPLE_CASES[0], torch.float32)
+    for op in (eager.upsample_conv2d, triton_ops.upsample_conv2d):
+        with pytest.raises(ValueError, match="3x3 weight"):
+            op(x, weight[:, :, :2, :2], bias)
+        with pytest.raises(ValueError, match="bias must be"):
+            op(x, weight, bias[:3])

@@ -196,6 +196,24 @@ def upsample_nearest2x(x):
     return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+def check_upsample_conv(x, weight, bias):
+    """The shapes upsample_conv2d takes (every backend): frames [N, Cin, H, W], a 3x3 weight
+    [Cout, Cin, 3, 3], bias [Cout] or None."""
+    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) \
+            or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x [N, Cin, H, W] and a 3x3 weight [Cout, Cin, 3, 3] expected, got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def upsample_conv2d(x, weight, bias=None):
+    """conv2d(nearest 2x upsampling of x, weight, padding 1) + bias: the decoder's resample, frames
+    [N, Cin, H, W] -> [N, Cout, 2H, 2W] (torch's conv over the upsampled frames)."""
+    check_upsample_conv(x, weight, bias)
+    return F.conv2d(upsample_nearest2x(x), weight, bias, padding=1)
+
+
 def conv3d_narrow(x, weight, bias=None):
     """conv3d of the window x [B, Cin, KT - 1 + T, H, W] with weight [Cout, Cin, KT, KH, KW], valid
     in time, zero-padded (KH - 1) / 2, (KW - 1) / 2 in height and width, + bias (torch's conv in
@@ -224,5 +242,6 @@ OPS = {
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
     "upsample_nearest2x": upsample_nearest2x,
+    "upsample_conv2d": upsample_conv2d,
     "conv3d_narrow": conv3d_narrow,
 }

@@ -7,6 +7,7 @@ from .fp8_rows import quantize_fp8
 from .modulation import (frame_bias_gelu, gated_residual, gated_residual_layer_norm,
                          gated_residual_layer_norm_modulate, layer_norm, layer_norm_modulate)
 from .norm_rope import norm_rope_store, qkv_norm_rope_store
+from .upsample_conv import upsample_conv2d
 
 OPS = {
     "mouse_attention": action_attention,
@@ -23,5 +24,6 @@ OPS = {
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
     "upsample_nearest2x": upsample_nearest2x,
+    "upsample_conv2d": upsample_conv2d,
     "conv3d_narrow": conv3d_narrow,
 }
