@@ -23,6 +23,9 @@ END = "<!-- results-table:end -->"
 SOURCES = {
     "stream": "2026-12-02_h200_stream_step34.json",
     "end_to_end": "2026-12-02_h200_end_to_end_step34.json",
+    # the decoder since upsample_conv2d (step 37); that run's block median is not usable (a graph
+    # captured inside its few timed blocks), so the block rows stay the run above's
+    "decoder": "2026-12-02_h200_end_to_end_step37.json",
     # the reference pair's numbers (its code did not change since; the newer run timed only ours)
     "end_to_end_reference": "2026-12-02_h200_end_to_end.json",
     "upstream_pipeline_full": "2026-12-01_h200_upstream_pipeline_full.json",
@@ -66,6 +69,7 @@ def rows(root=ROOT):
     seed = load("stream", root)["seed"]["per_model"]
     e2e = load("end_to_end", root)["end_to_end"]
     e2e_ref = load("end_to_end_reference", root)["end_to_end"]
+    decoder = load("decoder", root)["end_to_end"]
     both = ("end_to_end", "end_to_end_reference")
     full = load("upstream_pipeline_full", root)["pipeline"]
     play = load("play", root)["play"]
@@ -79,7 +83,8 @@ def rows(root=ROOT):
         ("seed protocol (`test_performance_benchmark`), graphs / reference",
          f"{seed['graphs']['median_ms']:.1f} / {seed['reference']['median_ms']:.1f} ms", "stream"),
         ("decoder per 12-frame block, optimized / reference",
-         f"**{e2e['decoder_optimized_ms']:.1f}** / {e2e_ref['decoder_reference_ms']:.1f} ms", both),
+         f"**{decoder['decoder_optimized_ms']:.1f}** / {e2e_ref['decoder_reference_ms']:.1f} ms",
+         ("decoder", "end_to_end_reference")),
         ("whole block (3 forwards, decode, update), optimized / reference",
          f"**{e2e['optimized_block_ms']:.1f}** / {e2e_ref['reference_block_ms']:.1f} ms", both),
         ("action to frame, optimized (decode ahead of the update)",

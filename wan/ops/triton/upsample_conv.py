@@ -25,10 +25,13 @@ import triton.language as tl
 
 from ..eager import check_upsample_conv
 
-# per parity (0: even output rows/columns, 1: odd), which kernel taps add up into each of the
-# 2x2 kernel's two rows (or columns): row p of the small kernel = sum over r of COMBINE[a][p][r]
-# times row r of the 3x3 one
-COMBINE = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+def _combine(w: torch.Tensor, dim: int, parity: int) -> torch.Tensor:
+    """The 3 taps of w along `dim` summed into the 2x2 kernel's 2 for one output parity: even
+    (0): (tap 0, taps 1 + 2), odd (1): (taps 0 + 1, tap 2). Slices and adds on w's device only
+    (no host tensor: it may run inside a CUDA graph capture)."""
+    t0, t1, t2 = w.unbind(dim)
+    pair = (t0, t1 + t2) if parity == 0 else (t0 + t1, t2)
+    return torch.stack(pair, dim)
 
 
 def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
@@ -36,10 +39,8 @@ def subpixel_weights(weight: torch.Tensor) -> torch.Tensor:
     2x2 kernel; taps summed in float32 (float64 for float64 weights), rounded once to the
     weight's dtype; channels-last like the decoder's weights."""
     wide = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    combine = torch.tensor(COMBINE, dtype=wide, device=weight.device)
     w = weight.to(wide)
-    groups = [torch.einsum("pr,oirs,qs->oipq", combine[a], w, combine[b])
-              for a in (0, 1) for b in (0, 1)]
+    groups = [_combine(_combine(w, 2, a), 3, b) for a in (0, 1) for b in (0, 1)]
     return torch.cat(groups).to(weight.dtype).contiguous(memory_format=torch.channels_last)
 
 
