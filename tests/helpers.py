@@ -26,6 +26,17 @@ def build_model(preset="tiny", dtype=torch.float64, device="cpu", seed=0, cls=Ca
     return model.to(dtype=dtype).eval()
 
 
+def graphed_and_eager_streams(dtype=torch.bfloat16):
+    """Two optimized tiny models with the same weights on CUDA, one replaying CUDA graphs and one
+    eager, each with an owned stream started (the GPU tests' graphs-equal-eager pair)."""
+    from wan.modules.optimized_causal_model import OptimizedCausalWanModel
+    pair = [build_model(cls=OptimizedCausalWanModel, dtype=dtype, device="cuda", cuda_graphs=on)
+            for on in (True, False)]
+    for model in pair:
+        model.start_stream(latent_size=LATENT_SIZE["tiny"])
+    return pair
+
+
 def make_inputs(model, frames=3, start_frame=0, batch=1, preset="tiny", seed=1):
     """Random inputs for a call covering frames [start_frame, start_frame + frames)."""
     return random_inputs(model, LATENT_SIZE[preset], frames, start_frame, batch, seed)

@@ -5,7 +5,8 @@ block has an action module; the runner's frames must not move; bad use is a clea
 import pytest
 import torch
 
-from helpers import build_decoder, build_model, make_caches, make_inputs, rel_err, requires_cuda
+from helpers import (build_decoder, build_model, graphed_and_eager_streams, make_caches,
+                     make_inputs, rel_err, requires_cuda)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.presets import model_config
@@ -117,12 +118,7 @@ def test_bad_use_is_a_clear_error():
 def test_graphs_of_update_calls_are_captured_by_warm_up_and_replay_as_eager():
     """On CUDA: warm_up(cache_update_only=True) captures the update calls' graphs too, so the real
     stream captures nothing; the caches after graphed lean updates equal eager full updates'."""
-    graphed = build_model(cls=OptimizedCausalWanModel, dtype=torch.bfloat16, device="cuda",
-                          cuda_graphs=True)
-    eager = build_model(cls=OptimizedCausalWanModel, dtype=torch.bfloat16, device="cuda",
-                        cuda_graphs=False)
-    for model in (graphed, eager):
-        model.start_stream(latent_size=(8, 16))
+    graphed, eager = graphed_and_eager_streams()
     inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
               for k, v in make_inputs(graphed).items()}
     assert graphed.warm_up(inputs["visual_context"], inputs["cond_concat"], inputs["mouse_cond"],

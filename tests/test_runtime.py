@@ -4,7 +4,8 @@ crossattn_cache; a decoder call repeated with an earlier cache)."""
 import pytest
 import torch
 
-from helpers import build_decoder, build_model, make_caches, make_inputs, rel_err, run_stream
+from helpers import (build_decoder, build_model, graphed_and_eager_streams, make_caches,
+                     make_inputs, rel_err, run_stream)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.presets import model_config
@@ -142,12 +143,7 @@ def test_warm_up_without_a_stream_or_conditions_is_a_clear_error():
 @requires_cuda
 @torch.no_grad()
 def test_after_warm_up_real_calls_capture_nothing_and_match_eager():
-    graphed = build_model(cls=OptimizedCausalWanModel, dtype=torch.bfloat16, device="cuda",
-                          cuda_graphs=True)
-    eager = build_model(cls=OptimizedCausalWanModel, dtype=torch.bfloat16, device="cuda",
-                        cuda_graphs=False)
-    for model in (graphed, eager):
-        model.start_stream(latent_size=(8, 16))
+    graphed, eager = graphed_and_eager_streams()
     inputs = make_inputs(graphed)
     assert graphed.warm_up(inputs["visual_context"], inputs["cond_concat"],
                            inputs["mouse_cond"], inputs["keyboard_cond"],
