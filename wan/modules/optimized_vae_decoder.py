@@ -396,8 +396,8 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
                 # identity: its norm adds it before normalising, its residual add with its own
                 # conv's bias (one full-resolution pass fewer)
                 after = layers[i + 1] if i + 1 < len(layers) else None
-                fold = (isinstance(after, ResidualBlock) and isinstance(after.shortcut, torch.nn.Identity)
-                        and self.fold_resample_bias)
+                fold = (self.fold_resample_bias and isinstance(after, ResidualBlock)
+                        and isinstance(after.shortcut, torch.nn.Identity))
                 x = self._resample(layer, x, state, first, bias=not fold)
                 if fold:
                     pending_bias = layer.resample[1].bias
