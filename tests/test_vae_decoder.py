@@ -76,6 +76,22 @@ def test_the_resample_bias_fold_changes_nothing_but_rounding(fold):
     assert rel_err(got, expected) <= 1e-10
 
 
+@torch.no_grad()
+def test_the_resample_bias_fold_can_change_mid_stream_and_refuses_non_bools():
+    """Switching fold_resample_bias between blocks keeps the stream the reference's (the graphs
+    captured for the old setting are dropped); a non-bool is a clear error."""
+    latents, expected = _latents(7), _reference_stream(7)
+    decoder = build_decoder(OptimizedVAEDecoderWrapper)
+    cache, pieces = [None] * 32, []
+    for start, fold in ((0, True), (3, False), (6, True)):
+        decoder.fold_resample_bias = fold
+        out, cache = decoder(latents[:, start:start + 3], *cache)
+        pieces.append(out)
+    assert rel_err(torch.cat(pieces, dim=1), expected) <= 1e-10
+    with pytest.raises(TypeError, match="fold_resample_bias must be True or False"):
+        decoder.fold_resample_bias = 0
+
+
 @pytest.mark.parametrize("first,second", [(VAEDecoderWrapper, OptimizedVAEDecoderWrapper),
                                           (OptimizedVAEDecoderWrapper, VAEDecoderWrapper)])
 @torch.no_grad()

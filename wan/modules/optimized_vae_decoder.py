@@ -169,10 +169,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         self._graphs = GraphRunner()  # over the workspace's buffers
         self._workspace: Optional[_Workspace] = None
         self._prepared_for = None  # (device, dtype) of the weights' layout and the ops
-        # the bias of a resample's 2-D conv is added by the next residual block's norm and
-        # residual add (where its shortcut is the identity) instead of a pass of its own; False:
-        # in the conv, as upstream (set it before the first call: graphs capture either)
-        self.fold_resample_bias = True
+        self._fold_resample_bias = True  # see the property
         self._watch_weights()
         _last_built = weakref.ref(self)
 
@@ -184,6 +181,22 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
     def backend(self) -> dict:
         """{op: backend name or 'auto'} of the decoder's options (resolved at the first call)."""
         return dict(self._resolved_options().backend)
+
+    @property
+    def fold_resample_bias(self) -> bool:
+        """Whether a resample's 2-D conv leaves its bias to the next residual block (its norm
+        and its residual add, where its shortcut is the identity) instead of a pass of its own
+        (default True; False: in the conv, as upstream). Changing it drops the captured graphs,
+        which hold either way."""
+        return self._fold_resample_bias
+
+    @fold_resample_bias.setter
+    def fold_resample_bias(self, fold: bool):
+        if not isinstance(fold, bool):
+            raise TypeError(f"fold_resample_bias must be True or False, got {type(fold).__name__}")
+        if fold != self._fold_resample_bias:
+            self._fold_resample_bias = fold
+            self._graphs.clear()
 
     @cuda_graphs.setter
     def cuda_graphs(self, enabled: Optional[bool]):
