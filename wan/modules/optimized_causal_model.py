@@ -432,7 +432,8 @@ def _frame_windows(action, steps):
 def _add_projection(tokens, y, linear):
     """tokens + linear(y). A bias-free layer accumulates into `tokens` inside its GEMM (beta = 1),
     in place: callers pass a `tokens` that nothing else holds (each block's residual stream is a
-    fresh tensor from the cross-attention's add)."""
+    fresh tensor from the cross-attention's residual add, or from the gated residual kernel that
+    its output GEMM then accumulated into)."""
     if linear.bias is not None:
         return tokens + linear(y)
     return tokens.view(-1, tokens.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]),
