@@ -87,10 +87,13 @@ def assert_close_elementwise(got, expected, dtype=None, atol=None, rtol=None, tw
             f"{allowed[index].item():.3g})")
 
 
-def run_stream(model, blocks, batch=1, preset="tiny", caches=None, steps=(1000.0, 500.0), seed=10):
+def run_stream(model, blocks, batch=1, preset="tiny", caches=None, steps=(1000.0, 500.0), seed=10,
+               update_kwargs=None, after_block=None):
     """The pipeline's call pattern: per block of 3 frames, one call per denoising step (feeding
-    0.5 * x + 0.5 * output on) and a cache update at t=0. caches: upstream dicts, or None for a
-    model whose own stream was started. Returns every call's output."""
+    0.5 * x + 0.5 * output on) and a cache update at t=0 (called with `update_kwargs`, e.g.
+    {"cache_update_only": True}). caches: upstream dicts, or None for a model whose own stream
+    was started. `after_block()` is called after each block's update. Returns every call's
+    output (the update's too)."""
     frame_tokens = tokens_per_frame(preset)
     outputs = []
     for block in range(blocks):
@@ -98,10 +101,13 @@ def run_stream(model, blocks, batch=1, preset="tiny", caches=None, steps=(1000.0
         inputs = make_inputs(model, 3, s, batch, preset, seed=seed + block)
         for t in (*steps, 0.0):
             inputs["t"] = torch.full_like(inputs["t"], t)
-            out = model(**inputs, **(caches or {}), current_start=s * frame_tokens)
+            extra = {} if t else (update_kwargs or {})
+            out = model(**inputs, **(caches or {}), current_start=s * frame_tokens, **extra)
             outputs.append(out)
             if t:
                 inputs["x"] = 0.5 * inputs["x"] + 0.5 * out
+        if after_block is not None:
+            after_block()
     return outputs
 
 

@@ -6,15 +6,13 @@ import pytest
 import torch
 
 from helpers import (build_decoder, build_model, graphed_and_eager_streams, make_caches,
-                     make_inputs, rel_err, requires_cuda)
+                     make_inputs, rel_err, requires_cuda, run_stream)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.presets import model_config
 from wan.modules.random_init import random_inputs
 from wan.serving.runner import StreamingBlockRunner
 
-TOKENS_PER_FRAME = 32  # the tiny preset's 8 x 16 latent
-STEPS = (1000.0, 500.0)
 
 
 def _config(last_block_has_actions: bool) -> dict:
@@ -24,23 +22,16 @@ def _config(last_block_has_actions: bool) -> dict:
     return config
 
 
-def _stream(model, blocks, caches, update_only, device="cpu"):
-    """The pipeline's calls per block (denoising steps, then the t=0 update); returns the
-    denoising outputs, the update calls' results and a copy of the caches after each block."""
-    outputs, updates, snapshots = [], [], []
-    for block in range(blocks):
-        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                  for k, v in make_inputs(model, 3, 3 * block, seed=5 + block).items()}
-        call = dict(inputs, **(caches or {}), current_start=3 * block * TOKENS_PER_FRAME)
-        for t in STEPS:
-            call["t"] = torch.full_like(inputs["t"], t)
-            out = model(**call)
-            outputs.append(out)
-            call["x"] = 0.5 * call["x"] + 0.5 * out
-        call["t"] = torch.zeros_like(inputs["t"])
-        updates.append(model(**call, cache_update_only=update_only))
-        snapshots.append(_cache_tensors(model, caches))
-    return outputs, updates, snapshots
+def _stream(model, blocks, caches, update_only):
+    """The pipeline's calls (helpers.run_stream), the update with `cache_update_only` as given:
+    (the denoising calls' outputs, the update calls' results, the caches after each block)."""
+    snapshots = []
+    outputs = run_stream(model, blocks, caches=caches,
+                         update_kwargs={"cache_update_only": update_only},
+                         after_block=lambda: snapshots.append(_cache_tensors(model, caches)))
+    calls = len(outputs) // blocks  # the denoising steps and the update, per block
+    denoising = [out for i, out in enumerate(outputs) if i % calls != calls - 1]
+    return denoising, outputs[calls - 1::calls], snapshots
 
 
 def _cache_tensors(model, caches):
@@ -119,14 +110,13 @@ def test_graphs_of_update_calls_are_captured_by_warm_up_and_replay_as_eager():
     """On CUDA: warm_up(cache_update_only=True) captures the update calls' graphs too, so the real
     stream captures nothing; the caches after graphed lean updates equal eager full updates'."""
     graphed, eager = graphed_and_eager_streams()
-    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
-              for k, v in make_inputs(graphed).items()}
+    inputs = make_inputs(graphed)  # on the model's device
     assert graphed.warm_up(inputs["visual_context"], inputs["cond_concat"], inputs["mouse_cond"],
                            inputs["keyboard_cond"], t_dtype=inputs["t"].dtype,
                            cache_update_only=True) >= 5  # + the image context's
     captured = graphed._graphs.captures
-    got = _stream(graphed, 4, None, True, device="cuda")
-    expected = _stream(eager, 4, None, False, device="cuda")
+    got = _stream(graphed, 4, None, True)
+    expected = _stream(eager, 4, None, False)
     assert graphed._graphs.captures == captured
     assert max(rel_err(g, e) for g, e in zip(got[0], expected[0])) <= 1e-2
     for a, b in zip(got[2][-1], expected[2][-1]):
