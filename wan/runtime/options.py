@@ -136,7 +136,9 @@ def _backend(raw, origin):
     return load_selection(raw)
 
 
-def _cuda_graphs(raw, origin):
+def _switch(raw, origin):
+    """An on/off option: a bool, or 1/true/on/yes and 0/false/off/no from the environment;
+    None stays None (not given)."""
     if raw is None or isinstance(raw, bool):
         return raw
     value = str(raw).strip().lower()
@@ -167,15 +169,11 @@ def _fp8_gemms(raw, origin):
 
 
 def _switch_on_by_default(raw, origin):
-    if raw is None or isinstance(raw, bool):
-        return True if raw is None else raw
-    value = str(raw).strip().lower()
-    if value in _TRUE + _FALSE:
-        return value in _TRUE
-    raise ValueError(f"{origin}: use 1 or 0")
+    value = _switch(raw, origin)
+    return True if value is None else value
 
 
-_PARSERS = {"backend": _backend, "cuda_graphs": _cuda_graphs, "precision": _precision,
+_PARSERS = {"backend": _backend, "cuda_graphs": _switch, "precision": _precision,
             "fp8_gemms": _fp8_gemms, "fused_qkv": _switch_on_by_default,
             "residual_in_gemm": _switch_on_by_default, "conv_search": _switch_on_by_default}
 
