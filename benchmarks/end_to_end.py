@@ -172,9 +172,10 @@ def time_blocks(dit, decoder, runner_opts, args, label):
         progress(label, block + 1, args.blocks, f"{frames.shape[1]} frames: block "
                  f"{timing.block_ms:.1f} ms (decode {timing.decode_ms:.1f} ms), action-to-frame "
                  f"{timing.action_to_frame_ms:.1f} ms")
-    return {"block": summarize(blocks[args.warmup:]),
-            "action_to_frame": summarize(screen[args.warmup:]),
-            "decode_in_block": summarize(decode[args.warmup:]), "frames_per_block": 12}
+    stats = {"block": summarize(blocks[args.warmup:]),
+             "action_to_frame": summarize(screen[args.warmup:]),
+             "decode_in_block": summarize(decode[args.warmup:]), "frames_per_block": 12}
+    return stats, runner
 
 
 def summary(results):
@@ -257,11 +258,11 @@ def _main(argv=None):
     }
     for name, (dit, decoder, runner_opts) in built.items():
         decoder_stats = time_decoder(decoder, args, name)
-        block_stats = time_blocks(dit, decoder, runner_opts, args, name)
+        block_stats, runner = time_blocks(dit, decoder, runner_opts, args, name)
         report["pairs"][name] = {"decoder": decoder_stats, "blocks": block_stats,
                                  "update_beside_decode": runner_opts["overlap_update"],
-                                 "update_cache_only": runner_opts.get("cache_update_only", True)
-                                 and name != "reference"}
+                                 # what the runner did (the reference DiT has no such keyword)
+                                 "update_cache_only": bool(runner.update_kwargs)}
     report["end_to_end"] = summary(report["pairs"])
     finish(report, args.out, plot, print_table)
     return report

@@ -9,5 +9,5 @@ from .scheduler import (BLOCK_FRAMES, PERIOD_S, REALTIME_FPS, VIDEO_FPS, BlockRe
                         DeadlineScheduler, PlayerSession, percentile, players_report)
 
 __all__ = ["BLOCK_FRAMES", "PERIOD_S", "REALTIME_FPS", "VIDEO_FPS", "BlockRecord",
-           "DeadlineScheduler", "FlowMatchSchedule", "NonFiniteOutputError", "PlayerSession", "StreamingBlockRunner",
-           "percentile", "players_report"]
+           "DeadlineScheduler", "FlowMatchSchedule", "NonFiniteOutputError", "PlayerSession",
+           "StreamingBlockRunner", "percentile", "players_report"]

@@ -6,10 +6,10 @@ frames, and the t=0 forward that writes the clean block into the caches.
 update only matters to the next block, and the decode only needs the denoised latents, so with
 `overlap_update=True` (CUDA) the decoder runs on a high-priority stream and the update on the
 default one beside it: the GPU's schedulers give the decoder's kernels precedence, the update
-fills what they leave, the frames are ready after about denoise + decode. And the update is made for its cache writes
-alone: a model whose forward takes `cache_update_only` (the optimized one) stops its last block
-after that block's cache writes and skips the head, whose output nobody reads
-(`cache_update_only=False` here calls the full forward, as upstream does).
+fills what they leave, the frames are ready after about denoise + decode. And the update is
+made for its cache writes alone: a model whose forward takes `cache_update_only` (the optimized
+one) stops its last block after that block's cache writes and skips the head, whose output
+nobody reads (`cache_update_only=False` here calls the full forward, as upstream does).
 
 With the decoder on another GPU than the DiT (one player split over two GPUs) the runner pipelines:
 the block's latents cross over (NVLink), the decode runs on the decoder's GPU and `block()`
