@@ -102,51 +102,49 @@ def test_model_forgets_its_plan_on_conversion_and_load():
     assert model._plan is None
 
 
+def _qkv_fused(model, on: bool):
+    """One q/k/v GEMM over packed parameters, or three over parameters of their own."""
+    assert len(model._plan.blocks[0].qkv) == (1 if on else 3)
+    q = model.blocks[0].self_attn.q.weight
+    own_storage = q.untyped_storage().nbytes() == q.numel() * q.element_size()
+    assert own_storage is not on
+
+
+def _cross_residual_in_gemm(model, on: bool):
+    assert [block.cross_residual_in_gemm for block in model._plan.blocks] == \
+        [on] * len(model._plan.blocks)
+
+
+# option: (its environment variable, what the plan looks like with it on / off)
+OFF_SWITCHES = {"fused_qkv": ("WAN_FUSED_QKV", _qkv_fused),
+                "residual_in_gemm": ("WAN_RESIDUAL_IN_GEMM", _cross_residual_in_gemm)}
+
+
+@pytest.mark.parametrize("option", OFF_SWITCHES)
 @torch.no_grad()
-def test_unfused_qkv_gives_the_same_stream(monkeypatch):
-    """fused_qkv=False / WAN_FUSED_QKV=0 (the off switch, read when the model is built): three
-    GEMMs, parameters not packed, same results."""
-    reference, _ = _pair()
+def test_an_off_switch_gives_the_same_stream(option, monkeypatch):
+    """fused_qkv=False / WAN_FUSED_QKV=0 (three GEMMs, parameters not packed) and
+    residual_in_gemm=False / WAN_RESIDUAL_IN_GEMM=0 (the cross-attention's residual add on its
+    own again), read when the model is built: the stream is the same as with the option on, and
+    both are the reference's (float64); a bad environment value is refused by name."""
+    variable, plan_is = OFF_SWITCHES[option]
+    reference, default = _pair()
     expected = _stream(reference)
+    assert default.options_report()[option] is True
+    assert max_rel_err(_stream(default), expected) <= 1e-6
+    plan_is(default, on=True)
     for how in ("keyword", "environment"):
         if how == "environment":
-            monkeypatch.setenv("WAN_FUSED_QKV", "0")
+            monkeypatch.setenv(variable, "0")
             model = _pair()[1]
         else:
             model = build_model(config=tiny_variant_config("universal"), dtype=torch.float64,
-                                cls=OptimizedCausalWanModel, fused_qkv=False)
-        assert model.options_report()["fused_qkv"] is False
+                                cls=OptimizedCausalWanModel, **{option: False})
+        assert model.options_report()[option] is False
         assert max_rel_err(_stream(model), expected) <= 1e-6
-        assert len(model._plan.blocks[0].qkv) == 3
-        q = model.blocks[0].self_attn.q.weight
-        assert q.untyped_storage().nbytes() == q.numel() * q.element_size()  # its own storage
-    monkeypatch.setenv("WAN_FUSED_QKV", "maybe")
-    with pytest.raises(ValueError, match="WAN_FUSED_QKV"):
-        _pair()
-
-
-@torch.no_grad()
-def test_the_cross_residual_outside_its_gemm_gives_the_same_stream(monkeypatch):
-    """residual_in_gemm=False / WAN_RESIDUAL_IN_GEMM=0 (the off switch): the cross-attention's
-    residual add runs on its own again; the stream is the same as with it inside the GEMM (and
-    both as the reference's, float64)."""
-    reference, fused = _pair()
-    expected = _stream(reference)
-    assert fused.options.residual_in_gemm is True
-    assert max_rel_err(_stream(fused), expected) <= 1e-6
-    assert all(block.cross_residual_in_gemm for block in fused._plan.blocks)
-    for how in ("keyword", "environment"):
-        if how == "environment":
-            monkeypatch.setenv("WAN_RESIDUAL_IN_GEMM", "0")
-            model = _pair()[1]
-        else:
-            model = build_model(config=tiny_variant_config("universal"), dtype=torch.float64,
-                                cls=OptimizedCausalWanModel, residual_in_gemm=False)
-        assert model.options_report()["residual_in_gemm"] is False
-        assert max_rel_err(_stream(model), expected) <= 1e-6
-        assert not any(block.cross_residual_in_gemm for block in model._plan.blocks)
-    monkeypatch.setenv("WAN_RESIDUAL_IN_GEMM", "maybe")
-    with pytest.raises(ValueError, match="WAN_RESIDUAL_IN_GEMM"):
+        plan_is(model, on=False)
+    monkeypatch.setenv(variable, "maybe")
+    with pytest.raises(ValueError, match=variable):
         _pair()
 
 
