@@ -304,12 +304,3 @@ def test_bias_residual_add(case, dtype):
     err, twin_err = rel_err(got, exact), rel_err(twin, exact)
     assert got.dtype == dtype and err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
     assert_close_elementwise(got, exact, twin=twin)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 96, 5, 7), (2, 2 ** 6 + 17, 4, 9), (1, 384, 2, 3)], ids=str)
-def test_upsample_nearest2x(shape, dtype):
-    x = _randn(shape, dtype, 0)
-    got = triton_ops.upsample_nearest2x(x.contiguous(memory_format=torch.channels_last))
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(got, eager.upsample_nearest2x(x))  # a copy: exact

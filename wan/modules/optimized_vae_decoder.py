@@ -68,8 +68,7 @@ from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resampl
 
 
 # the backend registry's decoder ops
-DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_nearest2x", "upsample_conv2d",
-               "conv3d_narrow")
+DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_conv2d", "conv3d_narrow")
 STARTED_TAG = "wan_decoder_stream_started"  # set on a stream's first history tensor
 PICKLE_FORMAT = "wan.OptimizedVAEDecoderWrapper/marker-1"  # what torch.save writes of a decoder
 _last_built = None  # weak reference to the decoder this process built last (for the marker)
@@ -446,26 +445,15 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
             x = x.contiguous(memory_format=torch.channels_last_3d)
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)  # a view in channels-last memory
+        # Resample's conv is a 3x3, padding 1: upsampling + conv as one op (triton: a 2x2 conv of
+        # the small frames)
         conv = layer.resample[1]
-        bias = conv.bias if bias else None
-        if _is_same_3x3(conv):  # upsampling + conv as one op (triton: a 2x2 conv of the frames)
-            y = self._ops.upsample_conv2d(frames, conv.weight, bias)
-        else:
-            y = F.conv2d(self._ops.upsample_nearest2x(frames), conv.weight, bias, conv.stride,
-                         conv.padding, conv.dilation, conv.groups)
+        y = self._ops.upsample_conv2d(frames, conv.weight, conv.bias if bias else None)
         return y.view(b, t, *y.shape[1:]).transpose(1, 2)
 
     def _normed(self, norm, x, bias=None):
         """A writer of silu(norm(x + bias)) into a convolution's buffer."""
         return lambda dest: self._ops.rms_norm_silu(x, norm.gamma, dest, bias)
-
-
-def _is_same_3x3(conv) -> bool:
-    """A 3x3 conv, stride 1, padding 1, no dilation or groups (upstream's resample conv): what
-    the upsample_conv2d op computes."""
-    return (tuple(conv.kernel_size) == (3, 3) and tuple(conv.stride) == (1, 1)
-            and tuple(conv.padding) == (1, 1) and tuple(conv.dilation) == (1, 1)
-            and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
 def _phases(latents, started: bool) -> list:

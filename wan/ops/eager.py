@@ -191,11 +191,6 @@ def bias_residual_add(h, bias, residual):
     return (h + bias.view(1, -1, 1, 1, 1)) + residual
 
 
-def upsample_nearest2x(x):
-    """Nearest-neighbour 2x upsampling of frames [N, C, H, W] (the decoder's, in x's dtype)."""
-    return F.interpolate(x, scale_factor=2.0, mode="nearest")
-
-
 def check_upsample_conv(x, weight, bias):
     """The shapes upsample_conv2d takes (every backend): frames [N, Cin, H, W], a 3x3 weight
     [Cout, Cin, 3, 3], bias [Cout] or None."""
@@ -211,7 +206,7 @@ def upsample_conv2d(x, weight, bias=None):
     """conv2d(nearest 2x upsampling of x, weight, padding 1) + bias: the decoder's resample, frames
     [N, Cin, H, W] -> [N, Cout, 2H, 2W] (torch's conv over the upsampled frames)."""
     check_upsample_conv(x, weight, bias)
-    return F.conv2d(upsample_nearest2x(x), weight, bias, padding=1)
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
 
 def conv3d_narrow(x, weight, bias=None):
@@ -241,7 +236,6 @@ OPS = {
     "linear_fp8": linear_fp8,
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
-    "upsample_nearest2x": upsample_nearest2x,
     "upsample_conv2d": upsample_conv2d,
     "conv3d_narrow": conv3d_narrow,
 }

@@ -1,6 +1,6 @@
 """The VAE decoder's row kernels on channels-last activations: RMS norm + SiLU over channels (with
-the preceding convolution's bias folded in), a convolution's bias + the residual add, and the
-nearest 2x upsampling (torch's channels-last kernel runs far below memory bandwidth).
+the preceding convolution's bias folded in) and a convolution's bias + the residual add. (The
+decoder's upsampling is inside `upsample_conv2d`, wan/ops/triton/upsample_conv.py.)
 
 Upstream's decoder normalises each pixel's channel vector (`F.normalize(x, dim=1) * sqrt(C) *
 gamma`) and applies SiLU, as four or five separate passes in half precision. In channels-last
@@ -107,34 +107,4 @@ def bias_residual_add(h, bias, residual):
     _bias_residual_add_kernel[grid](h, bias, residual, out, rows, h.shape[1], h.stride(0),
                                     residual.stride(0), out.stride(0), BLOCK_R=block_r,
                                     BLOCK_C=block_c, num_warps=4)
-    return out
-
-
-@triton.jit
-def _upsample_nearest2x_kernel(x_ptr, out_ptr, height, width, channels, BLOCK_W: tl.constexpr,
-                               BLOCK_C: tl.constexpr):
-    row, block = tl.program_id(0), tl.program_id(1)  # row = n * height + h
-    w = block * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.arange(0, BLOCK_C)
-    mask = (w[:, None] < width) & (c[None, :] < channels)
-    x = tl.load(x_ptr + (row * width + w[:, None]) * channels + c[None, :], mask=mask)
-    n, h = row // height, row % height
-    for dy in tl.static_range(2):
-        out_row = (n * 2 * height + 2 * h + dy) * 2 * width
-        for dx in tl.static_range(2):
-            tl.store(out_ptr + (out_row + 2 * w[:, None] + dx) * channels + c[None, :], x,
-                     mask=mask)
-
-
-def upsample_nearest2x(x):
-    """Nearest-neighbour 2x upsampling of channels-last frames [N, C, H, W] -> [N, C, 2H, 2W]
-    (channels-last): each input pixel's channel row stored four times."""
-    n, c, h, w = x.shape
-    x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.empty(n, c, 2 * h, 2 * w, dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last)
-    block_c = triton.next_power_of_2(c)
-    block_w = max(1, 4096 // block_c)
-    _upsample_nearest2x_kernel[(n * h, triton.cdiv(w, block_w))](
-        x, out, h, w, c, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=4)
     return out
