@@ -31,6 +31,7 @@ from wan import CausalWanModel  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
 from wan.modules.vae_decoder import VAEDecoderWrapper  # noqa: E402
+from wan.serving.power import EnergyMeter  # noqa: E402
 from wan.serving.runner import StreamingBlockRunner  # noqa: E402
 from wan.modules.presets import LATENT_SIZE, model_config  # noqa: E402
 from wan.modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_  # noqa: E402
@@ -161,7 +162,11 @@ def time_blocks(dit, decoder, runner_opts, args, label):
               for k in ("mouse_cond", "keyboard_cond")}
     runner.warm_up(first["cond_concat"], **widths)
     blocks, screen, decode = [], [], []
+    device = torch.device(args.device)
+    meter = EnergyMeter(device.index or 0) if device.type == "cuda" else None
     for block in range(args.blocks):
+        if meter is not None and block == args.warmup:  # the timed blocks' energy
+            meter.start()
         inputs = random_inputs(dit, args.latent, 3, 3 * block, seed=1 + block)
         frames, clock = runner.block(inputs["cond_concat"], inputs["mouse_cond"],
                                      inputs["keyboard_cond"])
@@ -172,7 +177,12 @@ def time_blocks(dit, decoder, runner_opts, args, label):
         progress(label, block + 1, args.blocks, f"{frames.shape[1]} frames: block "
                  f"{timing.block_ms:.1f} ms (decode {timing.decode_ms:.1f} ms), action-to-frame "
                  f"{timing.action_to_frame_ms:.1f} ms")
+    if meter is not None:
+        meter.stop()
     stats = {"block": summarize(blocks[args.warmup:]),
+             "block_ms_each": blocks,  # every block, warm-up ones first: outliers show here
+             "energy": (meter.report(blocks=args.blocks - args.warmup) if meter is not None
+                        else {"available": False, "why": "not a CUDA device"}),
              "action_to_frame": summarize(screen[args.warmup:]),
              "decode_in_block": summarize(decode[args.warmup:]), "frames_per_block": 12}
     return stats, runner
@@ -203,7 +213,7 @@ def print_table(report):
     print(f"\n{report['device']} | torch {report['torch']} | DiT {report['preset']} "
           f"{report['dit_dtype']}, decoder {report['decoder_dtype']}, latent {report['latent']}")
     header = (f"{'pair':<17}{'decoder alone':>14}{'decode in block':>16}{'block':>11}"
-              f"{'action->frame':>15}{'fps':>7}")
+              f"{'action->frame':>15}{'fps':>7}{'J/block':>9}")
     print(header)
     print("-" * len(header))
     alone_above_block = False
@@ -213,7 +223,7 @@ def print_table(report):
         alone_above_block |= alone > block
         print(f"{name:<17}{alone:>12.1f}ms{r['blocks']['decode_in_block']['median_ms']:>14.1f}ms"
               f"{block:>9.1f}ms{r['blocks']['action_to_frame']['median_ms']:>13.1f}ms"
-              f"{1e3 * 12 / block:>7.1f}")
+              f"{1e3 * 12 / block:>7.1f}{_joules(r['blocks']['energy']):>9}")
     samples = report["blocks"] - report["warmup_blocks"]
     print(f"medians of {samples} block(s) after {report['warmup_blocks']} warm-up; \"decoder "
           f"alone\": the decoder by itself, timed before the blocks (after its first two calls); "
@@ -225,6 +235,10 @@ def print_table(report):
     e2e = report["end_to_end"]
     if "speedup" in e2e:
         print(f"speedup per block {e2e['speedup']:.2f}x")
+
+
+def _joules(energy: dict) -> str:
+    return f"{energy['joules_per_block']:.1f}" if energy["available"] else "-"
 
 
 def plot(report, path):

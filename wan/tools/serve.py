@@ -34,6 +34,7 @@ from ..modules.vae_decoder import load_decoder_weights
 from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
 from ..modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
+from ..serving.power import EnergyMeter
 from ..serving.scheduler import DeadlineScheduler, PlayerSession, players_report
 
 
@@ -184,9 +185,12 @@ def serve(players, model, decoder, latent_hw, args, device, keep_frames: bool) -
         torch.cuda.synchronize(device)
         memory = (torch.cuda.memory_allocated(device) - before) / 2 ** 30 / len(players)
     begin = time.perf_counter()
-    records = DeadlineScheduler(sessions).run(warmup + args.blocks, on_block=keep)
+    with EnergyMeter(device.index or 0) as meter:  # reports why not without NVML (a CPU)
+        records = DeadlineScheduler(sessions).run(warmup + args.blocks, on_block=keep)
     report = players_report([r for r in records if r.block >= warmup])
     report.update({
+        # the whole measured stretch (its warm-up blocks too): joules per block of any player
+        "energy": meter.report(blocks=len(records)),
         "wall_s": time.perf_counter() - begin,
         "graph_captures_while_measuring": model._graphs.captures + decoder._graphs.captures
         - captures,
@@ -274,13 +278,16 @@ def _finish(args, gathered, world, device):
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"{'rank':>4} {'players':>7} {'min fps':>8} {'lat p50':>8} {'lat p95':>8} "
-          f"{'captures':>8} {'GiB/player':>10}")
+          f"{'captures':>8} {'GiB/player':>10} {'J/block':>8} {'SM MHz':>7} {'capped':>6}")
     for rank, runs in enumerate(gathered):
         for r in runs:
-            memory = r["memory_per_player_gib"]
+            memory, energy = r["memory_per_player_gib"], r["energy"]
+            power = (f"{energy['joules_per_block']:>8.1f} {energy['median_sm_mhz'] or 0:>7.0f} "
+                     f"{energy['power_capped_share'] or 0:>6.0%}") if energy["available"] else \
+                f"{'-':>8} {'-':>7} {'-':>6}"
             print(f"{rank:>4} {r['players']:>7} {r['min_fps']:>8.2f} {r['latency_p50_ms']:>6.0f}ms "
                   f"{r['latency_p95_ms']:>6.0f}ms {r['graph_captures_while_measuring']:>8} "
-                  f"{'-' if memory is None else f'{memory:.2f}':>10}")
+                  f"{'-' if memory is None else f'{memory:.2f}':>10} {power}")
     print(f"real-time players: {summary['players']['max_realtime_players']} over {world} "
           f"process(es) ({summary['players']['max_realtime_players_per_gpu']} on each)")
 
