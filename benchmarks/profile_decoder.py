@@ -13,6 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.harness import run_header  # noqa: E402
 from benchmarks.profile_forward import kernel_summary  # noqa: E402
 from wan.ops.dtypes import DTYPES  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
@@ -45,8 +46,8 @@ def main(argv=None):
     summary = kernel_summary(prof, 1, args.top, f"{args.decoder} decoder, one steady block")
     if args.out:
         Path(args.out).write_text(json.dumps({
-            "decoder": args.decoder, "dtype": args.dtype, "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, **summary}, indent=2))
+            **run_header(torch.device("cuda")), "decoder": args.decoder, "dtype": args.dtype,
+            **summary}, indent=2))
 
 
 if __name__ == "__main__":

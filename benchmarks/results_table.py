@@ -22,16 +22,13 @@ END = "<!-- results-table:end -->"
 # The runs the README's numbers come from (one per kind of measurement; the newest on current code).
 SOURCES = {
     "stream": "2026-12-02_h200_stream_step34.json",
-    "end_to_end": "2026-12-02_h200_end_to_end_step34.json",
-    # the decoder since upsample_conv2d (step 37); that run's block median is not usable (a graph
-    # captured inside its few timed blocks), so the block rows stay the run above's
-    "decoder": "2026-12-02_h200_end_to_end_step37.json",
-    # the reference pair's numbers (its code did not change since; the newer run timed only ours)
-    "end_to_end_reference": "2026-12-02_h200_end_to_end.json",
+    "end_to_end": "2026-12-02_h200_end_to_end_energy.json",
+    "decoder": "2026-12-02_h200_end_to_end_energy.json",
+    "end_to_end_reference": "2026-12-02_h200_end_to_end_energy.json",
     "upstream_pipeline_full": "2026-12-01_h200_upstream_pipeline_full.json",
     "seed_suite": "2026-12-01_h200_upstream_pipeline_full_suite.json",
     "play": "2026-12-01_h200_play.json",
-    "players": "2026-12-02_h200_players_step34.json",
+    "players": "2026-12-02_h200_players_energy.json",
     "fp8": "2026-11-30_h200_fp8.json",
 }
 
@@ -109,7 +106,7 @@ def table(root=ROOT):
     for what, number, kinds in rows(root):
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)  # ours first, then the reference's
         device, date = device_and_date(kinds[0], root)
-        sources = ", ".join(f"`{RESULTS}/{SOURCES[kind]}`" for kind in kinds)
+        sources = ", ".join(dict.fromkeys(f"`{RESULTS}/{SOURCES[kind]}`" for kind in kinds))
         lines.append(f"| {what} | {number} | {device} | {date} | {sources} |")
     return "\n".join(lines) + "\n"
 
