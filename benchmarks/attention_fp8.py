@@ -1,5 +1,5 @@
 """FP8 self-attention at the real shape (2640 queries over 5280 keys, 12 heads of 128, bf16):
-cuDNN's bf16 kernel (what runs now) against our Triton kernel (wan/ops/triton/attention_fp8.py)
+cuDNN's bf16 kernel (what runs now) against our Triton kernel (benchmarks/attention_fp8_kernel.py)
 with no FP8, FP8 QK^T, and FP8 QK^T + P V, each over several tile configs, each alone and with
 its quantization passes, timed inside CUDA graphs; errors against float64 on random inputs
 (plain, sharper scores, outlier channels); graph replay against eager; and whether the compiled
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import run_header  # noqa: E402
 from wan.ops import flash  # noqa: E402
-from wan.ops.triton import attention_fp8 as fa8  # noqa: E402
+from benchmarks import attention_fp8_kernel as fa8  # noqa: E402
 
 SHAPE = (1, 2640, 5280, 12, 128)  # B, Lq, Lk, H, D
 CONFIGS = {

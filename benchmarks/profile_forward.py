@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.harness import run_header  # noqa: E402
 from benchmarks.stream import MODEL_CLASSES  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
 from wan.modules.presets import LATENT_SIZE, model_config, tokens_per_frame  # noqa: E402
@@ -67,8 +68,7 @@ def main(argv=None):
     summary = kernel_summary(prof, forwards, args.top, f"{args.model}: per forward")
     if args.out:
         Path(args.out).write_text(json.dumps({
-            "model": args.model, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            **summary}, indent=2))
+            **run_header(torch.device("cuda")), "model": args.model, **summary}, indent=2))
 
 
 @torch.no_grad()

@@ -1,6 +1,10 @@
 """Self-attention with FP8 (e4m3) tensor-core products and a bfloat16 output: a flash-attention
 forward in Triton (one program per 128 queries of one head, online softmax over the keys).
 
+A measured experiment, not part of the library (lab notebook step 39): at the real shape it ran
+slower than cuDNN's bf16 attention (0.203 vs 0.148 ms) at 16-50x its error, so the model does
+not use it; `benchmarks/attention_fp8.py` reruns the comparison.
+
 Why our own: cuDNN's FP8 attention writes e4m3 on Hopper (bf16 output is Blackwell-only; lab
 notebook step 35), which costs 25x bf16's attention error. Here the products run in FP8 and
 everything else (softmax, accumulation, output) in float32 / bf16.
@@ -26,14 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import E4M3, E4M3_MAX, MIN_SCALE, quantize_rows
-from .fp8_rows import quantize_fp8
+from wan.ops.fp8 import E4M3, E4M3_MAX, MIN_SCALE, quantize_rows
+from wan.ops.triton.fp8_rows import quantize_fp8
 
 LOG2E = 1.4426950408889634
 P_SCALE = 256.0  # P in [0, 1] times 2^8: e4m3's normal range reaches down to 2^-6 / 2^8
 # (block_m, block_n, warps, stages) per variant: measured on an H200 at the real shape
 # (2640 queries x 5280 keys, 12 heads of 128; benchmarks/attention_fp8.py)
-CONFIGS = {"none": (128, 64, 8, 3), "qk": (128, 128, 8, 3), "qk+pv": (128, 128, 8, 3)}
+CONFIGS = {"none": (128, 64, 8, 3), "qk": (64, 128, 4, 3), "qk+pv": (64, 128, 4, 3)}
 
 
 class Fp8ChannelsT(NamedTuple):
