@@ -304,3 +304,36 @@ def test_bias_residual_add(case, dtype):
     err, twin_err = rel_err(got, exact), rel_err(twin, exact)
     assert got.dtype == dtype and err <= max(TOLERANCE[dtype], 2 * twin_err), (err, twin_err)
     assert_close_elementwise(got, exact, twin=twin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", NORM_SILU_CASES, ids=str)
+def test_bias_residual_add_rms_norm_silu(case, dtype):
+    """The fused residual add + the next norm: the sum and the norm written into a strided
+    destination (the frames after the history in a conv buffer) vs float64 and the eager twin,
+    and bitwise what the two unfused kernels give (the norm reads the sum as stored)."""
+    b, c, t, hh, w = case
+    h = _randn(case, dtype, 0).contiguous(memory_format=torch.channels_last_3d)
+    residual = _randn(case, dtype, 1)  # contiguous, not channels-last: the kernel converts it
+    bias, gamma = _randn((c,), dtype, 2), _randn((c, 1, 1, 1), dtype, 3)
+    wide = [t_.double() for t_ in (h, bias, residual, gamma)]
+    exact_sum = eager.bias_residual_add(*wide[:3])
+    exact_norm = eager.rms_norm_silu(exact_sum, wide[3])
+    buffer = torch.zeros(b, c, 2 + t, hh, w, dtype=dtype, device=DEVICE).contiguous(
+        memory_format=torch.channels_last_3d)
+    got = triton_ops.bias_residual_add_rms_norm_silu(h, bias, residual, gamma, buffer[:, :, 2:])
+    assert torch.equal(buffer[:, :, :2], torch.zeros_like(buffer[:, :, :2]))  # history untouched
+    twin_norm = torch.empty_like(buffer[:, :, 2:])
+    twin_sum = eager.bias_residual_add_rms_norm_silu(h, bias, residual, gamma, twin_norm)
+    for what, out, twin, exact in (("sum", got, twin_sum, exact_sum),
+                                   ("norm", buffer[:, :, 2:], twin_norm, exact_norm)):
+        err, twin_err = rel_err(out, exact), rel_err(twin, exact)
+        assert err <= max(TOLERANCE[dtype], 2 * twin_err), (what, err, twin_err)
+        assert_close_elementwise(out, exact, twin=twin, what=what)
+    unfused_sum = triton_ops.bias_residual_add(h, bias, residual)
+    unfused_norm = triton_ops.rms_norm_silu(unfused_sum, gamma)
+    assert torch.equal(got, unfused_sum)
+    assert torch.equal(buffer[:, :, 2:], unfused_norm)
+    with pytest.raises(ValueError, match="out must be a channels-last"):
+        triton_ops.bias_residual_add_rms_norm_silu(h, bias, residual, gamma,
+                                                   torch.empty(case, dtype=dtype, device=DEVICE))

@@ -92,6 +92,28 @@ def test_the_resample_bias_fold_can_change_mid_stream_and_refuses_non_bools():
         decoder.fold_resample_bias = 0
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_the_residual_norm_fusion_changes_nothing(fuse):
+    """fuse_residual_norm (default on): a residual block's closing add writes the next norm of
+    its sum into that conv's buffer (the next block's first norm, the head's); off, the norm
+    reads the sum back. Both are the reference's stream (float64); switching mid-stream too; a
+    non-bool is a clear error."""
+    latents, expected = _latents(7), _reference_stream(7)
+    decoder = build_decoder(OptimizedVAEDecoderWrapper)
+    assert decoder.fuse_residual_norm  # the default
+    decoder.fuse_residual_norm = fuse
+    got, _ = _stream(decoder, latents, 3)
+    assert rel_err(got, expected) <= 1e-10
+    cache, pieces = [None] * 32, []
+    for start, on in ((0, fuse), (3, not fuse), (6, fuse)):
+        decoder.fuse_residual_norm = on
+        out, cache = decoder(latents[:, start:start + 3], *cache)
+        pieces.append(out)
+    assert rel_err(torch.cat(pieces, dim=1), expected) <= 1e-10
+    with pytest.raises(TypeError, match="fuse_residual_norm must be True or False"):
+        decoder.fuse_residual_norm = 1
+
+
 @pytest.mark.parametrize("first,second", [(VAEDecoderWrapper, OptimizedVAEDecoderWrapper),
                                           (OptimizedVAEDecoderWrapper, VAEDecoderWrapper)])
 @torch.no_grad()

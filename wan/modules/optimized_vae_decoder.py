@@ -68,7 +68,8 @@ from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resampl
 
 
 # the backend registry's decoder ops
-DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "upsample_conv2d", "conv3d_narrow")
+DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "bias_residual_add_rms_norm_silu",
+               "upsample_conv2d", "conv3d_narrow")
 STARTED_TAG = "wan_decoder_stream_started"  # set on a stream's first history tensor
 PICKLE_FORMAT = "wan.OptimizedVAEDecoderWrapper/marker-1"  # what torch.save writes of a decoder
 _last_built = None  # weak reference to the decoder this process built last (for the marker)
@@ -168,7 +169,8 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         self._graphs = GraphRunner()  # over the workspace's buffers
         self._workspace: Optional[_Workspace] = None
         self._prepared_for = None  # (device, dtype) of the weights' layout and the ops
-        self._fold_resample_bias = True  # see the property
+        self._fold_resample_bias = True  # see the properties
+        self._fuse_residual_norm = True
         self._watch_weights()
         _last_built = weakref.ref(self)
 
@@ -191,10 +193,27 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
 
     @fold_resample_bias.setter
     def fold_resample_bias(self, fold: bool):
-        if not isinstance(fold, bool):
-            raise TypeError(f"fold_resample_bias must be True or False, got {type(fold).__name__}")
-        if fold != self._fold_resample_bias:
-            self._fold_resample_bias = fold
+        self._set_layout_switch("fold_resample_bias", fold)
+
+    @property
+    def fuse_residual_norm(self) -> bool:
+        """Whether a residual block's closing add also writes the next norm of its sum (the next
+        block's first norm, or the head's) into that norm's convolution buffer, in one pass
+        (`bias_residual_add_rms_norm_silu`; default True; False: the add, then the norm reading
+        the sum back). Changing it drops the captured graphs."""
+        return self._fuse_residual_norm
+
+    @fuse_residual_norm.setter
+    def fuse_residual_norm(self, fuse: bool):
+        self._set_layout_switch("fuse_residual_norm", fuse)
+
+    def _set_layout_switch(self, name: str, value: bool):
+        """Set an on/off choice of how the decode is laid out; the graphs captured under the
+        other choice go."""
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+        if value != getattr(self, "_" + name):
+            setattr(self, "_" + name, value)
             self._graphs.clear()
 
     @cuda_graphs.setter
@@ -397,11 +416,14 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         x = _causal_conv(decoder.conv1, _copy_of(x), x.shape[2], state, 0)
         layers = [*decoder.middle, *decoder.upsamples]
         pending_bias = None  # a conv bias the next block adds (see the resample below)
+        normed = False  # x's next norm already in its conv's buffer (written by the last add)
         for i, layer in enumerate(layers):
             if isinstance(layer, ResidualBlock):
-                x = self._residual(layer, x, state, pending_bias)
+                then = self._norm_after(layers[i + 1] if i + 1 < len(layers) else None, state)
+                x = self._residual(layer, x, state, pending_bias, normed, then)
+                normed = then is not None
             elif isinstance(layer, AttentionBlock):
-                x = layer(x)
+                x, normed = layer(x), False
             pending_bias = None
             if isinstance(layer, Resample):
                 # a resample's conv bias is left to the next block when its shortcut is the
@@ -410,28 +432,49 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
                 after = layers[i + 1] if i + 1 < len(layers) else None
                 fold = (self.fold_resample_bias and isinstance(after, ResidualBlock)
                         and isinstance(after.shortcut, torch.nn.Identity))
-                x = self._resample(layer, x, state, first, bias=not fold)
+                x, normed = self._resample(layer, x, state, first, bias=not fold), False
                 if fold:
                     pending_bias = layer.resample[1].bias
         norm, _, conv = decoder.head
         # the head (96 -> 3 channels): one GEMM over the pixels + a 27-tap sum (wan/ops/triton/conv3d.py)
-        x = _causal_conv(conv, self._normed(norm, x), x.shape[2], state, len(state.buffers) - 1,
-                         conv_op=self._ops.conv3d_narrow)
+        x = _causal_conv(conv, None if normed else self._normed(norm, x), x.shape[2], state,
+                         len(state.buffers) - 1, conv_op=self._ops.conv3d_narrow)
         return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)
 
-    def _residual(self, block: ResidualBlock, x, state, x_bias=None):
+    def _residual(self, block: ResidualBlock, x, state, x_bias=None, x_normed=False, then=None):
         """shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x)))))), each conv's bias added by the
         op after it. `x_bias`: the bias of the conv that made x, not added yet (only with an
-        identity shortcut): norm1 adds it, and the residual add with conv2's."""
+        identity shortcut): norm1 adds it, and the residual add with conv2's. `x_normed`: norm1's
+        output is in conv1's buffer already. `then` (`_norm_after`): the norm that reads the sum
+        next, which the closing add writes too."""
         norm1, _, conv1, norm2, _, _, conv2 = block.residual
         frames = x.shape[2]
-        h = _causal_conv(conv1, self._normed(norm1, x, x_bias), frames, state, block.first_index,
-                         bias=False)
+        h = _causal_conv(conv1, None if x_normed else self._normed(norm1, x, x_bias), frames,
+                         state, block.first_index, bias=False)
         h = _causal_conv(conv2, self._normed(norm2, h, conv1.bias), frames, state,
                          block.first_index + 1, bias=False)
         if x_bias is not None:  # (h + b2) + (x + b_x) = (h + (b2 + b_x)) + x
-            return self._ops.bias_residual_add(h, conv2.bias + x_bias, x)
-        return self._ops.bias_residual_add(h, conv2.bias, block.shortcut(x))
+            bias, shortcut = conv2.bias + x_bias, x
+        else:
+            bias, shortcut = conv2.bias, block.shortcut(x)
+        if then is None:
+            return self._ops.bias_residual_add(h, bias, shortcut)
+        norm, index = then
+        return self._ops.bias_residual_add_rms_norm_silu(h, bias, shortcut, norm.gamma,
+                                                         _conv_input(state, index, frames))
+
+    def _norm_after(self, after, state):
+        """(norm, its conv's buffer index) of the norm that reads a residual block's sum next,
+        when the block's closing add can write it (`fuse_residual_norm`): the next residual
+        block's first norm, or the head's (`after` None: the decoder's last block); else None
+        (an attention block or a resample follows)."""
+        if not self.fuse_residual_norm:
+            return None
+        if isinstance(after, ResidualBlock):
+            return after.residual[0], after.first_index
+        if after is None:
+            return self.decoder.head[0], len(state.buffers) - 1
+        return None
 
     def _resample(self, layer: Resample, x, state, first: bool, bias: bool = True):
         """Frames doubled by the causal time conv (not at a stream's first latent frame), then
@@ -471,15 +514,23 @@ def _copy_of(x):
     return lambda dest: dest.copy_(x)
 
 
+def _conv_input(state: "_Workspace", index: int, frames: int):
+    """Where entry `index`'s convolution reads this call's `frames` input frames: right after
+    the history in its buffer."""
+    return state.buffers[index][:, :, HISTORY_FRAMES:HISTORY_FRAMES + frames]
+
+
 def _causal_conv(conv, write, frames: int, state: _Workspace, index: int, bias: bool = True,
                  conv_op=None):
     """conv over [the two previous frames, this call's `frames` input frames] through entry
-    `index`'s buffer: `write(dest)` puts the input right after the history; the last two frames
-    stay as the next call's history. bias=False leaves the conv's bias to the caller. `conv_op`:
-    a registry op that runs the conv instead of torch's (3x3x3, stride 1, padded 1 in H/W)."""
+    `index`'s buffer: `write(dest)` puts the input right after the history (None: it is there
+    already, `_conv_input`); the last two frames stay as the next call's history. bias=False
+    leaves the conv's bias to the caller. `conv_op`: a registry op that runs the conv instead of
+    torch's (3x3x3, stride 1, padded 1 in H/W)."""
     buffer = state.buffers[index]  # reserved for this call's frames
     window = buffer[:, :, :HISTORY_FRAMES + frames]
-    write(window[:, :, HISTORY_FRAMES:])
+    if write is not None:
+        write(window[:, :, HISTORY_FRAMES:])
     if conv_op is not None:
         y = conv_op(window, conv.weight, conv.bias if bias else None)
     else:

@@ -191,6 +191,14 @@ def bias_residual_add(h, bias, residual):
     return (h + bias.view(1, -1, 1, 1, 1)) + residual
 
 
+def bias_residual_add_rms_norm_silu(h, bias, residual, gamma, out):
+    """s = bias_residual_add(h, bias, residual), returned, and rms_norm_silu(s, gamma) written
+    into `out` (the next block's norm of the sum, as its own op would compute it)."""
+    s = bias_residual_add(h, bias, residual)
+    rms_norm_silu(s, gamma, out)
+    return s
+
+
 def check_upsample_conv(x, weight, bias):
     """The shapes upsample_conv2d takes (every backend): frames [N, Cin, H, W], a 3x3 weight
     [Cout, Cin, 3, 3], bias [Cout] or None."""
@@ -236,6 +244,7 @@ OPS = {
     "linear_fp8": linear_fp8,
     "rms_norm_silu": rms_norm_silu,
     "bias_residual_add": bias_residual_add,
+    "bias_residual_add_rms_norm_silu": bias_residual_add_rms_norm_silu,
     "upsample_conv2d": upsample_conv2d,
     "conv3d_narrow": conv3d_narrow,
 }

@@ -31,6 +31,9 @@ Ops (one signature each, every backend implements a subset):
                                                 conv's bias), into `out`
     bias_residual_add(h, bias, residual)        (h + bias) + residual: a decoder conv's bias and
                                                 its residual block's shortcut in one pass
+    bias_residual_add_rms_norm_silu(h, bias, residual, gamma, out)
+                                                the same sum (returned) and the next block's
+                                                rms_norm_silu of it into `out`, in one pass
     upsample_conv2d(x, weight, bias)            the decoder's resample: a 3x3 conv (padding 1) of
                                                 x's nearest 2x upsampling (triton: a 2x2 conv of x
                                                 with 4 * Cout outputs + an interleave, 4/9 of the
@@ -70,8 +73,8 @@ ATTENTION_OPS = ("self_attention", "cross_attention", "mouse_attention", "keyboa
 OPS = ATTENTION_OPS + ("layer_norm_modulate", "layer_norm", "gated_residual",
                        "gated_residual_layer_norm_modulate", "gated_residual_layer_norm",
                        "frame_bias_gelu", "norm_rope_store", "qkv_norm_rope_store", "linear_gelu",
-                       "rms_norm_silu", "bias_residual_add", "upsample_conv2d", "conv3d_narrow",
-                       "quantize_fp8", "linear_fp8")
+                       "rms_norm_silu", "bias_residual_add", "bias_residual_add_rms_norm_silu",
+                       "upsample_conv2d", "conv3d_narrow", "quantize_fp8", "linear_fp8")
 FP8_OPS = ("quantize_fp8", "linear_fp8")
 # ops whose eager implementation emulates hardware (float32 math): never picked by `auto`
 EMULATED_BY_EAGER = ("linear_fp8",)

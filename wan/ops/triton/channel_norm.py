@@ -1,6 +1,8 @@
 """The VAE decoder's row kernels on channels-last activations: RMS norm + SiLU over channels (with
-the preceding convolution's bias folded in) and a convolution's bias + the residual add. (The
-decoder's upsampling is inside `upsample_conv2d`, wan/ops/triton/upsample_conv.py.)
+the preceding convolution's bias folded in), a convolution's bias + the residual add, and the two
+in one pass where the sum feeds the next block's norm (the sum is stored for that block's
+residual add; its norm goes straight into the next convolution's buffer, and the sum is not read
+back). (The decoder's upsampling is inside `upsample_conv2d`, wan/ops/triton/upsample_conv.py.)
 
 Upstream's decoder normalises each pixel's channel vector (`F.normalize(x, dim=1) * sqrt(C) *
 gamma`) and applies SiLU, as four or five separate passes in half precision. In channels-last
@@ -24,6 +26,15 @@ def _row_tile(rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _rms_norm_silu_rows(x, mask, c, gamma_ptr, channels, scale):
+    """silu(x / ||x|| * scale * gamma) of float32 rows x (zero where masked)."""
+    inverse = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
+    gamma = tl.load(gamma_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
+    y = x * inverse[:, None] * gamma[None, :]
+    return y * tl.sigmoid(y)
+
+
+@triton.jit
 def _rms_norm_silu_kernel(x_ptr, bias_ptr, gamma_ptr, out_ptr, rows, channels, x_batch_stride,
                           out_batch_stride, scale, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_C: tl.constexpr):
@@ -33,10 +44,7 @@ def _rms_norm_silu_kernel(x_ptr, bias_ptr, gamma_ptr, out_ptr, rows, channels, x
         bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0)
         x = (x + bias[None, :].to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
         x = tl.where(mask, x, 0.0)
-    inverse = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
-    gamma = tl.load(gamma_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
-    y = x * inverse[:, None] * gamma[None, :]
-    y = y * tl.sigmoid(y)
+    y = _rms_norm_silu_rows(x, mask, c, gamma_ptr, channels, scale)
     tl.store(out_ptr + batch * out_batch_stride + offsets, y.to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -83,28 +91,48 @@ def rms_norm_silu(x, gamma, out=None, bias=None):
 
 
 @triton.jit
-def _bias_residual_add_kernel(h_ptr, bias_ptr, s_ptr, out_ptr, rows, channels, h_batch_stride,
-                              s_batch_stride, out_batch_stride, BLOCK_R: tl.constexpr,
-                              BLOCK_C: tl.constexpr):
+def _bias_residual_add_kernel(h_ptr, bias_ptr, s_ptr, out_ptr, gamma_ptr, normed_ptr, rows,
+                              channels, h_batch_stride, s_batch_stride, out_batch_stride,
+                              normed_batch_stride, scale, NORM: tl.constexpr,
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     batch, offsets, mask, c = _row_tile(rows, channels, BLOCK_R, BLOCK_C)
     h = tl.load(h_ptr + batch * h_batch_stride + offsets, mask=mask, other=0.0)
     bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0)
     h = (h.to(tl.float32) + bias[None, :].to(tl.float32)).to(h_ptr.dtype.element_ty)
     s = tl.load(s_ptr + batch * s_batch_stride + offsets, mask=mask, other=0.0)
-    y = h.to(tl.float32) + s.to(tl.float32)
-    tl.store(out_ptr + batch * out_batch_stride + offsets, y.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    y = (h.to(tl.float32) + s.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + batch * out_batch_stride + offsets, y, mask=mask)
+    if NORM:  # the next block's norm of the sum as stored (rounded), as its own kernel would read it
+        n = _rms_norm_silu_rows(tl.where(mask, y.to(tl.float32), 0.0), mask, c, gamma_ptr,
+                                channels, scale)
+        tl.store(normed_ptr + batch * normed_batch_stride + offsets,
+                 n.to(normed_ptr.dtype.element_ty), mask=mask)
+
+
+def _residual_add(h, bias, residual, gamma=None, normed=None):
+    h, residual = _channels_last_rows(h), _channels_last_rows(residual)
+    if residual.shape != h.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not match h {tuple(h.shape)}")
+    out = torch.empty_like(h, memory_format=torch.channels_last_3d)
+    norm = normed is not None
+    if norm:
+        _check_out(normed, h)
+    grid, rows, block_r, block_c = _grid_and_blocks(h)
+    _bias_residual_add_kernel[grid](
+        h, bias, residual, out, gamma.reshape(-1).contiguous() if norm else h,
+        normed if norm else out, rows, h.shape[1], h.stride(0), residual.stride(0),
+        out.stride(0), normed.stride(0) if norm else 0, h.shape[1] ** 0.5, NORM=norm,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return out
 
 
 def bias_residual_add(h, bias, residual):
     """(h + bias) + residual for h, residual [B, C, T, H, W] and bias [C]: a convolution's
     output, its bias and the residual block's shortcut, in one pass (channels-last out)."""
-    h, residual = _channels_last_rows(h), _channels_last_rows(residual)
-    if residual.shape != h.shape:
-        raise ValueError(f"residual {tuple(residual.shape)} does not match h {tuple(h.shape)}")
-    out = torch.empty_like(h, memory_format=torch.channels_last_3d)
-    grid, rows, block_r, block_c = _grid_and_blocks(h)
-    _bias_residual_add_kernel[grid](h, bias, residual, out, rows, h.shape[1], h.stride(0),
-                                    residual.stride(0), out.stride(0), BLOCK_R=block_r,
-                                    BLOCK_C=block_c, num_warps=4)
-    return out
+    return _residual_add(h, bias, residual)
+
+
+def bias_residual_add_rms_norm_silu(h, bias, residual, gamma, out):
+    """s = (h + bias) + residual (returned, channels-last), and silu(RMSnorm(s) * gamma) written
+    into `out` (channels-last rows: the next convolution's buffer), in one pass."""
+    return _residual_add(h, bias, residual, gamma, out)
