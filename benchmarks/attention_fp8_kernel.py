@@ -174,6 +174,8 @@ def attention_fp8(q, k, v, fp8: str = "qk", config=None, out_dtype=None):
                          "[B, Lq, H, D] and two [B, Lk, H, D]")
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {d}: the kernel takes a power of two from 16 to 256")
+    if fp8 != "none" and d < 32:
+        raise ValueError(f"head dim {d}: FP8 tensor-core products take at least 32 per step")
     block_m, block_n, warps, stages = config or CONFIGS[fp8]
     qk_scale = LOG2E / math.sqrt(d)
     if fp8 == "none":

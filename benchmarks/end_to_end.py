@@ -51,6 +51,10 @@ PAIRS = {
                                  (OptimizedVAEDecoderWrapper,
                                   {"cuda_graphs": True, "backend": {"upsample_conv2d": "eager"}}),
                                  {"overlap_update": True}),
+    # the DiT's block GEMMs in FP8 (precision="fp8", opt-in; the decoder as "optimized")
+    "optimized_fp8": ((OptimizedCausalWanModel, {"cuda_graphs": True, "precision": "fp8"}),
+                      (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}),
+                      {"overlap_update": True}),
     # each residual block's closing add and the next norm as two passes: what
     # bias_residual_add_rms_norm_silu buys
     "optimized_unfused_norm": ((OptimizedCausalWanModel, {"cuda_graphs": True}),

@@ -63,6 +63,8 @@ SUBPROCESS_ROWS = [  # (command after python, fragment, an output path that must
     (["-m", "wan.serve", "--vae", "{d}/good.safetensors", "--out", "{d}/out/v.json"],
      "does not match OptimizedVAEDecoderWrapper", "{d}/out/v.json"),  # after the build: fast
     (["-m", "wan.serve", "--warmup", "-1"], "argument --warmup: must be at least 0", None),
+    (["-m", "wan.serve", "--precision", "fp8", "--blocks", "1", "--out", "{d}/out/f.json"],
+     "--precision fp8 cannot run here: FP8 GEMMs need an NVIDIA GPU", "{d}/out/f.json"),
     (["-m", "wan.compare", "--preset", "tiny", "--device", "cpu", "--precision", "fp8",
       "--out", "{d}/out/c.json"], "add --emulate-fp8", "{d}/out/c.json"),
     (["-m", "wan.compare", "--config", "{d}/not_json.json"], "not valid JSON", None),

@@ -33,6 +33,7 @@ from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import load_decoder_weights
 from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
+from ..ops.fp8 import fp8_gemm_problem
 from ..modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
 from ..serving.power import EnergyMeter
 from ..serving.scheduler import DeadlineScheduler, PlayerSession, players_report
@@ -59,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="the DiT's .safetensors (default: random weights)")
     p.add_argument("--vae", help="Wan2.1_VAE.pth or a decoder .safetensors (default: random)")
     p.add_argument("--no-graphs", action="store_true", help="run eagerly (no CUDA graphs)")
+    p.add_argument("--precision", choices=("native", "fp8"), default=None,
+                   help="the DiT's GEMMs: native (bf16) or fp8 (opt-in, e4m3 with per-channel "
+                   "and per-token scales; needs FP8 tensor cores); default: WAN_PRECISION, "
+                   "else native")
     p.add_argument("--frames-out", help="save every player's frames here (torch.save; small "
                    "configs: for comparing runs)")
     p.add_argument("--out", help="write the report as JSON here (rank 0)")
@@ -86,6 +91,10 @@ def preflight(args, device, world: int, rank: int):
     if args.vae:
         cli.weights_file(args.vae, "--vae")
     preset, dtype, decoder_dtype, warmup = _settings(args, device)
+    if args.precision == "fp8":
+        problem = fp8_gemm_problem(device, dtype)
+        if problem is not None:
+            raise cli.UsageError(f"--precision fp8 cannot run here: {problem}")
     config, (h, w) = model_config(preset), LATENT_SIZE[preset]
     players = math.ceil(args.players / world)  # this process's share (rank 0's is the largest)
     blocks = warmup + args.blocks
@@ -128,7 +137,9 @@ def build(args, device):
     preset, dtype, decoder_dtype, _ = _settings(args, device)
     graphs = device.type == "cuda" and not args.no_graphs
     with torch.device(device):
-        model = OptimizedCausalWanModel.from_config(model_config(preset), cuda_graphs=graphs)
+        extra = {} if args.precision is None else {"precision": args.precision}
+        model = OptimizedCausalWanModel.from_config(model_config(preset), cuda_graphs=graphs,
+                                                    **extra)
         decoder = OptimizedVAEDecoderWrapper(cuda_graphs=graphs)
     if args.checkpoint:
         model.load_checkpoint(args.checkpoint)
