@@ -207,12 +207,10 @@ def time_blocks(dit, decoder, runner_opts, args, label):
 def summary(results):
     """The issue's `end_to_end` section from the per-pair results."""
     out = {}
-    for name in ("reference", "optimized"):
-        if name in results:
-            r = results[name]
-            out[f"decoder_{name}_ms"] = r["decoder"]["median_ms"]  # the decoder alone
-            out[f"decode_in_block_{name}_ms"] = r["blocks"]["decode_in_block"]["median_ms"]
-            out[f"{name}_block_ms"] = r["blocks"]["block"]["median_ms"]
+    for name, r in results.items():  # every pair's: reference, optimized, the variants
+        out[f"decoder_{name}_ms"] = r["decoder"]["median_ms"]  # the decoder alone
+        out[f"decode_in_block_{name}_ms"] = r["blocks"]["decode_in_block"]["median_ms"]
+        out[f"{name}_block_ms"] = r["blocks"]["block"]["median_ms"]
     if "optimized" in results:
         r = results["optimized"]["blocks"]
         out["action_to_frame_ms"] = r["action_to_frame"]["median_ms"]
