@@ -61,6 +61,11 @@ PAIRS = {
                                (OptimizedVAEDecoderWrapper,
                                 {"cuda_graphs": True, "fuse_residual_norm": False}),
                                {"overlap_update": True}),
+    # the shortcut convs' biases added by torch's own pass: what fold_shortcut_bias buys
+    "optimized_shortcut_bias": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
+                                (OptimizedVAEDecoderWrapper,
+                                 {"cuda_graphs": True, "fold_shortcut_bias": False}),
+                                {"overlap_update": True}),
     # the t=0 update as a full forward (head and last block's tail): what cache_update_only buys
     "optimized_full_update": ((OptimizedCausalWanModel, {"cuda_graphs": True}),
                               (OptimizedVAEDecoderWrapper, {"cuda_graphs": True}),
@@ -69,7 +74,7 @@ PAIRS = {
 
 
 # decoder options that are attributes (on/off switches of the decode's layout), not keywords
-DECODER_SWITCHES = ("fold_resample_bias", "fuse_residual_norm")
+DECODER_SWITCHES = ("fold_resample_bias", "fuse_residual_norm", "fold_shortcut_bias")
 
 PROG = "benchmarks/end_to_end.py"
 

@@ -92,6 +92,24 @@ def test_the_resample_bias_fold_can_change_mid_stream_and_refuses_non_bools():
         decoder.fold_resample_bias = 0
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["bias_folded", "bias_in_conv"])
+def test_the_shortcut_bias_fold_changes_nothing_but_rounding(fold):
+    """fold_shortcut_bias (default on): a 1x1x1 shortcut conv runs without its bias, which the
+    block's closing add adds; off, the conv adds it as upstream. Both are the reference's stream
+    (float64); a non-bool is a clear error."""
+    latents, expected = _latents(7), _reference_stream(7)
+    decoder = build_decoder(OptimizedVAEDecoderWrapper)
+    assert decoder.fold_shortcut_bias  # the default
+    blocks = [b for b in [*decoder.decoder.middle, *decoder.decoder.upsamples]
+              if isinstance(b, ResidualBlock)]
+    assert any(not isinstance(b.shortcut, torch.nn.Identity) for b in blocks)  # one to fold
+    decoder.fold_shortcut_bias = fold
+    got, _ = _stream(decoder, latents, 3)
+    assert rel_err(got, expected) <= 1e-10
+    with pytest.raises(TypeError, match="fold_shortcut_bias must be True or False"):
+        decoder.fold_shortcut_bias = None
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
 def test_the_residual_norm_fusion_changes_nothing(fuse):
     """fuse_residual_norm (default on): a residual block's closing add writes the next norm of

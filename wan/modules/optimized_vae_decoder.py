@@ -171,6 +171,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         self._prepared_for = None  # (device, dtype) of the weights' layout and the ops
         self._fold_resample_bias = True  # see the properties
         self._fuse_residual_norm = True
+        self._fold_shortcut_bias = True
         self._watch_weights()
         _last_built = weakref.ref(self)
 
@@ -206,6 +207,18 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
     @fuse_residual_norm.setter
     def fuse_residual_norm(self, fuse: bool):
         self._set_layout_switch("fuse_residual_norm", fuse)
+
+    @property
+    def fold_shortcut_bias(self) -> bool:
+        """Whether a residual block's 1x1x1 shortcut conv (where the channel count changes) runs
+        without its bias, which the block's closing add adds with conv2's, instead of torch's
+        separate bias pass over the shortcut's output (default True; False: in the conv, as
+        upstream). Changing it drops the captured graphs."""
+        return self._fold_shortcut_bias
+
+    @fold_shortcut_bias.setter
+    def fold_shortcut_bias(self, fold: bool):
+        self._set_layout_switch("fold_shortcut_bias", fold)
 
     def _set_layout_switch(self, name: str, value: bool):
         """Set an on/off choice of how the decode is laid out; the graphs captured under the
@@ -455,6 +468,12 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
                          block.first_index + 1, bias=False)
         if x_bias is not None:  # (h + b2) + (x + b_x) = (h + (b2 + b_x)) + x
             bias, shortcut = conv2.bias + x_bias, x
+        elif self.fold_shortcut_bias and not isinstance(block.shortcut, torch.nn.Identity):
+            # the 1x1x1 shortcut conv's bias joins conv2's: (h + b2) + (W x + b_s) =
+            # (h + (b2 + b_s)) + W x (cuDNN's channels-last 3-D conv adds a bias in a pass of
+            # its own over the output: 0.5 GB at 352 x 640 x 96)
+            conv = block.shortcut
+            bias, shortcut = conv2.bias + conv.bias, F.conv3d(x, conv.weight)
         else:
             bias, shortcut = conv2.bias, block.shortcut(x)
         if then is None:
