@@ -4,6 +4,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from wan.serving import power
 
@@ -61,3 +62,13 @@ def test_energy_meter_report_before_stop_is_an_error(monkeypatch):
             meter.report()
     finally:
         meter.stop()
+
+
+def test_energy_meter_on_a_cpu_device_measures_nothing_even_with_nvml(monkeypatch):
+    """Work on a CPU is not the GPU's: the meter says so rather than reading GPU 0's counter."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([0, 1, 2], [], []))
+    with power.EnergyMeter(torch.device("cpu")) as meter:
+        pass
+    report = meter.report(blocks=2)
+    assert report == {"available": False,
+                      "why": "not a CUDA device (cpu): no GPU energy to measure"}

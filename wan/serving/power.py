@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Optional
 
+import torch
+
 log = logging.getLogger(__name__)
 
 # nvmlClocksEventReasonSwPowerCap (the older name: nvmlClocksThrottleReasonSwPowerCap)
@@ -23,11 +25,13 @@ SW_POWER_CAP = 0x4
 
 
 class EnergyMeter:
-    """`with EnergyMeter(device_index) as meter: ...` (or `start()` ... `stop()`), then `meter.report(blocks=n)`: joules over
-    the stretch, per block when `blocks` is given, mean power, median SM clock and the share of
-    samples at the software power cap."""
+    """`with EnergyMeter(device) as meter: ...` (or `start()` ... `stop()`), then
+    `meter.report(blocks=n)`: joules over the stretch, per block when `blocks` is given, mean
+    power, median SM clock and the share of samples at the software power cap. `device`: the
+    torch device the work runs on (a non-CUDA one measures nothing and says so) or a GPU index.
+    The index is NVML's: the CUDA index where CUDA_VISIBLE_DEVICES does not renumber the GPUs."""
 
-    def __init__(self, device_index: int = 0, sample_s: float = 0.1, clock=time.perf_counter):
+    def __init__(self, device=0, sample_s: float = 0.1, clock=time.perf_counter):
         self.sample_s, self._clock = sample_s, clock
         self.why_not: Optional[str] = None
         self._nvml = self._handle = None
@@ -36,10 +40,14 @@ class EnergyMeter:
         self._thread = None
         self._start_mj = self._end_mj = None
         self._start_s = self._end_s = None
+        index = _gpu_index(device)
+        if index is None:
+            self.why_not = f"not a CUDA device ({device}): no GPU energy to measure"
+            return
         try:
             import pynvml
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # raises where unsupported
             # renamed in newer NVML ("events"); either name reads the same bit mask
             self._reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) \
@@ -102,3 +110,13 @@ class EnergyMeter:
             "power_capped_share": (sum(capped for _, capped in self._samples)
                                    / len(self._samples)) if self._samples else None,
             "samples": len(self._samples)}
+
+
+def _gpu_index(device) -> Optional[int]:
+    """The GPU index of `device` (an int is one already); None for a non-CUDA device."""
+    if isinstance(device, int):
+        return device
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()

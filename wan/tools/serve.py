@@ -196,7 +196,7 @@ def serve(players, model, decoder, latent_hw, args, device, keep_frames: bool) -
         torch.cuda.synchronize(device)
         memory = (torch.cuda.memory_allocated(device) - before) / 2 ** 30 / len(players)
     begin = time.perf_counter()
-    with EnergyMeter(device.index or 0) as meter:  # reports why not without NVML (a CPU)
+    with EnergyMeter(device) as meter:  # says why where it cannot measure (a CPU, no NVML)
         records = DeadlineScheduler(sessions).run(warmup + args.blocks, on_block=keep)
     report = players_report([r for r in records if r.block >= warmup])
     report.update({
