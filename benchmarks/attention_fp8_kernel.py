@@ -93,7 +93,7 @@ def quantize_v(v: torch.Tensor, block_l: int = 64) -> Fp8ChannelsT:
     data = torch.empty(b, h, d, lk, device=v.device, dtype=E4M3)
     _v_store_kernel[grid](v, amax, data, lk, h, v.stride(0), v.stride(1), v.stride(2),
                           HEAD_DIM=d, BLOCK_L=block_l, E4M3_MAX=E4M3_MAX, MIN_SCALE=MIN_SCALE)
-    # the kernel turned the largest magnitudes into scales in place of storing them: redo here
+    # the store kernel derived each scale from `amax` the same way (correctly rounded amax / 448)
     return Fp8ChannelsT(data, (amax / E4M3_MAX).clamp_min(MIN_SCALE))
 
 
@@ -179,11 +179,11 @@ def attention_fp8(q, k, v, fp8: str = "qk", config=None, out_dtype=None):
     block_m, block_n, warps, stages = config or CONFIGS[fp8]
     qk_scale = LOG2E / math.sqrt(d)
     if fp8 == "none":
-        qq, ks = q, k
+        qq, kk = q, k
         q_scale = k_scale = q  # unused
     else:
         qq, kq = quantize_qk(q), quantize_qk(k)
-        qq, q_scale, ks, k_scale = qq.data, qq.scale, kq.data, kq.scale
+        qq, q_scale, kk, k_scale = qq.data, qq.scale, kq.data, kq.scale
     out = torch.empty(q.shape, device=q.device, dtype=out_dtype or q.dtype)
     if fp8 == "qk+pv":
         vq = quantize_v(v)
@@ -195,8 +195,8 @@ def attention_fp8(q, k, v, fp8: str = "qk", config=None, out_dtype=None):
         v_strides = (vv.stride(0), vv.stride(2), vv.stride(1), 1)  # batch, head, token, channel
     grid = (triton.cdiv(lq, block_m), b * h)
     _attention_kernel[grid](
-        qq, q_scale, ks, k_scale, vv, v_scale, out, lq, lk, h, qk_scale,
-        qq.stride(0), qq.stride(1), qq.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        qq, q_scale, kk, k_scale, vv, v_scale, out, lq, lk, h, qk_scale,
+        qq.stride(0), qq.stride(1), qq.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         *v_strides, out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, QK_FP8=fp8 != "none",
         PV_FP8=fp8 == "qk+pv", P_SCALE=P_SCALE, num_warps=warps, num_stages=stages)

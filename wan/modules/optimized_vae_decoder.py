@@ -430,9 +430,9 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         layers = [*decoder.middle, *decoder.upsamples]
         pending_bias = None  # a conv bias the next block adds (see the resample below)
         normed = False  # x's next norm already in its conv's buffer (written by the last add)
-        for i, layer in enumerate(layers):
+        for layer, after in zip(layers, [*layers[1:], None]):  # after None: the head follows
             if isinstance(layer, ResidualBlock):
-                then = self._norm_after(layers[i + 1] if i + 1 < len(layers) else None, state)
+                then = self._norm_after(after, state)
                 x = self._residual(layer, x, state, pending_bias, normed, then)
                 normed = then is not None
             elif isinstance(layer, AttentionBlock):
@@ -442,7 +442,6 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
                 # a resample's conv bias is left to the next block when its shortcut is the
                 # identity: its norm adds it before normalising, its residual add with its own
                 # conv's bias (one full-resolution pass fewer)
-                after = layers[i + 1] if i + 1 < len(layers) else None
                 fold = (self.fold_resample_bias and isinstance(after, ResidualBlock)
                         and isinstance(after.shortcut, torch.nn.Identity))
                 x, normed = self._resample(layer, x, state, first, bias=not fold), False
@@ -451,7 +450,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         norm, _, conv = decoder.head
         # the head (96 -> 3 channels): one GEMM over the pixels + a 27-tap sum (wan/ops/triton/conv3d.py)
         x = _causal_conv(conv, None if normed else self._normed(norm, x), x.shape[2], state,
-                         len(state.buffers) - 1, conv_op=self._ops.conv3d_narrow)
+                         _head_index(state), conv_op=self._ops.conv3d_narrow)
         return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)
 
     def _residual(self, block: ResidualBlock, x, state, x_bias=None, x_normed=False, then=None):
@@ -492,7 +491,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         if isinstance(after, ResidualBlock):
             return after.residual[0], after.first_index
         if after is None:
-            return self.decoder.head[0], len(state.buffers) - 1
+            return self.decoder.head[0], _head_index(state)
         return None
 
     def _resample(self, layer: Resample, x, state, first: bool, bias: bool = True):
@@ -531,6 +530,11 @@ def _phases(latents, started: bool) -> list:
 def _copy_of(x):
     """A writer of x itself into a convolution's buffer."""
     return lambda dest: dest.copy_(x)
+
+
+def _head_index(state: "_Workspace") -> int:
+    """The head conv's entry: the last of the workspace's buffers."""
+    return len(state.buffers) - 1
 
 
 def _conv_input(state: "_Workspace", index: int, frames: int):

@@ -26,7 +26,7 @@ def _row_tile(rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_silu_rows(x, mask, c, gamma_ptr, channels, scale):
+def _rms_norm_silu_rows(x, c, gamma_ptr, channels, scale):
     """silu(x / ||x|| * scale * gamma) of float32 rows x (zero where masked)."""
     inverse = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)
     gamma = tl.load(gamma_ptr + c, mask=c < channels, other=0.0).to(tl.float32)
@@ -44,7 +44,7 @@ def _rms_norm_silu_kernel(x_ptr, bias_ptr, gamma_ptr, out_ptr, rows, channels, x
         bias = tl.load(bias_ptr + c, mask=c < channels, other=0.0)
         x = (x + bias[None, :].to(tl.float32)).to(x_ptr.dtype.element_ty).to(tl.float32)
         x = tl.where(mask, x, 0.0)
-    y = _rms_norm_silu_rows(x, mask, c, gamma_ptr, channels, scale)
+    y = _rms_norm_silu_rows(x, c, gamma_ptr, channels, scale)
     tl.store(out_ptr + batch * out_batch_stride + offsets, y.to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -103,8 +103,8 @@ def _bias_residual_add_kernel(h_ptr, bias_ptr, s_ptr, out_ptr, gamma_ptr, normed
     y = (h.to(tl.float32) + s.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + batch * out_batch_stride + offsets, y, mask=mask)
     if NORM:  # the next block's norm of the sum as stored (rounded), as its own kernel would read it
-        n = _rms_norm_silu_rows(tl.where(mask, y.to(tl.float32), 0.0), mask, c, gamma_ptr,
-                                channels, scale)
+        n = _rms_norm_silu_rows(tl.where(mask, y.to(tl.float32), 0.0), c, gamma_ptr, channels,
+                                scale)
         tl.store(normed_ptr + batch * normed_batch_stride + offsets,
                  n.to(normed_ptr.dtype.element_ty), mask=mask)
 
