@@ -145,6 +145,10 @@ class StreamingBlockRunner:
                               and _takes_keyword(model.forward, "cache_update_only") else {})
         self.caches = None
         self.generator = generator  # the noise's source (default: torch's global one)
+        # what a re-make of the latest block needs (`remake`): kept only when asked for, since
+        # it holds the decoder history from before that block alive (~1 GiB at 44 x 80, fp16)
+        self.keep_for_remake = False
+        self._latest: Optional[_BlockReplay] = None
         self._checks = []           # blocks whose non-finite counts were not read yet
         self._failure: Optional[NonFiniteOutputError] = None
 
@@ -157,6 +161,7 @@ class StreamingBlockRunner:
         self.frame = 0
         self.blocks_done = 0
         self._checks, self._failure = [], None
+        self._latest = None
 
     @torch.no_grad()
     def warm_up(self, cond_concat, mouse_cond=None, keyboard_cond=None) -> int:
@@ -202,11 +207,46 @@ class StreamingBlockRunner:
         if self.caches is None:
             raise RuntimeError("call start(visual_context) before the first block")
         self.check_finite(wait=False)  # the earlier blocks that are done (no waiting)
+        b, f, (h, w) = self.batch, self.frames_per_block, self.latent_hw
+        # the block's noise, drawn up front in upstream's order (the first step's input, then one
+        # draw per later step): a re-make replays exactly these
+        shape = (b, 16, f, h, w)
+        noises = [noise if noise is not None else self._noise(shape)]
+        noises += [self._noise(shape) for _ in self.schedule.sigmas[1:]]
+        if self.keep_for_remake:
+            self._latest = _BlockReplay(self.frame, self.blocks_done, noises, self.decoder_cache)
+        return self._make(noises, cond_concat, mouse_cond, keyboard_cond)
+
+    @torch.no_grad()
+    def remake(self, cond_concat, mouse_cond=None, keyboard_cond=None):
+        """The latest block again, from the caches and decoder history it started from and with
+        the same noise, over new conditions (typically action histories that differ from some
+        frame of the block on): returns what `block` returns. The stream afterwards is exactly the
+        stream that was fed these conditions for that block: the DiT's caches are written by
+        frame position (the block's own slots are rewritten, the frames before it are not
+        touched) and the decoder starts again from the history it had before the block. Only the
+        latest block can be re-made (a later block's calls have moved the attention window on),
+        and only with `keep_for_remake` on when it was made."""
+        latest = self._latest
+        if latest is None or latest.blocks_done != self.blocks_done - 1:
+            raise RuntimeError("nothing to re-make: only the latest block of a stream can be "
+                               "re-made, with keep_for_remake on when it was made")
+        self.check_finite(wait=False)
+        # the re-made block supersedes the old one's non-finite check
+        self._checks = [c for c in self._checks if c.block != latest.blocks_done]
+        self.frame, self.blocks_done = latest.frame, latest.blocks_done
+        self.decoder_cache = latest.decoder_cache
+        return self._make(latest.noises, cond_concat, mouse_cond, keyboard_cond)
+
+    def _noise(self, shape):
+        return torch.randn(shape, device=self.device, dtype=self.dtype, generator=self.generator)
+
+    def _make(self, noises, cond_concat, mouse_cond, keyboard_cond):
+        """The block at `self.frame` from its noises: denoise, decode, cache update."""
         clock = _Clock(self.device)
         clock.mark("start")
-        b, f, (h, w) = self.batch, self.frames_per_block, self.latent_hw
-        x = noise if noise is not None else torch.randn(b, 16, f, h, w, device=self.device,
-                                                        dtype=self.dtype, generator=self.generator)
+        b, f = self.batch, self.frames_per_block
+        x = noises[0]
         call = dict(visual_context=self.visual_context, cond_concat=cond_concat,
                     mouse_cond=mouse_cond, keyboard_cond=keyboard_cond, **self.caches,
                     current_start=self.frame * self.tokens_per_frame)
@@ -216,8 +256,7 @@ class StreamingBlockRunner:
             x0 = x - sigma * flow
             if step + 1 < len(sigmas):
                 next_sigma = sigmas[step + 1]
-                x = (1 - next_sigma) * x0 + next_sigma * torch.randn(
-                    x0.shape, device=x0.device, dtype=x0.dtype, generator=self.generator)
+                x = (1 - next_sigma) * x0 + next_sigma * noises[step + 1]
 
         def update():  # the clean block into the caches (t = context noise = 0)
             self.model(x0, _timesteps(0.0, b, f, self.device), **call, **self.update_kwargs)
@@ -256,6 +295,17 @@ class StreamingBlockRunner:
         self.frame += f
         self.blocks_done += 1
         return frames, clock
+
+
+@dataclass
+class _BlockReplay:
+    """What re-making a block needs: its first latent frame, its index, its noises and the
+    decoder history it started from (the list the decoder returned before it: decoders hand back
+    new tensors each call, so that list is still the history of that moment)."""
+    frame: int
+    blocks_done: int
+    noises: list
+    decoder_cache: list
 
 
 @functools.lru_cache(maxsize=None)

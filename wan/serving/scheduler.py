@@ -71,8 +71,7 @@ class PlayerSession:
     def warm_up(self) -> int:
         """Capture the graphs this player's blocks will replay before its first block
         (`StreamingBlockRunner.warm_up`); the graphs captured."""
-        f = self.runner.frames_per_block
-        return self.runner.warm_up(self.cond_concat[:, :, :f], _width_of(self.mouse),
+        return self.runner.warm_up(self._conditions(0), _width_of(self.mouse),
                                    _width_of(self.keyboard))
 
     def receive(self, mouse=None, keyboard=None):
@@ -84,22 +83,68 @@ class PlayerSession:
 
     def run_block(self):
         """The next block: (frames [B, T, 3, H, W], its runner clock)."""
-        f = self.runner.frames_per_block
-        start = self.blocks_done * f
-        steps = history_steps(start + f - 1)  # what the model reads for frames up to this block's last
-        cond = self.cond_concat
-        if cond.shape[2] != f:
-            if cond.shape[2] >= start + f:
-                cond = cond[:, :, start:start + f]
-            elif self.hold_conditions:
-                cond = cond[:, :, -f:]
-            else:
-                raise ValueError(f"player {self.player_id}: cond_concat covers {cond.shape[2]} "
-                                 f"frames, block {self.blocks_done} needs {start + f}")
-        frames, clock = self.runner.block(cond, _held(self.mouse, steps),
+        index = self.blocks_done
+        steps = self.block_steps(index)[1]  # the model reads the history up to the block's last frame
+        frames, clock = self.runner.block(self._conditions(index), _held(self.mouse, steps),
                                           _held(self.keyboard, steps))
         self.blocks_done += 1
         return frames, clock
+
+    def block_steps(self, index: int):
+        """(first, end): the action steps of block `index`, one per video frame it shows: block 0
+        steps 0-8, block k >= 1 steps 12k - 3 to 12k + 8 (a block's video frame j is step first + j)."""
+        f = self.runner.frames_per_block
+        first = 0 if index == 0 else history_steps(index * f - 1)
+        return first, history_steps(index * f + f - 1)
+
+    def remake_block(self, splice: int, mouse=None, keyboard=None):
+        """The latest block again (`StreamingBlockRunner.remake`: same noise, the caches and
+        decoder history it started from), its actions from its video frame `splice` on replaced
+        by `mouse`/`keyboard` ([B, steps, dim], steps = the block's frames from `splice` on;
+        None: that history is kept). Returns what `run_block` returns; the session is then
+        exactly a session that was fed the spliced histories from the start."""
+        if self.blocks_done == 0:
+            raise RuntimeError(f"player {self.player_id}: no block to re-make yet")
+        index = self.blocks_done - 1
+        first, end = self.block_steps(index)
+        if not 0 <= splice < end - first:
+            raise ValueError(f"splice frame {splice} outside block {index}'s {end - first} frames")
+        for name, new in (("mouse", mouse), ("keyboard", keyboard)):
+            history = getattr(self, name)
+            if new is None or history is None:
+                continue
+            if new.shape[1] != end - first - splice:
+                raise ValueError(f"{name}: {new.shape[1]} steps given, the block has "
+                                 f"{end - first - splice} from frame {splice}")
+            # what was held before the splice stays (the steps up to it, held as the block read them)
+            kept = _held(history, first + splice)
+            setattr(self, name, torch.cat([kept, new.to(history)], dim=1))
+        frames, clock = self.runner.remake(self._conditions(index), _held(self.mouse, end),
+                                           _held(self.keyboard, end))
+        return frames, clock
+
+    def run_remake(self, splice: int):
+        """A re-make the scheduler granted: the latest block from frame `splice` on, with the
+        action histories as received (a server's session splices its new actions itself)."""
+        return self.remake_block(splice)
+
+    def _conditions(self, index: int):
+        """cond_concat for block `index` ([B, 20, F, h, w]): the block's slice of what was
+        given, a conditions source's `block(index)` (wan.play's start images), or the last
+        block's where the stream outruns them and `hold_conditions` is set."""
+        f = self.runner.frames_per_block
+        cond = self.cond_concat
+        if hasattr(cond, "block"):
+            return cond.block(index, f)
+        if cond.shape[2] == f:
+            return cond
+        start = index * f
+        if cond.shape[2] >= start + f:
+            return cond[:, :, start:start + f]
+        if self.hold_conditions:
+            return cond[:, :, -f:]
+        raise ValueError(f"player {self.player_id}: cond_concat covers {cond.shape[2]} "
+                         f"frames, block {index} needs {start + f}")
 
 
 def _width_of(history):
@@ -130,6 +175,7 @@ class BlockRecord:
     release: float
     start: float
     finish: float
+    remake: Optional[int] = None  # a re-made block: the frame its new actions start from
 
     @property
     def late(self) -> bool:
@@ -143,6 +189,7 @@ class _Next:
     release: float = field(compare=False)
     session: PlayerSession = field(compare=False)
     joined: float = field(compare=False)
+    remake: Optional[int] = field(default=None, compare=False)  # re-make from this frame on
 
 
 class DeadlineScheduler:
@@ -158,6 +205,8 @@ class DeadlineScheduler:
 
     # the margin a late release keeps beyond the estimated time to its block's end
     RELEASE_MARGIN_S = 0.05
+    # a re-made frame is planned to be ready this long before it shows (encode and send)
+    REMAKE_MARGIN_S = 0.02
 
     def __init__(self, sessions: Sequence[PlayerSession] = (),
                  clock: Callable[[], float] = time.perf_counter,
@@ -206,12 +255,15 @@ class DeadlineScheduler:
     def _run(self, chosen: "_Next", begin: float):
         session = chosen.session
         start = self.clock() - begin
-        frames, _ = session.run_block()
+        if chosen.remake is None:
+            frames, _ = session.run_block()
+        else:
+            frames, _ = session.run_remake(chosen.remake)
         self.synchronize()
         finish = self.clock() - begin
         index = session.blocks_done - 1
         return BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
-                           chosen.due, chosen.release, start, finish), frames
+                           chosen.due, chosen.release, start, finish, chosen.remake), frames
 
     # live serving ------------------------------------------------------------------------------
     def start_live(self):
@@ -252,6 +304,29 @@ class DeadlineScheduler:
             self._wake.notify()
             return True
 
+    def try_remake(self, session, shown_at: float, frames: int, index: int) -> Optional[int]:
+        """Grant a re-make of `session`'s latest block (block `index`, `frames` video frames, its
+        frame 0 on screen at `shown_at` on this clock) if it can be ready before one of its frames
+        shows without making any queued block late that would not be late anyway: queues it and
+        returns the splice frame (the first frame it can replace), else None (refused: the input
+        waits for the player's next block, which reads it when it starts). One re-make waits per
+        player at most: a later change is read by that one when it runs."""
+        with self._wake:
+            if any(n.session is session and n.remake is not None for n in self._queue):
+                return None
+            now, duration = self.now(), self.block_estimate_s + self.REMAKE_MARGIN_S
+            late_anyway = _late_entries(self._queue, now, self.block_estimate_s)
+            first = max(0, math.ceil((now + duration - shown_at) * VIDEO_FPS))
+            for splice in range(first, frames):
+                due = shown_at + splice / VIDEO_FPS - self.REMAKE_MARGIN_S
+                entry = _Next(due, next(self._order), now, session, now, remake=splice)
+                late = _late_entries(self._queue + [entry], now, self.block_estimate_s)
+                if entry not in late and late <= late_anyway:
+                    self._queue.append(entry)
+                    self._wake.notify()
+                    return splice
+            return None
+
     def leave(self, session):
         """A live session leaves: its waiting block, if any, is dropped."""
         with self._wake:
@@ -281,9 +356,39 @@ class DeadlineScheduler:
         if record.block >= 2:
             self.block_estimate_s = 0.8 * self.block_estimate_s + 0.2 * duration
         with self._wake:
-            if id(chosen.session) in self._continuous:
+            # a re-made block's player keeps its next block, waiting in the queue
+            if id(chosen.session) in self._continuous and chosen.remake is None:
                 self._queue.append(_following(chosen, record.finish, self.release_lead()))
         return record, frames
+
+
+def _late_entries(entries: List[_Next], now: float, duration: float) -> set:
+    """The entries that would finish after their deadline if the scheduler ran
+    `entries` from `now` as `step` does (the released one with the earliest deadline next, each
+    taking `duration`; idle until the next release when none is released)."""
+    late, pending, t = [], sorted(entries), now
+    while pending:
+        released = [n for n in pending if n.release <= t]
+        if not released:
+            t = min(n.release for n in pending)
+            continue
+        chosen = released[0]  # sorted: the earliest deadline
+        pending.remove(chosen)
+        t += duration
+        if t > chosen.due:
+            late.append(chosen)
+    return _Late(late)
+
+
+class _Late(list):
+    """A list of queue entries compared by identity (entries are dataclasses: == compares
+    deadlines, which two entries may share)."""
+
+    def __contains__(self, entry) -> bool:
+        return any(e is entry for e in self)
+
+    def __le__(self, other) -> bool:
+        return all(e in other for e in self)
 
 
 def _following(chosen: _Next, finish: float, lead: float) -> _Next:
@@ -317,6 +422,8 @@ def players_report(records: List[BlockRecord]) -> Dict:
     """Per player: fps (frames / time from joining until the last one showed), action-to-frame latency
     p50/p95 (start to finish of its blocks), wait after release p50/p95, deadlines missed; and
     whether every player held real time (>= REALTIME_FPS)."""
+    remakes = [r for r in records if r.remake is not None]
+    records = [r for r in records if r.remake is None]  # the stream's blocks, each once
     per_player = {}
     for player in dict.fromkeys(r.player for r in records):
         mine = [r for r in records if r.player == player]
@@ -334,4 +441,5 @@ def players_report(records: List[BlockRecord]) -> Dict:
     latency = [1e3 * (r.finish - r.start) for r in records]
     return {"players": len(per_player), "per_player": per_player, "min_fps": min(fps),
             "realtime": min(fps) >= REALTIME_FPS, "latency_p50_ms": statistics.median(latency),
-            "latency_p95_ms": percentile(latency, 0.95)}
+            "latency_p95_ms": percentile(latency, 0.95), "remakes": len(remakes),
+            "remakes_late": sum(r.late for r in remakes)}
