@@ -128,3 +128,107 @@ def test_only_the_latest_block_can_be_remade(parts):
     s.run_block()
     with pytest.raises(RuntimeError, match="keep_for_remake on"):
         s.remake_block(0)
+
+
+# the scheduler's grants, on a fake clock ----------------------------------------------------------
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _FakePlayer:
+    """A player whose blocks and re-makes take `block_s` of the fake clock."""
+
+    def __init__(self, player_id, clock, block_s):
+        self.player_id, self.clock, self.block_s = player_id, clock, block_s
+        self.blocks_done = 0
+
+    def run_block(self):
+        self.clock.now += self.block_s
+        self.blocks_done += 1
+        return None, None
+
+    def run_remake(self, splice):
+        self.clock.now += self.block_s
+        return None, None
+
+
+def _play(players, block_s, change_every_s, seconds=12.0):
+    """Live scheduling on a fake clock with every player's keys changing every `change_every_s`
+    (phases spread): each change asks for a re-make of the player's latest block, shown from
+    the later of its deadline and its finish. Returns (records, granted, refused)."""
+    from wan.serving.scheduler import DeadlineScheduler, block_frames
+    clock = _Clock()
+    scheduler = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=lambda: None)
+    scheduler.block_estimate_s = block_s
+    scheduler.start_live()
+    sessions = [_FakePlayer(p, clock, block_s) for p in range(players)]
+    changes = sorted((0.5 + p * 0.097 + k * change_every_s, p)
+                     for p in range(players) for k in range(int(seconds / change_every_s)))
+    latest, records, granted, refused = {}, [], 0, 0
+    for session in sessions:
+        scheduler.join(session)
+    while clock.now < seconds:
+        while changes and changes[0][0] <= clock.now:
+            _, p = changes.pop(0)
+            if p not in latest:
+                continue
+            record = latest[p]
+            splice = scheduler.try_remake(sessions[p], max(record.due, record.finish),
+                                          block_frames(record.block), record.block)
+            granted, refused = granted + (splice is not None), refused + (splice is None)
+        done = scheduler.step(timeout=0.0)
+        if done is None:  # idle until the next release or input change
+            upcoming = [t for t in (scheduler.next_release(), changes[0][0] if changes else None)
+                        if t is not None]
+            clock.now = max(clock.now, min(upcoming)) if upcoming else seconds
+            continue
+        record, _ = done
+        records.append(record)
+        if record.remake is None:
+            latest[record.player] = record
+    return records, granted, refused
+
+
+@pytest.mark.parametrize("players,block_s", [(1, 0.12), (2, 0.1), (3, 0.1), (4, 0.115)])
+def test_remakes_are_granted_in_slack_and_never_make_a_block_late(players, block_s):
+    records, granted, refused = _play(players, block_s, change_every_s=0.3)
+    blocks = [r for r in records if r.remake is None]
+    remakes = [r for r in records if r.remake is not None]
+    # joining at once, the last players' first blocks may be late: never because of a re-make
+    without, _, _ = _play(players, block_s, change_every_s=1e9)
+    late_anyway = {(r.player, r.block) for r in without if r.late}
+    assert {(r.player, r.block) for r in blocks if r.late} <= late_anyway, "a re-make made a block late"
+    assert len(late_anyway) <= 1
+    assert not [r for r in remakes if r.late], "a re-made block missed its splice frame"
+    assert len(remakes) == granted
+    if players * block_s <= 0.3:  # a period has room for a re-make per player and change
+        assert granted >= refused > 0 or refused == 0
+        assert granted > 0
+    if players == 4:  # 4 x 115 ms fill the 480 ms period: no slack for re-makes
+        assert granted <= refused
+
+
+def test_a_remake_splices_at_the_first_frame_it_can_be_ready_for():
+    from wan.serving.scheduler import DeadlineScheduler
+    clock = _Clock()
+    scheduler = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=lambda: None)
+    scheduler.block_estimate_s = 0.1
+    scheduler.start_live()
+    player = _FakePlayer(0, clock, 0.1)
+    scheduler.join(player)
+    clock.now = scheduler.next_release()
+    record, _ = scheduler.step(timeout=0.0)  # block 0: due 0.36, finished at 0.1 + 0.1 ... shown 0.36
+    assert record.block == 0 and not record.late
+    clock.now = 0.40  # frame 1 of block 0 (9 frames from 0.36) is on screen
+    splice = scheduler.try_remake(player, record.due, 9, 0)
+    # ready at 0.40 + 0.1 + 0.02 margin: frame ceil((0.52 - 0.36) * 25) = 4 shows at 0.52
+    assert splice == 4
+    assert scheduler.try_remake(player, record.due, 9, 0) is None  # one waits already
+    remade, _ = scheduler.step(timeout=0.0)
+    assert remade.remake == 4 and remade.finish == pytest.approx(0.5) and not remade.late
+    clock.now = 0.66  # frame 7 of 9 shows at 0.64: too late to splice into block 0
+    assert scheduler.try_remake(player, record.due, 9, 0) is None

@@ -179,7 +179,7 @@ class BlockRecord:
 
     @property
     def late(self) -> bool:
-        return self.finish > self.due
+        return self.finish > self.due + 1e-9  # (a clock's rounding is not lateness)
 
 
 @dataclass(order=True)
@@ -315,13 +315,15 @@ class DeadlineScheduler:
             if any(n.session is session and n.remake is not None for n in self._queue):
                 return None
             now, duration = self.now(), self.block_estimate_s + self.REMAKE_MARGIN_S
-            late_anyway = _late_entries(self._queue, now, self.block_estimate_s)
-            first = max(0, math.ceil((now + duration - shown_at) * VIDEO_FPS))
+            plan = dict(now=now, duration=self.block_estimate_s, continuous=self._continuous,
+                        lead=self.release_lead(), horizon=now + 2 * PERIOD_S)
+            late_anyway = _late_entries(self._queue, **plan)
+            first = max(0, math.ceil((now + duration - shown_at) * VIDEO_FPS - 1e-6))
             for splice in range(first, frames):
                 due = shown_at + splice / VIDEO_FPS - self.REMAKE_MARGIN_S
                 entry = _Next(due, next(self._order), now, session, now, remake=splice)
-                late = _late_entries(self._queue + [entry], now, self.block_estimate_s)
-                if entry not in late and late <= late_anyway:
+                late = _late_entries(self._queue + [entry], **plan)
+                if _key(entry) not in late and late <= late_anyway:
                     self._queue.append(entry)
                     self._wake.notify()
                     return splice
@@ -332,6 +334,11 @@ class DeadlineScheduler:
         with self._wake:
             self._queue = [n for n in self._queue if n.session is not session]
             self._continuous.discard(id(session))
+
+    def next_release(self) -> Optional[float]:
+        """When the earliest waiting block is released (this clock), None when none waits."""
+        with self._wake:
+            return min((n.release for n in self._queue), default=None)
 
     def wake(self):
         """Wake a waiting `step` (e.g. to stop the worker)."""
@@ -362,12 +369,14 @@ class DeadlineScheduler:
         return record, frames
 
 
-def _late_entries(entries: List[_Next], now: float, duration: float) -> set:
-    """The entries that would finish after their deadline if the scheduler ran
-    `entries` from `now` as `step` does (the released one with the earliest deadline next, each
-    taking `duration`; idle until the next release when none is released)."""
-    late, pending, t = [], sorted(entries), now
-    while pending:
+def _late_entries(entries: List[_Next], now: float, duration: float, continuous: set,
+                  lead: float, horizon: float) -> set:
+    """Which blocks would finish after their deadline if the scheduler ran `entries` from `now`
+    as `step` does (the released one with the earliest deadline next, each taking `duration`;
+    idle until the next release when none is released; a continuous session's next block queued
+    when one of its blocks finishes) until `horizon`: a set of (session id, deadline, splice)."""
+    late, pending, t = set(), sorted(entries), now
+    while pending and t < horizon:
         released = [n for n in pending if n.release <= t]
         if not released:
             t = min(n.release for n in pending)
@@ -375,20 +384,29 @@ def _late_entries(entries: List[_Next], now: float, duration: float) -> set:
         chosen = released[0]  # sorted: the earliest deadline
         pending.remove(chosen)
         t += duration
-        if t > chosen.due:
-            late.append(chosen)
-    return _Late(late)
+        if t > chosen.due + 1e-9:
+            late.add(_key(chosen))
+        if chosen.remake is None and id(chosen.session) in continuous:
+            following = _following(chosen, t, lead)
+            following.session = _Counted(chosen.session)  # blocks_done one on, as after the run
+            pending = sorted(pending + [following])
+    return late
 
 
-class _Late(list):
-    """A list of queue entries compared by identity (entries are dataclasses: == compares
-    deadlines, which two entries may share)."""
+class _Counted:
+    """A session seen one block later (what `_following` reads of it while simulating)."""
 
-    def __contains__(self, entry) -> bool:
-        return any(e is entry for e in self)
+    def __init__(self, session):
+        self.session = getattr(session, "session", session)
+        self.blocks_done = session.blocks_done + 1
 
-    def __le__(self, other) -> bool:
-        return all(e in other for e in self)
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def _key(entry: _Next):
+    session = getattr(entry.session, "session", entry.session)
+    return id(session), round(entry.due, 9), entry.remake
 
 
 def _following(chosen: _Next, finish: float, lead: float) -> _Next:
