@@ -28,7 +28,7 @@ from wan.serving.runner import StreamingBlockRunner  # noqa: E402
 from wan.play.actions import (CAMERA_VALUE, MOUSE_PIXELS_FOR_FULL_TURN, InputState,  # noqa: E402
                               action_space)
 from wan.play.client import parse_frame, play  # noqa: E402
-from wan.play.engine import EngineConfig, GameEngine, Player  # noqa: E402
+from wan.play.engine import EngineConfig, GameConditions, GameEngine, Player  # noqa: E402
 from wan.play.server import MAX_UPLOAD_PIXELS, BadMessage, decode_upload  # noqa: E402
 
 FIRST, LATER = 9, 12  # frames of a stream's first block and of every later one
@@ -98,7 +98,9 @@ def test_engine_frames_equal_the_runner_alone_and_depend_on_the_keys(engine):
     conditions, actions and noise; a player holding W differs from one holding nothing."""
     blocks = 3
     played, player = _player_frames(engine, ["w"], blocks)
-    visual_context, cond = engine.conditioner(engine.default_image, engine.device, engine.dtype)
+    conditions = GameConditions.start(engine.conditioner, engine.default_image, engine.device,
+                                      engine.dtype)
+    visual_context = conditions.visual_context
     runner = StreamingBlockRunner(engine.model, engine.decoder, latent_hw=engine.latent_hw)
     runner.generator = torch.Generator().manual_seed(player.seed * 1000)
     runner.start(visual_context)
@@ -107,8 +109,8 @@ def test_engine_frames_equal_the_runner_alone_and_depend_on_the_keys(engine):
     mouse = torch.zeros(1, steps, 2)
     for block in range(blocks):
         used = history_steps(3 * (block + 1) - 1)
-        frames, _ = runner.block(cond[:, :, 3 * min(block, 1):3 * min(block, 1) + 3],
-                                 mouse[:, :used], keyboard[:, :used])
+        frames, _ = runner.block(conditions.block(block, 3), mouse[:, :used],
+                                 keyboard[:, :used])
         assert torch.equal(frames, played[block]), f"block {block}"
     idle, _ = _player_frames(engine, [], blocks)
     assert played[0].shape == (1, FIRST, 3, 64, 128)
@@ -237,7 +239,7 @@ def test_the_seed_servers_client_flow(server):
     _wait_until(lambda: server.engine.player_count() == 0, what="the session to end")
 
 
-def test_server_full_refuses_the_next_player_and_a_closed_one_frees_its_caches(server):
+def test_server_full_refuses_the_next_player_and_a_closed_one_frees_its_game(server):
     async def scenario():
         from websockets.asyncio.client import connect
         first = await connect(server.ws + "?frames=ws")
@@ -262,10 +264,13 @@ def test_server_full_refuses_the_next_player_and_a_closed_one_frees_its_caches(s
     assert code == 1013
     _wait_until(lambda: server.engine.player_count() == 0, what="the sessions to end")
 
-    def freed():
+    def freed():  # the session goes; its runner (a player slot) waits for the next player
         gc.collect()
-        return session() is None and runner() is None
-    _wait_until(freed, what="the closed session's caches to be freed")
+        return session() is None and server.engine.free_slots() == server.engine.slots
+    _wait_until(freed, what="the closed session to be freed and its slot to come back")
+    # what only that game needed went with it: its decoder history and a re-make's copy
+    assert all(entry is None for entry in runner().decoder_cache)
+    assert server.engine.captures_while_serving() == 0
 
 
 BAD_MESSAGES = [
@@ -550,6 +555,7 @@ def test_a_player_whose_blocks_hold_nan_is_told_and_restarted_the_other_plays_on
 
     def new_session(player, image):  # player A's games: NaN latents while poison is on
         session = original(player, image)
+        session.runner.__dict__.pop("block", None)  # a slot's runner: unpoisoned for a new game
         if player.sink is sink_a and poison["on"]:
             nan = torch.full((1, 16, 3, *engine.latent_hw), float("nan"))
             session.runner.block = functools.partial(StreamingBlockRunner.block, session.runner,

@@ -232,3 +232,32 @@ def test_a_remake_splices_at_the_first_frame_it_can_be_ready_for():
     assert remade.remake == 4 and remade.finish == pytest.approx(0.5) and not remade.late
     clock.now = 0.66  # frame 7 of 9 shows at 0.64: too late to splice into block 0
     assert scheduler.try_remake(player, record.due, 9, 0) is None
+
+
+@torch.no_grad()
+def test_a_rewound_slot_plays_a_new_game_as_a_fresh_runner(parts):
+    """A player slot: the runner's own caches rewound in place for the next game (the graphs
+    captured over them stay valid) give the frames a fresh runner gives."""
+    model, decoder, inputs = parts
+    other = random_inputs(model, LATENT, 3, 0, seed=9)
+
+    def play(runner, context, seed):
+        runner.generator = torch.Generator().manual_seed(seed)
+        return [runner.block(inputs["cond_concat"], *_held_actions(block))[0] for block in range(2)]
+
+    slot = StreamingBlockRunner(model, decoder, latent_hw=LATENT)
+    slot.start(inputs["visual_context"])
+    play(slot, inputs["visual_context"], 1)
+    kept = slot.caches["kv_cache"][0]["k"]
+    slot.start(other["visual_context"], reuse_caches=True)
+    assert slot.caches["kv_cache"][0]["k"] is kept
+    again = play(slot, other["visual_context"], 2)
+    fresh = StreamingBlockRunner(model, decoder, latent_hw=LATENT)
+    fresh.start(other["visual_context"])
+    expected = play(fresh, other["visual_context"], 2)
+    assert all(torch.equal(a, e) for a, e in zip(again, expected))
+
+
+def _held_actions(block):
+    from wan.runtime.conditioning import history_steps
+    return _actions((block % 4,), history_steps(3 * block + 2))

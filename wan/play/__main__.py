@@ -8,6 +8,13 @@
 Then open the printed URL. One process serves one GPU: for several GPUs start one per GPU (its
 `--device` and `--port`, or under torchrun each rank takes its local GPU and `--port` + rank)
 behind a reverse proxy with sticky sessions (README, "Play it").
+
+With a token (--token, or generated for a non-loopback --host) every route needs it (the page,
+/ws, /stream, /health, /metrics, /start-image, /static/...; ?token=... or the cookie the page
+sets) except GET /livez, a bare liveness probe for load balancers: "ok" (200) or "failed" (503),
+nothing else. After 10 wrong tokens within 60 s from one address, that address gets 429 for
+60 s. A connection that does not send its request headers within --header-timeout seconds is
+closed (408). The protocol and the limits on messages: wan/play/server.py.
 """
 import argparse
 import logging
@@ -53,8 +60,9 @@ def parse_args(argv=None):
                    help="address to listen on (default 127.0.0.1; any other needs a token)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; under torchrun "
                    "each rank listens on --port + its local rank)")
-    p.add_argument("--token", help="access token clients must give (?token=...); generated and "
-                   "printed when --host is not loopback and none is given")
+    p.add_argument("--token", help="access token clients must give (?token=...) on every route "
+                   "but /livez; generated and printed when --host is not loopback and none is "
+                   "given")
     p.add_argument("--mode", default="universal", choices=MODES,
                    help="game mode: the action space and, on a GPU, the model config")
     p.add_argument("--preset", choices=("tiny", "universal", "gta_drive", "templerun"),
@@ -78,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--linger", type=cli.non_negative_float, default=5.0,
                    help="seconds a game waits for its page to come back after the last "
                    "connection closed (default 5; a reload finds its game)")
+    p.add_argument("--header-timeout", type=cli.positive_float, default=10.0,
+                   help="seconds a connection has to send its request headers, from opening it "
+                   "or from the previous response (default 10; slow clients are closed)")
     p.add_argument("--no-graphs", action="store_true", help="run eagerly (no CUDA graphs)")
     p.add_argument("--jpeg-quality", type=_jpeg_quality, default=85, help="1 to 100 (default 85)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
@@ -151,7 +162,7 @@ def _main(argv=None):
     _check_listen(args.host, port)
     preflight(args, config)
     from .metrics import PlayMetrics
-    from .server import WS_MAX_SIZE, PlayServer
+    from .server import PlayServer, uvicorn_config
     token = args.token
     if args.host not in LOOPBACK and token is None:
         token = secrets.token_urlsafe(16)
@@ -171,9 +182,10 @@ def _main(argv=None):
     shown = "localhost" if args.host in LOOPBACK else args.host
     log.info("open http://%s:%d/%s", shown, port, f"?token={token}" if token else "")
     import uvicorn
-    uvicorn.run(server.app, host=args.host, port=port, ws_max_size=WS_MAX_SIZE,
-                log_level=args.log_level.lower())
-    return 0
+    served = uvicorn.Server(uvicorn_config(server.app, args.host, port, args.header_timeout,
+                                           log_level=args.log_level.lower()))
+    served.run()
+    return 0 if served.started else 1
 
 
 if __name__ == "__main__":

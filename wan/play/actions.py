@@ -24,6 +24,8 @@ import torch
 
 CAMERA_VALUE = 0.1          # upstream's CAM_VALUE: the camera step of one key
 MOUSE_PIXELS_FOR_FULL_TURN = 240.0  # mouse pixels in one block that give CAMERA_VALUE
+# reactive play re-makes a block for a camera change of at least this much (a quarter turn step)
+REMAKE_CAMERA_STEP = CAMERA_VALUE / 4
 
 
 @dataclass(frozen=True)
@@ -147,13 +149,28 @@ class InputState:
     def sample(self) -> BlockAction:
         """The next block's action: held keys, plus the oldest waiting tap (one block per
         tap, as the seed server plays them), plus the mouse motion summed since the last block."""
+        return self._action(consume=True)
+
+    def differs_from(self, action: BlockAction) -> bool:
+        """Whether the action the input gives now (nothing consumed) differs from `action` (the
+        one the latest block read): another key set, a waiting tap, or a camera value moved by
+        at least REMAKE_CAMERA_STEP (small mouse motions wait for the next block)."""
+        now = self._action(consume=False)
+        if not torch.equal(now.keyboard, action.keyboard):
+            return True
+        if now.mouse is None or action.mouse is None:
+            return False
+        return bool((now.mouse - action.mouse).abs().max() >= REMAKE_CAMERA_STEP)
+
+    def _action(self, consume: bool) -> BlockAction:
         space = self.space
         with self._lock:
             keys = set(self._held)
             if self._taps:
-                keys.add(self._taps.pop(0))
+                keys.add(self._taps.pop(0) if consume else self._taps[0])
             dx, dy = self._motion
-            self._motion = [0.0, 0.0]
+            if consume:
+                self._motion = [0.0, 0.0]
             input_id, received = self.input_id, self.input_received
         keyboard = torch.zeros(space.keyboard_dim)
         for key in keys:

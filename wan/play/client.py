@@ -2,6 +2,11 @@
 `?frames=ws`, sends held keys on a schedule, and records every frame with its header and arrival
 time, so press-to-frame latency is measured on the client's clock as a page would.
 
+Reactive play (wan/play/server.py, the frame header): a frame index of a block may come again (a
+re-made block's frame replaces one not yet shown): `PlayResult.frames` keeps every message as it
+came; `replaced_frames` counts those that came again, and the block counts below count each
+block once.
+
     result = asyncio.run(play("ws://127.0.0.1:8000/ws", schedule=[(0.5, ["w"]), (1.5, [])],
                               seconds=3))
 """
@@ -47,6 +52,18 @@ class PlayResult:
     presses: List[Tuple[int, float]] = field(default_factory=list)  # (input id, client time)
     closed: Optional[Tuple[int, str]] = None
     begin: float = 0.0  # client clock when the hello arrived (the schedule's time 0)
+
+    def replaced_frames(self) -> int:
+        """Frames whose (block, index) came again while that block was the newest: a re-made
+        block's frames replacing ones of its first making."""
+        seen, block, count = set(), None, 0
+        for f in self.frames:
+            if f.block != block:
+                seen, block = set(), f.block
+            if f.index in seen:
+                count += 1
+            seen.add(f.index)
+        return count
 
     def errors(self) -> List[str]:
         return [t["reason"] for t in self.texts if t.get("type") == "error"]
@@ -121,6 +138,16 @@ def _percentile(values, q):
     return percentile(values, q) if values else None
 
 
+def _block_firsts(frames) -> List[Frame]:
+    """The first frame (index 0) of each block, once: a re-made block's frame 0 is not a new
+    block."""
+    out = []
+    for f in frames:
+        if f.index == 0 and (not out or out[-1].block != f.block):
+            out.append(f)
+    return out
+
+
 def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
     """One continuous client's numbers after `warmup_s`: fps (frames received per second),
     press-to-frame p50/p95 on the client's clock, and from the frame headers (same host: the
@@ -134,7 +161,7 @@ def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
         if reflected is not None:
             latency.append(1e3 * (reflected.received - sent))
     epoch = (result.hello or {}).get("clock_epoch_s")
-    firsts = [f for f in window if f.index == 0]
+    firsts = _block_firsts(window)
     parts = {}
     if firsts:
         parts["block_ms_p50"] = statistics.median(f.frames_ready_ms - f.block_start_ms
@@ -191,15 +218,15 @@ async def on_input_client(url: str, presses: int, warmup_presses: int = 3,
             key = "wd"[press % 2]
             sent = time.perf_counter()
             await ws.send(json.dumps({"type": "keyboard", "key": key, "timestamp": 0}))
-            first, count = None, 0
+            first, indices = None, set()
             while True:
                 message = await asyncio.wait_for(ws.recv(), 120)
                 if isinstance(message, bytes):
                     frame = parse_frame(message)
                     if first is None:
                         first = time.perf_counter()
-                    count += 1
-                    if count == frame.frames_in_block:
+                    indices.add(frame.index)  # a re-made frame's index counts once
+                    if len(indices) >= frame.frames_in_block:
                         break
             if press >= warmup_presses:
                 latency.append(1e3 * (first - sent))

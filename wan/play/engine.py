@@ -11,6 +11,28 @@ Modes of play: `continuous` (a block every 0.48 s; the block reads the held keys
 motion when it starts, released as late as its deadline allows) and `on-input` (the seed
 server's: a block per key press).
 
+Reactive play (continuous, `reactive` on by default): when a player's held keys (or the camera,
+by at least a quarter step) change, the block on screen is re-made from the first frame that can
+still be replaced (`StreamingBlockRunner.remake`: same noise, the caches and decoder history it
+started from), so the world answers within about one block's compute instead of at the next
+block. The scheduler grants a re-make only where it makes no player's block late
+(`DeadlineScheduler.try_remake`); otherwise the input waits for the next block as before. The
+re-made frames go out with `first_frame` set: the page replaces the frames it has not shown yet.
+The stream after a re-make is exactly the stream that was fed the spliced actions.
+
+Player slots (nano-vllm's warm-up-then-serve): at start-up the engine makes `capacity` block
+runners (each its DiT cache dicts and decoder stream) and captures every CUDA graph they replay;
+a join, a new game or an upload takes a free slot and rewinds it (`reuse_caches`): no capture
+while serving (`/metrics` counts them). A new game's image conditioning does only what its first
+block needs at once; the rest of the encoder's work runs in the slack between blocks. Commands
+coalesce per player (one pending new game; a newer image replaces an older one) and a player's
+games start at most once per `new_game_interval_s`: a flood of resets cannot starve the others.
+
+Failures: an exception in one player's block ends that player's game with a message; the other
+games go on. A CUDA error that poisons the device (an illegal access, a device-side assert)
+cannot be survived: the engine records it (`failure`, `/health` fails) and calls `on_fatal`
+(the server exits non-zero there, so a supervisor restarts it).
+
 Admission: up to `capacity` players, measured at start-up (`warm_up`: a throw-away player's blocks
 timed, capacity = how many such blocks fit in one 0.48 s period with 5% to spare) unless
 `max_players` is given; one more is refused (`ServerFull`), so nobody's game gets slower.
@@ -28,7 +50,6 @@ import gc
 import itertools
 import logging
 import math
-import queue
 import statistics
 import threading
 import time
@@ -45,10 +66,10 @@ from ..runtime.options import cuda_graphs_on, resolve_option
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
-from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner
+from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner, graph_captures
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config, tiny_variant_config
 from ..modules.random_init import randomize_decoder_weights_, randomize_weights_
-from ..serving.scheduler import PERIOD_S, DeadlineScheduler, PlayerSession
+from ..serving.scheduler import PERIOD_S, DeadlineScheduler, PlayerSession, block_frames
 from .actions import ActionSpace, InputState, action_space, action_steps
 from .conditioning import CheckoutConditioner, DemoConditioner, builtin_start_image
 from .encode import JpegEncoder, to_uint8
@@ -80,6 +101,8 @@ class EngineConfig:
     warmup_blocks: int = 4
     jpeg_quality: int = 85
     seed: int = 0
+    reactive: bool = True                # continuous play re-makes the block on screen on input
+    new_game_interval_s: float = 1.0     # a player's new games start at most this often
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -139,6 +162,10 @@ class FrameBatch:
     block_ms: float
     wait_ms: float
     late: bool
+    first_frame: int = 0        # the block's frame index of jpegs[0] (> 0: a re-made block's)
+    remake: bool = False        # frames of a re-made block: they replace those not yet shown
+    game: int = 0               # the player's game these frames belong to
+    frames_in_block: int = 0    # the block's frames in all (jpegs may hold fewer: a re-make)
 
 
 class Player:
@@ -165,7 +192,22 @@ class Player:
         self.closed = False
         self.press_waiting = False  # on-input: a press arrived before the game was set up
         self.broken: Optional[NonFiniteOutputError] = None  # its last block held NaN/inf
+        self.failed: Optional[Exception] = None  # its last block raised (its game ends)
         self.nonfinite_restarts = 0  # games restarted for that since its last good block
+        self.action = None           # the action its latest block (or re-make) read
+        self.measured_input = 0      # the newest input id whose press-to-frame was measured
+        self.latest = None           # the BlockRecord of its latest block (not a re-make)
+        self.remake_considered = 0   # the newest input id a re-make was considered for
+        self.remake_waiting = False  # a granted re-make waits in the scheduler
+        self.slot: Optional[StreamingBlockRunner] = None  # its block runner (a player slot)
+        self.conditions = None       # its game's start-image conditions (encoded as it goes)
+        # the command waiting for the worker (coalesced: "join", "reset"; "leave" wins) and the
+        # newest start image sent with a reset (a newer one replaces it)
+        self.pending: Optional[str] = None
+        self.pending_image: Optional[Image.Image] = None
+        self.pending_since: Optional[Tuple[str, float]] = None  # (join|new_game|upload, when)
+        self.game_started = -math.inf  # perf_counter of its latest game's start
+        self.first_frame_of: Optional[Tuple[str, float]] = None  # what waits for block 0
 
     # what the scheduler reads ----------------------------------------------------------------
     @property
@@ -188,11 +230,32 @@ class Player:
         mouse, keyboard = action_steps(self.action, needed - session.keyboard.shape[1],
                                        session.runner.device, session.runner.dtype)
         session.receive(mouse, keyboard)
+        return self._guarded(session.run_block)
+
+    def run_remake(self, splice: int):
+        """The latest block again from its frame `splice` on with the input as it is now
+        (called by the scheduler for a granted re-make)."""
+        session = self.session
+        if session is None:
+            return None, None
+        action = self.input.sample()
+        first, end = session.block_steps(session.blocks_done - 1)
+        mouse, keyboard = action_steps(action, end - first - splice, session.runner.device,
+                                       session.runner.dtype)
+        out = self._guarded(session.remake_block, splice, mouse, keyboard)
+        self.action = action
+        return out
+
+    def _guarded(self, make, *args):
+        """A block of this player's: what goes wrong in it is this player's (the worker ends
+        its game and goes on with the others), not the worker's."""
         try:
-            return session.run_block()
+            return make(*args)
         except NonFiniteOutputError as error:  # an earlier block's, read now: the worker restarts
             self.broken = error
-            return None, None
+        except Exception as error:  # noqa: BLE001 - reported to the player, the worker goes on
+            self.failed = error
+        return None, None
 
     def fps(self, now: float, window_s: float = 5.0) -> float:
         recent = [(t, n) for t, n in self.frames_shown if now - t <= window_s]
@@ -255,12 +318,18 @@ class GameEngine:
         self.metrics = metrics
         self.players: List[Player] = []
         self._lock = threading.Lock()
-        self._commands: "queue.Queue[Tuple[str, Player, object]]" = queue.Queue()
+        self._waiting: "deque[Player]" = deque()  # players with a pending command, in order
         self._thread: Optional[threading.Thread] = None
         self._running = False
         self.steady_block_ms: Optional[float] = None
         self.memory_before_players = self.device_memory()
         self.failure: Optional[BaseException] = None
+        self.on_fatal: Callable[[BaseException], None] = lambda error: None
+        self._free_slots: List[StreamingBlockRunner] = []  # player slots not in a game
+        self.slots = 0
+        self.captures_at_start: Optional[int] = None  # graphs captured when serving began
+        self._encode_unit_s = 0.02  # running estimate of one unit of image-encoding work
+        self.remakes = {"granted": 0, "refused": 0, "late": 0}
 
     def _synchronize(self):
         if self.device.type == "cuda":
@@ -278,21 +347,37 @@ class GameEngine:
                 f"{self.conditioner.name}, JPEG: {self.encoder.where}, capacity {self.capacity}")
 
     # set-up ----------------------------------------------------------------------------------
-    def _new_session(self, player: Player, image: Optional[Image.Image]) -> PlayerSession:
-        image = image if image is not None else self.default_image
-        visual_context, cond_concat = self.conditioner(image, self.device, self.dtype)
+    def _new_runner(self) -> StreamingBlockRunner:
         runner = StreamingBlockRunner(self.model, self.decoder, latent_hw=self.latent_hw)
-        session = PlayerSession(player.id, runner, visual_context, cond_concat,
+        runner.keep_for_remake = self.config.reactive
+        return runner
+
+    def _conditions_for(self, image: Optional[Image.Image]) -> "GameConditions":
+        """The start image's conditions: what the first block needs now, the rest as it goes."""
+        image = image if image is not None else self.default_image
+        return GameConditions.start(self.conditioner, image, self.device, self.dtype)
+
+    def _new_session(self, player: Player, image: Optional[Image.Image]) -> PlayerSession:
+        """A new game for `player` in its slot (the slot rewound: its graphs stay valid), or in a
+        runner of its own when it has none (a throw-away player's: warmed up here)."""
+        conditions = player.conditions = self._conditions_for(image)
+        runner, reuse = player.slot, player.slot is not None
+        if runner is None:
+            runner = self._new_runner()
+        session = PlayerSession(player.id, runner, conditions.visual_context, conditions,
                                 seed=player.seed * 1000 + player.games,
                                 mouse_dim=2 if self.space.has_camera else None,
-                                keyboard_dim=self.space.keyboard_dim, hold_conditions=True)
-        session.warm_up()  # every graph its blocks replay, before its first block
+                                keyboard_dim=self.space.keyboard_dim, hold_conditions=True,
+                                reuse_caches=reuse)
+        if not reuse and self.cuda_graphs:
+            session.warm_up()  # every graph its blocks replay, before its first block
         return session
 
     @torch.no_grad()
     def warm_up(self) -> float:
         """Blocks of a throw-away player (compiles, autotunes, measures): returns the steady
-        block time in ms (frames encoded included) and sets the capacity when not given."""
+        block time in ms (frames encoded included) and sets the capacity when not given. Its
+        runner becomes the first player slot."""
         player = Player(self.space, "continuous", sink=lambda batch: None)
         player.session = self._new_session(player, None)
         times = []
@@ -301,10 +386,16 @@ class GameEngine:
             frames, _ = player.run_block()
             if player.broken is not None:
                 raise player.broken
+            if player.failed is not None:
+                raise player.failed
             self.encoder.encode(to_uint8(frames[0]))
             self._synchronize()
             player.session.runner.check_finite()  # NaN/inf from these weights: refuse to serve
             times.append(time.perf_counter() - start)
+        runner = player.session.runner
+        runner.release()
+        self._free_slots.append(runner)
+        self.slots += 1
         del player
         gc.collect()
         steady = statistics.median(times[2:])
@@ -318,6 +409,38 @@ class GameEngine:
         log.info("warm-up: %.1f ms per steady block (encode included) -> capacity %d players",
                  self.steady_block_ms, self.capacity)
         return self.steady_block_ms
+
+    @torch.no_grad()
+    def _make_slots(self):
+        """A player slot per admitted player, every graph they replay captured now (before
+        serving): a join then only rewinds a slot."""
+        conditions = self._conditions_for(None)
+        while self.slots < (self.capacity or 1):
+            runner = self._new_runner()
+            session = PlayerSession(0, runner, conditions.visual_context, conditions,
+                                    mouse_dim=2 if self.space.has_camera else None,
+                                    keyboard_dim=self.space.keyboard_dim, hold_conditions=True)
+            if self.cuda_graphs:
+                session.warm_up()
+            runner.release()
+            self._free_slots.append(runner)
+            self.slots += 1
+        self.captures_at_start = graph_captures(self._free_slots[0])
+        log.info("%d player slot(s) ready; %d CUDA graphs captured before serving", self.slots,
+                 self.captures_at_start)
+
+    def free_slots(self) -> int:
+        """Player slots not in a game now."""
+        with self._lock:
+            return len(self._free_slots)
+
+    def captures_while_serving(self) -> int:
+        """Graphs captured since serving began (0 is the design: slots are captured before)."""
+        if self.captures_at_start is None or not self._free_slots and not self.players:
+            return 0
+        runner = self._free_slots[0] if self._free_slots else next(
+            (p.slot for p in list(self.players) if p.slot is not None), None)
+        return 0 if runner is None else graph_captures(runner) - self.captures_at_start
 
     # the event loop's calls (thread-safe) ------------------------------------------------------
     def add_player(self, play_mode: str, sink, on_event=lambda event: None,
@@ -346,7 +469,8 @@ class GameEngine:
         self._command("leave", player, None)
 
     def new_game(self, player: Player, image: Optional[Image.Image] = None):
-        """Start the player's game again (with a new start image if given)."""
+        """Start the player's game again (with a new start image if given). Coalesced: one new
+        game waits per player, a newer image replaces an older one that waits."""
         self._command("reset", player, image)
 
     def press(self, player: Player):
@@ -363,14 +487,37 @@ class GameEngine:
         with self._lock:
             return len(self.players)
 
+    def pending_commands(self) -> int:
+        """Players with a command waiting for the worker (at most one each)."""
+        with self._lock:
+            return len(self._waiting)
+
     def _command(self, name: str, player: Player, argument):
-        self._commands.put((name, player, argument))
+        """Queue `name` for `player`, merged with what waits already: a leave wins over
+        anything, a join absorbs a reset (the image of the newest), resets merge into one."""
+        now = time.perf_counter()
+        with self._lock:
+            if name == "leave":
+                player.pending, player.pending_image = "leave", None
+            elif player.pending == "leave":
+                return
+            else:
+                if argument is not None:
+                    player.pending_image = argument
+                player.pending = player.pending if player.pending == "join" else name
+                if player.pending_since is None:
+                    kind = "join" if name == "join" else "upload" if argument is not None \
+                        else "new_game"
+                    player.pending_since = (kind, now)
+            if player not in self._waiting:
+                self._waiting.append(player)
         self.scheduler.wake()
 
     # the worker ------------------------------------------------------------------------------
     def start(self):
         if self.capacity is None:
             self.warm_up()
+        self._make_slots()
         self.scheduler.start_live()
         self._running = True
         self._thread = threading.Thread(target=self._work, name="wan-play-gpu", daemon=True)
@@ -382,6 +529,9 @@ class GameEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def worker_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _work(self):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -389,23 +539,36 @@ class GameEngine:
             with torch.no_grad():
                 while self._running:
                     self._apply_commands()
-                    done = self.scheduler.step(timeout=0.05)
+                    if self.config.reactive:
+                        self._offer_remakes()
+                    if self._encode_in_slack():
+                        continue
+                    done = self.scheduler.step(timeout=0.05 if not self._encoding() else 0.005)
                     if done is not None:
                         self._deliver(*done)
         except BaseException as error:  # the server reports it on /health and stops serving
             self.failure = error
             log.exception("the GPU worker stopped")
+            self.on_fatal(error)
 
     def _apply_commands(self):
-        while True:
-            try:
-                name, player, argument = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        now = time.perf_counter()
+        with self._lock:
+            ready = []
+            for player in list(self._waiting):
+                # a flood of new games: one per new_game_interval_s, the rest merged into it
+                if player.pending == "reset" and \
+                        now - player.game_started < self.config.new_game_interval_s:
+                    continue
+                self._waiting.remove(player)
+                ready.append((player, player.pending, player.pending_image))
+                player.pending, player.pending_image = None, None
+        for player, name, image in ready:
             if name == "leave":
                 # again here: a join this worker applied while the player was leaving queued a block
                 self.scheduler.leave(player)
-                player.session = None  # its cache dicts, decoder stream and graphs go with it
+                player.session = None  # its decoder stream goes; its slot waits for the next
+                self._free_slot(player)
                 if self.device.type == "cuda" and self.player_count() == 0:
                     torch.cuda.empty_cache()
                 log.info("player %d left; device memory %.2f GiB (%.2f GiB before any player)",
@@ -413,17 +576,40 @@ class GameEngine:
                 continue
             if player.closed:
                 continue
+            if image is not None:
+                player.image = image
             if name == "reset":
                 player.nonfinite_restarts = 0  # the player asked: a new series of tries
-                if argument is not None:
-                    player.image = argument
                 self._restart(player)
             else:
                 self._start_game(player)
 
+    def _free_slot(self, player: Player):
+        if player.slot is not None:
+            player.slot.release()
+            self._free_slots.append(player.slot)
+            player.slot = None
+
     def _start_game(self, player: Player):
-        player.broken = None
-        player.session = self._new_session(player, player.image)
+        player.broken, player.failed = None, None
+        if player.slot is None:
+            if not self._free_slots:  # more players than slots (a capacity raised later)
+                log.warning("no free player slot for player %d: making one now (its graphs "
+                            "are captured while others play)", player.id)
+                self._free_slots.append(self._new_runner())
+                self.slots += 1
+            player.slot = self._free_slots.pop()
+        player.game_started = time.perf_counter()
+        player.first_frame_of, player.pending_since = player.pending_since, None
+        try:
+            player.session = self._new_session(player, player.image)
+        except Exception as error:  # noqa: BLE001 - e.g. the image's encoding: this player's
+            log.warning("player %d: the game could not start: %r", player.id, error)
+            player.session = None
+            player.on_event({"type": "error", "reason": f"the game could not start: {error}"})
+            return
+        player.action, player.latest = None, None
+        player.remake_waiting = False
         self.scheduler.join(player, continuous=player.play_mode == "continuous")
         if player.play_mode == "on-input" and player.press_waiting:
             player.press_waiting = False  # a press that came before its game was ready
@@ -431,11 +617,17 @@ class GameEngine:
         player.on_event({"type": "game", "game": player.games, "demo": self.demo})
 
     def _restart(self, player: Player):
-        """The player's game again from its start image (a new session: caches, decoder stream)."""
+        """The player's game again from its start image (its slot rewound, a new decoder stream)."""
         self.scheduler.leave(player)
         player.session = None
         player.games += 1
         self._start_game(player)
+
+    def _end_game(self, player: Player, reason: str):
+        """The player's game stops (its slot kept: 'New game' starts another); nobody else's."""
+        self.scheduler.leave(player)
+        player.session, player.broken, player.failed = None, None, None
+        player.on_event({"type": "error", "reason": reason})
 
     def _nonfinite(self, player: Player, error: NonFiniteOutputError):
         """A block of `player` held NaN/inf: not shown; the player is told and gets a new game
@@ -445,21 +637,96 @@ class GameEngine:
         log.warning("player %d, game %d: %s; %s", player.id, player.games, error,
                     "game stopped" if stop else "new game")
         if stop:
-            self.scheduler.leave(player)
-            player.session, player.broken = None, None
-            player.on_event({"type": "error", "reason": (
+            self._end_game(player, (
                 f"your game stopped: {error}. It happened in {MAX_NONFINITE_RESTARTS + 1} games "
-                f"in a row (the model's weights?); 'New game' tries again")})
+                f"in a row (the model's weights?); 'New game' tries again"))
             return
         player.on_event({"type": "error", "reason": f"a new game was started: {error}"})
         self._restart(player)
 
+    def _failed(self, player: Player, error: Exception):
+        """A block of `player` raised: fatal to the process where the device is poisoned (a
+        CUDA error), else that player's game ends with the reason and the others go on."""
+        if _poisons_device(error):
+            raise error
+        log.warning("player %d, game %d: its block failed: %r; its game stopped", player.id,
+                    player.games, error)
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        self._end_game(player, f"your game stopped: its block failed ({type(error).__name__}: "
+                               f"{error}); 'New game' tries again")
+
+    # reactive play -----------------------------------------------------------------------------
+    def _offer_remakes(self):
+        """Players whose input changed since their latest block read it: ask the scheduler to
+        re-make that block from the first frame that can still be replaced."""
+        with self._lock:
+            players = [p for p in self.players if p.play_mode == "continuous"]
+        for player in players:
+            session, record = player.session, player.latest
+            if session is None or record is None or player.action is None \
+                    or player.remake_waiting:
+                continue
+            newest = player.input.input_id
+            if newest <= player.remake_considered:
+                continue
+            player.remake_considered = newest
+            if record.block != session.blocks_done - 1 or \
+                    not player.input.differs_from(player.action):
+                continue
+            shown_at = max(record.due, record.finish)  # its frame 0 on screen (the schedule's)
+            splice = self.scheduler.try_remake(player, shown_at, block_frames(record.block),
+                                               record.block)
+            granted = splice is not None
+            player.remake_waiting = granted
+            self.remakes["granted" if granted else "refused"] += 1
+            if self.metrics is not None:
+                self.metrics.remake_decided(granted)
+
+    # image conditioning in the slack ------------------------------------------------------------
+    def _encoding(self) -> List["GameConditions"]:
+        with self._lock:
+            return [p.conditions for p in self.players
+                    if p.session is not None and p.conditions is not None
+                    and not p.conditions.done]
+
+    def _encode_in_slack(self) -> bool:
+        """One unit of a game's start-image encoding where it fits before the next block's
+        release (it never delays a block); True when one ran."""
+        pending = self._encoding()
+        if not pending:
+            return False
+        release = self.scheduler.next_release()
+        slack = math.inf if release is None else release - self.scheduler.now()
+        if slack < 1.5 * self._encode_unit_s:
+            return False
+        start = time.perf_counter()
+        try:
+            pending[0].advance()
+        except Exception as error:  # noqa: BLE001 - that game's conditions: end that game
+            player = next((p for p in self.players if p.conditions is pending[0]), None)
+            pending[0].done = True
+            if player is not None:
+                self._failed(player, error)
+            return True
+        self._synchronize()
+        self._encode_unit_s = 0.8 * self._encode_unit_s + 0.2 * (time.perf_counter() - start)
+        return True
+
+    # frames out --------------------------------------------------------------------------------
     def _deliver(self, record, frames):
         with self._lock:
             player = next((p for p in self.players if p.id == record.player), None)
         if player is None or player.session is None:  # left while its block ran
             return
+        remake = record.remake
+        if remake is not None:
+            player.remake_waiting = False
         try:  # the scheduler synchronized after the block: reading its check waits for nothing
+            if player.failed is not None:
+                error, player.failed = player.failed, None
+                self._failed(player, error)
+                return
             if player.broken is not None:
                 raise player.broken
             player.session.runner.check_finite()
@@ -467,9 +734,10 @@ class GameEngine:
             self._nonfinite(player, error)
             return
         player.nonfinite_restarts = 0
-        begin = self.scheduler._begin
+        begin = self.scheduler.begin_time()
         start = time.perf_counter()
-        jpegs = self.encoder.encode(to_uint8(frames[0]))
+        shown = frames[0] if remake is None else frames[0][remake:]
+        jpegs = self.encoder.encode(to_uint8(shown))
         encoded = time.perf_counter()
         action = player.action
         batch = FrameBatch(
@@ -477,10 +745,73 @@ class GameEngine:
             input_received=action.input_received, block_start=begin + record.start,
             frames_ready=begin + record.finish, encoded=encoded,
             encode_ms=1e3 * (encoded - start), block_ms=1e3 * (record.finish - record.start),
-            wait_ms=1e3 * max(0.0, record.start - record.release), late=record.late)
-        player.frames_shown.append((encoded, len(jpegs)))
+            wait_ms=1e3 * max(0.0, record.start - record.release), late=record.late,
+            first_frame=remake or 0, remake=remake is not None, game=player.games,
+            frames_in_block=frames.shape[1])
+        if remake is None:
+            player.latest = record
+            player.frames_shown.append((encoded, len(jpegs)))
+        elif record.late:
+            self.remakes["late"] += 1
+        if record.block == 0 and remake is None and player.first_frame_of is not None:
+            kind, since = player.first_frame_of
+            player.first_frame_of = None
+            if self.metrics is not None:
+                self.metrics.first_frame(kind, 1e3 * (encoded - since))
         if player.play_mode == "on-input" and player.input.has_pending_taps():
             self.scheduler.request(player)  # presses that came while this block was made
         if self.metrics is not None:
             self.metrics.block_done(player, batch)
         player.sink(batch)
+
+
+class GameConditions:
+    """A game's start-image conditions for the scheduler's session: `block(index, frames)` gives
+    a block's cond_concat, running the encoder on when that block's latent frames are not
+    encoded yet (the player's own block waits for them; the engine runs `advance` in the slack
+    before that). Wraps a conditioner's `start()` (encoded as the game goes), or the tensors of
+    one that encodes everything at once (the last block's reused past their end)."""
+
+    def __init__(self, visual_context, source=None, cond_concat=None):
+        self.visual_context, self.source, self.cond_concat = visual_context, source, cond_concat
+        self.done = source is None or bool(getattr(source, "done", True))
+
+    @classmethod
+    def start(cls, conditioner, image, device, dtype) -> "GameConditions":
+        if hasattr(conditioner, "start"):
+            source = conditioner.start(image, device, dtype)
+            return cls(source.visual_context, source=source)
+        visual_context, cond_concat = conditioner(image, device, dtype)
+        return cls(visual_context, cond_concat=cond_concat)
+
+    def advance(self) -> bool:
+        """One unit of the encoder's work; False once nothing is left."""
+        if self.done:
+            return False
+        more = bool(self.source.advance())
+        self.done = not more or bool(getattr(self.source, "done", False))
+        return not self.done
+
+    def block(self, index: int, frames: int):
+        if self.source is None:
+            cond = self.cond_concat
+            if cond.shape[2] == frames:
+                return cond
+            start = min(index * frames, cond.shape[2] - frames)
+            return cond[:, :, start:start + frames]
+        while True:
+            cond = self.source.block(index, frames)
+            if cond is not None:
+                return cond
+            if not self.advance() and self.source.block(index, frames) is None:
+                raise RuntimeError(f"the start image's conditions for block {index} never came "
+                                   f"(the encoder stopped)")
+
+
+def _poisons_device(error: BaseException) -> bool:
+    """A CUDA error after which the device cannot be trusted (sticky: every later call fails)."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and not isinstance(
+        error, torch.cuda.OutOfMemoryError) and any(
+        sign in text for sign in ("CUDA error", "illegal memory access", "device-side assert",
+                                  "CUBLAS_STATUS_EXECUTION_FAILED", "cudaErrorLaunchFailure"))

@@ -37,17 +37,34 @@ class PlayMetrics:
                                        registry=r)
         self.device_memory = Gauge("wan_play_device_memory_bytes",
                                    "device memory held by tensors", registry=r)
+        self.remakes = Counter("wan_play_remakes", "re-makes of the block on screen after an "
+                               "input change (reactive play), by the scheduler's decision",
+                               ["decision"], registry=r)
+        self.first_frame_ms = Histogram(
+            "wan_play_time_to_first_frame_ms",
+            "from a join, a new game or an upload arriving to its first frames encoded (ms)",
+            ["after"], buckets=MS_BUCKETS, registry=r)
+        self.captures = Gauge("wan_play_graph_captures_while_serving",
+                              "CUDA graphs captured after start-up (player slots are captured "
+                              "before serving: 0 is the design)", registry=r)
+
+    def remake_decided(self, granted: bool):
+        self.remakes.labels("granted" if granted else "refused").inc()
+
+    def first_frame(self, after: str, ms: float):
+        self.first_frame_ms.labels(after).observe(ms)
 
     def block_done(self, player, batch):
-        self.blocks.inc()
-        self.block_ms.observe(batch.block_ms)
-        self.wait_ms.observe(batch.wait_ms)
+        if not batch.remake:  # a re-made block's lateness is a splice's, not a stall
+            self.blocks.inc()
+            self.block_ms.observe(batch.block_ms)
+            self.wait_ms.observe(batch.wait_ms)
+            if batch.late:
+                self.late_blocks.inc()
         self.encode_ms.observe(batch.encode_ms)
-        if batch.late:
-            self.late_blocks.inc()
-        # the first block that reflects a new input: from that input's arrival to these frames
-        if batch.input_received is not None and batch.input_id > getattr(player, "_measured", 0):
-            player._measured = batch.input_id
+        # the first frames that reflect a new input: from that input's arrival to these frames
+        if batch.input_received is not None and batch.input_id > player.measured_input:
+            player.measured_input = batch.input_id
             self.press_to_frame_ms.observe(1e3 * (batch.encoded - batch.input_received))
         self.session_fps.labels(str(player.id)).set(player.fps(time.perf_counter()))
 
@@ -61,4 +78,5 @@ class PlayMetrics:
         self.players.set(engine.player_count())
         self.capacity.set(engine.capacity or 0)
         self.device_memory.set(engine.device_memory())
+        self.captures.set(engine.captures_while_serving())
         return generate_latest(self.registry)

@@ -2,7 +2,7 @@
 
 Starlette (the ASGI toolkit FastAPI is built on) with uvicorn: WebSockets, streaming responses,
 static files and a lifespan are all this server needs; FastAPI would add request models and
-OpenAPI docs for an API of four routes.
+OpenAPI docs for an API of a few routes.
 
 Routes:
 * `GET /`: the page (static/index.html); sets the `wan_session` cookie that ties one browser's
@@ -10,28 +10,64 @@ Routes:
   `?token=` came with it.
 * `WS /ws`: a player's input, and its frames when asked for (`?frames=ws`; this package's page).
   `?session=<id>` names the session (the page sends one per tab; otherwise the cookie, else a new
-  one per connection), `?play=continuous|on-input` its mode of play.
-* `GET /stream`: the session's frames as MJPEG (`multipart/x-mixed-replace; boundary=frame`),
-  paced at 25 fps: the seed server's viewer.
+  one per connection), `?play=continuous|on-input` its mode of play. A `/ws` connection is what
+  starts a game.
+* `GET /stream`: the frames of an existing session's game as MJPEG
+  (`multipart/x-mixed-replace; boundary=frame`), paced at 25 fps: the seed server's viewer. It
+  joins the game of its session (`?session=` or the cookie) and never starts one: without a
+  session id 409, without a game for it (after waiting `stream_wait_s`, 5 s, for its page's
+  `/ws`) 404, each with a line of text saying so.
 * `GET /health` (JSON), `GET /metrics` (Prometheus text), `GET /start-image` (the built-in
-  start image, PNG).
+  start image, PNG), `/static/...` (the page's files).
+* `GET /livez`: a bare liveness probe: `ok` (200) or `failed` (503, the GPU worker stopped),
+  nothing else; the one route that needs no token.
 
-Messages from the client (JSON text; each refused one gets {"type": "error", "reason": ...} and
-changes nothing else):
+Access: when the server has a token (`--token`, or generated for a non-loopback `--host`), every
+route but `/livez` needs it: `?token=...` or the `wan_token` cookie that `GET /?token=...` sets
+(so the page's own requests carry it). Otherwise 401 (a WebSocket: refused with 401 before the
+handshake). Wrong tokens are throttled per client address: after TOKEN_FAILURES (10) wrong ones
+within TOKEN_WINDOW_S (60 s) every request from that address gets 429 (with Retry-After) for
+TOKEN_LOCKOUT_S (60 s), the right token included. A connection must send its request headers
+within `header_timeout_s` (10 s; `--header-timeout`) of opening, or of its previous response:
+otherwise 408 and closed (uvicorn itself only times out idle keep-alive connections).
+
+Messages from the client (JSON text; each refused one gets {"type": "error", "reason": ...}
+starting with the check that refused it ("json:", "size:", "input:", ...) and changes nothing
+else; the connection goes on):
 * `{"type": "keyboard", "key": "w", "timestamp": ms}`: the seed server's: one key press, acting
   for one block (on-input play: that block is made now);
 * `{"type": "input", "id": n, "keys": ["w", "l"], "mouse": [dx, dy]}`: the held keys (the whole
-  set) and mouse motion in pixels since the last message; `id` grows with every message;
-* `{"type": "image", "data": "data:image/png;base64,..."}`: a new start image (a new game);
+  set) and mouse motion in pixels since the last message; `id` (0 to 2^32 - 1, as the frame
+  header carries it) grows with every message;
+* `{"type": "image", "data": "data:image/png;base64,..."}`: a new start image (a new game). It
+  is decoded off the event loop, one at a time per connection: an image that arrives while
+  another is decoded waits, and a newer one replaces it (`{"type": "image", "replaced": true}`
+  for the one replaced); a decoded one is answered `{"type": "image", "size": [w, h]}`;
 * `{"type": "reset"}` a new game; `{"type": "ping", "t": ...}` answered with a pong.
+Limits, checked before a message is parsed: an image message is at most MAX_IMAGE_MESSAGE
+characters and any other MAX_CONTROL_BYTES (4096); at most MAX_JSON_CONTAINERS (32) objects and
+arrays in a message (so nothing nests deeper); numbers of at most MAX_NUMBER_CHARS (32)
+characters, no NaN or Infinity; text frames must be UTF-8 (else closed with 1007, one log line).
+More than 120 messages a second are dropped (with one error a second), a sustained flood closes
+the connection (1008).
 To the client: `{"type": "hello", ...}` first (session, mode, keys, players), `{"fps", "latency",
 "players", ...}` after each block (the seed's stats message, with more fields), `error` (also
 when a block of the game held NaN or inf: the block is not sent, the reason names it, and a
 `game` message for the new game follows; wan/play/engine.py), `game` (a game started),
-`full` (then the socket closes with 1013), and, with `?frames=ws`, one binary message per frame:
-a 40-byte little-endian header `FRAME_HEADER` (magic b"WANF", block, frame index, frames in the
-block, id of the newest input the block read, then the block's start, frames-ready and send
-times in ms on the server's clock) followed by the JPEG.
+`full` (then the socket closes with 1013), and, with `?frames=ws`, one binary message per frame.
+If sending to a connection fails for any other reason than the client going away, the
+connection is closed (1011, with an error message) and its game ended, with a log line.
+
+The frame message: a 40-byte little-endian header `FRAME_HEADER` (magic b"WANF", block, frame
+index within the block, frames in the block, id of the newest input the block read, then the
+block's start, frames-ready and send times in ms on the server's clock) followed by the JPEG.
+Reactive play: the engine may hand over a block's frames in parts (a `FrameBatch` whose
+`first_frame` > 0: its JPEGs are the block's frames first_frame, first_frame + 1, ...) and may
+make a block again (`remake`): the frames of a batch with first_frame > 0 or remake replace the
+frames of the same block of the same game, from index first_frame on, that the connection has
+not sent yet (those are dropped; frames already sent stay sent), so a client may receive a frame
+index again: the newer one replaces the older on screen. "Frames in the block" is the block's
+whole count (the batch's `frames_in_block`). The MJPEG `/stream` queues its frames the same way.
 """
 import asyncio
 import base64
@@ -45,14 +81,16 @@ import re
 import secrets
 import struct
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from importlib import resources
-from typing import Dict, Optional, Set
+from typing import Deque, Dict, Optional, Set, Tuple
 
 from PIL import Image, UnidentifiedImageError
+from starlette import websockets as _starlette_websockets
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, \
+    StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -65,14 +103,26 @@ log = logging.getLogger(__name__)
 
 FRAME_HEADER = struct.Struct("<4sIHHIddd")
 FRAME_MAGIC = b"WANF"
+MAX_INPUT_ID = 2**32 - 1               # the header's input id field (uint32)
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 MAX_CONTROL_BYTES = 4096               # any message but an image
 MAX_UPLOAD_BYTES = 8 * 2**20           # an image message's decoded bytes
 MAX_UPLOAD_PIXELS = 4096 * 4096
 UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# an image message: the base64 of MAX_UPLOAD_BYTES and room for its data URL head and JSON
+MAX_IMAGE_MESSAGE = 4 * math.ceil(MAX_UPLOAD_BYTES / 3) + 4096
 WS_MAX_SIZE = 12 * 2**20               # the transport's own limit (base64 of the upload + slack)
+WS_MAX_QUEUE = 8                       # messages the transport holds for a connection
+MAX_JSON_CONTAINERS = 32               # objects and arrays in one message (bounds the nesting)
+MAX_NUMBER_CHARS = 32                  # characters of one JSON number
 MAX_KEYS, MAX_MOUSE = 16, 10_000.0
 QUEUED_FRAMES = 24                     # per connection; a slow client loses its oldest frames
+TOKEN_FAILURES, TOKEN_WINDOW_S, TOKEN_LOCKOUT_S = 10, 60.0, 60.0
+HEADER_TIMEOUT_S = 10.0                # a connection's request headers, from its opening
+STREAM_WAIT_S = 5.0                    # /stream waits this long for its page's /ws to start
+_IMAGE_TYPE = re.compile(r'"type"\s*:\s*"image"')
+_CLIENT_GONE = (WebSocketDisconnect, OSError,
+                getattr(_starlette_websockets, "WebSocketDisconnected", WebSocketDisconnect))
 
 
 class RateLimit:
@@ -94,6 +144,59 @@ class RateLimit:
 
 class BadMessage(ValueError):
     """A client message that is refused; its text is the reason sent back."""
+
+
+def _json_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise BadMessage(f"json: a number has at most {MAX_NUMBER_CHARS} characters "
+                         f"({len(text)} given)")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise BadMessage(f"json: a number has at most {MAX_NUMBER_CHARS} characters "
+                         f"({len(text)} given)")
+    return float(text)
+
+
+def _json_constant(name: str):
+    raise BadMessage(f"json: {name} is not a JSON number")
+
+
+def parse_message(text) -> dict:
+    """A client's text message -> its JSON object with a string 'type', within the limits
+    (checked before parsing: its size, its objects and arrays); BadMessage otherwise. Never
+    raises anything else for any text."""
+    if not isinstance(text, str):
+        raise BadMessage("json: messages to the server are JSON text")
+    if len(text) > MAX_CONTROL_BYTES:
+        if len(text) > MAX_IMAGE_MESSAGE:
+            raise BadMessage(f"size: a message is at most {MAX_IMAGE_MESSAGE} bytes (an image "
+                             f"of {MAX_UPLOAD_BYTES // 2**20} MiB; {len(text)} given)")
+        # only an image is larger: its type, looked for at either end before any parsing
+        if not (_IMAGE_TYPE.search(text, 0, 256) or _IMAGE_TYPE.search(text, len(text) - 256)):
+            raise BadMessage(f"size: messages other than an image upload are at most "
+                             f"{MAX_CONTROL_BYTES} bytes ({len(text)} given)")
+    containers = text.count("{") + text.count("[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise BadMessage(f"json: at most {MAX_JSON_CONTAINERS} objects and arrays in a message "
+                         f"({containers} given)")
+    try:
+        data = json.loads(text, parse_int=_json_int, parse_float=_json_float,
+                          parse_constant=_json_constant)
+    except BadMessage:
+        raise
+    except json.JSONDecodeError as error:
+        raise BadMessage(f"json: not valid JSON ({error.msg} at {error.pos})") from None
+    except (ValueError, RecursionError, MemoryError, OverflowError) as error:
+        raise BadMessage(f"json: not valid JSON ({type(error).__name__})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise BadMessage("json: a message is an object with a string 'type'")
+    if len(text) > MAX_CONTROL_BYTES and data["type"] != "image":
+        raise BadMessage(f"size: messages other than an image upload are at most "
+                         f"{MAX_CONTROL_BYTES} bytes ({len(text)} given)")
+    return data
 
 
 def decode_upload(data) -> Image.Image:
@@ -125,13 +228,76 @@ def decode_upload(data) -> Image.Image:
                          f"({type(error).__name__})") from None
 
 
+# frames --------------------------------------------------------------------------------------
+def batch_layout(batch) -> Tuple[int, bool, int]:
+    """(first_frame, remake, frames_in_block) of a FrameBatch; batches without the fields (an
+    engine before reactive play) are whole blocks."""
+    first = int(getattr(batch, "first_frame", 0) or 0)
+    remake = bool(getattr(batch, "remake", False))
+    total = getattr(batch, "frames_in_block", None)
+    return first, remake, int(total) if total else first + len(batch.jpegs)
+
+
+def queue_frames(frames: deque, batch, limit: int) -> Tuple[int, int]:
+    """Append `batch`'s frames to `frames` as (batch, frame index, jpeg); a batch with
+    first_frame > 0 or remake first removes the queued frames of its block (same block, same
+    game) from index first_frame on. Then the oldest beyond `limit` go. (replaced, dropped)."""
+    first, remake, _ = batch_layout(batch)
+    replaced = 0
+    if first > 0 or remake:
+        game = getattr(batch, "game", None)
+        kept = [item for item in frames if not (
+            item[0].block == batch.block and getattr(item[0], "game", None) == game
+            and item[1] >= first)]
+        replaced = len(frames) - len(kept)
+        if replaced:
+            frames.clear()
+            frames.extend(kept)
+    for i, jpeg in enumerate(batch.jpegs):
+        frames.append((batch, first + i, jpeg))
+    dropped = 0
+    while len(frames) > limit:
+        frames.popleft()
+        dropped += 1
+    return replaced, dropped
+
+
+class StreamQueue:
+    """The frames waiting for one MJPEG `/stream` response (queued as a connection's are)."""
+
+    def __init__(self, limit: int = QUEUED_FRAMES):
+        self.frames: Deque[tuple] = deque()
+        self.limit = limit
+        self.ready = asyncio.Event()
+        self.closed = False
+
+    def put(self, batch) -> int:
+        _, dropped = queue_frames(self.frames, batch, self.limit)
+        self.ready.set()
+        return dropped
+
+    def close(self):
+        self.closed = True
+        self.ready.set()
+
+    async def get(self, timeout: float) -> Optional[bytes]:
+        """The next JPEG; None after `timeout` s without one or once closed."""
+        if not self.frames and not self.closed:
+            self.ready.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), timeout)
+        if self.closed or not self.frames:
+            return None
+        return self.frames.popleft()[2]
+
+
 class Session:
     """One player's connections: WebSockets (input; frames with ?frames=ws) and MJPEG streams."""
 
     def __init__(self, key: str, player: Player):
         self.key, self.player = key, player
         self.sockets: Set["Connection"] = set()
-        self.streams: Set[asyncio.Queue] = set()
+        self.streams: Set[StreamQueue] = set()
         self.linger: Optional[asyncio.TimerHandle] = None
 
     def connections(self) -> int:
@@ -139,7 +305,8 @@ class Session:
 
 
 class Connection:
-    """One WebSocket: its outgoing messages (bounded for frames) and the task that sends them."""
+    """One WebSocket: its outgoing messages (bounded for frames), the task that sends them, and
+    the start image waiting to be decoded (one at most: a newer one replaces it)."""
 
     def __init__(self, websocket: WebSocket, wants_frames: bool, metrics: PlayMetrics):
         self.websocket, self.wants_frames, self.metrics = websocket, wants_frames, metrics
@@ -149,6 +316,11 @@ class Connection:
         self.limit = RateLimit(rate=120, burst=240)
         self.last_rate_warning = 0.0
         self.flood = 0
+        self.replaced = 0  # frames replaced by a re-made block's before they were sent
+        self.pending_image: Optional[Tuple[object, float]] = None  # (data, time received)
+        self.decoder: Optional[asyncio.Task] = None
+        self.closed = False
+        self.internal_errors = 0
 
     def text(self, message: dict):
         self.texts.append(json.dumps(message))
@@ -157,12 +329,8 @@ class Connection:
     def frames_of(self, batch: FrameBatch):
         if not self.wants_frames:
             return
-        for index, jpeg in enumerate(batch.jpegs):
-            self.frames.append((batch, index, jpeg))
-        dropped = 0
-        while len(self.frames) > QUEUED_FRAMES:
-            self.frames.popleft()
-            dropped += 1
+        replaced, dropped = queue_frames(self.frames, batch, QUEUED_FRAMES)
+        self.replaced += replaced
         if dropped:
             self.metrics.frames_dropped.inc(dropped)
         self.ready.set()
@@ -171,6 +339,7 @@ class Connection:
         """Send `message` (ahead of anything queued) and close the socket with `code`."""
         self.frames.clear()
         self.texts.clear()
+        self.closed = True
         try:
             await self.websocket.send_text(json.dumps(message))
             await self.websocket.close(code=code)
@@ -186,8 +355,9 @@ class Connection:
                 await ws.send_text(self.texts.popleft())
             while self.frames:
                 batch, index, jpeg = self.frames.popleft()
+                _, _, total = batch_layout(batch)
                 header = FRAME_HEADER.pack(
-                    FRAME_MAGIC, batch.block, index, len(batch.jpegs), batch.input_id,
+                    FRAME_MAGIC, batch.block, index, total, batch.input_id,
                     1e3 * (batch.block_start - epoch), 1e3 * (batch.frames_ready - epoch),
                     1e3 * (time.perf_counter() - epoch))
                 await ws.send_bytes(header + jpeg)
@@ -198,22 +368,192 @@ class Connection:
                 self.ready.set()
 
 
+class TokenThrottle:
+    """Wrong access tokens per client address: after `failures` within `window_s`, the address
+    is refused for `lockout_s`. Remembers `max_addresses` addresses at most."""
+
+    def __init__(self, failures: int = TOKEN_FAILURES, window_s: float = TOKEN_WINDOW_S,
+                 lockout_s: float = TOKEN_LOCKOUT_S, max_addresses: int = 4096,
+                 clock=time.monotonic):
+        self.failures, self.window_s, self.lockout_s = failures, window_s, lockout_s
+        self.max_addresses, self.clock = max_addresses, clock
+        self.seen: "OrderedDict[str, Tuple[deque, float]]" = OrderedDict()
+
+    def blocked_for(self, address: str) -> float:
+        """Seconds `address` is still refused (0: it is not)."""
+        entry = self.seen.get(address)
+        return max(0.0, entry[1] - self.clock()) if entry else 0.0
+
+    def fail(self, address: str) -> bool:
+        """Count a wrong token from `address`; True when this one blocks it."""
+        now = self.clock()
+        times, until = self.seen.pop(address, (deque(), 0.0))
+        times.append(now)
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        blocks = len(times) >= self.failures
+        if blocks:
+            times.clear()
+            until = now + self.lockout_s
+        self.seen[address] = (times, until)
+        while len(self.seen) > self.max_addresses:
+            self.seen.popitem(last=False)
+        return blocks
+
+
+class TokenGate:
+    """ASGI middleware: the token on every HTTP and WebSocket request but `open_paths`, and the
+    throttle of wrong ones."""
+
+    def __init__(self, app, token: Optional[str], throttle: TokenThrottle,
+                 open_paths=("/livez",)):
+        self.app, self.token, self.throttle, self.open_paths = app, token, throttle, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if (self.token is None or scope["type"] not in ("http", "websocket")
+                or scope.get("path") in self.open_paths):
+            await self.app(scope, receive, send)
+            return
+        conn = HTTPConnection(scope)
+        address = conn.client.host if conn.client else "unknown"
+        blocked = self.throttle.blocked_for(address)
+        if blocked > 0:
+            wait = math.ceil(blocked)
+            await self._refuse(scope, receive, send, 429,
+                               f"too many wrong access tokens from {address}: try again in "
+                               f"{wait} s\n", {"Retry-After": str(wait)})
+            return
+        given = conn.query_params.get("token") or conn.cookies.get("wan_token") or ""
+        if secrets.compare_digest(given.encode(), self.token.encode()):
+            await self.app(scope, receive, send)
+            return
+        if given and self.throttle.fail(address):
+            log.warning("%s: %d wrong access tokens within %.0f s: refused for %.0f s", address,
+                        self.throttle.failures, self.throttle.window_s, self.throttle.lockout_s)
+        text = ("wrong or missing access token: open the URL the server printed (…/?token=…)\n"
+                if scope.get("path") == "/" else "wrong or missing access token\n")
+        await self._refuse(scope, receive, send, 401, text)
+
+    @staticmethod
+    async def _refuse(scope, receive, send, status: int, text: str, headers=None):
+        response = PlainTextResponse(text, status_code=status, headers=headers)
+        if scope["type"] == "http":
+            await response(scope, receive, send)
+            return
+        websocket = WebSocket(scope, receive, send)
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await websocket.send_denial_response(response)
+        else:
+            await websocket.close(code=1008, reason=text.strip()[:120])
+
+
+class _ClientFrameLog(logging.Filter):
+    """uvicorn logs a client's text frame that is not UTF-8 with a traceback at ERROR: one
+    WARNING line instead (the connection is closed with 1007 all the same)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UnicodeDecodeError):
+            error = record.exc_info[1]
+            record.msg = "a client's text frame is not UTF-8 (%s): connection closed (1007)"
+            record.args = (error.reason,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_client_frame_errors():
+    """Install the filter on uvicorn's error log (once)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _ClientFrameLog) for f in logger.filters):
+        logger.addFilter(_ClientFrameLog())
+
+
+def http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S):
+    """uvicorn's h11 protocol with a header timeout: a connection that has not sent a whole
+    request head within `header_timeout_s` of opening (or of its previous response) while no
+    request of it is being answered gets 408 and is closed. uvicorn (0.55) has no such timeout:
+    its `timeout_keep_alive` starts after a response and any byte received cancels it, so a
+    client that opens connections and trickles partial headers holds them forever. Pass it as
+    `uvicorn.Config(http=...)`."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: Optional[asyncio.TimerHandle] = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def connection_lost(self, exc):
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None
+                                                    or self.cycle.response_complete):
+                self._arm_header_timer()
+
+        def handle_websocket_upgrade(self, event):
+            self._cancel_header_timer()  # the WebSocket protocol takes the connection
+            super().handle_websocket_upgrade(event)
+
+        def _arm_header_timer(self):
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+        def _cancel_header_timer(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self):
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a request is being answered (a stream): its head came in time
+            log.info("%s: no request headers within %.0f s: closed (408)",
+                     "%s:%d" % self.client if self.client else "a client", header_timeout_s)
+            body = f"no request headers within {header_timeout_s:g} s: closed\n".encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                                 b"Content-Type: text/plain\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.transport.close()
+
+    HeaderTimeoutProtocol.header_timeout_s = header_timeout_s
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_config(app, host: str, port: int, header_timeout_s: float = HEADER_TIMEOUT_S,
+                   **options):
+    """The uvicorn.Config the play server runs under (the header timeout, the WebSocket limits)."""
+    import uvicorn
+    return uvicorn.Config(app, host=host, port=port, http=http_protocol(header_timeout_s),
+                          ws_max_size=WS_MAX_SIZE, ws_max_queue=WS_MAX_QUEUE, **options)
+
+
 class PlayServer:
-    """The web app over an engine. `token`: required from every client when set."""
+    """The web app over an engine. `token`: required from every client when set (all routes but
+    /livez). `stream_wait_s`: how long /stream waits for its session's game to start."""
 
     def __init__(self, engine: GameEngine, metrics: PlayMetrics, token: Optional[str] = None,
                  play_mode: str = "continuous", idle_timeout_s: float = 300.0,
-                 linger_s: float = 5.0):
+                 linger_s: float = 5.0, stream_wait_s: float = STREAM_WAIT_S,
+                 throttle: Optional[TokenThrottle] = None):
         if play_mode not in PLAY_MODES:
             raise ValueError(f"unknown play mode {play_mode!r}; choose from {', '.join(PLAY_MODES)}")
         self.engine, self.metrics, self.token = engine, metrics, token
         self.play_mode, self.idle_timeout_s, self.linger_s = play_mode, idle_timeout_s, linger_s
+        self.stream_wait_s = stream_wait_s
         self.sessions: Dict[str, Session] = {}
         self.epoch = time.perf_counter()
         self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._tasks: Set[asyncio.Task] = set()
         static = resources.files("wan.play") / "static"
-        self.app = Starlette(routes=[
+        self.routes = Starlette(routes=[
             Route("/", self.index),
+            Route("/livez", self.livez),
             Route("/stream", self.stream),
             Route("/health", self.health),
             Route("/metrics", self.metrics_page),
@@ -221,12 +561,16 @@ class PlayServer:
             WebSocketRoute("/ws", self.websocket),
             Mount("/static", app=StaticFiles(directory=str(static)), name="static"),
         ], lifespan=self.lifespan)
+        self.throttle = throttle or TokenThrottle()
+        self.app = TokenGate(self.routes, token, self.throttle)
+        quiet_client_frame_errors()
 
     # lifespan --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
         self.loop = asyncio.get_running_loop()
-        started_here = self.engine._thread is None  # an engine may outlive its server (tests)
+        # an engine may outlive its server (tests): stop it only if started here
+        started_here = getattr(self.engine, "_thread", None) is None
         if started_here:
             await asyncio.to_thread(self.engine.start)
         log.info("serving: %s", self.engine.describe())
@@ -247,24 +591,17 @@ class PlayServer:
             for session in list(self.sessions.values()):
                 if now - session.player.last_input > self.idle_timeout_s:
                     log.info("session %s idle for %.0f s: closed", session.key, self.idle_timeout_s)
-                    for connection in list(session.sockets):
-                        await connection.close_with(1000, {
-                            "type": "idle",
-                            "reason": f"no input for {self.idle_timeout_s:.0f} s: the game was closed"})
-                    self._end(session)
+                    await self._shut(session, 1000, {
+                        "type": "idle",
+                        "reason": f"no input for {self.idle_timeout_s:.0f} s: the game was closed"})
 
     # access ----------------------------------------------------------------------------------
-    def _authorized(self, conn) -> bool:
-        if self.token is None:
-            return True
-        given = conn.query_params.get("token") or conn.cookies.get("wan_token") or ""
-        return secrets.compare_digest(given.encode(), self.token.encode())
-
-    def _session_key(self, conn) -> str:
+    def _session_key(self, conn) -> Optional[str]:
+        """The session id the request names (`?session=`, else the cookie), None if none."""
         for key in (conn.query_params.get("session"), conn.cookies.get("wan_session")):
             if key and SESSION_ID.match(key):
                 return key
-        return secrets.token_urlsafe(12)
+        return None
 
     def _session(self, key: str, play_mode: str) -> Session:
         """The session of `key`, made (a new player) if there is none; ServerFull at capacity."""
@@ -276,15 +613,19 @@ class PlayServer:
             session = self.sessions[key] = Session(key, player)
             log.info("session %s joined (%s): %d of %s players", key, play_mode,
                      self.engine.player_count(), self.engine.capacity)
+        self._keep(session)
+        return session
+
+    @staticmethod
+    def _keep(session: Session):
         if session.linger is not None:
             session.linger.cancel()
             session.linger = None
-        return session
 
     def _release(self, session: Session):
         """A connection of `session` closed: when it was the last, end the game after the linger
         time (a reloaded page finds its game)."""
-        if session.connections() == 0 and session.key in self.sessions:
+        if session.connections() == 0 and self.sessions.get(session.key) is session:
             if self.linger_s <= 0:
                 self._end(session)
             else:
@@ -295,11 +636,21 @@ class PlayServer:
             self._end(session)
 
     def _end(self, session: Session):
+        """The session's game ends: its player leaves the engine, its MJPEG streams finish."""
+        self._keep(session)
+        for stream in session.streams:
+            stream.close()
         if self.sessions.get(session.key) is session:
             del self.sessions[session.key]
             self.engine.remove_player(session.player)
             self.metrics.forget(session.player)
             log.info("session %s ended: %d players", session.key, self.engine.player_count())
+
+    async def _shut(self, session: Session, code: int, message: dict):
+        """Close every connection of `session` with `message` and end its game."""
+        for connection in list(session.sockets):
+            await connection.close_with(code, message)
+        self._end(session)
 
     # from the worker thread ------------------------------------------------------------------
     def _from_worker(self, handler, key, item):
@@ -321,11 +672,9 @@ class PlayServer:
             connection.frames_of(batch)
             connection.text(stats)
         for stream in session.streams:
-            for jpeg in batch.jpegs:
-                if stream.full():
-                    stream.get_nowait()
-                    self.metrics.frames_dropped.inc()
-                stream.put_nowait(jpeg)
+            dropped = stream.put(batch)
+            if dropped:
+                self.metrics.frames_dropped.inc(dropped)
 
     def _event(self, key: str, event: dict):
         session = self.sessions.get(key)
@@ -334,17 +683,20 @@ class PlayServer:
 
     # routes ----------------------------------------------------------------------------------
     async def index(self, request: Request):
-        if not self._authorized(request):
-            return Response("wrong or missing access token: open the URL the server printed "
-                            "(…/?token=…)\n", status_code=401, media_type="text/plain")
         page = (resources.files("wan.play") / "static" / "index.html").read_text()
         response = HTMLResponse(page)
         if not SESSION_ID.match(request.cookies.get("wan_session", "")):
             response.set_cookie("wan_session", secrets.token_urlsafe(12), samesite="strict",
                                 httponly=True)
-        if self.token is not None and request.query_params.get("token"):
+        if self.token is not None and request.query_params.get("token"):  # the gate checked it
             response.set_cookie("wan_token", self.token, samesite="strict", httponly=True)
         return response
+
+    async def livez(self, request: Request):
+        """Liveness only: says nothing about the server but whether its worker runs."""
+        if getattr(self.engine, "failure", None) is not None:
+            return PlainTextResponse("failed\n", status_code=503)
+        return PlainTextResponse("ok\n")
 
     async def health(self, request: Request):
         engine = self.engine
@@ -359,8 +711,6 @@ class PlayServer:
             "play_mode": self.play_mode}, status_code=503 if failed else 200)
 
     async def metrics_page(self, request: Request):
-        if not self._authorized(request):
-            return Response("wrong or missing access token\n", status_code=401)
         return Response(self.metrics.render(self.engine),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -368,17 +718,23 @@ class PlayServer:
         return Response(png_bytes(self.engine.default_image), media_type="image/png")
 
     async def stream(self, request: Request):
-        if not self._authorized(request):
-            return Response("wrong or missing access token\n", status_code=401)
-        play_mode = request.query_params.get("play", self.play_mode)
-        if play_mode not in PLAY_MODES:
-            return Response(f"unknown play mode {play_mode!r}\n", status_code=400)
-        try:
-            session = self._session(self._session_key(request), play_mode)
-        except ServerFull as full:
-            self.metrics.refused_players.inc()
-            return Response(f"{full}\n", status_code=503, media_type="text/plain")
-        frames: asyncio.Queue = asyncio.Queue(maxsize=QUEUED_FRAMES)
+        key = self._session_key(request)
+        if key is None:
+            return PlainTextResponse(
+                "no session: /stream shows the game of a page's session (?session=<id> or the "
+                "wan_session cookie that GET / sets); open the page first\n", status_code=409)
+        session = self.sessions.get(key)
+        deadline = time.monotonic() + self.stream_wait_s
+        while session is None and time.monotonic() < deadline:  # the page's /ws may be opening
+            await asyncio.sleep(0.05)
+            session = self.sessions.get(key)
+        if session is None:
+            return PlainTextResponse(
+                "no game for this session: /stream joins the game its page started on /ws "
+                "and never starts one; open the page (GET /) and play, then load /stream\n",
+                status_code=404)
+        self._keep(session)
+        frames = StreamQueue()
         session.streams.add(frames)
 
         async def parts():
@@ -386,11 +742,10 @@ class PlayServer:
             next_time = time.perf_counter()
             last = None
             try:
-                while True:
-                    try:
-                        jpeg = await asyncio.wait_for(frames.get(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        if last is None:
+                while not frames.closed:
+                    jpeg = await frames.get(timeout=1.0)
+                    if jpeg is None:
+                        if frames.closed or last is None:
                             continue
                         jpeg = last  # keep the connection alive with the last picture
                     last = jpeg
@@ -407,9 +762,6 @@ class PlayServer:
         return StreamingResponse(parts(), media_type="multipart/x-mixed-replace; boundary=frame")
 
     async def websocket(self, websocket: WebSocket):
-        if not self._authorized(websocket):
-            await websocket.close(code=1008, reason="wrong or missing access token")
-            return
         play_mode = websocket.query_params.get("play", self.play_mode)
         await websocket.accept()
         if play_mode not in PLAY_MODES:
@@ -418,7 +770,8 @@ class PlayServer:
             await websocket.close(code=1008)
             return
         try:
-            session = self._session(self._session_key(websocket), play_mode)
+            session = self._session(self._session_key(websocket) or secrets.token_urlsafe(12),
+                                    play_mode)
         except ServerFull as full:
             self.metrics.refused_players.inc()
             await websocket.send_json({"type": "full", "reason": str(full),
@@ -437,26 +790,56 @@ class PlayServer:
             "conditioning": engine.conditioner.name, "frame_size": list(engine.frame_size),
             "fps": 25, "clock_epoch_s": self.epoch})  # perf_counter of the frames' time 0
         sender = asyncio.create_task(connection.send_loop(self.epoch))
+        sender.add_done_callback(
+            lambda task: self._sender_done(session, connection, task))
         try:
-            while True:
+            while not connection.closed:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
                 try:
                     await self._handle(session, connection, message)
                 except BadMessage as bad:
-                    self.metrics.rejected.labels(str(bad).split(":")[0][:24]).inc()
-                    connection.text({"type": "error", "reason": str(bad)})
+                    self._refused(connection, bad)
+                except Exception as error:  # a bug: logged; this message is ignored, play goes on
+                    connection.internal_errors += 1
+                    log.error("session %s: a message could not be handled: %r", session.key,
+                              error, exc_info=connection.internal_errors == 1)
+                    connection.text({"type": "error", "reason": f"server: this message could "
+                                     f"not be handled ({type(error).__name__}); it was ignored"})
                 if connection.flood > 1000:
                     await connection.close_with(1008, {"type": "error",
                                                        "reason": "too many messages: closed"})
                     break
-        except WebSocketDisconnect:
+        except _CLIENT_GONE:
             pass
         finally:
+            connection.closed = True
             sender.cancel()
+            if connection.decoder is not None:
+                connection.decoder.cancel()
             session.sockets.discard(connection)
             self._release(session)
+
+    def _refused(self, connection: Connection, bad: BadMessage):
+        self.metrics.rejected.labels(str(bad).split(":")[0][:24]).inc()
+        connection.text({"type": "error", "reason": str(bad)})
+
+    def _sender_done(self, session: Session, connection: Connection, task: asyncio.Task):
+        """The send task of `connection` ended: quietly if the client went away (its receive
+        loop ends too); for any other reason the connection is closed and the game ended."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None or connection.closed or isinstance(error, _CLIENT_GONE):
+            return
+        log.error("session %s: sending to a connection failed (%s: %s): the connection is "
+                  "closed and its game ended", session.key, type(error).__name__, error)
+        shutting = asyncio.ensure_future(self._shut(session, 1011, {
+            "type": "error", "reason": f"server: sending to this connection failed "
+            f"({type(error).__name__}); the game was ended, reload to play again"}))
+        self._tasks.add(shutting)  # held until done (the loop keeps only a weak reference)
+        shutting.add_done_callback(self._tasks.discard)
 
     async def _handle(self, session: Session, connection: Connection, message: dict):
         if message.get("bytes") is not None:
@@ -471,15 +854,7 @@ class PlayServer:
                                  f"second; messages dropped")
             return
         connection.flood = 0
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise BadMessage(f"json: not valid JSON ({error.msg} at {error.pos})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-            raise BadMessage("json: a message is an object with a string 'type'")
-        if len(text) > MAX_CONTROL_BYTES and data["type"] != "image":
-            raise BadMessage(f"size: messages other than an image upload are at most "
-                             f"{MAX_CONTROL_BYTES} bytes ({len(text)} given)")
+        data = parse_message(text)
         kind = data["type"]
         player, engine = session.player, self.engine
         received = time.perf_counter()
@@ -487,6 +862,9 @@ class PlayServer:
             key = data.get("key")
             if not isinstance(key, str) or not key:
                 raise BadMessage("keyboard: 'key' must be a key name such as \"w\"")
+            if player.input.input_id >= MAX_INPUT_ID:
+                raise BadMessage(f"keyboard: input ids reached {MAX_INPUT_ID}, the most a frame "
+                                 f"header carries; reload the page")
             try:
                 player.input.tap(key, player.input.input_id + 1, received)
             except ValueError as error:
@@ -494,8 +872,9 @@ class PlayServer:
             engine.press(player)
         elif kind == "input":
             keys, mouse, input_id = data.get("keys", []), data.get("mouse"), data.get("id")
-            if not isinstance(input_id, int) or isinstance(input_id, bool) or input_id < 0:
-                raise BadMessage("input: 'id' must be a non-negative integer")
+            if not isinstance(input_id, int) or isinstance(input_id, bool) or \
+                    not 0 <= input_id <= MAX_INPUT_ID:
+                raise BadMessage(f"input: 'id' must be an integer from 0 to {MAX_INPUT_ID}")
             if not isinstance(keys, list) or len(keys) > MAX_KEYS or \
                     not all(isinstance(k, str) for k in keys):
                 raise BadMessage(f"input: 'keys' must be a list of at most {MAX_KEYS} key names")
@@ -516,10 +895,11 @@ class PlayServer:
             else:
                 player.last_input = received
         elif kind == "image":
-            image = await asyncio.to_thread(decode_upload, data.get("data"))
-            player.last_input = received
-            engine.new_game(player, image)
-            connection.text({"type": "image", "size": [image.width, image.height]})
+            if connection.pending_image is not None:  # not decoded yet: this one replaces it
+                connection.text({"type": "image", "replaced": True})
+            connection.pending_image = (data.get("data"), received)
+            if connection.decoder is None:
+                connection.decoder = asyncio.create_task(self._decode_images(session, connection))
         elif kind == "reset":
             player.last_input = received
             engine.new_game(player)
@@ -529,6 +909,29 @@ class PlayServer:
         else:
             raise BadMessage(f"type: unknown message type {kind[:32]!r}; known: keyboard, input, "
                              f"image, reset, ping")
+
+    async def _decode_images(self, session: Session, connection: Connection):
+        """Decode the connection's start images, one at a time off the event loop; an image that
+        a newer one replaced while it was decoded is not used."""
+        try:
+            while connection.pending_image is not None and not connection.closed:
+                data, received = connection.pending_image
+                connection.pending_image = None
+                try:
+                    image = await asyncio.to_thread(decode_upload, data)
+                except BadMessage as bad:
+                    self._refused(connection, bad)
+                    continue
+                if connection.closed or self.sessions.get(session.key) is not session:
+                    return
+                if connection.pending_image is not None:
+                    connection.text({"type": "image", "replaced": True})
+                    continue
+                session.player.last_input = received
+                self.engine.new_game(session.player, image)
+                connection.text({"type": "image", "size": [image.width, image.height]})
+        finally:
+            connection.decoder = None
 
 
 class ServerThread:
@@ -540,9 +943,9 @@ class ServerThread:
     """
 
     def __init__(self, server: "PlayServer", host: str = "127.0.0.1", port: int = 0,
-                 start_timeout_s: float = 600.0):
+                 start_timeout_s: float = 600.0, header_timeout_s: float = HEADER_TIMEOUT_S):
         self.server, self.host, self.port = server, host, port
-        self.start_timeout_s = start_timeout_s
+        self.start_timeout_s, self.header_timeout_s = start_timeout_s, header_timeout_s
 
     def __enter__(self):
         import socket
@@ -552,9 +955,8 @@ class ServerThread:
             with socket.socket() as probe:
                 probe.bind((self.host, 0))
                 self.port = probe.getsockname()[1]
-        self.uvicorn = uvicorn.Server(uvicorn.Config(
-            self.server.app, host=self.host, port=self.port, ws_max_size=WS_MAX_SIZE,
-            log_level="warning"))
+        self.uvicorn = uvicorn.Server(uvicorn_config(
+            self.server.app, self.host, self.port, self.header_timeout_s, log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, name="wan-play-http", daemon=True)
         self.thread.start()
         deadline = time.monotonic() + self.start_timeout_s

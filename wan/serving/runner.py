@@ -152,16 +152,30 @@ class StreamingBlockRunner:
         self._checks = []           # blocks whose non-finite counts were not read yet
         self._failure: Optional[NonFiniteOutputError] = None
 
-    def start(self, visual_context: torch.Tensor):
-        """A new stream with this image context (fresh caches, a new decoder stream)."""
-        window = attention_window_frames(self.model.local_attn_size)
-        self.caches = new_stream_caches(self.model, self.batch, window, self.tokens_per_frame)
+    def start(self, visual_context: torch.Tensor, reuse_caches: bool = False):
+        """A new stream with this image context (a new decoder stream; fresh caches, or with
+        `reuse_caches` this runner's own caches rewound in place: the same tensors, so the CUDA
+        graphs captured over them replay for the new stream too, as a server's player slot
+        needs; their contents are zeroed and the image is projected again at the first call)."""
+        if reuse_caches and self.caches is not None:
+            rewind_stream_caches(self.caches)
+        else:
+            window = attention_window_frames(self.model.local_attn_size)
+            self.caches = new_stream_caches(self.model, self.batch, window,
+                                            self.tokens_per_frame)
         self.visual_context = visual_context
         self.decoder_cache = [None] * 32
         self.frame = 0
         self.blocks_done = 0
         self._checks, self._failure = [], None
         self._latest = None
+
+    def release(self):
+        """The stream is over (its caches stay, for the next `start(..., reuse_caches=True)`):
+        its decoder history and what a re-make would need go now."""
+        self.decoder_cache = [None] * 32
+        self._latest = None
+        self._checks, self._failure = [], None
 
     @torch.no_grad()
     def warm_up(self, cond_concat, mouse_cond=None, keyboard_cond=None) -> int:
@@ -306,6 +320,31 @@ class _BlockReplay:
     blocks_done: int
     noises: list
     decoder_cache: list
+
+
+def rewind_stream_caches(caches: dict):
+    """Upstream-style cache dicts back to how `new_stream_caches` makes them, in place: tensors
+    zeroed, the cross-attention caches to be filled again (`is_init` False)."""
+    for name in ("kv_cache", "kv_cache_mouse", "kv_cache_keyboard", "crossattn_cache"):
+        for layer in caches.get(name) or ():
+            if layer is None:
+                continue
+            for key, value in layer.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+            if "is_init" in layer:
+                layer["is_init"] = False
+
+
+def graph_captures(runner: "StreamingBlockRunner") -> int:
+    """CUDA graphs the runner's DiT and decoder have captured so far (0 for models without
+    graphs): a server counts them to show that none is captured while it serves."""
+    total = 0
+    for owner, path in ((runner.model, ("_runtime", "graphs")), (runner.decoder, ("_graphs",))):
+        for name in path:
+            owner = getattr(owner, name, None)
+        total += getattr(owner, "captures", 0) or 0
+    return total
 
 
 @functools.lru_cache(maxsize=None)

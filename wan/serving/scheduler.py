@@ -46,15 +46,19 @@ class PlayerSession:
     image context, conditions and the actions it has received.
 
     `cond_concat`: [B, 20, F, h, w], one block's conditions (F = frames per block: reused every
-    block) or the whole stream's (sliced per block); with `hold_conditions` a stream longer than
+    block) or the whole stream's (sliced per block), or a source with `block(index, frames)`
+    (wan.play's start images, encoded as the game goes); with `hold_conditions` a stream longer than
     what was given reuses the last block's conditions (the encoder is causal: far from the start
     image the black frames' latents settle). Actions arrive with `receive`; a block reads
     the history up to its last frame, holding the latest action where the player sent fewer steps
-    than the block needs (a real-time server does not wait for input)."""
+    than the block needs (a real-time server does not wait for input). `reuse_caches`: the
+    runner's caches are rewound for this session instead of new ones made (a server's player
+    slot: the graphs captured over them stay valid)."""
 
     def __init__(self, player_id, runner: StreamingBlockRunner, visual_context, cond_concat,
                  seed: int = 0, mouse_dim: Optional[int] = None,
-                 keyboard_dim: Optional[int] = None, hold_conditions: bool = False):
+                 keyboard_dim: Optional[int] = None, hold_conditions: bool = False,
+                 reuse_caches: bool = False):
         self.player_id = player_id
         self.hold_conditions = hold_conditions
         self.runner = runner
@@ -65,7 +69,7 @@ class PlayerSession:
                                                                  dtype=dtype)
         self.keyboard = None if keyboard_dim is None else torch.zeros(b, 0, keyboard_dim,
                                                                       device=device, dtype=dtype)
-        runner.start(visual_context)
+        runner.start(visual_context, reuse_caches=reuse_caches)
         self.blocks_done = 0
 
     def warm_up(self) -> int:
@@ -272,6 +276,10 @@ class DeadlineScheduler:
 
     def now(self) -> float:
         return self.clock() - self._begin
+
+    def begin_time(self) -> float:
+        """The clock's reading when the live clock started (records' times count from it)."""
+        return self._begin
 
     def release_lead(self) -> float:
         """How long before its deadline a live continuous block is released: the time every
