@@ -261,3 +261,60 @@ def test_a_rewound_slot_plays_a_new_game_as_a_fresh_runner(parts):
 def _held_actions(block):
     from wan.runtime.conditioning import history_steps
     return _actions((block % 4,), history_steps(3 * block + 2))
+
+
+# through the real server ---------------------------------------------------------------------------
+def test_a_key_change_reaches_the_page_in_frames_of_the_remade_block():
+    """Loopback WebSocket, tiny preset on a CPU: after a key change that says which frame was on
+    screen, the block on screen is re-made and its frames from the splice on arrive again,
+    carrying the new input's id; the frames before the splice are not sent again. (The grant
+    is forced here with a small block estimate: a CPU block takes longer than the 0.48 s period,
+    so it leaves no slack; the grants themselves are tested on the fake clock above.)"""
+    import asyncio
+    import json
+
+    from helpers import PlayServerThread
+    from wan.play.client import parse_frame
+
+    with PlayServerThread(max_players=1) as running:
+        engine = running.engine
+        assert engine.config.reactive
+        original = engine.scheduler.try_remake
+
+        def quick(*args):
+            saved = engine.scheduler.block_estimate_s
+            engine.scheduler.block_estimate_s = 0.01
+            try:
+                return original(*args)
+            finally:
+                engine.scheduler.block_estimate_s = saved
+        engine.scheduler.try_remake = quick
+
+        async def scenario():
+            from websockets.asyncio.client import connect
+            frames = []
+            async with connect(running.ws + "?frames=ws", max_size=2**24) as ws:
+                hello = json.loads(await ws.recv())
+                assert hello["type"] == "hello" and hello["reactive"] is True
+                while not frames or frames[-1].block < 1:  # block 1's frames have come
+                    message = await asyncio.wait_for(ws.recv(), 120)
+                    if isinstance(message, bytes):
+                        frames.append(parse_frame(message))
+                await ws.send(json.dumps({"type": "input", "id": 1, "keys": ["w"],
+                                          "shown": [1, 0]}))
+                while not any(f.input_id == 1 and f.block >= 2 for f in frames):
+                    message = await asyncio.wait_for(ws.recv(), 120)
+                    if isinstance(message, bytes):
+                        frames.append(parse_frame(message))
+            return frames
+
+        frames = asyncio.run(scenario())
+        health = engine.remakes
+    first_new = next(f for f in frames if f.input_id == 1)
+    assert health["granted"] >= 1
+    # the first frames that show the press are block 1's, re-made from its splice frame on
+    assert first_new.block == 1 and 1 <= first_new.index < 12 and first_new.frames_in_block == 12
+    remade = [f for f in frames if f.block == 1 and f.input_id == 1]
+    assert [f.index for f in remade] == list(range(first_new.index, 12))
+    old = [f.index for f in frames if f.block == 1 and f.input_id == 0]
+    assert old[:12] == list(range(12))  # the block as first made, each frame once

@@ -81,6 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--play", default="continuous", choices=PLAY_MODES,
                    help="continuous: 25 fps, the held keys read at each block; on-input: one "
                    "block per key press (the seed server's); a page may ask for either")
+    p.add_argument("--reactive", default="on", choices=("on", "off"),
+                   help="continuous play: on (default) re-makes the block on screen when the "
+                   "keys change, from the first frame it can still replace, where the GPU has "
+                   "time for it; off: a block reads the keys when it starts (answers at the "
+                   "next block)")
     p.add_argument("--idle-timeout", type=cli.positive_float, default=300.0,
                    help="seconds without input after which a game is closed (default 300)")
     p.add_argument("--linger", type=cli.non_negative_float, default=5.0,
@@ -132,8 +137,10 @@ def preflight(args, config: EngineConfig):
     dtype, decoder_dtype = config.dtypes(device)
     latent = LATENT_SIZE[preset]
     players = args.max_players or 1
-    per_player = (cli.stream_bytes(model_cfg, latent, dtype)
-                  + cli.decoder_history_bytes(latent, decoder_dtype, config.decoder_dim(preset)))
+    # a re-made block starts again from the decoder history of before it: one more per player
+    histories = 2 if config.reactive else 1
+    per_player = (cli.stream_bytes(model_cfg, latent, dtype) + histories
+                  * cli.decoder_history_bytes(latent, decoder_dtype, config.decoder_dim(preset)))
     cli.check_memory({"DiT weights": cli.model_bytes(model_cfg, dtype),
                       "decoder weights": cli.decoder_weight_bytes(decoder_dtype,
                                                                   config.decoder_dim(preset)),
@@ -158,7 +165,7 @@ def _main(argv=None):
         mode=args.mode, preset=args.preset, device=device, checkpoint=args.checkpoint,
         vae=args.vae, matrix_game_dir=args.matrix_game_dir,
         cuda_graphs=False if args.no_graphs else None, max_players=args.max_players,
-        jpeg_quality=args.jpeg_quality)
+        jpeg_quality=args.jpeg_quality, reactive=args.reactive == "on")
     _check_listen(args.host, port)
     preflight(args, config)
     from .metrics import PlayMetrics
@@ -184,7 +191,17 @@ def _main(argv=None):
     import uvicorn
     served = uvicorn.Server(uvicorn_config(server.app, args.host, port, args.header_timeout,
                                            log_level=args.log_level.lower()))
+    fatal = []
+
+    def on_fatal(error):  # the device cannot be trusted: stop, exit non-zero for a supervisor
+        fatal.append(error)
+        log.error("the GPU worker failed (%r): stopping the server so that a supervisor can "
+                  "restart it", error)
+        served.should_exit = True
+    engine.on_fatal = on_fatal
     served.run()
+    if fatal:
+        return 3
     return 0 if served.started else 1
 
 

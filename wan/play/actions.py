@@ -106,6 +106,7 @@ class InputState:
         self._motion = [0.0, 0.0]  # summed mouse (dx, dy) in pixels
         self.input_id = 0
         self.input_received: Optional[float] = None
+        self.shown: Optional[Tuple[int, int, float]] = None  # the page's (block, frame, when)
 
     def _unknown(self, keys: Iterable[str]):
         return sorted(k for k in keys if k not in self.space.keys)
@@ -141,6 +142,12 @@ class InputState:
     def _mark(self, input_id: int, received: float):
         self.input_id = max(self.input_id, int(input_id))
         self.input_received = received
+
+    def on_screen(self, block: int, frame: int, received: float):
+        """The page showed frame `frame` of block `block` when it sent its input at `received`
+        (perf_counter): where reactive play can splice."""
+        with self._lock:
+            self.shown = (block, frame, received)
 
     def has_pending_taps(self) -> bool:
         with self._lock:

@@ -69,7 +69,8 @@ from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
 from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner, graph_captures
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config, tiny_variant_config
 from ..modules.random_init import randomize_decoder_weights_, randomize_weights_
-from ..serving.scheduler import PERIOD_S, DeadlineScheduler, PlayerSession, block_frames
+from ..serving.scheduler import (PERIOD_S, VIDEO_FPS, DeadlineScheduler, PlayerSession,
+                                 block_frames)
 from .actions import ActionSpace, InputState, action_space, action_steps
 from .conditioning import CheckoutConditioner, DemoConditioner, builtin_start_image
 from .encode import JpegEncoder, to_uint8
@@ -674,7 +675,7 @@ class GameEngine:
             if record.block != session.blocks_done - 1 or \
                     not player.input.differs_from(player.action):
                 continue
-            shown_at = max(record.due, record.finish)  # its frame 0 on screen (the schedule's)
+            shown_at = self._shown_at(player, record)
             splice = self.scheduler.try_remake(player, shown_at, block_frames(record.block),
                                                record.block)
             granted = splice is not None
@@ -682,6 +683,19 @@ class GameEngine:
             self.remakes["granted" if granted else "refused"] += 1
             if self.metrics is not None:
                 self.metrics.remake_decided(granted)
+
+    def _shown_at(self, player: Player, record) -> float:
+        """When frame 0 of the player's latest block shows (the scheduler's clock): from what
+        the page said was on screen with its input, when it said so recently; else the
+        schedule's plan (the later of the block's deadline and its finish)."""
+        planned = max(record.due, record.finish)
+        shown = player.input.shown
+        if shown is None or time.perf_counter() - shown[2] > 1.0 or shown[0] > record.block:
+            return planned
+        block, frame, when = shown
+        # video frames between the one on screen and the latest block's first
+        ahead = _stream_frame(record.block) - (_stream_frame(block) + frame)
+        return when - self.scheduler.begin_time() + ahead / VIDEO_FPS
 
     # image conditioning in the slack ------------------------------------------------------------
     def _encoding(self) -> List["GameConditions"]:
@@ -806,6 +820,11 @@ class GameConditions:
             if not self.advance() and self.source.block(index, frames) is None:
                 raise RuntimeError(f"the start image's conditions for block {index} never came "
                                    f"(the encoder stopped)")
+
+
+def _stream_frame(block: int) -> int:
+    """The stream's video frame index of block `block`'s first frame (9, then 12 a block)."""
+    return sum(block_frames(b) for b in range(block))
 
 
 def _poisons_device(error: BaseException) -> bool:

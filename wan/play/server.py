@@ -36,7 +36,9 @@ starting with the check that refused it ("json:", "size:", "input:", ...) and ch
 else; the connection goes on):
 * `{"type": "keyboard", "key": "w", "timestamp": ms}`: the seed server's: one key press, acting
   for one block (on-input play: that block is made now);
-* `{"type": "input", "id": n, "keys": ["w", "l"], "mouse": [dx, dy]}`: the held keys (the whole
+* `{"type": "input", "id": n, "keys": ["w", "l"], "mouse": [dx, dy], "shown": [block, frame]}`:
+  `shown` (optional) the frame on screen when the input was made (reactive play splices a
+  re-made block after it); the held keys (the whole
   set) and mouse motion in pixels since the last message; `id` (0 to 2^32 - 1, as the frame
   header carries it) grows with every message;
 * `{"type": "image", "data": "data:image/png;base64,..."}`: a new start image (a new game). It
@@ -708,7 +710,8 @@ class PlayServer:
             "mode": engine.space.mode, "preset": engine.preset, "device": str(engine.device),
             "demo": engine.demo, "conditioning": engine.conditioner.name,
             "jpeg": engine.encoder.where, "steady_block_ms": engine.steady_block_ms,
-            "play_mode": self.play_mode}, status_code=503 if failed else 200)
+            "play_mode": self.play_mode, "reactive": engine.config.reactive,
+            "remakes": dict(engine.remakes)}, status_code=503 if failed else 200)
 
     async def metrics_page(self, request: Request):
         return Response(self.metrics.render(self.engine),
@@ -788,7 +791,8 @@ class PlayServer:
             "play_mode": session.player.play_mode, "controls": engine.space.describe(),
             "players": engine.player_count(), "capacity": engine.capacity, "demo": engine.demo,
             "conditioning": engine.conditioner.name, "frame_size": list(engine.frame_size),
-            "fps": 25, "clock_epoch_s": self.epoch})  # perf_counter of the frames' time 0
+            "fps": 25, "clock_epoch_s": self.epoch,  # perf_counter of the frames' time 0
+            "reactive": engine.config.reactive})
         sender = asyncio.create_task(connection.send_loop(self.epoch))
         sender.add_done_callback(
             lambda task: self._sender_done(session, connection, task))
@@ -888,8 +892,17 @@ class PlayServer:
                 pressed = player.input.hold(keys, input_id, received)
             except ValueError as error:
                 raise BadMessage(f"key: {error}") from None
+            shown = data.get("shown")
+            if shown is not None:
+                if not (isinstance(shown, list) and len(shown) == 2 and all(
+                        isinstance(v, int) and not isinstance(v, bool) for v in shown)
+                        and 0 <= shown[0] <= MAX_INPUT_ID and 0 <= shown[1] < 2**16):
+                    raise BadMessage("input: 'shown' must be [block, frame] of the frame on "
+                                     "screen (integers from a frame header)")
             if mouse is not None:
                 player.input.move(float(mouse[0]), float(mouse[1]), input_id, received)
+            if shown is not None:
+                player.input.on_screen(shown[0], shown[1], received)
             if pressed:  # a key went down
                 engine.press(player)
             else:

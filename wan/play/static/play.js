@@ -25,10 +25,12 @@
   // what the tests (and a curious player) can read
   const state = window.wanPlay = {
     connected: false, hello: null, framesShown: 0, framesReceived: 0, framesBad: 0, latencies: [],
-    lastShownInputId: 0, lastError: null, full: null, stats: null,
+    lastShownInputId: 0, lastError: null, full: null, stats: null, lastShown: null,
+    framesReplaced: 0, framesReplacedLate: 0,
   };
   let ws = null, controls = null, held = new Set(), inputId = 0, pressed = [];
   let mouseDx = 0, mouseDy = 0, buffer = [], playing = false, nextDue = 0, shownTimes = [];
+  let lastShownKey = -1;  // block * 65536 + index of the frame on screen (this game)
   let reconnect = true;
 
   function status(text) { $('status').textContent = text; }
@@ -86,7 +88,8 @@
         li.append(controls.labels[key] || key);
         list.append(li);
       }
-      status(`connected: ${m.play_mode}${m.demo ? ' · demo' : ''}`);
+      status(`connected: ${m.play_mode}${m.play_mode === 'continuous'
+        ? (m.reactive ? ' · reactive' : ' · blocks only') : ''}${m.demo ? ' · demo' : ''}`);
       overlay('Starting…');
       canvas.focus();
     } else if (m.type === 'stats') {
@@ -105,7 +108,8 @@
       overlay('Closed for inactivity — reload to play again');
       status(m.reason);
     } else if (m.type === 'game') {
-      buffer = []; playing = false;
+      buffer = []; playing = false; lastShownKey = -1;
+      status(`playing: game ${m.game}${m.demo ? ' · demo' : ''}`);
     }
   }
 
@@ -116,14 +120,30 @@
     if (magic !== MAGIC) return;
     const entry = { block: view.getUint32(4, true), index: view.getUint16(8, true),
                     inputId: view.getUint32(12, true), bitmap: null };
+    entry.key = entry.block * 65536 + entry.index;
     state.framesReceived++;
-    buffer.push(entry);
+    // a re-made block's frames (reactive play) replace the ones not shown yet; a frame whose
+    // place has been shown already comes too late and is dropped
+    if (entry.key <= lastShownKey) { state.framesReplacedLate++; return; }
+    const same = buffer.findIndex((e) => e.key === entry.key);
+    if (same >= 0) {
+      const old = buffer[same];
+      if (old.bitmap && old.bitmap.close) old.bitmap.close();
+      else old.bitmap = 'gone';
+      buffer[same] = entry;
+      state.framesReplaced++;
+    } else {
+      let at = buffer.length;  // in frame order (they arrive in order but for re-makes)
+      while (at > 0 && buffer[at - 1].key > entry.key) at--;
+      buffer.splice(at, 0, entry);
+    }
     createImageBitmap(new Blob([new Uint8Array(data, HEADER_BYTES)], { type: 'image/jpeg' }))
-      .then((bitmap) => { entry.bitmap = bitmap; })
+      .then((bitmap) => { if (entry.bitmap === 'gone') bitmap.close(); else entry.bitmap = bitmap; })
       .catch(() => { entry.bitmap = 'bad'; });
     while (buffer.length > MAX_BUFFER) {
       const dropped = buffer.shift();
       if (dropped.bitmap && dropped.bitmap.close) dropped.bitmap.close();
+      else dropped.bitmap = dropped.bitmap || 'gone';
     }
   }
 
@@ -131,6 +151,8 @@
     if (entry.bitmap === 'bad') { state.framesBad++; return false; }  // not a decodable JPEG
     ctx.drawImage(entry.bitmap, 0, 0, canvas.width, canvas.height);
     entry.bitmap.close();
+    lastShownKey = entry.key;
+    state.lastShown = [entry.block, entry.index];
     overlay('');
     state.framesShown++;
     state.lastShownInputId = entry.inputId;
@@ -164,6 +186,7 @@
   function sendInput(press) {
     inputId++;
     const message = { type: 'input', id: inputId, keys: [...held] };
+    if (state.lastShown) message.shown = state.lastShown;  // [block, frame] on screen now
     if (mouseDx || mouseDy) { message.mouse = [mouseDx, mouseDy]; mouseDx = mouseDy = 0; }
     if (press) pressed.push({ id: inputId, t: performance.now() });
     send(message);
