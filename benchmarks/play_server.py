@@ -1,15 +1,21 @@
 """The play server under load: 1..N scripted WebSocket players (continuous, held keys changing
-every 0.7 s) against one `python -m wan.play` engine in this process, then one on-input player.
+every 0.7 s) against one `python -m wan.play` engine in this process, with re-makes on (reactive
+play) and off (blocks only); then N - 1 players beside one who keeps starting new games (time
+to first frame after a join, a new game, an upload; the others' late blocks); then one on-input
+player.
 
     python benchmarks/play_server.py --players 4 --out play.json       # a GPU: universal, bf16
     python benchmarks/play_server.py --players 2 --seconds 6           # a CPU: tiny (functional)
 
 The clients run in a separate process (`python -m wan.play.client`: its own interpreter, as a
-browser would be) and measure on their clock: fps received, press-to-frame (from sending a key
-change to the first frame that reflects it, arrival; a page adds its jitter buffer, <= 2 frames)
-and, from the frame headers (same host), the block, encode+queue and transport parts. The server's
-side (queue wait, block, encode per block, late blocks, device memory) comes from its metrics.
-The engine measures its capacity at start-up; the sweep admits up to --players regardless.
+browser would be) and measure on their clock: fps received, press-to-frame as a player sees it
+(from sending a key change to the first frame *shown* that reflects it, on a simulated page: 25
+fps after a 2-frame buffer, re-made frames replacing the ones not shown yet; the arrival-based
+figure beside it), the simulated page's underruns and stall time, and, from the frame headers
+(same host), the block, encode+queue and transport parts. The server's side (queue wait, block,
+encode per block, late blocks, re-makes granted and refused, device memory) comes from its
+metrics. The engine measures its capacity at start-up; the sweep admits up to --players
+regardless.
 """
 import argparse
 import json
@@ -45,7 +51,8 @@ class BlockLog:
         def block_done(player, batch):
             self.blocks.append({"player": player.id, "block": batch.block,
                                 "block_ms": batch.block_ms, "encode_ms": batch.encode_ms,
-                                "wait_ms": batch.wait_ms, "late": batch.late,
+                                "wait_ms": batch.wait_ms, "late": batch.late and not batch.remake,
+                                "remake": batch.remake, "games": player.games,
                                 "time": batch.encoded})
             original(player, batch)
         metrics.block_done = block_done
@@ -54,12 +61,13 @@ class BlockLog:
         return [b for b in self.blocks if b["time"] >= t0]
 
 
-def _clients(url, args, clients=None, on_input=0) -> list:
+def _clients(url, args, clients=None, on_input=0, games=False) -> list:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     command = [sys.executable, "-m", "wan.play.client", "--url", url, "--out", out,
                "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
     command += ["--on-input", str(on_input)] if on_input else ["--clients", str(clients)]
+    command += ["--games"] if games else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     subprocess.run(command, check=True, env=env, timeout=args.seconds * 4 + 300)
     with open(out) as f:
@@ -71,93 +79,164 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
+def _p(values, q):
+    values = sorted(v for v in values if v is not None)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def _sweep(engine, running, blocks, args, reactive: bool) -> list:
+    """Continuous players 1..--players with re-makes on or off: a row per player count."""
+    engine.config.reactive = reactive
+    rows = []
+    for n in range(1, args.players + 1):
+        t0 = time.perf_counter() + args.warmup
+        before = dict(engine.remakes)
+        clients = _clients(running.ws, args, clients=n)
+        if engine.failure is not None:
+            raise RuntimeError("the engine's GPU worker failed") from engine.failure
+        served = [b for b in blocks.since(t0) if not b["remake"]]
+        latency = [v for c in clients for v in c["press_to_frame_ms"]]
+        arrival = [v for c in clients for v in c["press_to_arrival_ms"]]
+        row = {"players": n, "reactive": reactive,
+               "realtime": all(c["fps"] >= REALTIME_FPS for c in clients),
+               "per_player_fps": [round(c["fps"], 2) for c in clients],
+               "per_player_shown_fps": [round(c["shown_fps"], 2) for c in clients],
+               "press_to_frame_p50_ms": _median(latency),
+               "press_to_frame_p95_ms": _p(latency, 0.95), "presses": len(latency),
+               "press_to_arrival_p50_ms": _median(arrival),
+               "underruns": sum(c["underruns"] for c in clients),
+               "stall_ms": sum(c["stall_ms"] for c in clients),
+               "frames_replaced": sum(c["frames_replaced"] for c in clients),
+               "frames_too_late": sum(c["frames_too_late"] for c in clients),
+               "remakes": {k: engine.remakes[k] - before[k] for k in before},
+               "server_block_ms_p50": _median([b["block_ms"] for b in served]),
+               "server_wait_ms_p50": _median([b["wait_ms"] for b in served]),
+               "encode_ms_per_block_p50": _median([b["encode_ms"] for b in served]),
+               "late_blocks": sum(b["late"] for b in served), "blocks": len(served),
+               "client_block_ms_p50": _median([c.get("block_ms_p50") for c in clients]),
+               "ready_to_sent_ms_p50": _median([c.get("ready_to_sent_ms_p50") for c in clients]),
+               "transport_ms_p50": _median([c.get("transport_ms_p50") for c in clients]),
+               "errors": [e for c in clients for e in c["errors"]]}
+        rows.append(row)
+        _wait_for_leaving(engine)
+        log.info("%d players, reactive %s: fps %s, press-to-frame p50 %s ms, re-makes %s", n,
+                 reactive, row["per_player_fps"], row["press_to_frame_p50_ms"], row["remakes"])
+    return rows
+
+
+def _wait_for_leaving(engine):
+    deadline = time.monotonic() + 30
+    while engine.player_count() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the worker drops the sessions
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--players", type=int, default=4, help="largest number of players at once")
     p.add_argument("--seconds", type=float, default=14.0, help="seconds per player count")
     p.add_argument("--warmup", type=float, default=4.0,
-                   help="first seconds of each count not measured (new players capture graphs)")
+                   help="first seconds of each count not measured (new players' first blocks)")
     p.add_argument("--on-input-presses", type=int, default=10)
     p.add_argument("--mode", default="universal")
     p.add_argument("--device", default="auto")
+    p.add_argument("--checkpoint", help="the DiT's weights (default: random)")
+    p.add_argument("--vae", help="Wan2.1_VAE.pth (default: random decoder weights)")
+    p.add_argument("--matrix-game-dir", help="a Matrix-Game-2 checkout: its encoders condition "
+                   "the start images (the weights beside --vae)")
+    p.add_argument("--skip-blocks-only", action="store_true",
+                   help="only the sweep with re-makes on")
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     metrics = PlayMetrics()
-    engine = GameEngine(EngineConfig(mode=args.mode, device=args.device), metrics=metrics)
+    engine = GameEngine(EngineConfig(mode=args.mode, device=args.device, checkpoint=args.checkpoint,
+                                     vae=args.vae, matrix_game_dir=args.matrix_game_dir),
+                        metrics=metrics)
     engine.warm_up()
     measured_capacity = engine.capacity
     engine.capacity = max(args.players, measured_capacity)  # the sweep admits them all
     blocks = BlockLog(metrics)
     server = PlayServer(engine, metrics, linger_s=0.0)
-    sweep, memory = [], []
+    memory = []
     with ServerThread(server) as running:
-        for n in range(1, args.players + 1):
-            t0 = time.perf_counter() + args.warmup
-            clients = _clients(running.ws, args, clients=n)
-            if engine.failure is not None:
-                raise RuntimeError("the engine's GPU worker failed") from engine.failure
-            served = blocks.since(t0)
-            realtime = all(c["fps"] >= REALTIME_FPS for c in clients)
-            latency = [v for c in clients for v in c["press_to_frame_ms"]]
-            row = {"players": n, "realtime": realtime,
-                   "per_player_fps": [round(c["fps"], 2) for c in clients],
-                   "press_to_frame_p50_ms": _median(latency),
-                   "press_to_frame_p95_ms": (sorted(latency)[int(0.95 * (len(latency) - 1))]
-                                             if latency else None),
-                   "presses": len(latency),
-                   "server_block_ms_p50": _median([b["block_ms"] for b in served]),
-                   "server_wait_ms_p50": _median([b["wait_ms"] for b in served]),
-                   "encode_ms_per_block_p50": _median([b["encode_ms"] for b in served]),
-                   "late_blocks": sum(b["late"] for b in served), "blocks": len(served),
-                   "client_block_ms_p50": _median([c.get("block_ms_p50") for c in clients]),
-                   "ready_to_sent_ms_p50": _median([c.get("ready_to_sent_ms_p50") for c in clients]),
-                   "transport_ms_p50": _median([c.get("transport_ms_p50") for c in clients]),
-                   "errors": [e for c in clients for e in c["errors"]]}
-            sweep.append(row)
-            deadline = time.monotonic() + 30
-            while engine.player_count() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            time.sleep(1.0)  # the worker drops the sessions
-            memory.append({"players": n, "after_leaving_bytes": engine.device_memory()})
-            log.info("%d players: fps %s, press-to-frame p50 %s ms", n, row["per_player_fps"],
-                     row["press_to_frame_p50_ms"])
+        captures_at_start = engine.captures_at_start
+        reactive = _sweep(engine, running, blocks, args, reactive=True)
+        memory.append({"after_leaving_bytes": engine.device_memory()})
+        blocks_only = [] if args.skip_blocks_only else _sweep(engine, running, blocks, args,
+                                                              reactive=False)
+        engine.config.reactive = True
+        # N - 1 players while one more keeps starting games: joins, new games, uploads
+        t0 = time.perf_counter()
+        others = max(1, args.players - 1)
+        games = _clients(running.ws, args, clients=others, games=True)
+        during = [b for b in blocks.since(t0) if not b["remake"]]
+        starter = {b["player"] for b in during if b["games"] > 0}
+        late_of_others = sum(b["late"] for b in during if b["player"] not in starter)
+        _wait_for_leaving(engine)
         t0 = time.perf_counter()
         on_input = _clients(running.ws, args, on_input=args.on_input_presses)
         on_input["server_block_ms_p50"] = _median([b["block_ms"] for b in blocks.since(t0)][3:])
-    held = [r["players"] for r in sweep if r["realtime"]]
+        captures_while_serving = engine.captures_while_serving()
+    held = [r["players"] for r in reactive if r["realtime"]]
+    starts = games["time_to_first_frame_ms"]
+    by_count = lambda rows, key: {str(r["players"]): r[key] for r in rows}  # noqa: E731
     report = {
         "device": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda"
         else "cpu", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "engine": engine.describe(), "steady_block_ms_at_start": engine.steady_block_ms,
-        "measured_capacity": measured_capacity,
+        "measured_capacity": measured_capacity, "graph_captures_at_start": captures_at_start,
+        "graph_captures_while_serving": captures_while_serving,
         "memory_before_players_bytes": engine.memory_before_players, "memory": memory,
         "play": {
             "max_realtime_players_per_gpu": max(held) if held else 0,
-            "per_player_fps": {str(r["players"]): r["per_player_fps"] for r in sweep},
-            "press_to_frame_p50_ms": {str(r["players"]): r["press_to_frame_p50_ms"] for r in sweep},
-            "press_to_frame_p95_ms": {str(r["players"]): r["press_to_frame_p95_ms"] for r in sweep},
-            "encode_ms_per_block": _median([r["encode_ms_per_block_p50"] for r in sweep]),
-            "on_input": on_input, "sweep": sweep}}
+            "reactive": {"press_to_frame_p50_ms": by_count(reactive, "press_to_frame_p50_ms"),
+                         "press_to_frame_p95_ms": by_count(reactive, "press_to_frame_p95_ms"),
+                         "per_player_fps": by_count(reactive, "per_player_fps")},
+            "blocks_only": {"press_to_frame_p50_ms": by_count(blocks_only, "press_to_frame_p50_ms"),
+                            "press_to_frame_p95_ms": by_count(blocks_only, "press_to_frame_p95_ms"),
+                            "per_player_fps": by_count(blocks_only, "per_player_fps")},
+            "time_to_first_frame_ms": {k: {"p50": starts[k]["p50"], "max": starts[k]["max"]}
+                                       for k in ("join", "new_game", "upload")},
+            "late_blocks_of_others_during_games": late_of_others,
+            "underruns": {"reactive": by_count(reactive, "underruns"),
+                          "blocks_only": by_count(blocks_only, "underruns")},
+            "remakes": {k: sum(r["remakes"][k] for r in reactive)
+                        for k in ("granted", "refused", "late")},
+            "encode_ms_per_block": _median([r["encode_ms_per_block_p50"] for r in reactive]),
+            "on_input": on_input, "sweep": reactive + blocks_only, "games": games}}
+    if args.matrix_game_dir:
+        report["start_image"] = {
+            "demo": engine.demo,
+            "upload_to_first_frame_ms": starts["upload"],
+            "late_blocks_of_others": late_of_others,
+            "settled_latent_frame": getattr(engine, "settled_latent_frame", None)}
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text)
-    print("\nplayers | fps per player | press->frame p50/p95 ms | block ms | wait ms | "
-          "encode ms | ready->sent ms | late")
-    for r in sweep:
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        print(f"{r['players']:7d} | {', '.join(f'{f:.1f}' for f in r['per_player_fps']):14s} | "
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    print("\nplayers | re-makes | fps per player | press->shown p50/p95 ms | press->arrival p50 | "
+          "block ms | encode ms | late | underruns | re-makes granted/refused/late")
+    for r in reactive + blocks_only:
+        print(f"{r['players']:7d} | {'on ' if r['reactive'] else 'off'} | "
+              f"{', '.join(f'{f:.1f}' for f in r['per_player_fps']):14s} | "
               f"{fmt(r['press_to_frame_p50_ms'])}/{fmt(r['press_to_frame_p95_ms'])} | "
-              f"{fmt(r['server_block_ms_p50'])} | {fmt(r['server_wait_ms_p50'])} | "
-              f"{fmt(r['encode_ms_per_block_p50'])} | {fmt(r['ready_to_sent_ms_p50'])} | "
-              f"{r['late_blocks']}/{r['blocks']}")
-    print(f"on-input, one player: press->frame p50 {on_input['press_to_frame_p50_ms']:.1f} ms, "
-          f"p95 {on_input['press_to_frame_p95_ms']:.1f} ms (server block "
+              f"{fmt(r['press_to_arrival_p50_ms'])} | {fmt(r['server_block_ms_p50'])} | "
+              f"{fmt(r['encode_ms_per_block_p50'])} | {r['late_blocks']}/{r['blocks']} | "
+              f"{r['underruns']} | {r['remakes']['granted']}/{r['remakes']['refused']}/"
+              f"{r['remakes']['late']}")
+    print("time to first frame ms (p50/max): " + ", ".join(
+        f"{k} {fmt(starts[k]['p50'])}/{fmt(starts[k]['max'])}" for k in ("join", "new_game",
+                                                                          "upload"))
+          + f"; late blocks of the {others} other player(s) meanwhile: {late_of_others}")
+    print(f"on-input, one player: press->frame p50 {fmt(on_input['press_to_frame_p50_ms'])} ms, "
+          f"p95 {fmt(on_input['press_to_frame_p95_ms'])} ms (server block "
           f"{on_input['server_block_ms_p50']})")
-    print(f"real-time players: {report['play']['max_realtime_players_per_gpu']} "
-          f"(capacity measured at start-up: {measured_capacity})")
+    print(f"real-time players (re-makes on): {report['play']['max_realtime_players_per_gpu']} "
+          f"(capacity measured at start-up: {measured_capacity}); graphs captured while "
+          f"serving: {captures_while_serving}")
 
 
 if __name__ == "__main__":

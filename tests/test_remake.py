@@ -14,7 +14,7 @@ from wan.modules.vae_decoder import VAEDecoder3d, VAEDecoderWrapper
 from wan.serving.runner import StreamingBlockRunner
 from wan.serving.scheduler import PlayerSession
 
-LATENT = (8, 16)
+LATENT = (4, 8)  # small: the decoder dominates a CPU block
 
 
 def _decoder(cls):
@@ -25,14 +25,20 @@ def _decoder(cls):
     return decoder.float().eval()
 
 
-@pytest.fixture(scope="module", params=[CausalWanModel, OptimizedCausalWanModel],
-                ids=["reference", "optimized"])
-def parts(request):
-    model = build_model(dtype=torch.float32, cls=request.param)
-    decoder_cls = VAEDecoderWrapper if request.param is CausalWanModel else \
-        OptimizedVAEDecoderWrapper
+def _parts(model_cls, decoder_cls):
+    model = build_model(dtype=torch.float32, cls=model_cls)
     inputs = random_inputs(model, LATENT, 3, 0, seed=1)
     return model, _decoder(decoder_cls), inputs
+
+
+@pytest.fixture(scope="module")
+def reference_parts():
+    return _parts(CausalWanModel, VAEDecoderWrapper)
+
+
+@pytest.fixture(scope="module")
+def parts():  # the optimized models (the reference pair: the splice test's first case)
+    return _parts(OptimizedCausalWanModel, OptimizedVAEDecoderWrapper)
 
 
 def _session(parts, seed=5):
@@ -65,9 +71,17 @@ def _equal(a, b):
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("block,splice", [(0, 4), (2, 7), (2, 0)])
+# (models, block, splice): the first block and a later one; block 2 is the first whose window
+# evicts frames (6-frame window), splice 0 re-makes a whole block
+@pytest.mark.parametrize("models,block,splice", [("reference", 1, 5), ("optimized", 0, 4),
+                                                 ("optimized", 2, 7), ("optimized", 1, 0)])
 @torch.no_grad()
-def test_a_remade_block_is_the_stream_fed_the_spliced_actions(parts, block, splice):
+def test_a_remade_block_is_the_stream_fed_the_spliced_actions(request, models, block, splice):
+    parts = request.getfixturevalue("reference_parts" if models == "reference" else "parts")
+    _check_splice(parts, block, splice)
+
+
+def _check_splice(parts, block, splice):
     old, new = (0,), (1, 3)
     # stream A: blocks 0..block with the old actions, the latest re-made from `splice` on
     a = _session(parts)
@@ -318,3 +332,24 @@ def test_a_key_change_reaches_the_page_in_frames_of_the_remade_block():
     assert [f.index for f in remade] == list(range(first_new.index, 12))
     old = [f.index for f in frames if f.block == 1 and f.input_id == 0]
     assert old[:12] == list(range(12))  # the block as first made, each frame once
+
+
+@pytest.fixture(scope="module")
+def cuda_parts():
+    from helpers import HAS_CUDA
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU (run on the device)")
+    model = build_model(dtype=torch.bfloat16, device="cuda", cls=OptimizedCausalWanModel,
+                        cuda_graphs=True)
+    decoder = _decoder(OptimizedVAEDecoderWrapper).to("cuda", torch.float16)
+    decoder.cuda_graphs = True
+    inputs = random_inputs(model, LATENT, 3, 0, seed=1)
+    return model, decoder, inputs
+
+
+@pytest.mark.parametrize("block,splice", [(0, 4), (3, 7)])
+@torch.no_grad()
+def test_on_cuda_with_graphs_a_remade_block_is_the_stream_fed_the_spliced_actions(
+        cuda_parts, block, splice):
+    """The same on the GPU (bf16 DiT, fp16 decoder, CUDA graphs replayed): bitwise."""
+    _check_splice(cuda_parts, block, splice)

@@ -12,6 +12,7 @@ block once.
 """
 import asyncio
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,73 @@ def parse_frame(data: bytes) -> Frame:
     return Frame(block, index, count, input_id, start, ready, sent, bytes(data[FRAME_HEADER.size:]))
 
 
+class Viewer:
+    """A simulated page (wan/play/static/play.js): frames shown at 25 fps after a 2-frame jitter
+    buffer, a frame of a re-made block replacing the one with the same (block, index) that is
+    not shown yet, a frame whose place was shown already dropped. `tick(now)` advances it;
+    `shown` lists (time, block, index, input id) of every frame shown; underruns count the times
+    the buffer ran dry while playing, `stall_s` the time from each underrun to playing again."""
+    FRAME_S, JITTER_FRAMES = 1 / 25, 2
+
+    def __init__(self):
+        self.buffer: List[Frame] = []
+        self.shown: List[Tuple[float, int, int, int]] = []
+        self.playing, self.next_due, self.last_key = False, 0.0, -1
+        self.underruns, self.stall_s, self._stalled_at = 0, 0.0, None
+        self.replaced, self.too_late = 0, 0
+
+    @staticmethod
+    def _key(frame: Frame) -> int:
+        return frame.block * 65536 + frame.index
+
+    def add(self, frame: Frame):
+        key = self._key(frame)
+        if key <= self.last_key:
+            self.too_late += 1
+            return
+        same = next((i for i, f in enumerate(self.buffer) if self._key(f) == key), None)
+        if same is not None:
+            self.buffer[same] = frame
+            self.replaced += 1
+            return
+        at = len(self.buffer)
+        while at and self._key(self.buffer[at - 1]) > key:
+            at -= 1
+        self.buffer.insert(at, frame)
+
+    def tick(self, now: float):
+        if not self.playing and len(self.buffer) >= self.JITTER_FRAMES:
+            self.playing, self.next_due = True, now
+            if self._stalled_at is not None:
+                self.stall_s += now - self._stalled_at
+                self._stalled_at = None
+        while self.playing and now >= self.next_due:
+            if not self.buffer:
+                self.playing, self._stalled_at = False, now
+                self.underruns += 1
+                break
+            frame = self.buffer.pop(0)
+            self.last_key = self._key(frame)
+            self.shown.append((self.next_due, frame.block, frame.index, frame.input_id))
+            self.next_due = max(self.next_due + self.FRAME_S, now - self.FRAME_S)
+
+    def on_screen(self) -> Optional[List[int]]:
+        """[block, index] of the frame on screen, as the page sends it with its input."""
+        return list(self.shown[-1][1:3]) if self.shown else None
+
+    def press_to_shown_ms(self, presses, since: float = -math.inf) -> List[float]:
+        """Per press (input id, time) after `since`: from the press to the first frame shown
+        that reflects it."""
+        out = []
+        for input_id, sent in presses:
+            if sent < since:
+                continue
+            shown = next((t for t, _, _, i in self.shown if i >= input_id and t >= sent), None)
+            if shown is not None:
+                out.append(1e3 * (shown - sent))
+        return out
+
+
 @dataclass
 class PlayResult:
     hello: Optional[dict] = None
@@ -52,6 +120,8 @@ class PlayResult:
     presses: List[Tuple[int, float]] = field(default_factory=list)  # (input id, client time)
     closed: Optional[Tuple[int, str]] = None
     begin: float = 0.0  # client clock when the hello arrived (the schedule's time 0)
+    viewer: Viewer = field(default_factory=Viewer)
+    games: List[Tuple[float, float]] = field(default_factory=list)  # (asked, first frame) times
 
     def replaced_frames(self) -> int:
         """Frames whose (block, index) came again while that block was the newest: a re-made
@@ -88,24 +158,33 @@ async def play(url: str, schedule: Sequence[Tuple[float, Sequence[str]]] = (), s
     from websockets.exceptions import ConnectionClosed
 
     result = PlayResult()
+    viewer = result.viewer
+    connecting = time.perf_counter()
     async with connect(url, open_timeout=open_timeout, max_size=2**24, **connect_args) as ws:
         events = sorted([(t, "keys", list(k)) for t, k in schedule] +
                         [(t, "raw", m) for t, m in messages], key=lambda e: e[0])
         input_id = 0
         begin = None
         deadline = None
+        game_asked, new_game = connecting, False  # a join, reset or upload: its first frame
         try:
             while True:
                 now = time.perf_counter()
+                viewer.tick(now)
                 if begin is not None:
                     while events and now - begin >= events[0][0]:
                         _, kind, payload = events.pop(0)
                         if kind == "keys":
                             input_id += 1
                             result.presses.append((input_id, time.perf_counter()))
-                            await ws.send(json.dumps({"type": "input", "id": input_id,
-                                                      "keys": payload}))
+                            message = {"type": "input", "id": input_id, "keys": payload}
+                            if viewer.on_screen() is not None:  # as the page does
+                                message["shown"] = viewer.on_screen()
+                            await ws.send(json.dumps(message))
                         else:
+                            if isinstance(payload, dict) and payload.get("type") in ("reset",
+                                                                                      "image"):
+                                game_asked = time.perf_counter()
                             await ws.send(payload if isinstance(payload, (str, bytes))
                                           else json.dumps(payload))
                     if now >= deadline or (until_frames and len(result.frames) >= until_frames):
@@ -120,9 +199,17 @@ async def play(url: str, schedule: Sequence[Tuple[float, Sequence[str]]] = (), s
                     frame = parse_frame(data)
                     frame.received = received
                     result.frames.append(frame)
+                    viewer.add(frame)
+                    if game_asked is not None and (new_game or len(result.frames) == 1) \
+                            and frame.block == 0:
+                        result.games.append((game_asked, received))
+                        game_asked, new_game = None, False
                 else:
                     message = json.loads(data)
                     result.texts.append(message)
+                    if message.get("type") == "game" and result.frames:  # as the page: anew
+                        viewer.buffer, viewer.playing, viewer.last_key = [], False, -1
+                        new_game = True
                     if message.get("type") == "hello":
                         result.hello = message
                         begin = result.begin = time.perf_counter()
@@ -177,11 +264,25 @@ def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
     if len(firsts) >= 2 and firsts[-1].received > firsts[0].received:
         shown = sum(f.frames_in_block for f in firsts[:-1])
         fps = shown / (firsts[-1].received - firsts[0].received)
-    return {"fps": fps, "frames": len(window),
-            "presses": len(presses), "press_to_frame_ms": latency,
-            "press_to_frame_p50_ms": _percentile(latency, 0.5),
-            "press_to_frame_p95_ms": _percentile(latency, 0.95), "errors": result.errors(),
-            "closed": result.closed, **parts}
+    viewer = result.viewer
+    shown = viewer.press_to_shown_ms(presses)
+    on_screen = [t for t, *_ in viewer.shown if warmup_s <= t - begin <= seconds]
+    shown_fps = (len(on_screen) - 1) / (on_screen[-1] - on_screen[0]) if len(on_screen) > 2 \
+        else 0.0
+    return {"fps": fps, "shown_fps": shown_fps, "frames": len(window),
+            "presses": len(presses),
+            # what a player feels: from the press to the first frame *shown* that reflects it
+            # (the simulated page: 25 fps after a 2-frame buffer, re-made frames replacing)
+            "press_to_frame_ms": shown,
+            "press_to_frame_p50_ms": _percentile(shown, 0.5),
+            "press_to_frame_p95_ms": _percentile(shown, 0.95),
+            # the frame's arrival instead (earlier than it shows when the page has a buffer)
+            "press_to_arrival_ms": latency,
+            "press_to_arrival_p50_ms": _percentile(latency, 0.5),
+            "underruns": viewer.underruns, "stall_ms": 1e3 * viewer.stall_s,
+            "frames_replaced": viewer.replaced, "frames_too_late": viewer.too_late,
+            "first_frame_ms": [1e3 * (got - asked) for asked, got in result.games],
+            "errors": result.errors(), "closed": result.closed, **parts}
 
 
 def key_schedule(keys_cycle, period_s: float, seconds: float, phase_s: float = 0.0):
@@ -202,6 +303,52 @@ async def continuous_clients(url: str, clients: int, seconds: float, warmup_s: f
                  seconds=seconds) for c in range(clients)]
     results = await asyncio.gather(*runs)
     return [summarize(r, warmup_s, seconds) for r in results]
+
+
+def _upload_message(seed: int) -> dict:
+    """An image message: a 640 x 352 PNG of smooth random colours (a new start image)."""
+    import base64
+    import io
+
+    import torch
+    from PIL import Image
+    gen = torch.Generator().manual_seed(seed)
+    small = torch.rand(3, 6, 10, generator=gen)
+    pixels = torch.nn.functional.interpolate(small[None], size=(352, 640), mode="bilinear")[0]
+    data = (pixels * 255).byte().permute(1, 2, 0).contiguous().numpy()
+    out = io.BytesIO()
+    Image.fromarray(data).save(out, format="PNG")
+    return {"type": "image",
+            "data": "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()}
+
+
+async def games_client(url: str, seconds: float, every_s: float = 2.5) -> dict:
+    """A player who joins, then every `every_s` starts a new game, by turns with the same image
+    ("reset") and with an uploaded one: the time from each to its game's first frame."""
+    messages, t, k = [], every_s, 0
+    while t < seconds - every_s / 2:
+        messages.append((t, {"type": "reset"} if k % 2 == 0 else _upload_message(k)))
+        t, k = t + every_s, k + 1
+    result = await play(url, schedule=key_schedule([["w"], []], 0.9, seconds), seconds=seconds,
+                        messages=messages)
+    times = [1e3 * (got - asked) for asked, got in result.games]
+    kinds = ["join"] + ["new_game" if k % 2 == 0 else "upload" for k in range(len(messages))]
+    out = {}
+    for kind in ("join", "new_game", "upload"):
+        mine = [ms for ms, kd in zip(times, kinds) if kd == kind]
+        out[kind] = {"ms": mine, "p50": _percentile(mine, 0.5),
+                     "max": max(mine) if mine else None}
+    out["errors"] = result.errors()
+    return out
+
+
+async def continuous_with_games(url: str, clients: int, seconds: float, warmup_s: float):
+    """`clients` continuous players (their summaries) while one more player keeps starting
+    new games (`games_client`): what a join, a new game or an upload costs the others."""
+    continuous = continuous_clients(url, clients, seconds, warmup_s)
+    games = games_client(url, seconds)
+    summaries, starts = await asyncio.gather(continuous, games)
+    return {"players": summaries, "time_to_first_frame_ms": starts}
 
 
 async def on_input_client(url: str, presses: int, warmup_presses: int = 3,
@@ -246,11 +393,16 @@ def main(argv=None):
     p.add_argument("--warmup", type=float, default=4.0, help="seconds not measured at first")
     p.add_argument("--on-input", type=int, default=0,
                    help="instead: one on-input player making this many presses")
+    p.add_argument("--games", action="store_true",
+                   help="with the --clients players, one more who keeps starting new games "
+                   "(new game and upload, by turns): the time to their first frames")
     p.add_argument("--out", help="write the summaries here (JSON)")
     args = p.parse_args(argv)
     url = args.url + ("&" if "?" in args.url else "?") + "frames=ws"
     if args.on_input:
         report = asyncio.run(on_input_client(url, args.on_input))
+    elif args.games:
+        report = asyncio.run(continuous_with_games(url, args.clients, args.seconds, args.warmup))
     else:
         report = asyncio.run(continuous_clients(url, args.clients, args.seconds, args.warmup))
     text = json.dumps(report, indent=1)
