@@ -169,7 +169,7 @@ def main(argv=None):
         engine.config.reactive = True
         # N - 1 players while one more keeps starting games: joins, new games, uploads
         t0 = time.perf_counter()
-        others = max(1, args.players - 1)
+        others = max(1, min(args.players, measured_capacity) - 1)  # within the capacity
         games = _clients(running.ws, args, clients=others, games=True)
         during = [b for b in blocks.since(t0) if not b["remake"]]
         starter = {b["player"] for b in during if b["games"] > 0}

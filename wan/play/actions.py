@@ -143,11 +143,11 @@ class InputState:
         self.input_id = max(self.input_id, int(input_id))
         self.input_received = received
 
-    def on_screen(self, block: int, frame: int, received: float):
-        """The page showed frame `frame` of block `block` when it sent its input at `received`
-        (perf_counter): where reactive play can splice."""
+    def on_screen(self, block: int, frame: int, since: float):
+        """The page has shown frame `frame` of block `block` since `since` (perf_counter, the
+        server's clock): where reactive play can splice."""
         with self._lock:
-            self.shown = (block, frame, received)
+            self.shown = (block, frame, since)
 
     def has_pending_taps(self) -> bool:
         with self._lock:

@@ -95,9 +95,13 @@ class Viewer:
             self.shown.append((self.next_due, frame.block, frame.index, frame.input_id))
             self.next_due = max(self.next_due + self.FRAME_S, now - self.FRAME_S)
 
-    def on_screen(self) -> Optional[List[int]]:
-        """[block, index] of the frame on screen, as the page sends it with its input."""
-        return list(self.shown[-1][1:3]) if self.shown else None
+    def on_screen(self, now: float) -> Optional[List[int]]:
+        """[block, index, ms since it was shown] of the frame on screen, as the page sends it
+        with its input."""
+        if not self.shown:
+            return None
+        when, block, index, _ = self.shown[-1]
+        return [block, index, min(1000, max(0, round(1e3 * (now - when))))]
 
     def press_to_shown_ms(self, presses, since: float = -math.inf) -> List[float]:
         """Per press (input id, time) after `since`: from the press to the first frame shown
@@ -178,8 +182,8 @@ async def play(url: str, schedule: Sequence[Tuple[float, Sequence[str]]] = (), s
                             input_id += 1
                             result.presses.append((input_id, time.perf_counter()))
                             message = {"type": "input", "id": input_id, "keys": payload}
-                            if viewer.on_screen() is not None:  # as the page does
-                                message["shown"] = viewer.on_screen()
+                            if viewer.on_screen(now) is not None:  # as the page does
+                                message["shown"] = viewer.on_screen(now)
                             await ws.send(json.dumps(message))
                         else:
                             if isinstance(payload, dict) and payload.get("type") in ("reset",

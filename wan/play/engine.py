@@ -690,7 +690,7 @@ class GameEngine:
         schedule's plan (the later of the block's deadline and its finish)."""
         planned = max(record.due, record.finish)
         shown = player.input.shown
-        if shown is None or time.perf_counter() - shown[2] > 1.0 or shown[0] > record.block:
+        if shown is None or time.perf_counter() - shown[2] > 2.0 or shown[0] > record.block:
             return planned
         block, frame, when = shown
         # video frames between the one on screen and the latest block's first

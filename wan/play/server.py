@@ -36,9 +36,9 @@ starting with the check that refused it ("json:", "size:", "input:", ...) and ch
 else; the connection goes on):
 * `{"type": "keyboard", "key": "w", "timestamp": ms}`: the seed server's: one key press, acting
   for one block (on-input play: that block is made now);
-* `{"type": "input", "id": n, "keys": ["w", "l"], "mouse": [dx, dy], "shown": [block, frame]}`:
-  `shown` (optional) the frame on screen when the input was made (reactive play splices a
-  re-made block after it); the held keys (the whole
+* `{"type": "input", "id": n, "keys": ["w", "l"], "mouse": [dx, dy], "shown": [block, frame,
+  ms]}`: `shown` (optional) the frame on screen when the input was made and how many ms it had
+  been (reactive play splices a re-made block after it); the held keys (the whole
   set) and mouse motion in pixels since the last message; `id` (0 to 2^32 - 1, as the frame
   header carries it) grows with every message;
 * `{"type": "image", "data": "data:image/png;base64,..."}`: a new start image (a new game). It
@@ -118,6 +118,7 @@ WS_MAX_QUEUE = 8                       # messages the transport holds for a conn
 MAX_JSON_CONTAINERS = 32               # objects and arrays in one message (bounds the nesting)
 MAX_NUMBER_CHARS = 32                  # characters of one JSON number
 MAX_KEYS, MAX_MOUSE = 16, 10_000.0
+GRACEFUL_SHUTDOWN_S = 5.0              # on SIGTERM: connections still open after this are closed
 QUEUED_FRAMES = 24                     # per connection; a slow client loses its oldest frames
 TOKEN_FAILURES, TOKEN_WINDOW_S, TOKEN_LOCKOUT_S = 10, 60.0, 60.0
 HEADER_TIMEOUT_S = 10.0                # a connection's request headers, from its opening
@@ -531,6 +532,9 @@ def uvicorn_config(app, host: str, port: int, header_timeout_s: float = HEADER_T
                    **options):
     """The uvicorn.Config the play server runs under (the header timeout, the WebSocket limits)."""
     import uvicorn
+    # on SIGTERM, open MJPEG responses (endless by design) are cut after this many seconds
+    # instead of holding the process up forever (a rolling restart behind a proxy)
+    options.setdefault("timeout_graceful_shutdown", GRACEFUL_SHUTDOWN_S)
     return uvicorn.Config(app, host=host, port=port, http=http_protocol(header_timeout_s),
                           ws_max_size=WS_MAX_SIZE, ws_max_queue=WS_MAX_QUEUE, **options)
 
@@ -894,15 +898,18 @@ class PlayServer:
                 raise BadMessage(f"key: {error}") from None
             shown = data.get("shown")
             if shown is not None:
-                if not (isinstance(shown, list) and len(shown) == 2 and all(
+                if not (isinstance(shown, list) and len(shown) in (2, 3) and all(
                         isinstance(v, int) and not isinstance(v, bool) for v in shown)
-                        and 0 <= shown[0] <= MAX_INPUT_ID and 0 <= shown[1] < 2**16):
+                        and 0 <= shown[0] <= MAX_INPUT_ID and 0 <= shown[1] < 2**16
+                        and (len(shown) == 2 or 0 <= shown[2] <= 1000)):
                     raise BadMessage("input: 'shown' must be [block, frame] of the frame on "
-                                     "screen (integers from a frame header)")
+                                     "screen (integers from a frame header), optionally with "
+                                     "the milliseconds since it was shown (0 to 1000)")
             if mouse is not None:
                 player.input.move(float(mouse[0]), float(mouse[1]), input_id, received)
             if shown is not None:
-                player.input.on_screen(shown[0], shown[1], received)
+                since = shown[2] / 1e3 if len(shown) == 3 else 0.0
+                player.input.on_screen(shown[0], shown[1], received - since)
             if pressed:  # a key went down
                 engine.press(player)
             else:

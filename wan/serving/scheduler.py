@@ -180,10 +180,14 @@ class BlockRecord:
     start: float
     finish: float
     remake: Optional[int] = None  # a re-made block: the frame its new actions start from
+    ready: Optional[float] = None  # when its frames were ready (the runner's clock), if known
 
     @property
     def late(self) -> bool:
-        return self.finish > self.due + 1e-9  # (a clock's rounding is not lateness)
+        """A block: finished after its deadline. A re-made block: its frames were ready after
+        the frame it splices at was due (it was planned for the frames, not the cache update)."""
+        done = self.ready if self.remake is not None and self.ready is not None else self.finish
+        return done > self.due + 1e-9  # (a clock's rounding is not lateness)
 
 
 @dataclass(order=True)
@@ -210,7 +214,7 @@ class DeadlineScheduler:
     # the margin a late release keeps beyond the estimated time to its block's end
     RELEASE_MARGIN_S = 0.05
     # a re-made frame is planned to be ready this long before it shows (encode and send)
-    REMAKE_MARGIN_S = 0.02
+    REMAKE_MARGIN_S = 0.015
 
     def __init__(self, sessions: Sequence[PlayerSession] = (),
                  clock: Callable[[], float] = time.perf_counter,
@@ -226,6 +230,9 @@ class DeadlineScheduler:
         self._order = itertools.count()
         self._continuous = set()           # id() of live continuous sessions
         self.block_estimate_s = PERIOD_S  # running estimate of one block's time
+        # ... and of the time from a block's start to its frames (the decode runs ahead of the
+        # cache update): what a re-made block's frames wait for
+        self.ready_estimate_s: Optional[float] = None
 
     def run(self, blocks_per_player: int, on_block=None, stagger: bool = True) -> List[BlockRecord]:
         """Blocks until every session has done `blocks_per_player` (blocks done before this call
@@ -260,14 +267,18 @@ class DeadlineScheduler:
         session = chosen.session
         start = self.clock() - begin
         if chosen.remake is None:
-            frames, _ = session.run_block()
+            frames, clock = session.run_block()
         else:
-            frames, _ = session.run_remake(chosen.remake)
+            frames, clock = session.run_remake(chosen.remake)
         self.synchronize()
         finish = self.clock() - begin
+        ready = None
+        if clock is not None:  # the runner's own clock: when the frames were ready
+            ready = start + clock.timing().action_to_frame_ms / 1e3
         index = session.blocks_done - 1
         return BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
-                           chosen.due, chosen.release, start, finish, chosen.remake), frames
+                           chosen.due, chosen.release, start, finish, chosen.remake,
+                           ready), frames
 
     # live serving ------------------------------------------------------------------------------
     def start_live(self):
@@ -322,16 +333,22 @@ class DeadlineScheduler:
         with self._wake:
             if any(n.session is session and n.remake is not None for n in self._queue):
                 return None
-            now, duration = self.now(), self.block_estimate_s + self.REMAKE_MARGIN_S
-            plan = dict(now=now, duration=self.block_estimate_s, continuous=self._continuous,
-                        lead=self.release_lead(), horizon=now + 2 * PERIOD_S)
-            late_anyway = _late_entries(self._queue, **plan)
-            first = max(0, math.ceil((now + duration - shown_at) * VIDEO_FPS - 1e-6))
+            now = self.now()
+            ready = min(self.ready_estimate_s or math.inf, self.block_estimate_s)
+            plan = dict(now=now, duration=self.block_estimate_s, ready=ready,
+                        continuous=self._continuous, lead=self.release_lead(),
+                        horizon=now + 2 * PERIOD_S, keep=self.RELEASE_MARGIN_S)
+            overrun_anyway = _overruns(self._queue, **plan)
+            first = max(0, math.ceil((now + ready + self.REMAKE_MARGIN_S - shown_at) * VIDEO_FPS
+                                     - 1e-6))
             for splice in range(first, frames):
                 due = shown_at + splice / VIDEO_FPS - self.REMAKE_MARGIN_S
                 entry = _Next(due, next(self._order), now, session, now, remake=splice)
-                late = _late_entries(self._queue + [entry], **plan)
-                if _key(entry) not in late and late <= late_anyway:
+                overrun = _overruns(self._queue + [entry], **plan)
+                # none later than it would be anyway (slack may be used, down to the margin)
+                if _key(entry) not in overrun and all(
+                        late <= overrun_anyway.get(key, 0.0) + 1e-9
+                        for key, late in overrun.items()):
                     self._queue.append(entry)
                     self._wake.notify()
                     return splice
@@ -370,6 +387,10 @@ class DeadlineScheduler:
         # a stream's first blocks pay their CUDA-graph captures: keep them out of the estimate
         if record.block >= 2:
             self.block_estimate_s = 0.8 * self.block_estimate_s + 0.2 * duration
+            if record.ready is not None:
+                ready = record.ready - record.start
+                self.ready_estimate_s = ready if self.ready_estimate_s is None else \
+                    0.8 * self.ready_estimate_s + 0.2 * ready
         with self._wake:
             # a re-made block's player keeps its next block, waiting in the queue
             if id(chosen.session) in self._continuous and chosen.remake is None:
@@ -377,13 +398,16 @@ class DeadlineScheduler:
         return record, frames
 
 
-def _late_entries(entries: List[_Next], now: float, duration: float, continuous: set,
-                  lead: float, horizon: float) -> set:
-    """Which blocks would finish after their deadline if the scheduler ran `entries` from `now`
-    as `step` does (the released one with the earliest deadline next, each taking `duration`;
-    idle until the next release when none is released; a continuous session's next block queued
-    when one of its blocks finishes) until `horizon`: a set of (session id, deadline, splice)."""
-    late, pending, t = set(), sorted(entries), now
+def _overruns(entries: List[_Next], now: float, duration: float, ready: float,
+              continuous: set, lead: float, horizon: float, keep: float) -> dict:
+    """By how much each job would miss its deadline if the scheduler ran `entries` from `now` as
+    `step` does (the released one with the earliest deadline next, each taking `duration`; idle
+    until the next release when none is released; a continuous session's next block queued when
+    one of its blocks finishes) until `horizon`: {(session id, deadline, splice): seconds} of
+    those that miss. A block must finish `keep` before its deadline (the margin its late release
+    keeps: the page plays its frames about that early), a re-made block's frames be ready
+    (`ready` after its start) by its own."""
+    late, pending, t = {}, sorted(entries), now
     while pending and t < horizon:
         released = [n for n in pending if n.release <= t]
         if not released:
@@ -391,9 +415,10 @@ def _late_entries(entries: List[_Next], now: float, duration: float, continuous:
             continue
         chosen = released[0]  # sorted: the earliest deadline
         pending.remove(chosen)
+        done = t + ready if chosen.remake is not None else t + duration + keep
         t += duration
-        if t > chosen.due + 1e-9:
-            late.add(_key(chosen))
+        if done > chosen.due + 1e-9:
+            late[_key(chosen)] = done - chosen.due
         if chosen.remake is None and id(chosen.session) in continuous:
             following = _following(chosen, t, lead)
             following.session = _Counted(chosen.session)  # blocks_done one on, as after the run

@@ -30,7 +30,7 @@
   };
   let ws = null, controls = null, held = new Set(), inputId = 0, pressed = [];
   let mouseDx = 0, mouseDy = 0, buffer = [], playing = false, nextDue = 0, shownTimes = [];
-  let lastShownKey = -1;  // block * 65536 + index of the frame on screen (this game)
+  let lastShownKey = -1, lastShownAt = 0;  // block * 65536 + index of the frame on screen (this game)
   let reconnect = true;
 
   function status(text) { $('status').textContent = text; }
@@ -152,6 +152,7 @@
     ctx.drawImage(entry.bitmap, 0, 0, canvas.width, canvas.height);
     entry.bitmap.close();
     lastShownKey = entry.key;
+    lastShownAt = now;
     state.lastShown = [entry.block, entry.index];
     overlay('');
     state.framesShown++;
@@ -186,7 +187,8 @@
   function sendInput(press) {
     inputId++;
     const message = { type: 'input', id: inputId, keys: [...held] };
-    if (state.lastShown) message.shown = state.lastShown;  // [block, frame] on screen now
+    // the frame on screen now and how long it has been: reactive play splices after it
+    if (state.lastShown) message.shown = [...state.lastShown, Math.min(1000, Math.round(performance.now() - lastShownAt))];
     if (mouseDx || mouseDy) { message.mouse = [mouseDx, mouseDy]; mouseDx = mouseDy = 0; }
     if (press) pressed.push({ id: inputId, t: performance.now() });
     send(message);
