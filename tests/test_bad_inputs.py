@@ -118,6 +118,30 @@ FORWARD_ROWS = [
     Row("crossattn_cache k of another batch", _each_cache(
         "crossattn_cache", lambda e: dict(e, k=torch.cat([e["k"]] * 2), is_init=True)), ValueError,
         r"crossattn_cache\[0\]\['k'\] has shape \(2,", ("stream",)),
+    # issue 32: index entries as Python ints (the reference crashed in `.item()`), k and v of
+    # different lengths (passed the checks, failed at block 1), a non-bool is_init
+    Row("kv_cache index an int", _each_cache("kv_cache", lambda e: dict(e, global_end_index=0)),
+        TypeError, r"kv_cache\[0\]\['global_end_index'\] must be a torch.Tensor holding one integer",
+        ("stream",)),
+    Row("kv_cache_mouse index an int", _each_cache(
+        "kv_cache_mouse", lambda e: dict(e, local_end_index=3)), TypeError,
+        r"kv_cache_mouse\[0\]\['local_end_index'\] must be a torch.Tensor", ("stream",)),
+    Row("kv_cache index a float tensor", _each_cache(
+        "kv_cache", lambda e: dict(e, global_end_index=e["global_end_index"].double())),
+        ValueError, r"kv_cache\[0\]\['global_end_index'\] must hold one integer", ("stream",)),
+    Row("kv_cache v shorter than k", _each_cache(
+        "kv_cache", lambda e: dict(e, v=e["v"][:, :-TOKENS])), ValueError,
+        r"kv_cache\[0\]: 'k' \(1, 192, 2, 32\) and 'v' \(1, 160, 2, 32\) must have the same shape",
+        ("stream",)),
+    Row("kv_cache_keyboard v shorter than k", _each_cache(
+        "kv_cache_keyboard", lambda e: dict(e, v=e["v"][:, :-1])), ValueError,
+        r"kv_cache_keyboard\[0\]: 'k' .* and 'v' .* must have the same shape", ("stream",)),
+    Row("crossattn_cache v shorter than k", _each_cache(
+        "crossattn_cache", lambda e: dict(e, v=e["v"][:, :-1])), ValueError,
+        r"crossattn_cache\[0\]: 'k' .* and 'v' .* must have the same shape", ("stream",)),
+    Row("crossattn_cache is_init a str", _each_cache(
+        "crossattn_cache", lambda e: dict(e, is_init="yes")), TypeError,
+        r"crossattn_cache\[0\]\['is_init'\] must be True or False, got str", ("stream",)),
     # the stream API (the optimized model's own caches); refused before any stream is touched
     *(Row(f"start_stream{args}", lambda m, c, args=args: m.start_stream(*args), error, match,
           ("owned", "cachefree-optimized"))

@@ -18,10 +18,27 @@ import torch.nn as nn
 from . import layers
 from ..runtime.conditioning import (VAE_TIME_COMPRESSION, attention_window_frames, condition_steps,
                                    frame_windows)
-from ..runtime.input_checks import check_positive_ints
+from ..runtime.input_checks import check_positive_ints, parse_switch
 from .attention import attention, block_causal_mask
 from .rolling_cache import write_and_read_window
 from .rope import ActionRope
+
+
+def cached_window(cache: dict, k, v, start: int, sink: int, window: int):
+    """`write_and_read_window` whose cache writes never carry autograd history: a streaming
+    forward outside `torch.no_grad()` would otherwise leave every block's graph (and the
+    activations it holds) reachable from the caches, growing memory block after block. The
+    values written are the same; the window returned still carries gradients to this call's own
+    k and v (its newest entries), so the call's output differentiates as before."""
+    tracked = k.requires_grad or v.requires_grad
+    wk, wv = write_and_read_window(cache, k.detach(), v.detach(), start, sink, window)
+    if not tracked:
+        return wk, wv
+    new, held = k.shape[1], wk.shape[1]
+    if held <= new:  # the window holds only (the end of) this call's entries
+        return k[:, new - held:], v[:, new - held:]
+    return (torch.cat([wk[:, :held - new], k], dim=1),
+            torch.cat([wv[:, :held - new], v], dim=1))
 
 
 class WanRMSNorm(layers.WanRMSNorm):
@@ -47,6 +64,11 @@ class ActionModule(nn.Module):
                  rope_theta=256, mouse_qk_dim_list=(8, 28, 28), enable_mouse: bool = True,
                  enable_keyboard: bool = True, local_attn_size: int = 6, blocks=()):
         super().__init__()
+        # on/off keys: a config may carry "false", which bool() would read as True
+        enable_mouse = parse_switch(enable_mouse, "action_config['enable_mouse']")
+        enable_keyboard = parse_switch(enable_keyboard, "action_config['enable_keyboard']")
+        qk_norm = parse_switch(qk_norm, "action_config['qk_norm']")
+        qkv_bias = parse_switch(qkv_bias, "action_config['qkv_bias']")
         sizes = dict(hidden_size=hidden_size, img_hidden_size=img_hidden_size, heads_num=heads_num,
                      vae_time_compression_ratio=vae_time_compression_ratio,
                      windows_size=windows_size)
@@ -113,9 +135,8 @@ class ActionModule(nn.Module):
     def _attend(self, q, k, v, kv_cache, start_frame, num_frames, num_frame_per_block,
                 queries_per_frame: int):
         """Attention over frames: through the rolling cache when streaming, else block-causal."""
-        if kv_cache is not None:
-            k, v = write_and_read_window(kv_cache, k, v, start_frame, sink=0,
-                                         window=self.window_frames)
+        if kv_cache is not None:  # cache writes without autograd history (see cached_window)
+            k, v = cached_window(kv_cache, k, v, start_frame, sink=0, window=self.window_frames)
             return attention(q, k, v)
         allowed = block_causal_mask(num_frames, 1, num_frame_per_block, self.local_attn_size,
                                     device=q.device)

@@ -24,17 +24,19 @@ import torch
 import torch.nn as nn
 
 from ..runtime.conditioning import attention_window_frames
-from .action_module import ActionModule
+from .action_module import ActionModule, cached_window
 from .attention import attention, block_causal_mask
 from .checkpoint import load_safetensors_checkpoint
-from ..runtime.input_checks import check_forward_inputs, check_positive_ints, per_frame_timesteps
+from ..runtime.input_checks import (check_forward_inputs, check_positive_ints, parse_switch,
+                                    per_frame_timesteps)
 from .layers import (AttentionProjections, MLPProj, WAN_CROSSATTENTION_CLASSES, WanLayerNorm,
                      sinusoidal_embedding_1d)
-from .rolling_cache import write_and_read_window
 from .rope import rope_apply_3d, rope_rotations_3d, self_attention_rope_table
 
 # config.json keys that upstream writes but its constructor does not take
 IGNORED_CONFIG_KEYS = {"inject_sample_info"}
+# the on/off keys of action_config (parsed as every switch is: "false" is False)
+ACTION_SWITCHES = ("enable_mouse", "enable_keyboard", "qk_norm", "qkv_bias")
 # width of the CLIP image tokens that `img_emb` projects
 CLIP_DIM = 1280
 
@@ -83,6 +85,9 @@ def _check_config(owner, patch_size, in_dim, dim, ffn_dim, freq_dim, out_dim, nu
     if action_config is not None and not isinstance(action_config, dict):
         raise TypeError(f"{owner}: action_config must be a dict, got {type(action_config).__name__}")
     action_config = dict(action_config or {})
+    for key in ACTION_SWITCHES:
+        if key in action_config:
+            action_config[key] = parse_switch(action_config[key], f"{owner}: action_config[{key!r}]")
     if action_config:
         blocks = action_config.get("blocks")
         if (not isinstance(blocks, (list, tuple))
@@ -98,6 +103,14 @@ def _check_config(owner, patch_size, in_dim, dim, ffn_dim, freq_dim, out_dim, nu
             raise ValueError(f"{owner}: action_config['img_hidden_size'] {width!r} must equal dim "
                              f"{dim} (the action modules work on the blocks' tokens)")
     return action_config
+
+
+def _detach_entries(crossattn_cache: dict):
+    """The cross-attention dict's k/v without autograd history (the values unchanged)."""
+    for key in ("k", "v"):
+        value = crossattn_cache.get(key)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            crossattn_cache[key] = value.detach()
 
 
 class CausalWanSelfAttention(AttentionProjections):
@@ -126,9 +139,9 @@ class CausalWanSelfAttention(AttentionProjections):
         if kv_cache is None:
             out = attention(q, k, v, allowed)
         else:
-            k, v = write_and_read_window(kv_cache, k, v, current_start,
-                                         sink=self.sink_size * tokens_per_frame,
-                                         window=self.window_frames * tokens_per_frame)
+            k, v = cached_window(kv_cache, k, v, current_start,
+                                 sink=self.sink_size * tokens_per_frame,
+                                 window=self.window_frames * tokens_per_frame)
             out = attention(q, k, v)
         return self.o(out.flatten(2))
 
@@ -181,6 +194,8 @@ class CausalWanAttentionBlock(nn.Module):
         x = x + (per_frame(y) * gate_msa).flatten(1, 2)
 
         x = x + self.cross_attn(self.norm3(x.to(context.dtype)), context, crossattn_cache)
+        if crossattn_cache is not None:  # the dict keeps values, never an autograd graph
+            _detach_entries(crossattn_cache)
         if self.action_model is not None:
             start_frame = current_start // (grid_sizes[1] * grid_sizes[2])
             x = self.action_model(x.to(context.dtype), *grid_sizes, mouse_cond, keyboard_cond,
@@ -227,6 +242,9 @@ class CausalWanModel(nn.Module):
         action_config = _check_config(type(self).__name__, patch_size, in_dim, dim, ffn_dim, freq_dim, out_dim,
                                       num_heads, num_layers, local_attn_size, sink_size, eps,
                                       action_config)
+        # on/off keys: a config.json may carry "false", which bool() would read as True
+        qk_norm = parse_switch(qk_norm, f"{type(self).__name__}: qk_norm")
+        cross_attn_norm = parse_switch(cross_attn_norm, f"{type(self).__name__}: cross_attn_norm")
         self.model_type = model_type
         self.use_action_module = len(action_config) > 0
         self.patch_size = tuple(patch_size)

@@ -2,7 +2,8 @@
 
 What a load refuses, before the model is touched (each error names the file, or the file and key):
 * a path that is not a str/PathLike (TypeError), absent (FileNotFoundError), or not a
-  `.safetensors` file or a directory holding some;
+  `.safetensors` file or a directory holding some; a path that is not a regular file (a FIFO,
+  socket or device: reading it could block for ever) is a CheckpointFileError;
 * a file that safetensors cannot read (truncated, corrupt, not a safetensors file) and, in a
   directory of shards, a key held by two shards (which one should win is not knowable):
   CheckpointFileError, a ValueError;
@@ -56,7 +57,16 @@ def checkpoint_files(path) -> list:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix != ".safetensors":
         raise ValueError(f"only .safetensors checkpoints are supported, got {path}")
+    _check_regular_file(path)
     return [path]
+
+
+def _check_regular_file(path: Path) -> None:
+    """CheckpointFileError unless `path` is a regular file (or a link to one): reading a FIFO, a
+    socket or a device would block or never end, so they are refused before anything is read."""
+    if not path.is_file():
+        raise CheckpointFileError(f"{path} is not a regular file (a FIFO, socket or device?); a "
+                                  f"checkpoint must be a file on disk")
 
 
 def _first_line(err: BaseException) -> str:
@@ -67,6 +77,8 @@ def _first_line(err: BaseException) -> str:
 def read_safetensors_file(file) -> Dict[str, torch.Tensor]:
     """The tensors of one .safetensors file; an unreadable one is an error naming it."""
     file = _as_path(file)
+    if file.exists():
+        _check_regular_file(file)
     try:
         return load_file(os.fspath(file))
     except PermissionError as err:
@@ -104,6 +116,7 @@ def read_torch_state_dict(path) -> dict:
                                   f"a .safetensors file")
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _check_regular_file(path)
     try:
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

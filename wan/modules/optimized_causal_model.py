@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.conditioning import frame_windows, sinusoidal_embedding_1d
+from ..runtime.input_checks import parse_switch
 from ..runtime.layer_plan import FP8_GEMMS, ActionPlan, BlockPlan
 from ..runtime.options import FastOptions, publish_model_options
 from ..runtime.rope_tables import angles, self_attention_angles
@@ -129,7 +130,10 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         self._forget_derived_state()
 
     def enable_cuda_graphs(self, enabled: bool = True):
-        self.options = self.options.with_option("cuda_graphs", bool(enabled))
+        """Turn the CUDA graphs on or off: a bool (or "true"/"false", 1/0, ... parsed as every
+        switch is; anything else is an error, never truthiness: "false" is off)."""
+        enabled = parse_switch(enabled, "enable_cuda_graphs(enabled)")
+        self.options = self.options.with_option("cuda_graphs", enabled)
         if not enabled:
             self._runtime.graphs.clear()
 

@@ -58,8 +58,12 @@ cores (an error listing every backend and why it refused).
 Selection, strongest first: the `backend=` keyword of the model, the WAN_BACKEND environment
 variable, then `auto`. Each is a backend name (for the ops that backend implements; the others stay
 on `auto`), a {op: name} mapping, or the path of an omegaconf YAML (configs/backends/*.yaml) with
-`default:` and optional `ops:` entries. A requested backend that cannot run is an error.
+`default:` and optional `ops:` entries. A requested backend that cannot run is an error; so is,
+when the selection is read (the model's construction), an unknown op, backend or YAML key (with
+the close match, if any), an empty (null) value or one that is not a name: the error names the
+file, or WAN_BACKEND.
 """
+import difflib
 import importlib
 import importlib.util
 import os
@@ -204,19 +208,40 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (EagerBackend(), FlashBackend
 Selection = Dict[str, str]
 
 
-def load_selection(spec: Union[None, str, os.PathLike, Mapping[str, str]] = None) -> Selection:
-    """{op: backend name or 'auto'} for every op. `spec` (a name, {op: name} or YAML path) is laid
-    over WAN_BACKEND (same forms), which is laid over `auto`: ops `spec` leaves out keep theirs."""
+def load_selection(spec: Union[None, str, os.PathLike, Mapping[str, str]] = None,
+                   environ: Optional[Mapping[str, str]] = None) -> Selection:
+    """{op: backend name or 'auto'} for every op. `spec` (a name, {op: name} or YAML path; None
+    or a blank string: not given) is laid over WAN_BACKEND (same forms), which is laid over
+    `auto`: ops `spec` leaves out keep theirs. The keyword wins: when `spec` names every op the
+    environment is not read at all, and a bad WAN_BACKEND is an error (naming the variable) only
+    where it decides some op. `environ`: os.environ unless given (tests)."""
+    environ = os.environ if environ is None else environ
     selection = {op: "auto" for op in OPS}
-    for layer in (os.environ.get(ENV_VAR), spec):
-        if layer is not None and str(layer) != "":
-            selection.update(_parse_selection(layer))
+    chosen = _parse_selection(spec) if _given(spec) else {}
+    env = str(environ.get(ENV_VAR, "") or "").strip()
+    if env and len(chosen) < len(OPS):
+        try:
+            selection.update(_parse_selection(env, where=f"{ENV_VAR}={env!r}"))
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err} (from the environment: fix or unset {ENV_VAR})") \
+                from None
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (from the environment: fix or unset {ENV_VAR})") from None
+    selection.update(chosen)
     return selection
+
+
+def _given(spec) -> bool:
+    """Whether a selection was given: None and a blank string (an unset variable) are not."""
+    return spec is not None and not (isinstance(spec, str) and not spec.strip())
+
+
+SELECTION_FILE_KEYS = ("default", "ops")
 
 
 def _read_selection_file(path: str):
     """(default, {op: name}) of a YAML selection (`default:` and `ops:`); a file that is missing,
-    does not parse or is not such a mapping is refused by name."""
+    does not parse, is not such a mapping or holds other keys is refused by name."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backend selection {path}: no such file")
     from omegaconf import OmegaConf
@@ -229,24 +254,63 @@ def _read_selection_file(path: str):
     if not isinstance(cfg, dict) or not isinstance(ops or {}, dict):
         raise ValueError(f"backend selection {path}: must be a mapping with `default:` and/or "
                          f"`ops:` (op: backend) entries")
+    unknown = [key for key in cfg if key not in SELECTION_FILE_KEYS]
+    if unknown:
+        key = unknown[0]
+        raise ValueError(f"backend selection {path}: unknown key {key!r}"
+                         f"{_close(key, SELECTION_FILE_KEYS)}; a selection holds only `default:` "
+                         f"(a backend) and `ops:` (op: backend entries)")
+    if "default" in cfg and cfg["default"] is None:
+        raise ValueError(f"backend selection {path}: `default:` is empty (null); name a backend "
+                         f"(auto, {', '.join(BACKENDS)}) or leave the key out")
+    if "ops" in cfg and cfg["ops"] is None:
+        raise ValueError(f"backend selection {path}: `ops:` is empty (null); list op: backend "
+                         f"entries or leave the key out")
     return cfg.get("default"), dict(ops or {})
 
 
-def _parse_selection(spec) -> Dict[str, str]:
-    """The ops a spec names: a backend name covers the ops that backend implements."""
+def _close(name, choices) -> str:
+    """' (did you mean 'x'?)' for a near miss among `choices`, else ''."""
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _parse_selection(spec, where: Optional[str] = None) -> Dict[str, str]:
+    """The ops a spec names: a backend name covers the ops that backend implements. `where`: how
+    errors name the spec's origin (a file names itself)."""
     default, per_op = None, {}
     if isinstance(spec, Mapping):
         per_op = dict(spec)
-    elif str(spec).endswith((".yaml", ".yml")):
-        default, per_op = _read_selection_file(os.fspath(spec))
+        where = where or f"backend {per_op!r}"
+    elif isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if text.endswith((".yaml", ".yml")):
+            default, per_op = _read_selection_file(text)
+            where = where or f"backend selection {text}"
+        else:
+            default = text.strip()
     else:
-        default = str(spec)
-    unknown_ops = sorted(set(per_op) - set(OPS))
+        raise TypeError(f"backend must be a backend name (auto, {', '.join(BACKENDS)}), an "
+                        f"{{op: backend}} mapping or the path of a YAML selection; got "
+                        f"{type(spec).__name__} {spec!r}")
+    prefix = f"{where}: " if where else ""
+    unknown_ops = [op for op in per_op if op not in OPS]
     if unknown_ops:
-        raise ValueError(f"unknown op(s) {unknown_ops}; ops are {list(OPS)}")
+        raise ValueError(f"{prefix}unknown op(s) {unknown_ops}{_close(unknown_ops[0], OPS)}; "
+                         f"ops are {list(OPS)}")
     for op, name in [("(default)", default), *per_op.items()]:
-        if name is not None and name != "auto" and name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r} for {op}; choose from auto, "
+        if name is None and op == "(default)":
+            continue
+        if name is None:
+            raise ValueError(f"{prefix}op {op!r} has no backend (None/null): name one (auto, "
+                             f"{', '.join(BACKENDS)}) or leave the op out")
+        if not isinstance(name, str):
+            what = "`default:`" if op == "(default)" else f"op {op!r}"
+            raise TypeError(f"{prefix}{what} must name one backend (a string: auto, "
+                            f"{', '.join(BACKENDS)}), got {type(name).__name__} {name!r}")
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"{prefix}unknown backend {name!r} for {op}"
+                             f"{_close(name, ('auto', *BACKENDS))}; choose from auto, "
                              f"{', '.join(BACKENDS)}")
     chosen = {}
     if default is not None:

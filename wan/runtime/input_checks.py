@@ -105,6 +105,34 @@ def _check_cache_tensor(name, tensor, shape_desc, expected, dtype, device=None):
                          f"{tuple('*' if e is None else e for e in expected)}")
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_switch(value, name: str) -> bool:
+    """An on/off value, parsed one way everywhere (constructor and config keys, options,
+    setters): a bool; the ints 0 and 1; or, as a config.json, YAML file or environment variable
+    may carry them, the strings true/false, 1/0, yes/no, on/off (any case, surrounding spaces
+    ignored). Anything else is an error naming `name`: TypeError for another type, ValueError for
+    another string or int. (`bool("false")` is True: a string is never taken by truthiness.)"""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" and hasattr(value, "item"):  # numpy's bool scalar
+        return bool(value.item())
+    if isinstance(value, int):
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name} must be true or false (or 1/0), got {value!r}")
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f"{name} must be true or false: use a bool or one of the strings "
+                         f"true/false, 1/0, yes/no, on/off; got {value!r}")
+    raise TypeError(f"{name} must be true or false (a bool), got {type(value).__name__} "
+                    f"{value!r}")
+
+
 def check_positive_ints(owner: str, **values) -> None:
     """TypeError unless each value is an int (not a bool), ValueError unless it is at least 1; the
     message names `owner` and the keyword (constructor and config checks)."""
@@ -167,12 +195,14 @@ def _check_action_condition(name, cond, batch, steps, width, dtype, last_frame, 
 def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                          kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache,
                          current_start, read_cache_position: bool = True, streaming=None,
-                         check_caches: bool = True):
+                         check_caches: bool = True, check_cross=None):
     """Raise on any problem. `read_cache_position` checks `current_start` against the caches'
     `global_end_index` (a host sync); the optimized model tracks the position itself instead.
     `streaming` defaults to "kv_cache was given"; the optimized model's own cache streams without.
     `check_caches=False` skips the per-layer cache checks (the optimized model runs them once per
-    cache storage and call shape: ~120 tensors, a visible share of a 20 ms forward).
+    cache storage and call shape: ~120 tensors, a visible share of a 20 ms forward);
+    `check_cross` (default: as `check_caches`) the same for `crossattn_cache` alone (the optimized
+    model checks it again whenever what its dicts hold changed).
     Nothing here reads a tensor's values (no host sync but `read_cache_position`'s): NaN/inf
     are not checked (see the module's docstring)."""
     check_tensor_arguments(x, t, visual_context, cond_concat, mouse_cond, keyboard_cond)
@@ -234,9 +264,12 @@ def check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, k
                              f"{tuple(x.shape[3:])}: is it the one the stream started with?)")
     start_frame = current_start // tokens_per_frame if streaming else 0
     # the caches first: a cache made for another latent size explains other mismatches
+    check_cross = check_caches if check_cross is None else check_cross
     if kv_cache is not None and check_caches:
         _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
-                      kv_cache_keyboard, crossattn_cache, dtype, read_cache_position, device)
+                      kv_cache_keyboard, dtype, read_cache_position, device)
+    if kv_cache is not None and check_cross and crossattn_cache is not None:
+        _check_cross_caches(model, batch, crossattn_cache, dtype, device)
     _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond, dtype)
 
 
@@ -312,8 +345,29 @@ def _check_actions(model, batch, frames, start_frame, mouse_cond, keyboard_cond,
         raise ValueError("this model has no keyboard branch; pass keyboard_cond=None")
 
 
+def _check_index(name, value):
+    """An index entry of a cache dict: a tensor holding one integer, as upstream allocates it
+    (`torch.tensor([0])`); upstream (and the reference) read it with `.item()` and fill it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor holding one integer (upstream allocates "
+                        f"torch.tensor([0], dtype=torch.long)), got {type(value).__name__} "
+                        f"{value!r}")
+    if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool \
+            or value.is_complex():
+        raise ValueError(f"{name} must hold one integer (torch.tensor([0], dtype=torch.long)), "
+                         f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+
+
+def _check_kv_pair(name, cache):
+    """k and v of one cache dict must have the same shape (each was checked on its own)."""
+    if cache["k"].shape != cache["v"].shape:
+        raise ValueError(f"{name}: 'k' {tuple(cache['k'].shape)} and 'v' "
+                         f"{tuple(cache['v'].shape)} must have the same shape (the same number "
+                         f"of entries: they are written and read together)")
+
+
 def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache, kv_cache_mouse,
-                  kv_cache_keyboard, crossattn_cache, dtype, read_position, device=None):
+                  kv_cache_keyboard, dtype, read_position, device=None):
     layers = model.num_layers
     heads, head_dim = model.num_heads, model.dim // model.num_heads
     sink_frames = model.blocks[0].self_attn.sink_size
@@ -322,6 +376,9 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
         for key in ("k", "v"):
             _check_cache_tensor(f"kv_cache[{i}]['{key}']", cache[key], "[B, tokens, heads, head_dim]",
                                 (batch, None, heads, head_dim), dtype, device)
+        _check_kv_pair(f"kv_cache[{i}]", cache)
+        for key in ("global_end_index", "local_end_index"):
+            _check_index(f"kv_cache[{i}]['{key}']", cache[key])
     capacity = kv_cache[0]["k"].shape[1]
     if capacity % tokens_per_frame or capacity < (sink_frames + frames) * tokens_per_frame:
         raise ValueError(
@@ -331,15 +388,6 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
     if read_position:
         check_stream_position("kv_cache", _written(kv_cache[0]), start_frame * tokens_per_frame,
                               frames * tokens_per_frame, "tokens")
-    if crossattn_cache is not None:
-        _check_cache_list("crossattn_cache", crossattn_cache, layers, CROSS_CACHE_KEYS)
-        for i, cache in enumerate(crossattn_cache[:layers]):
-            if not cache["is_init"]:  # its k/v are (re)computed by this call
-                continue
-            for key in ("k", "v"):  # reused as they are: they must fit
-                _check_cache_tensor(f"crossattn_cache[{i}]['{key}']", cache[key],
-                                    "[B, context tokens, heads, head_dim]",
-                                    (batch, None, heads, head_dim), dtype, device)
 
     action = first_action_module(model)
     if action is None:
@@ -361,6 +409,9 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
                 _check_cache_tensor(f"{name}[{i}]['{key}']", caches[i][key],
                                     "[rows, frames, heads, head_dim]", (rows, None, a_heads, None), dtype,
                                     device)
+            _check_kv_pair(f"{name}[{i}]", caches[i])
+            for key in ("global_end_index", "local_end_index"):
+                _check_index(f"{name}[{i}]['{key}']", caches[i][key])
             if caches[i]["k"].shape[1] < frames:
                 raise ValueError(f"{name}[{i}] holds {caches[i]['k'].shape[1]} frames, fewer than "
                                  f"this call's {frames}")
@@ -368,3 +419,22 @@ def _check_caches(model, batch, frames, tokens_per_frame, start_frame, kv_cache,
             first = next(i for i, b in enumerate(model.blocks) if b.action_model is not None)
             check_stream_position(f"{name}[{first}]", _written(caches[first]), start_frame, frames,
                                   "frames")
+
+
+def _check_cross_caches(model, batch, crossattn_cache, dtype, device=None):
+    """The cross-attention dicts: a flag `is_init` (True or False) each, and where it is True,
+    k and v that fit (they are read as they are)."""
+    layers = model.num_layers
+    heads, head_dim = model.num_heads, model.dim // model.num_heads
+    _check_cache_list("crossattn_cache", crossattn_cache, layers, CROSS_CACHE_KEYS)
+    for i, cache in enumerate(crossattn_cache[:layers]):
+        if not isinstance(cache["is_init"], bool):
+            raise TypeError(f"crossattn_cache[{i}]['is_init'] must be True or False, got "
+                            f"{type(cache['is_init']).__name__} {cache['is_init']!r}")
+        if not cache["is_init"]:  # its k/v are (re)computed by this call
+            continue
+        for key in ("k", "v"):  # reused as they are: they must fit
+            _check_cache_tensor(f"crossattn_cache[{i}]['{key}']", cache[key],
+                                "[B, context tokens, heads, head_dim]",
+                                (batch, None, heads, head_dim), dtype, device)
+        _check_kv_pair(f"crossattn_cache[{i}]", cache)

@@ -31,6 +31,7 @@ from typing import FrozenSet, Mapping, Optional
 from ..ops.fp8 import PRECISIONS
 from ..ops.registry import load_selection
 from .cuda_graphs import cuda_graphs_on
+from .input_checks import parse_switch
 from .layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS
 
 ENVIRONMENT = {"backend": "WAN_BACKEND", "cuda_graphs": "WAN_CUDA_GRAPHS",
@@ -38,7 +39,6 @@ ENVIRONMENT = {"backend": "WAN_BACKEND", "cuda_graphs": "WAN_CUDA_GRAPHS",
                "fused_qkv": "WAN_FUSED_QKV", "residual_in_gemm": "WAN_RESIDUAL_IN_GEMM",
                "conv_search": "WAN_CONV_SEARCH"}
 OPTION_NAMES = tuple(ENVIRONMENT)
-_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
 @dataclass(frozen=True)
@@ -119,36 +119,41 @@ def resolve_option(name: str, value=None, environ: Optional[Mapping[str, str]] =
 def _resolve_one(name, given, inherited, environ, given_as):
     """(value, where it came from) of one option."""
     environ = os.environ if environ is None else environ
-    env = str(environ.get(ENVIRONMENT[name], "")).strip()
+    env = str(environ.get(ENVIRONMENT[name], "") or "").strip()
+    spec = None  # the backend selection given (the registry lays it over WAN_BACKEND's)
     if given.get(name) is not None:
-        raw, origin = given[name], f"{name}={given[name]!r}{given_as}"
+        raw = spec = given[name]
+        origin = f"{name}={given[name]!r}{given_as}"
     elif inherited.get(name) is not None:
-        raw, origin = inherited[name], f"the DiT's {name}={inherited[name]!r}"
+        raw = spec = inherited[name]
+        origin = f"the DiT's {name}={inherited[name]!r}"
     elif env:
         raw, origin = env, f"{ENVIRONMENT[name]}={env}"
     else:
         raw, origin = None, "default"
+    if name == "backend":
+        return load_selection(spec, environ), origin
     return _PARSERS[name](raw, origin), origin
 
 
 # ---------------------------------------------------------------------- one parser per option
 def _backend(raw, origin):
-    return load_selection(raw)
+    return load_selection(raw)  # (_resolve_one calls load_selection itself, with the environ)
 
 
 def _switch(raw, origin):
-    """An on/off option: a bool, or 1/true/on/yes and 0/false/off/no from the environment;
-    None stays None (not given)."""
-    if raw is None or isinstance(raw, bool):
+    """An on/off option, parsed as every switch is (`parse_switch`: a bool, 0/1, or the strings
+    true/false, 1/0, yes/no, on/off from a config file or the environment); None stays None (not
+    given). Anything else: TypeError/ValueError naming where the value came from."""
+    if raw is None:
         return raw
-    value = str(raw).strip().lower()
-    if value in _TRUE + _FALSE:
-        return value in _TRUE
-    raise ValueError(f"{origin}: use 1/true/on or 0/false/off")
+    return parse_switch(raw, origin)
 
 
 def _precision(raw, origin):
-    value = "native" if raw is None else str(raw).strip().lower()
+    if raw is not None and not isinstance(raw, str):
+        raise TypeError(f"{origin}: precision must be a string, one of {', '.join(PRECISIONS)}")
+    value = "native" if raw is None else raw.strip().lower()
     if value not in PRECISIONS:
         raise ValueError(f"{origin}: choose from {', '.join(PRECISIONS)}")
     return value
@@ -157,8 +162,13 @@ def _precision(raw, origin):
 def _fp8_gemms(raw, origin):
     if raw is None:
         return frozenset(DEFAULT_FP8_GEMMS)
-    names = ({n.strip() for n in raw.split(",") if n.strip()} if isinstance(raw, str)
-             else set(raw))
+    if isinstance(raw, str):
+        names = {n.strip() for n in raw.split(",") if n.strip()}
+    elif isinstance(raw, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in raw):
+        names = set(raw)
+    else:
+        raise TypeError(f"{origin}: fp8_gemms must be GEMM names (of {list(FP8_GEMMS)}): a list "
+                        f"of them, a comma-separated string or 'all'; got {type(raw).__name__}")
     if names == {"all"}:
         return frozenset(FP8_GEMMS)
     unknown = sorted(names - set(FP8_GEMMS))

@@ -83,11 +83,34 @@ class StreamCache:
         self.tokens_per_frame = tokens_per_frame
         self.end_frame = 0
         self.source_ids = None      # ids of the caller's dict tensors it wraps (bind)
-        self.checked_shape = None   # the input shape those dicts were checked for
+        self.checked_shape = None   # (input shape, index entry ids) those dicts were checked for
+        # the cross-attention dicts: the caller's are taken afresh at every call (`use_cross`), so
+        # what counts is what they hold (their tensors and is_init flags), not which dict objects
+        # came last
+        self.own_cross = None       # storage of streams given no crossattn_cache
+        self.cross_checked = None   # (input shape, cross_identity) of the dicts last checked
+        self.cross_ids = buffer_ids(self.cross)  # the k/v tensors the graphs were captured with
 
     @property
     def cross_ready(self) -> bool:
         return all(c["is_init"] for c in self.cross)
+
+    def use_cross(self, crossattn_cache, layers: int):
+        """Read this call's cross-attention dicts: the caller's (their first `layers`), or, when
+        the call passes none, storage of the stream's own whose image context is projected on
+        every call (as the reference reads the image on every call without a cache)."""
+        if crossattn_cache is not None:
+            self.cross = list(crossattn_cache[:layers])
+            return
+        if self.own_cross is None:
+            self.own_cross = [{"k": None, "v": None, "is_init": False} for _ in range(layers)]
+        for slot in self.own_cross:
+            slot["is_init"] = False
+        self.cross = self.own_cross
+
+    def unprojected_layers(self) -> tuple:
+        """The layers whose dict asks for the image context to be projected (is_init False)."""
+        return tuple(i for i, c in enumerate(self.cross) if not c["is_init"])
 
     def reset(self):
         """Start a new stream in the same storage: the position rewinds and the image context will
@@ -154,13 +177,38 @@ class StreamCache:
         return [t for group in groups for t in group if isinstance(t, torch.Tensor)]
 
 
+def buffer_ids(cross) -> tuple:
+    """ids of the k/v entries of cross-attention dicts (what a captured graph reads)."""
+    return tuple(id(c[name]) for c in cross for name in ("k", "v"))
+
+
+def cross_identity(crossattn_cache, layers: int) -> Optional[tuple]:
+    """What the caller's cross-attention dicts hold, per layer: (id of k, id of v, is_init), or
+    None when they are malformed or absent (the input checks then say why). Dicts are identified
+    by this, never by the dict objects: new dicts around the same tensors are the same only when
+    they also agree on is_init."""
+    if not isinstance(crossattn_cache, (list, tuple)):
+        return None
+    held = []
+    for cache in crossattn_cache[:layers]:
+        if (not isinstance(cache, dict) or not {"k", "v", "is_init"} <= cache.keys()
+                or not isinstance(cache["is_init"], bool)):
+            return None
+        held.append((id(cache["k"]), id(cache["v"]), cache["is_init"]))
+    return tuple(held)
+
+
 def dict_identity(dicts) -> Optional[tuple]:
-    """(ids, tensors) of every "k"/"v" tensor in the caller's upstream-style dicts
-    (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache; a list given as None is
-    skipped, and so is an entry given as None: the action caches of layers without an action
-    module, as `new_stream_caches(..., action_layers_only=True)` makes them), or None when they are
-    malformed (the input checks then say why)."""
-    tensors = []
+    """(ids, tensors, index ids) of the caller's upstream-style stream dicts (kv_cache,
+    kv_cache_mouse, kv_cache_keyboard: the storage that carries the stream's position; a list
+    given as None is skipped, and so is an entry given as None: the action caches of layers
+    without an action module, as `new_stream_caches(..., action_layers_only=True)` makes them):
+    the ids and objects of every "k"/"v" tensor, which find the ring cache over them, and the ids
+    of their index entries, which the input checks saw too (a dict rebuilt around the same k/v
+    with other index entries keeps its ring cache but is checked again). None when they are
+    malformed (the input checks then say why). The cross-attention dicts are not part of it: they
+    are read at every call (`StreamCache.use_cross`)."""
+    tensors, indexes = [], []
     for caches in dicts:
         if caches is None:
             continue
@@ -172,7 +220,8 @@ def dict_identity(dicts) -> Optional[tuple]:
             if not isinstance(cache, dict) or "k" not in cache or "v" not in cache:
                 return None
             tensors += [cache["k"], cache["v"]]
-    return tuple(map(id, tensors)), tensors
+            indexes += [cache.get("global_end_index"), cache.get("local_end_index")]
+    return tuple(map(id, tensors)), tensors, tuple(map(id, indexes))
 
 
 # the key under which the first dict of the caller's `kv_cache` holds the ring cache made over
@@ -194,10 +243,11 @@ def bound_cache(dicts, identity) -> Optional[StreamCache]:
 
 
 def bind(dicts, cache: StreamCache, checked_shape):
-    """Tag the dicts with `cache` (as they are now: a new stream may have given the image context
-    new tensors), which the call checked for inputs of `checked_shape`."""
-    cache.source_ids = dict_identity(dicts)[0]
-    cache.checked_shape = checked_shape
+    """Tag the dicts with `cache`, which the call checked (with their index entries as they are
+    now) for inputs of `checked_shape`."""
+    identity = dict_identity(dicts)
+    cache.source_ids = identity[0]
+    cache.checked_shape = (checked_shape, identity[2])
     dicts[0][0][DICT_TAG] = cache
 
 

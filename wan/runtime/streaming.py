@@ -4,16 +4,17 @@ The model's file holds the math of a streaming forward (`_compute`: device work 
 sync). `StreamingForward` holds everything a call does around it, in this order:
 
 1. check the inputs (wan/runtime/input_checks.py), the caller's cache dicts only when they were
-   not checked already;
+   not checked already (the cross-attention dicts whenever what they hold changed);
 2. find the cache: a ring over the caller's upstream-style dicts (wan/runtime/stream_cache.py,
-   made once per set of dicts and kept with them) or the model's own current stream, and check
-   the stream position;
+   made once per set of k/v tensors and kept with the dicts) or the model's own current stream,
+   and check the stream position;
 3. per device and dtype once: the ops chosen from the registry (wan/ops/registry.py), the RoPE
    dtype, the device-side start frame; the per-layer plan (wan/runtime/layer_plan.py), rebuilt
-   when the parameters got new storage;
-4. a new stream: project the image context's cross-attention keys/values once into fixed storage
-   (or on every call when the caller passes no `crossattn_cache`: the image may change, as the
-   reference model reads it every call);
+   when any parameter or submodule was replaced since (`ParameterWatch`, every parameter);
+4. the image context's cross-attention keys/values, projected for the layers whose dict asks
+   (is_init False: a new stream), read from the caller's dicts of this call, which are identified
+   by what they hold, not by which dict objects came before (or on every call when the caller
+   passes no `crossattn_cache`: the image may change, as the reference model reads it every call);
 5. run `compute` (the model's math) from the CUDA graph of this phase, or eagerly.
 
 So the data of a call goes from the model down into this module, its cache and the ops, and comes
@@ -21,8 +22,10 @@ back into the model's file once: for the math. It also owns the model's own stre
 (`start_stream`), the CUDA graphs and the explicit warm-up that captures every graph a stream
 will replay before its first real call.
 """
+import collections
 import functools
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -39,7 +42,9 @@ from .input_checks import (check_forward_inputs, check_stream_position, check_st
 from .layer_plan import FP8_GEMMS, ModelPlan
 from .log import info
 from .rope_tables import action_inverse_frequencies
-from .stream_cache import StreamCache, bind, bound_cache, dict_identity
+from .stream_cache import (StreamCache, bind, bound_cache, buffer_ids, cross_identity,
+                           dict_identity)
+from .weight_watch import ParameterWatch
 
 
 @dataclass
@@ -61,6 +66,7 @@ class StreamingForward:
         self.model = model
         self.graphs = GraphRunner()    # graphs per cache storage, one shared pool
         self.plan: Optional[ModelPlan] = None
+        self.plan_watch: Optional[ParameterWatch] = None  # the parameters the plan was built on
         self.per_device = {}           # (device, dtype) -> DeviceState
         self.owned: list = []          # every stream the model owns (start_stream)
         self.current: Optional[StreamCache] = None
@@ -78,11 +84,22 @@ class StreamingForward:
         self.per_device.clear()
 
     def layer_plan(self) -> ModelPlan:
-        if self.plan is None or not self.plan.is_current():
-            self.forget_plan()
-            options = self.model.options
-            self.plan = ModelPlan(self.model, fp8=options.fp8_gemms, fuse_qkv=options.fused_qkv,
-                                  residual_in_gemm=options.residual_in_gemm)
+        """The plan, packed again (and the graphs dropped) when a parameter or submodule was
+        replaced since it was built (every parameter is watched, `ParameterWatch`), or, with FP8
+        copies of weights, written in place."""
+        if self.plan is not None and self.plan.is_current():
+            changed = self.plan_watch.changed()
+            if changed is None:
+                return self.plan
+            info("%s: %s changed since the plan was built; packing the weights again%s",
+                 type(self.model).__name__, changed, " (CUDA graphs dropped)" if len(self.graphs)
+                 else "")
+        self.forget_plan()
+        options = self.model.options
+        self.plan = ModelPlan(self.model, fp8=options.fp8_gemms, fuse_qkv=options.fused_qkv,
+                              residual_in_gemm=options.residual_in_gemm)
+        # watched after packing: the packed parameters' data are views of the packed tensors now
+        self.plan_watch = ParameterWatch(self.model, values=bool(self.plan.fp8))
         return self.plan
 
     # ------------------------------------------------------------------ the model's own streams
@@ -128,14 +145,22 @@ class StreamingForward:
             raise TypeError(f"cache_update_only must be True or False, got "
                             f"{type(cache_update_only).__name__}")
         check_tensor_arguments(x, t, visual_context, cond_concat, mouse_cond, keyboard_cond)
-        # 1. inputs, checked (the caller's dicts only when they were not checked already)
-        dicts = (kv_cache, kv_cache_mouse, kv_cache_keyboard, crossattn_cache)
-        identity = dict_identity(dicts) if kv_cache is not None else None
-        bound = bound_cache(dicts, identity) if kv_cache is not None else None
-        dicts_checked = bound is not None and bound.checked_shape == tuple(x.shape)
+        # 1. inputs, checked (the caller's dicts only when they were not checked already: the
+        # stream dicts once per storage and call shape, the cross-attention dicts whenever what
+        # they hold changed)
+        stream_dicts = (kv_cache, kv_cache_mouse, kv_cache_keyboard)
+        identity = dict_identity(stream_dicts) if kv_cache is not None else None
+        bound = bound_cache(stream_dicts, identity) if kv_cache is not None else None
+        dicts_checked = bound is not None and bound.checked_shape == (tuple(x.shape), identity[2])
+        cross_key = None
+        if kv_cache is not None and crossattn_cache is not None:
+            cross_key = (tuple(x.shape), cross_identity(crossattn_cache, model.num_layers))
+        cross_checked = (dicts_checked and (crossattn_cache is None or (
+            cross_key[1] is not None and bound.cross_checked == cross_key)))
         check_forward_inputs(model, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
-                             *dicts, current_start, read_cache_position=False, streaming=True,
-                             check_caches=not dicts_checked)
+                             *stream_dicts, crossattn_cache, current_start,
+                             read_cache_position=False, streaming=True,
+                             check_caches=not dicts_checked, check_cross=not cross_checked)
         t = per_frame_timesteps(model, x, t)
         tokens_per_frame = frame_tokens(x.shape[3], x.shape[4], model.patch_size)
         frames = x.shape[2] // model.patch_size[0]
@@ -145,7 +170,16 @@ class StreamingForward:
         if kv_cache is not None:  # the dicts' ring cache carries their stream's position
             cache = bound
             if cache is None or cache.tokens_per_frame != tokens_per_frame:
-                cache = StreamCache.from_upstream_dicts(model, *dicts, tokens_per_frame)
+                if start != 0:
+                    raise ValueError(
+                        f"current_start {current_start} (frame {start}): this model has not "
+                        f"streamed into these kv_cache/kv_cache_mouse/kv_cache_keyboard tensors "
+                        f"{'at this latent size ' if cache is not None else ''}before (new "
+                        f"dicts, or new tensors in them), so it cannot know which frames they "
+                        f"hold: a stream in new cache tensors starts at frame 0 "
+                        f"(current_start=0)")
+                cache = StreamCache.from_upstream_dicts(model, *stream_dicts, crossattn_cache,
+                                                        tokens_per_frame)
             if start == 0:  # upstream pipelines start a new stream at frame 0 in reset dicts
                 cache.end_frame = 0
         else:
@@ -157,26 +191,34 @@ class StreamingForward:
         plan = self.layer_plan()
         graphs = self._graphs_usable(x)
 
-        # 4. the image context's keys/values: once per stream, or every call without the
-        # caller's crossattn_cache (the reference reads the image on every call)
-        new_stream = not cache.cross_ready
-        project_now = new_stream or (kv_cache is not None and crossattn_cache is None)
-        if new_stream:
-            _cross_storage(model, cache, visual_context)
+        # 4. the image context's keys/values, for the layers whose dict asks for them (is_init
+        # False: a new stream; every layer on every call without the caller's crossattn_cache,
+        # as the reference reads the image on every call)
+        if kv_cache is not None:
+            cache.use_cross(crossattn_cache, model.num_layers)
+        layers = cache.unprojected_layers()
+        if layers:
+            _cross_storage(model, cache, visual_context, layers, self._graph_references())
+        cross_ids = buffer_ids(cache.cross)
         if graphs:
-            self.graphs.use_storage(cache, cache.buffers, changed=new_stream)
-        if project_now:
+            self.graphs.use_storage(cache, cache.buffers, changed=cross_ids != cache.cross_ids)
+        cache.cross_ids = cross_ids
+        if layers:
             project = functools.partial(_project_image_context, model, cache=cache,
-                                        ops=state.ops, plan=plan)
+                                        ops=state.ops, plan=plan, layers=layers)
             if graphs:  # a new stream every call (the seed protocol) costs one replay, not ~150
-                self.graphs.run(("image_context", tuple(visual_context.shape), x.dtype), project,
-                                {"visual_context": visual_context})
+                self.graphs.run(("image_context", tuple(visual_context.shape), x.dtype, layers),
+                                project, {"visual_context": visual_context})
             else:
                 project(visual_context)
-            for slot in cache.cross:
-                slot["is_init"] = True
-        if kv_cache is not None and (new_stream or not dicts_checked or cache is not bound):
-            bind(dicts, cache, tuple(x.shape))
+            for i in layers:
+                cache.cross[i]["is_init"] = True
+        if kv_cache is not None:
+            if not dicts_checked or cache is not bound:
+                bind(stream_dicts, cache, tuple(x.shape))  # checked (step 1): remembered
+            if crossattn_cache is not None:  # as they are now (projected: flags and tensors)
+                cache.cross_checked = (tuple(x.shape),
+                                       cross_identity(crossattn_cache, model.num_layers))
 
         # 5. the math, replayed from the graph of this phase or run eagerly
         inputs = {"x": x, "t": t, "cond_concat": cond_concat}
@@ -199,6 +241,12 @@ class StreamingForward:
             out = run(**inputs)
         cache.end_frame = max(cache.end_frame, end)
         return out
+
+    def _graph_references(self) -> dict:
+        """id -> how many of the captured graphs' storages hold that tensor (references of this
+        model's own, which say nothing about whether a caller still holds it)."""
+        storages = getattr(self.graphs, "_storages", {}).values()
+        return collections.Counter(id(b) for storage in storages for b in storage.buffers)
 
     def _owned_stream(self, batch: int, tokens_per_frame: int) -> StreamCache:
         cache = self.current
@@ -319,28 +367,46 @@ def _device_state(model, device, dtype) -> DeviceState:
         description=describe_resolved(resolved))
 
 
-def _cross_storage(model, cache: StreamCache, visual_context):
-    """Give every layer's cross-attention k/v a tensor of the right shape to be written in place
-    (the pipeline's preallocated dicts already have them; a dict holding None or another shape
-    gets a new one, as upstream would replace it)."""
+def _refs_through(holder, key) -> int:
+    """Python references to holder[key] as seen from here (the dict's, and this call's own)."""
+    return sys.getrefcount(holder[key])
+
+
+# what _refs_through counts for an object that its dict alone holds (measured, not assumed: the
+# interpreter's own references to an argument differ between Python versions)
+_ONLY_THE_DICT = _refs_through({"k": object()}, "k")
+
+
+def _cross_storage(model, cache: StreamCache, visual_context, layers, graph_refs):
+    """Give each of `layers`' cross-attention k/v a tensor of the right shape to be written in
+    place. Upstream gives every projection new tensors, so a tensor it replaced keeps the old
+    image for whoever else holds it (new dicts wrapping the old tensors, a dict kept from before).
+    Writing in place keeps the CUDA graphs' storage, and is the same as long as the dict alone
+    holds the tensor: so a tensor that anything else holds (another dict, a variable; not counting
+    this model's captured graphs, `graph_refs`: id -> references) is left alone and the dict gets
+    a new one, as a dict holding None or a tensor of another shape, dtype or device does."""
     b, tokens = visual_context.shape[:2]
-    for block, slot in zip(model.blocks, cache.cross):
-        attn = block.cross_attn
+    for i in layers:
+        slot, attn = cache.cross[i], model.blocks[i].cross_attn
         shape = (b, tokens, attn.num_heads, attn.head_dim)
         for name in ("k", "v"):
             held = slot[name]
-            if not (isinstance(held, torch.Tensor) and held.shape == shape
-                    and held.dtype == visual_context.dtype
-                    and held.device == visual_context.device):
+            fits = (isinstance(held, torch.Tensor) and held.shape == shape
+                    and held.dtype == visual_context.dtype and held.device == visual_context.device)
+            shared = fits and _refs_through(slot, name) > (
+                _ONLY_THE_DICT + 1 + graph_refs.get(id(held), 0))  # + 1: `held` here
+            del held
+            if not fits or shared:
                 slot[name] = visual_context.new_empty(shape)
 
 
-def _project_image_context(model, visual_context, *, cache: StreamCache, ops, plan):
-    """Cross-attention keys/values of the image context, written into the storage
+def _project_image_context(model, visual_context, *, cache: StreamCache, ops, plan, layers):
+    """Cross-attention keys/values of the image context for `layers`, written into the storage
     `_cross_storage` prepared (device work only: it may be captured)."""
     context = model.img_emb(visual_context)
     b = context.shape[0]
-    for layer, slot in zip(plan.blocks, cache.cross):
+    for i in layers:
+        layer, slot = plan.blocks[i], cache.cross[i]
         ops.norm_rope_store(layer.cross_k(context), *layer.cross_k_norm, cos=None, sin=None,
                             heads=layer.heads, dest=slot["k"])
         slot["v"].copy_(layer.cross_v(context).view(b, -1, layer.heads, slot["v"].shape[-1]))
