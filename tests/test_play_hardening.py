@@ -94,6 +94,9 @@ class FakeEngine:
     def captures_while_serving(self):
         return 0
 
+    def input_changed(self, player):
+        pass
+
     def device_memory(self):
         return 0
 

@@ -474,6 +474,12 @@ class GameEngine:
         game waits per player, a newer image replaces an older one that waits."""
         self._command("reset", player, image)
 
+    def input_changed(self, player: Player):
+        """The player's held keys or mouse changed: with reactive play, the worker looks at once
+        whether to re-make the block on screen (it would otherwise see it after its wait)."""
+        if player.play_mode == "continuous" and self.config.reactive:
+            self.scheduler.wake()
+
     def press(self, player: Player):
         """On-input play: a key press asks for a block."""
         player.last_input = time.perf_counter()

@@ -914,6 +914,7 @@ class PlayServer:
                 engine.press(player)
             else:
                 player.last_input = received
+            engine.input_changed(player)
         elif kind == "image":
             if connection.pending_image is not None:  # not decoded yet: this one replaces it
                 connection.text({"type": "image", "replaced": True})
