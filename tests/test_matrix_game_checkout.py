@@ -16,7 +16,12 @@ one named is never changed.
   (tests/checkout/build_decoder.py);
 * upstream's pipeline with upstream's DiT and the integrated decoder gives upstream's frames (float32,
   decoded over an 8 x 16 crop of the latents: relative error <= 1e-5), and with the integrated DiT
-  and decoder too, within the pipeline's own rounding of the latents to fp16 before decoding.
+  and decoder too, within the pipeline's own rounding of the latents to fp16 before decoding;
+* the play server's start-image conditions (`CheckoutConditioner.start` + `advance` until settled)
+  equal, bitwise, upstream's own tiled `vae.encode` of [image, 4 * (N - 1) black frames] at blocks
+  0..12 and its `clip.encode_video` of the image, with weight files written from upstream's own
+  classes at seeded random weights (tests/checkout/conditions.py; CPU, small frames, one tile and
+  2 x 2 tiles); a missing CLIP file or tokenizer folder is named before anything loads.
 
 Needs the checkout's Python dependencies (diffusers, transformers, einops, omegaconf, ...).
 Stand-ins, only for what cannot be installed here (tests/checkout/standins.py): `flash_attn`
@@ -24,6 +29,7 @@ Stand-ins, only for what cannot be installed here (tests/checkout/standins.py): 
 `torch.cuda.current_device` plus upstream's CUDA-only attention entry points (exact SDPA).
 """
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -191,3 +197,83 @@ def test_upstream_pipeline_gives_the_same_frames_with_the_integrated_decoder(int
         # the pipeline rounds the latents to fp16 (`denoised_pred.half()`) before decoding: latents
         # 4e-7 apart land on neighbouring fp16 values here and there (2^-11 relative each)
         assert max(report["frames_optimized_vs_upstream_rel_err"]) <= 1e-4
+
+
+# start-image conditions (issue 30): the play server's, block by block, against upstream's encoding
+ENCODER_DEPS = ("diffusers", "transformers", "tokenizers", "einops", "ftfy", "regex", "easydict",
+                "tqdm")
+CONDITION_FRAMES = 39  # N: 13 blocks of 3 latent frames
+
+
+def _conditions(mode, *args, timeout=1800):
+    missing = [name for name in ENCODER_DEPS if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"upstream's encoders need {', '.join(missing)}")
+    result = subprocess.run([sys.executable, str(STANDINS / "conditions.py"), mode,
+                             *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def condition_weights(checkout, tmp_path_factory):
+    """Wan2.1_VAE.pth, the CLIP checkpoint and a tokenizer folder, written from upstream's own
+    classes at seeded random weights (tests/checkout/conditions.py)."""
+    out = tmp_path_factory.mktemp("condition-weights")
+    _conditions("weights", "--checkout", checkout, "--out", out)
+    return out
+
+
+@pytest.mark.parametrize("size, tiles, dtype", [
+    ("64x96", ["--tile-size", "44,80", "--tile-stride", "23,38"], "fp32"),  # the server's tiles
+    ("32x48", ["--tile-size", "3,4", "--tile-stride", "1,2"], "bf16"),      # 2 x 2 tiles, blended
+], ids=["server-tiles-fp32", "four-tiles-bf16"])
+def test_server_conditions_equal_upstreams_encoding_at_every_block(checkout, condition_weights,
+                                                                   tmp_path, size, tiles, dtype):
+    """CheckoutConditioner.start() then advance() until done gives, for blocks 0..12, bitwise
+    (same dtype) what upstream's own `vae.encode(video, tiled=True, ...)` of [image,
+    4 * (N - 1) black frames] gives at those blocks (the mask before it, as
+    inference_streaming.py), and visual_context is upstream's `clip.encode_video` of the image.
+    Block 0 is ready after start() alone; the encoder settles where upstream's latents stop
+    changing. (About 3 and 9 minutes on a 2-core CPU.)"""
+    import torch
+    common = ["--checkout", checkout, "--weights", condition_weights, "--size", size,
+              "--frames", CONDITION_FRAMES, "--dtype", dtype, *tiles]
+    _conditions("upstream", *common, "--out", tmp_path / "upstream.pt")
+    ours_run = _conditions("ours", *common, "--out", tmp_path / "ours.pt", "--blocks", 13)
+    upstream = torch.load(tmp_path / "upstream.pt")
+    ours = torch.load(tmp_path / "ours.pt")
+    print({k: ours[k] for k in ("settled_frame", "frames_encoded", "start_s", "settle_s",
+                                "after_start")})
+    assert ours["after_start"] == {"frames_encoded": 3, "done": False, "block0_ready": True,
+                                   "block1_ready": False}
+    cond = upstream["cond_concat"]
+    assert cond.shape[2] == CONDITION_FRAMES
+    for index, block in enumerate(ours["blocks"]):
+        expected = cond[:, :, 3 * index:3 * index + 3]
+        assert block.dtype == expected.dtype and block.shape == expected.shape
+        assert torch.equal(block, expected), f"block {index}"
+    assert ours["visual_context"].dtype == upstream["visual_context"].dtype
+    assert torch.equal(ours["visual_context"], upstream["visual_context"])
+    # settled where upstream's latents stop changing, before the last block compared
+    settled = ours["settled_frame"]
+    assert settled is not None and not ours["capped"] and settled <= CONDITION_FRAMES - 3
+    latents = cond[:, 4:]
+    assert not torch.equal(latents[:, :, settled - 1], latents[:, :, settled - 2])
+    for frame in range(settled, CONDITION_FRAMES):
+        assert torch.equal(latents[:, :, frame], latents[:, :, settled - 1]), frame
+    assert ours["frames_encoded"] <= settled + 1
+    assert "start-image conditions settled" in ours_run.stderr
+
+
+def test_server_conditions_name_a_missing_clip_file_before_loading(checkout, tmp_path):
+    """With the VAE but without the CLIP checkpoint or the tokenizer folder, CheckoutConditioner
+    raises FileNotFoundError naming them, before importing or loading anything."""
+    import torch
+    from wan.play.conditioning import CLIP_FILE, TOKENIZER_DIR, VAE_FILE, CheckoutConditioner
+    (tmp_path / VAE_FILE).write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        CheckoutConditioner(checkout, tmp_path, "cpu", torch.float32)
+    assert CLIP_FILE in str(error.value) and TOKENIZER_DIR in str(error.value)
+    assert VAE_FILE not in str(error.value).split("missing:")[1]

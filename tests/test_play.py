@@ -452,60 +452,26 @@ def test_gpu_jpeg_encoding_matches_the_cpu_encoder():
             assert error.mean() < 3.0 and error.max() < 64, (error.mean(), error.max())
 
 
-FAKE_ENCODER = '''
-import torch
-CALLS = []
-
-class _Clip:
-    def encode_video(self, image):
-        CALLS.append(("clip", tuple(image.shape)))
-        return torch.full((1, 257, 1280), float(image.mean()))
-
-class _Wrapper:
-    clip = _Clip()
-    def requires_grad_(self, flag):
-        return self
-    def eval(self):
-        return self
-    def to(self, device, dtype):
-        return self
-    def encode(self, video, device, tiled=False, tile_size=None, tile_stride=None):
-        CALLS.append(("encode", tuple(video.shape), tiled, list(tile_size), list(tile_stride)))
-        frames = 1 + (video.shape[2] - 1) // 4
-        first = video[:, :, :1].mean().item()
-        out = torch.zeros(1, 16, frames, video.shape[3] // 8, video.shape[4] // 8)
-        out[:, :, 0] = first
-        return out
-
-def get_wanx_vae_wrapper(model_path, weight_dtype):
-    CALLS.append(("load", model_path, weight_dtype))
-    return _Wrapper()
-'''
 
 
-def test_a_checkouts_encoders_condition_on_the_image(tmp_path):
-    """With --matrix-game-dir the checkout's own get_wanx_vae_wrapper encodes [image, black
-    frames] (tiled as upstream) and its CLIP the image; this library's `wan` is untouched."""
+def test_a_checkout_conditioner_without_its_weight_files_says_which_before_loading(tmp_path):
+    """With --matrix-game-dir the checkout's own encoders condition the game (bitwise upstream's:
+    tests/test_conditioning.py, tests/test_matrix_game_checkout.py); without the VAE, the CLIP
+    checkpoint or the tokenizer folder beside the VAE, a clear error names each, before the
+    checkout is imported (this library's `wan` untouched)."""
     import sys
     import wan
     from wan.play.conditioning import CheckoutConditioner
     (tmp_path / "wan" / "vae").mkdir(parents=True)
-    (tmp_path / "wan" / "__init__.py").write_text("")
-    (tmp_path / "wan" / "vae" / "__init__.py").write_text("")
-    (tmp_path / "wan" / "vae" / "wanx_vae.py").write_text(FAKE_ENCODER)
-    conditioner = CheckoutConditioner(tmp_path, tmp_path / "weights", "cpu", torch.float32,
-                                      latent_hw=(8, 16), condition_blocks=2)
+    (tmp_path / "wan" / "__init__.py").write_text("raise ImportError('imported')")
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        CheckoutConditioner(tmp_path, tmp_path / "weights", "cpu", torch.float32,
+                            latent_hw=(8, 16))
+    for name in ("Wan2.1_VAE.pth", "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
+                 "xlm-roberta-large"):
+        assert name in str(error.value)
     assert sys.modules["wan"] is wan and "wan.vae" not in sys.modules
-    white = Image.new("RGB", (300, 100), (255, 255, 255))
-    visual_context, cond = conditioner(white, "cpu", torch.float32)
-    calls = type(conditioner.vae).encode.__globals__["CALLS"]  # the fake checkout's module
-    assert calls[0] == ("load", str(tmp_path / "weights"), torch.float16)
-    assert calls[1] == ("encode", (1, 3, history_steps(5), 64, 128), True, [44, 80], [23, 38])
-    assert calls[2] == ("clip", (1, 3, 1, 64, 128))
-    assert cond.shape == (1, 20, 6, 8, 16) and visual_context.shape == (1, 257, 1280)
-    assert cond[0, :4, 0].eq(1).all() and cond[0, :4, 1:].eq(0).all()  # the mask
-    assert cond[0, 4:, 0].eq(1).all()  # the white image, scaled to [-1, 1], is the first frame
-    assert not conditioner.demo
 
 
 def test_a_slow_client_loses_its_own_oldest_frames_only():

@@ -87,6 +87,8 @@ class FakeEngine:
         self.frame_size, self.default_image = (16, 8), Image.new("RGB", (16, 8))
         self.players, self.games = [], []
         self._lock, self._thread, self._running = threading.Lock(), None, False
+        self.config = SimpleNamespace(reactive=False)
+        self.remakes = {"granted": 0, "refused": 0, "late": 0}
 
     def describe(self):
         return "a fake engine"

@@ -485,8 +485,10 @@ class CausalTiledEncoder:
                             (top == 0, bottom >= height, left == 0, right >= width),
                             (top // factor, left // factor))
                       for top, bottom, left, right in tile_plan(height, width, size, stride)]
-        caches = getattr(sys.modules.get(type(self.model).__module__), "count_conv3d", None)
-        slots = (caches(self.model.encoder) if caches is not None else
+        # as many cache slots as upstream's clear_cache gives the encoder (its module's
+        # count_conv3d, reached through the model's globals: the checkout is not in sys.modules)
+        count = getattr(type(self.model).encode, "__globals__", {}).get("count_conv3d")
+        slots = (count(self.model.encoder) if count is not None else
                  sum(type(m).__name__ == "CausalConv3d" for m in self.model.encoder.modules()))
         for tile in self.tiles:
             tile.cache = [None] * slots

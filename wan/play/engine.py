@@ -72,7 +72,8 @@ from ..modules.random_init import randomize_decoder_weights_, randomize_weights_
 from ..serving.scheduler import (PERIOD_S, VIDEO_FPS, DeadlineScheduler, PlayerSession,
                                  block_frames)
 from .actions import ActionSpace, InputState, action_space, action_steps
-from .conditioning import CheckoutConditioner, DemoConditioner, builtin_start_image
+from .conditioning import (CheckoutConditioner, DemoConditioner, builtin_start_image,
+                           check_weights_dir)
 from .encode import JpegEncoder, to_uint8
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,8 @@ class GameEngine:
             raise ValueError("--matrix-game-dir needs --vae (Wan2.1_VAE.pth; the CLIP "
                              "checkpoint and xlm-roberta-large tokenizer beside it, as "
                              "upstream's get_wanx_vae_wrapper reads them)")
+        if config.matrix_game_dir:  # every encoder file named before any weights load
+            check_weights_dir(Path(config.vae).resolve().parent)
         self.latent_hw = LATENT_SIZE[self.preset]
         self.dtype, self.decoder_dtype = config.dtypes(self.device)
         # None: the library's default (on wherever the models run on CUDA, WAN_CUDA_GRAPHS aside)
@@ -331,6 +334,7 @@ class GameEngine:
         self.captures_at_start: Optional[int] = None  # graphs captured when serving began
         self._encode_unit_s = 0.02  # running estimate of one unit of image-encoding work
         self.remakes = {"granted": 0, "refused": 0, "late": 0}
+        self.settled_latent_frame: Optional[int] = None  # where a start image's latents settled
 
     def _synchronize(self):
         if self.device.type == "cuda":
@@ -731,6 +735,8 @@ class GameEngine:
             return True
         self._synchronize()
         self._encode_unit_s = 0.8 * self._encode_unit_s + 0.2 * (time.perf_counter() - start)
+        if pending[0].done and pending[0].settled_frame is not None:
+            self.settled_latent_frame = pending[0].settled_frame  # reported by the benchmark
         return True
 
     # frames out --------------------------------------------------------------------------------
@@ -803,6 +809,11 @@ class GameConditions:
             return cls(source.visual_context, source=source)
         visual_context, cond_concat = conditioner(image, device, dtype)
         return cls(visual_context, cond_concat=cond_concat)
+
+    @property
+    def settled_frame(self) -> Optional[int]:
+        """The first latent frame equal to the one before it (later blocks reuse it)."""
+        return getattr(self.source, "settled_frame", None)
 
     def advance(self) -> bool:
         """One unit of the encoder's work; False once nothing is left."""

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..runtime.conditioning import history_steps
-from .runner import StreamingBlockRunner
+from .runner import NonFiniteOutputError, StreamingBlockRunner
 
 VIDEO_FPS = 25
 FIRST_BLOCK_FRAMES, BLOCK_FRAMES = 9, 12
@@ -274,7 +274,10 @@ class DeadlineScheduler:
         finish = self.clock() - begin
         ready = None
         if clock is not None:  # the runner's own clock: when the frames were ready
-            ready = start + clock.timing().action_to_frame_ms / 1e3
+            try:
+                ready = start + clock.timing().action_to_frame_ms / 1e3
+            except NonFiniteOutputError:  # the session's to report (its check_finite says it)
+                pass
         index = session.blocks_done - 1
         return BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
                            chosen.due, chosen.release, start, finish, chosen.remake,
