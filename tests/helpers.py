@@ -170,3 +170,13 @@ def same_nested(a, b, ignore_keys=()) -> bool:
         return (isinstance(b, (list, tuple)) and len(a) == len(b)
                 and all(same_nested(x, y, ignore_keys) for x, y in zip(a, b)))
     return a == b
+
+
+def wait_until(condition, timeout=30.0, what="condition", every=0.05):
+    """Poll `condition()` until it is true; AssertionError naming `what` after `timeout` s."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)

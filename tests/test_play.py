@@ -22,7 +22,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("websockets")
 from PIL import Image  # noqa: E402
 
-from helpers import PlayServerThread, rel_err  # noqa: E402
+from helpers import PlayServerThread, rel_err, wait_until  # noqa: E402
 from wan.runtime.conditioning import history_steps  # noqa: E402
 from wan.serving.runner import StreamingBlockRunner  # noqa: E402
 from wan.play.actions import (CAMERA_VALUE, MOUSE_PIXELS_FOR_FULL_TURN, InputState,  # noqa: E402
@@ -128,11 +128,7 @@ def _run(coroutine):
 
 
 def _wait_until(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    wait_until(condition, timeout, what, every=0.05)
 
 
 def _jpeg_size(data: bytes):

@@ -22,6 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers import wait_until
+
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("websockets")
@@ -182,11 +184,7 @@ def served():
 
 
 def _wait_until(condition, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    wait_until(condition, timeout, what, every=0.02)
 
 
 def _no_players(running):

@@ -145,29 +145,7 @@ def test_only_the_latest_block_can_be_remade(parts):
 
 
 # the scheduler's grants, on a fake clock ----------------------------------------------------------
-class _Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
-class _FakePlayer:
-    """A player whose blocks and re-makes take `block_s` of the fake clock."""
-
-    def __init__(self, player_id, clock, block_s):
-        self.player_id, self.clock, self.block_s = player_id, clock, block_s
-        self.blocks_done = 0
-
-    def run_block(self):
-        self.clock.now += self.block_s
-        self.blocks_done += 1
-        return None, None
-
-    def run_remake(self, splice):
-        self.clock.now += self.block_s
-        return None, None
+from test_serving import FakeClock, FakeSession  # noqa: E402  (players whose blocks take block_s)
 
 
 def _play(players, block_s, change_every_s, seconds=12.0):
@@ -175,11 +153,11 @@ def _play(players, block_s, change_every_s, seconds=12.0):
     (phases spread): each change asks for a re-make of the player's latest block, shown from
     the later of its deadline and its finish. Returns (records, granted, refused)."""
     from wan.serving.scheduler import DeadlineScheduler, block_frames
-    clock = _Clock()
+    clock = FakeClock()
     scheduler = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=lambda: None)
     scheduler.block_estimate_s = block_s
     scheduler.start_live()
-    sessions = [_FakePlayer(p, clock, block_s) for p in range(players)]
+    sessions = [FakeSession(p, clock, block_s) for p in range(players)]
     changes = sorted((0.5 + p * 0.097 + k * change_every_s, p)
                      for p in range(players) for k in range(int(seconds / change_every_s)))
     latest, records, granted, refused = {}, [], 0, 0
@@ -228,11 +206,11 @@ def test_remakes_are_granted_in_slack_and_never_make_a_block_late(players, block
 
 def test_a_remake_splices_at_the_first_frame_it_can_be_ready_for():
     from wan.serving.scheduler import DeadlineScheduler
-    clock = _Clock()
+    clock = FakeClock()
     scheduler = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=lambda: None)
     scheduler.block_estimate_s = 0.1
     scheduler.start_live()
-    player = _FakePlayer(0, clock, 0.1)
+    player = FakeSession(0, clock, 0.1)
     scheduler.join(player)
     clock.now = scheduler.next_release()
     record, _ = scheduler.step(timeout=0.0)  # block 0: due 0.36, finished at 0.1 + 0.1 ... shown 0.36
