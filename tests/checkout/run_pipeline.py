@@ -22,6 +22,15 @@ the integrated one must come out as OptimizedCausalWanModel, the other is built 
 same noise, two videos through one pipeline each (so the pipeline's caches are made twice).
 `--oracle` adds a float32 run of upstream's model with exact attention (upstream's attention casts
 to bf16 even in float32), and reports each model's latents' error against it. Writes JSON.
+
+`--compile`: the integrated decoder's start-up as upstream's scripts make it: `compile(mode=
+"max-autotune-no-cudagraphs")` after the load and move (the optimized decoder warms up there: its
+conv search and graphs), then the move again that `pipeline.to(device, dtype)` makes (which drops
+the graphs: the first block captures again). `--count-startup` records the optimized decoder's
+counters (captures, conv searches, warm-ups) at compile() and per block; on a CPU it also lets the
+decoder treat the CPU as a device for graphs (a stand-in that replays eagerly) and for the conv
+search, so the counters move as on a GPU. `--conv-search-cache PATH` names the search cache file.
+Every block's time is kept (`block_ms`, per video: from one block's decode to the next's).
 """
 import argparse
 import json
@@ -74,6 +83,14 @@ def parse_args():
                    help="the optimized model's config.json cuda_graphs: absent (default: on "
                         "wherever it runs on CUDA), true or false")
     p.add_argument("--oracle", action="store_true", help="also a float32 exact-attention run")
+    p.add_argument("--compile", action="store_true",
+                   help="call the integrated decoder's compile() at start-up, as upstream's "
+                        "scripts do (then move it again, as their pipeline.to does)")
+    p.add_argument("--count-startup", action="store_true",
+                   help="record the integrated decoder's counters at compile() and per block "
+                        "(on a CPU with stand-ins for graphs and the conv search)")
+    p.add_argument("--conv-search-cache", default=None,
+                   help="the integrated decoder's conv search cache file (default: its own)")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -124,10 +141,11 @@ class Decoders:
     OptimizedVAEDecoderWrapper, or a stand-in returning the latents; keeps the frames and records
     a CUDA event after each block's decode (the end of a block)."""
 
-    def __init__(self, kind, device, dtype=torch.float16, weights=None, crop=None):
+    def __init__(self, kind, device, dtype=torch.float16, weights=None, crop=None, args=None):
         self.device, self.dtype = device, dtype
         self.crop = tuple(int(n) for n in crop.split("x")) if crop else None
         self.decoder = None
+        self.startup = None  # the integrated decoder's start-up: counters at compile(), per block
         if kind in ("upstream", "integrated"):
             if kind == "upstream":
                 from demo_utils.vae_block3 import VAEDecoderWrapper
@@ -140,7 +158,39 @@ class Decoders:
             decoder.requires_grad_(False)
             decoder.eval()
             self.decoder = decoder
-        self.block_ends, self.frames = [], []
+            if kind == "integrated" and args is not None:
+                self._integrated_startup(args)
+        self.block_ends, self.frames, self.video_start = [], [], None
+
+    def _integrated_startup(self, args):
+        """--conv-search-cache, --count-startup, --compile for the integrated decoder."""
+        decoder = self.decoder
+        if args.conv_search_cache:
+            decoder.conv_search_cache = args.conv_search_cache
+        if self.crop:  # what the stream decodes: compile() warms up at that shape
+            decoder.startup_shape = (1, 3, *self.crop)
+        if args.count_startup and self.device.type == "cpu":
+            install_cpu_startup_standins(decoder)
+        self.startup = {"per_block": [], "at_compile": None, "compile_s": None}
+        if args.compile:
+            before = decoder.counters
+            begin = time.perf_counter()
+            decoder.compile(mode="max-autotune-no-cudagraphs")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.startup["compile_s"] = time.perf_counter() - begin
+            self.startup["at_compile"] = counter_delta(decoder.counters, before)
+            # upstream's scripts then move the pipeline (the decoder with it) and the decoder
+            decoder.to(self.device, self.dtype)
+        self.startup["conv_search_report"] = decoder.conv_search_report
+
+    def new_video(self):
+        """A video starts now: its first block's time counts from here."""
+        self.block_ends.clear()
+        self.frames.clear()
+        self.video_start = self._mark()
+        if self.startup is not None:
+            self.startup["per_block"].append([])
 
     @torch.no_grad()
     def __call__(self, z, *cache):
@@ -149,22 +199,69 @@ class Decoders:
         else:  # the pipeline passes z.half(): in the decoder's dtype (the same for both runs)
             if self.crop:
                 z = z[..., :self.crop[0], :self.crop[1]]
+            before = self.decoder.counters if self.startup is not None else None
             video, cache = self.decoder(z.to(self.dtype), *cache)
+            if before is not None:
+                self.startup["per_block"][-1].append(counter_delta(self.decoder.counters, before))
             self.frames.append(video.cpu())
+        self.block_ends.append(self._mark())
+        return video, cache
+
+    def _mark(self):
         if self.device.type == "cuda":
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            self.block_ends.append(event)
-        else:
-            self.block_ends.append(time.perf_counter())
-        return video, cache
+            return event
+        return time.perf_counter()
+
+    def _ms(self, a, b):
+        return a.elapsed_time(b) if self.device.type == "cuda" else (b - a) * 1e3
 
     def block_ms(self):
         """Milliseconds between consecutive block ends (block 1 on)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.block_ends, self.block_ends[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.block_ends, self.block_ends[1:])]
+        return [self._ms(a, b) for a, b in zip(self.block_ends, self.block_ends[1:])]
+
+    def first_block_ms(self):
+        """Milliseconds from the video's start (the pipeline's inference call) to its first
+        block's end."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return self._ms(self.video_start, self.block_ends[0]) if self.block_ends else None
+
+
+def counter_delta(after, before):
+    return {k: after[k] - before[k] for k in ("captures", "searches", "warm_ups")}
+
+
+def install_cpu_startup_standins(decoder):
+    """On a CPU, let the optimized decoder capture "graphs" (a GraphRunner whose capture keeps the
+    function and whose replay runs it eagerly) and run its conv search pass, so that its counters
+    move as on a GPU (the seams `_graph_device_types` / `_conv_search_device_types`)."""
+    from wan.runtime.cuda_graphs import GraphRunner
+
+    class EagerGraphRunner(GraphRunner):
+        WARMUP_CALLS = 0
+
+        def _capture(self, fn, inputs):
+            static_inputs = {name: value.clone() for name, value in inputs.items()}
+            for _ in range(self.WARMUP_CALLS):
+                fn(**static_inputs)
+            static_out = fn(**static_inputs)
+
+            class Graph:
+                @staticmethod
+                def replay():
+                    out = fn(**static_inputs)
+                    if static_out is not None:
+                        static_out.copy_(out)
+
+            return Graph(), static_inputs, static_out
+
+    decoder._graph_device_types = ("cuda", "cpu")
+    decoder._conv_search_device_types = ("cuda", "cpu")
+    decoder._graphs = EagerGraphRunner()
 
 
 def conditions(frames, device, dtype, seed, latent=LATENT):
@@ -182,17 +279,16 @@ def conditions(frames, device, dtype, seed, latent=LATENT):
 def run_videos(generator, args, device, dtype, decoder_kind, decoder_dtype=None, weights=None):
     config = OmegaConf.load("configs/inference_yaml/inference_universal.yaml")
     decoders = Decoders(decoder_kind, device, decoder_dtype or DTYPES[args.decoder_dtype], weights,
-                        args.decode_crop)
+                        args.decode_crop, args)
     pipe = CausalInferencePipeline(config, device=str(device), generator=generator,
                                    vae_decoder=decoders)
     latent = LATENT
     frames = 3 * args.blocks
-    latents, block_ms, video_ms, videos = [], [], [], []
+    latents, block_ms, video_ms, videos, first_ms = [], [], [], [], []
     for video in range(args.videos):
         torch.manual_seed(100 + video)  # the pipeline's re-noising draws from the global generator
         noise = torch.randn(1, 16, frames, *latent, generator=torch.Generator().manual_seed(video))
-        decoders.block_ends.clear()
-        decoders.frames.clear()
+        decoders.new_video()
         begin = time.perf_counter()
         with torch.no_grad():
             out = pipe.inference(noise.to(device, dtype),
@@ -203,11 +299,13 @@ def run_videos(generator, args, device, dtype, decoder_kind, decoder_dtype=None,
         video_ms.append((time.perf_counter() - begin) * 1e3)
         latents.append(out.float().cpu())
         block_ms.append(decoders.block_ms())
+        first_ms.append(decoders.first_block_ms())
         if decoders.frames:
             videos.append(torch.cat(decoders.frames, dim=1))
     decoder_class = type(decoders.decoder).__name__ if decoders.decoder is not None else None
     graphs = getattr(decoders.decoder, "cuda_graphs", None)
-    return latents, block_ms, video_ms, videos, decoder_class, graphs
+    return (latents, block_ms, video_ms, videos, decoder_class, graphs, decoders.startup,
+            first_ms)
 
 
 def rel_err(a, b):
@@ -243,17 +341,21 @@ def main():
                              f"(python -m wan.integrate)?")
         kind = "integrated" if args.decoder == "integrated" and name == "optimized" else (
             "upstream" if args.decoder != "none" else "none")
-        latents, block_ms, video_ms, videos, decoder_class, decoder_graphs = run_videos(
-            generator, args, device, dtype, kind, weights=weights_vae)
+        latents, block_ms, video_ms, videos, decoder_class, decoder_graphs, startup, first_ms = \
+            run_videos(generator, args, device, dtype, kind, weights=weights_vae)
         steady = [ms for video in block_ms for ms in video[2:]]  # blocks 0-1: windows filling
         runs[name] = {"model_class": built, "latents": latents, "videos": videos,
+                      "decoder_startup": startup,
                       "decoder_class": decoder_class,
                       "decoder_cuda_graphs": None if decoder_graphs is None else
                       cuda_graphs_on(decoder_graphs, device),
                       "cuda_graphs": cuda_graphs_on(getattr(generator.model, "cuda_graphs", False),
                                                     device),
                       "block_ms_median": statistics.median(steady) if steady else None,
-                      "block_ms": block_ms, "video_ms": video_ms}
+                      "block_ms": block_ms, "first_block_ms": first_ms,
+                      # every block of each video: the first, then the rest
+                      "every_block_ms": [[f, *rest] for f, rest in zip(first_ms, block_ms)],
+                      "video_ms": video_ms}
         del generator
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -46,11 +46,36 @@ reference decoder does): a call repeated with an earlier cache (a retry) decodes
 again. A cache made elsewhere (the reference decoder's, upstream's shapes) is copied into a new
 stream, so streams can move between the decoders.
 
+Start-up (issue 35): nothing is paid in the middle of a stream. `compile()` (what upstream's
+scripts call at start-up, or the cached marker's load) warms the decoder up at upstream's shapes
+(`startup_shape`: batch 1, 3 latent frames, 44 x 80): cuDNN's engine search for the steady block's
+convolutions and the graphs of both phases (a stream's first block and a later one). A call whose
+shapes were not warmed up (compile() never called, a `.to()` since, which drops the graphs, other
+shapes) warms both phases up at its own shapes before it decodes: the first block pays, the
+second (the first steady one) does not. A search torch ran in this process and thread is not run
+again (torch keeps its plans), so the re-warm-up after upstream's `pipeline.to(...)` only
+captures. `counters` says what happened (captures, conv searches, warm-ups).
+
+cuDNN's engine search (`conv_search`): the steady block's convolution problems are listed without
+running them (wan/runtime/conv_search_cache.py `record_convolutions`) and each is run once under
+its strategy before the graphs are captured (the graphs then replay those plans): `search:all`
+unless the search cache file (keyed by GPU, driver, cuDNN, torch and the problems; JSON, never
+unpickled) holds a measured choice for it. A start-up without an entry writes one; `calibrate_
+conv_search()` measures cheaper strategies in child processes and keeps, per problem, the one
+that starts cheapest at the fastest plan's speed.
+
 CUDA graphs are captured before a call copies its stream's history in (a capture decodes zeros
 for real), at the first call that needs them, or all of them up front by `warm_up(z)` (a player's
 first block then pays no capture).
+
+A returned cache's tensors may be edited in place by the caller: the next call passing them back
+sees the edit (each returned tensor's `_version` is remembered; a changed one is copied in), and
+a cache returned earlier than the last call is copied in too, so either decodes as the reference
+decoder would.
 """
 import contextlib
+import threading
+import time
 import weakref
 from types import SimpleNamespace
 from typing import List, Optional
@@ -58,6 +83,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..runtime import conv_search_cache
 from ..runtime.cuda_graphs import GraphRunner
 from ..runtime.weight_watch import ForgetsDerivedStateOnNewWeights
 from ..runtime.log import info
@@ -71,6 +97,7 @@ from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resampl
 DECODER_OPS = ("rms_norm_silu", "bias_residual_add", "bias_residual_add_rms_norm_silu",
                "upsample_conv2d", "conv3d_narrow")
 STARTED_TAG = "wan_decoder_stream_started"  # set on a stream's first history tensor
+STARTUP_SHAPE = (1, 3, 44, 80)  # what compile() warms up: upstream's batch, block, latent size
 PICKLE_FORMAT = "wan.OptimizedVAEDecoderWrapper/marker-1"  # what torch.save writes of a decoder
 _last_built = None  # weak reference to the decoder this process built last (for the marker)
 _compile_noted = False  # compile()'s note is logged once per process
@@ -94,7 +121,9 @@ class _Workspace:
     def __init__(self, shapes: List[tuple], dtype, device):
         self.shapes, self.dtype, self.device = shapes, dtype, device
         self.buffers = [self._new(shape, 0) for shape in shapes]
-        self._resident = ()  # weak references to the history tensors held in the fronts
+        # (weak reference, _version) of each history tensor the fronts hold: the cache the last
+        # call returned, as it was returned
+        self._resident = ()
 
     def fits(self, shapes, dtype, device) -> bool:
         return shapes == self.shapes and dtype == self.dtype and device == self.device
@@ -121,20 +150,28 @@ class _Workspace:
         """The history frames of every buffer (views)."""
         return [buffer[:, :, :HISTORY_FRAMES] for buffer in self.buffers]
 
-    def take_in(self, histories: list):
-        """The stream's history into the fronts (skipped when they hold it already: the cache
-        the last call returned, passed back)."""
-        if len(self._resident) == len(histories) and all(
-                ref() is t for ref, t in zip(self._resident, histories)):
-            return
+    def holds(self, histories: list) -> bool:
+        """Whether the fronts hold `histories` already: they are the tensors the last call
+        returned, none edited in place since (a tensor's `_version` moves with every in-place
+        write, the caller's included)."""
+        return len(self._resident) == len(histories) and all(
+            ref() is t and t._version == version
+            for (ref, version), t in zip(self._resident, histories))
+
+    def take_in(self, histories: list) -> bool:
+        """The stream's history into the fronts, skipped when they hold it already (`holds`).
+        Returns whether it was copied."""
+        if self.holds(histories):
+            return False
         torch._foreach_copy_(self.fronts(), histories)
+        return True
 
     def hand_back(self) -> list:
         """The new history as new tensors: the cache passed in stays as it was, so a call
         repeated with an earlier cache (a retry) decodes the same frames again, as the
         reference decoder does."""
         histories = [front.clone(memory_format=torch.channels_last_3d) for front in self.fronts()]
-        self._resident = tuple(weakref.ref(t) for t in histories)
+        self._resident = tuple((weakref.ref(t), t._version) for t in histories)
         return histories
 
     def forget_resident(self):
@@ -152,11 +189,16 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
           else WAN_CUDA_GRAPHS, else on wherever the decoder runs on CUDA;
         * `backend`: a name, {op: name} or a YAML path (configs/backends/) for the decoder's ops;
           None: the DiT's, else WAN_BACKEND, else `auto`;
-        * `conv_search`: on CUDA, let cuDNN time every engine for the steady blocks' convolutions
-          once (torch's `cudnn.benchmark` with `benchmark_limit=0`; the heuristics pick a tile
-          that reads the 96-channel convs' input three times: ~21 ms per block more on an H200)
-          at the cost of ~26 s at the first steady block (or `warm_up`) of a process;
-          None: WAN_CONV_SEARCH, else on.
+        * `conv_search`: on CUDA, let cuDNN time engines for the steady blocks' convolutions
+          once per process, at the warm-up (`compile()`, `warm_up`, or the first call's): by
+          default every engine (torch's `cudnn.benchmark` with `benchmark_limit=0`; the
+          heuristics pick a tile that reads the 96-channel convs' input three times: ~21 ms per
+          block more on an H200), ~23-26 s, or per convolution what the search cache file holds
+          (wan/runtime/conv_search_cache.py); None: WAN_CONV_SEARCH, else on.
+
+        Plain attributes: `startup_shape` (batch, latent frames, latent h, w) that `compile()`
+        warms up at (upstream's (1, 3, 44, 80)); `conv_search_cache`: the cache file's path,
+        False for none, None (default) for WAN_CONV_SEARCH_CACHE or ~/.cache/wan.
         """
         global _last_built
         super().__init__()
@@ -172,6 +214,13 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         self._fold_resample_bias = True  # see the properties
         self._fuse_residual_norm = True
         self._fold_shortcut_bias = True
+        self.startup_shape = STARTUP_SHAPE
+        self.conv_search_cache = None
+        self._warmed = set()     # (batch, frames, h, w, dtype, device) warmed up since the graphs
+        self._searched = set()   # (thread, device, dtype, phase key): steady problems searched
+        self._counts = {"captures": 0, "searches": 0, "search_s": 0.0, "warm_ups": 0,
+                        "history_copies": 0}
+        self.conv_search_report = None  # the last search pass: problems, strategies, cache
         self._watch_weights()
         _last_built = weakref.ref(self)
 
@@ -227,7 +276,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
             raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
         if value != getattr(self, "_" + name):
             setattr(self, "_" + name, value)
-            self._graphs.clear()
+            self._drop_graphs()
 
     @cuda_graphs.setter
     def cuda_graphs(self, enabled: Optional[bool]):
@@ -235,13 +284,15 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         if self.options is not None:
             self.options = self.options.with_option("cuda_graphs", enabled)
         if enabled is False:
-            self._graphs.clear()
+            self._drop_graphs()
 
     # ------------------------------------------------------------------ upstream's compile path
     def compile(self, *args, **kwargs):
         """What upstream's scripts call (`compile(mode="max-autotune-no-cudagraphs")`): no
         torch.compile, the decoder's own CUDA graphs instead (kept off only where they were turned
-        off: `cuda_graphs=False`, WAN_CUDA_GRAPHS=0, the DiT's config). Returns None, as
+        off: `cuda_graphs=False`, WAN_CUDA_GRAPHS=0, the DiT's config), and the start-up warm-up
+        (`warm_up_for_startup`: the conv search and both phases' graphs at `startup_shape`, where
+        the weights are on CUDA), so that no block of a stream waits for them. Returns None, as
         nn.Module.compile does."""
         global _compile_noted
         options = self._resolved_options()
@@ -254,6 +305,35 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
             info("%s.compile(%s): not running torch.compile over this decoder; %s",
                  type(self).__name__,
                  ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]), state)
+        self.warm_up_for_startup(reason="start-up (the compile call)")
+
+    def warm_up_for_startup(self, reason: str = "start-up") -> int:
+        """Warm up at `startup_shape` (batch, latent frames, h, w) in the weights' dtype and on
+        their device: the steady block's conv search and both phases' graphs. Nothing where
+        neither applies (graphs and the search are CUDA's): the first call warms up then.
+        Returns the graphs captured."""
+        param = next(self.parameters())
+        if not self._warm_up_applies(param.device):
+            return 0
+        batch, frames, h, w = self.startup_shape
+        begin = time.perf_counter()
+        before = dict(self.counters)
+        z = torch.zeros(batch, frames, self.z_dim, h, w, dtype=param.dtype, device=param.device)
+        captured = self.warm_up(z)
+        after = self.counters
+        info("%s warmed up at %s for %s: %d conv problems searched (%.1f s), %d graphs "
+             "captured, %.1f s in all", type(self).__name__, reason, tuple(z.shape),
+             after["searches"] - before["searches"], after["search_s"] - before["search_s"],
+             captured, time.perf_counter() - begin)
+        return captured
+
+    @property
+    def counters(self) -> dict:
+        """What the decoder paid so far (this object, cumulative): `captures` (CUDA graphs
+        captured), `searches` (convolution problems cuDNN's search ran for: each once per process
+        and thread), `search_s` (their seconds), `warm_ups` (both phases readied at one shape),
+        `history_copies` (calls that copied a stream's history in)."""
+        return dict(self._counts, captures=self._graphs.captures)
 
     def __reduce_ex__(self, protocol):
         """torch.save / pickle write a marker, not the module: see the module's docstring."""
@@ -263,6 +343,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         """A new decoder with the same options, weights, device, dtype and mode (not the marker
         that pickling writes, and no graphs or streams: they are rebuilt at its first call)."""
         copy = type(self)(**self._given)
+        copy.startup_shape, copy.conv_search_cache = self.startup_shape, self.conv_search_cache
         copy.load_state_dict(self.state_dict())
         reference = next(self.parameters())
         copy.to(reference.device, reference.dtype).train(self.training)
@@ -280,25 +361,57 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
 
     def _forget_derived_state(self):
         """After .to() or a load: the graphs (they read the old weights) and the weights' layout
-        go; a stream whose buffers no longer fit is taken up again from its cache (copied in)."""
+        go; a stream whose buffers no longer fit is taken up again from its cache (copied in).
+        The next call warms up again (captures; torch keeps this process's searched plans)."""
         if getattr(self, "_graphs", None) is not None:
-            self._graphs.clear()
+            self._drop_graphs()
             self._prepared_for, self._workspace = None, None
+
+    def _drop_graphs(self):
+        """The captured graphs go; every shape is warmed up again at its next call."""
+        self._graphs.clear()
+        self._warmed.clear()
+
+    # where graphs may be captured and cuDNN's search runs (a test seam: the CPU checkout test
+    # adds "cpu" with a stand-in GraphRunner to count captures and searches)
+    _graph_device_types = ("cuda",)
+    _conv_search_device_types = ("cuda",)
+
+    def _graphs_on(self, device) -> bool:
+        device = torch.device(device)
+        if device.type == "cuda" or device.type not in self._graph_device_types:
+            return self.options.graphs_on(device)
+        return self.options.cuda_graphs is not False
+
+    def _searches_on(self, device) -> bool:
+        return (self._resolved_options().conv_search
+                and torch.device(device).type in self._conv_search_device_types)
+
+    def _warm_up_applies(self, device) -> bool:
+        """Whether a warm-up does anything on `device`: graphs to capture or a conv search."""
+        self._resolved_options()
+        return self._graphs_on(device) or self._searches_on(device)
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
     def forward(self, z: torch.Tensor, *feat_cache):
         check_decoder_inputs(self, z, feat_cache)
         self._prepare(z.device, z.dtype)
-        b, _, _, h, w = z.shape
+        b, t, _, h, w = z.shape
+        if (b, t, h, w, z.dtype, z.device) not in self._warmed and \
+                self._warm_up_applies(z.device):
+            self.warm_up(z)  # both phases at this call's shapes, before any history moves in
         shapes = expected_cache_shapes(self.decoder, b, h, w)
         histories = self._histories_of(feat_cache, shapes, z)
         started = getattr(histories[0], STARTED_TAG, False)
         phases = _phases(z.permute(0, 2, 1, 3, 4), started)
         work = self._workspace_for(shapes, z, phases, steady=started)  # missing graphs first
-        work.take_in(histories)
-        # the search matters where cuDNN picks engines: eager calls (graphs were captured under it)
-        eager = not self.options.graphs_on(z.device)
+        if work.take_in(histories):
+            self._counts["history_copies"] += 1
+        # the search matters where cuDNN picks engines: eager calls (graphs were captured after
+        # the search pass; an eager call on another thread searches here, torch's plans being
+        # per thread)
+        eager = not self._graphs_on(z.device)
         with self._conv_search(z.device, steady=started and eager):
             pieces = [self._run(name, latents, work) for name, latents in phases]
         histories = work.hand_back()
@@ -310,11 +423,12 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
     def warm_up(self, z: torch.Tensor) -> int:
         """Capture every CUDA graph a stream of blocks like `z` ([B, T, 16, h, w], one block's
         latents) will replay, before the first real call (as nano-vllm captures before serving):
-        a stream's first block and a later one. No stream's state is touched. Returns the graphs
-        captured (0 without graphs)."""
+        a stream's first block and a later one, the later one after cuDNN's engine search for its
+        convolutions (`conv_search`). No stream's state is touched. Returns the graphs captured
+        (0 without graphs)."""
         check_decoder_inputs(self, z, [None] * len(self.decoder.cached_layers))
         self._prepare(z.device, z.dtype)
-        b, _, _, h, w = z.shape
+        b, t, _, h, w = z.shape
         shapes = expected_cache_shapes(self.decoder, b, h, w)
         latents = torch.zeros_like(z).permute(0, 2, 1, 3, 4)
         before = self._graphs.captures
@@ -322,40 +436,131 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         # captured after, are not dropped by the buffers growing
         for started in (True, False):
             self._workspace_for(shapes, z, _phases(latents, started), steady=started)
+        self._warmed.add((b, t, h, w, z.dtype, z.device))
+        self._counts["warm_ups"] += 1
         return self._graphs.captures - before
 
     def _workspace_for(self, shapes, z, phases, steady: bool) -> "_Workspace":
         """The shared workspace, with room for these phases' frames, and on CUDA the graphs of
         these phases, captured now when missing: before any stream's history is copied in (a
         capture decodes for real, which moves the history in the buffers on). A steady block's
-        capture runs under cuDNN's full engine search (`conv_search`): the captured graph then
-        replays the engines it picked."""
-        work = self._workspace
-        if work is None or not work.fits(shapes, z.dtype, z.device):
-            work = self._workspace = _Workspace(shapes, z.dtype, z.device)
-        frames = max(latents.shape[2] for _, latents in phases)
-        grown = work.reserve([max(t * frames, 1) for _, _, t in self.decoder.cached_layers])
-        if not self.options.graphs_on(z.device):
+        convolutions are searched first (`_search_convs`, with `conv_search`): the captured
+        graph then replays the engines the search picked."""
+        work, grown = self._room_for(shapes, z, max(latents.shape[2] for _, latents in phases))
+        if steady and self._searches_on(z.device):
+            for name, latents in phases:
+                self._search_convs(name, latents, work)
+        if not self._graphs_on(z.device):
             return work
         self._graphs.use_storage(work, lambda: work.buffers, changed=grown)
         for name, latents in phases:
             key = (name, tuple(latents.shape), latents.dtype)
             if not self._graphs.captured(key):
+                # (the search pass ran every problem already: this only catches one it missed)
                 with self._conv_search(z.device, steady):
                     self._graphs.capture(key, self._computation(name, work),
                                          {"z": torch.zeros_like(latents)})
                 work.forget_resident()
         return work
 
+    def _room_for(self, shapes, z, frames: int):
+        """(the shared workspace with room for `frames` latent frames per call, whether a buffer
+        was replaced)."""
+        work = self._workspace
+        if work is None or not work.fits(shapes, z.dtype, z.device):
+            work = self._workspace = _Workspace(shapes, z.dtype, z.device)
+        grown = work.reserve([max(t * frames, 1) for _, _, t in self.decoder.cached_layers])
+        return work, grown
+
+    def _search_convs(self, phase: str, latents, work: "_Workspace"):
+        """cuDNN's engine search for one steady phase's convolutions, once per process, thread,
+        device, dtype and shape, before its graph is captured: the problems are listed without
+        running them (the decode runs on the workspace with every conv answered by an empty
+        tensor), then each runs once under its strategy (the cache file's, else search:all),
+        which leaves torch's plan for the capture. A start-up that found no entry writes one."""
+        device = latents.device
+        key = (threading.get_ident(), device, latents.dtype, phase, tuple(latents.shape))
+        if key in self._searched:
+            return
+        problems = conv_search_cache.record_convolutions(
+            lambda: self._decode(torch.zeros_like(latents), work, first=phase == "first"))
+        work.forget_resident()  # the listing decoded garbage through the buffers
+        env = conv_search_cache.environment(device)
+        path = conv_search_cache.cache_path(self.conv_search_cache)
+        cache = conv_search_cache.SearchCache(path) if path is not None else None
+        entry, status = cache.load(env, problems) if cache is not None else (None, "off")
+        strategies = entry.strategies if entry is not None else {
+            p.name: conv_search_cache.DEFAULT_STRATEGY for p in problems}
+        done = conv_search_cache.search(problems, strategies, device)
+        self._searched.add(key)
+        self._counts["searches"] += done["searched"]
+        self._counts["search_s"] += done["search_s"]
+        written = False
+        if cache is not None and entry is None and done["measured"]:
+            written = cache.store(env, problems, strategies, done["measured"])
+        self.conv_search_report = {
+            "problems": len(problems), "searched": done["searched"],
+            "heuristic": done["heuristic"], "reused": done["reused"],
+            "search_s": done["search_s"], "cache": status, "cache_path": str(path),
+            "cache_written": written, "strategies": dict(strategies)}
+        if done["searched"] or done["heuristic"]:
+            counts = {}
+            for strategy in strategies.values():
+                counts[strategy] = counts.get(strategy, 0) + 1
+            info("%s: cuDNN engines for %d conv problems of a steady block %s: %d searched, %d "
+                 "heuristic, %.1f s (%s; search cache %s: %s%s)", type(self).__name__,
+                 len(problems), tuple(latents.shape), done["searched"], done["heuristic"],
+                 done["search_s"], ", ".join(f"{n} x {s}" for s, n in sorted(counts.items())),
+                 path if path is not None else "off", status, ", written" if written else "")
+
+    @torch.no_grad()
+    def calibrate_conv_search(self, z: Optional[torch.Tensor] = None,
+                              strategies=conv_search_cache.CALIBRATION_STRATEGIES,
+                              tolerance: float = conv_search_cache.TOLERANCE) -> dict:
+        """Measure cuDNN search strategies for the steady block's convolutions (`z`: one block's
+        latents, default zeros at `startup_shape` in the weights' dtype and device), each in a
+        child process (in this one, torch's first plan per problem would decide the others), and
+        write the cache file's entry for this environment with, per problem, the strategy that
+        starts cheapest within `tolerance` of the fastest plan. Later start-ups (other processes)
+        then search only where that pays; this process keeps the plans it has. Returns the
+        measurements and the choice (conv_search_cache.calibrate)."""
+        if z is None:
+            param = next(self.parameters())
+            batch, frames, h, w = self.startup_shape
+            z = torch.zeros(batch, frames, self.z_dim, h, w, dtype=param.dtype,
+                            device=param.device)
+        check_decoder_inputs(self, z, [None] * len(self.decoder.cached_layers))
+        self._prepare(z.device, z.dtype)
+        b, _, _, h, w = z.shape
+        latents = torch.zeros_like(z).permute(0, 2, 1, 3, 4)
+        work, grown = self._room_for(expected_cache_shapes(self.decoder, b, h, w), z,
+                                     latents.shape[2])
+        if grown:  # graphs captured over the old buffers are stale
+            self._drop_graphs()
+        problems = conv_search_cache.record_convolutions(
+            lambda: self._decode(latents, work, first=False))
+        work.forget_resident()
+        path = conv_search_cache.cache_path(self.conv_search_cache)
+        if path is None:
+            raise ValueError("calibrate_conv_search: the search cache is off (conv_search_cache="
+                             "False or WAN_CONV_SEARCH_CACHE=0): nowhere to keep the result")
+        result = conv_search_cache.calibrate(problems, z.device, strategies, tolerance,
+                                             cache=conv_search_cache.SearchCache(path),
+                                             env=conv_search_cache.environment(z.device))
+        info("%s: conv search calibrated for %d problems (%s): search at start-up %.1f s -> "
+             "%.1f s, conv time per block %.2f -> %.2f ms; written to %s", type(self).__name__,
+             len(problems), tuple(z.shape), result["search_s"].get("search:all", float("nan")),
+             result["search_s"]["chosen"], result["conv_ms"].get("search:all", float("nan")),
+             result["conv_ms"]["chosen"], path)
+        return result
+
     def _conv_search(self, device, steady: bool):
         """cuDNN's full engine search for the convolutions run inside (a steady block's, with
         `conv_search` on, on CUDA), else nothing changes. torch keeps what the search picked per
         conv shape, and a graph captured under it replays those engines."""
-        cudnn = torch.backends.cudnn
         if not (steady and self.options.conv_search and torch.device(device).type == "cuda"):
             return contextlib.nullcontext()
-        return cudnn.flags(enabled=cudnn.enabled, benchmark=True, benchmark_limit=0,
-                           deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32)
+        return conv_search_cache.strategy_flags(conv_search_cache.DEFAULT_STRATEGY)
 
     def _histories_of(self, cache, shapes, z) -> list:
         """The stream's own history tensors: the cache itself when this decoder made it (its
@@ -380,7 +585,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         if self._prepared_for == (device, dtype):
             return
         options = self._resolved_options()
-        self._graphs.clear()  # captured over the old layout
+        self._drop_graphs()  # captured over the old layout
         try:
             resolved = {op: resolve(op, options.backend[op], device, dtype, 0)
                         for op in DECODER_OPS}
@@ -416,7 +621,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         return compute
 
     def _run(self, phase: str, z, state: "_Workspace"):
-        if not self.options.graphs_on(z.device):
+        if not self._graphs_on(z.device):
             return self._decode(z, state, first=phase == "first")
         return self._graphs.run((phase, tuple(z.shape), z.dtype), self._computation(phase, state),
                                 {"z": z})
@@ -576,4 +781,6 @@ def _resume_decoder(format_tag: str):
             "this file was written by torch.save of an OptimizedVAEDecoderWrapper and holds no "
             "module and no weights (nothing compiled to cache): build the decoder and load its "
             "weights first (as upstream's inference.py does), or delete the file")
+    # the fork's cached path stands for compile(): the start-up warm-up happens here too
+    decoder.warm_up_for_startup(reason="the saved decoder's load")
     return decoder
