@@ -173,6 +173,10 @@ def test_gated_residual_layer_norm(case, dtype, norm):
         plain = eager.gated_residual(x.double(), y.double(), gate.double())
         assert rel_err(exact[0], plain + wide_extra["sum_bias"]) == 0
         assert rel_err(exact[1], eager.layer_norm(plain, *wide, 1e-6)) == 0
+        # the bias joins the sum before it is rounded: one rounding, not two (notebook step 46)
+        once = (eager.gated_residual(x.float(), y.float(), gate.float())
+                + extra["sum_bias"].float()).to(dtype)
+        assert torch.equal(twin[0], once)
     for g, t, e in zip(got, twin, exact):
         assert g.shape == e.shape and g.dtype == dtype
         err, twin_err = rel_err(g, e), rel_err(t, e)

@@ -58,10 +58,15 @@ def gated_residual_layer_norm_modulate(x, y, gate, shift, scale, eps, quantize=F
 def gated_residual_layer_norm(x, y, gate, weight, bias, eps, quantize=False, sum_bias=None):
     """(s, LayerNorm(s) [* weight + bias]) for s = x + y * gate (per frame); the second as
     Fp8Rows with `quantize`. With `sum_bias` [C] the first is s + sum_bias: the bias of the
-    residual add that follows, added ahead so that its GEMM can accumulate into the stream."""
+    residual add that follows, added ahead so that its GEMM can accumulate into the stream; it
+    is added to s before s is rounded to x's dtype (one rounding, as the Triton kernel)."""
     total = gated_residual(x, y, gate)
     normed = _maybe_quantized(layer_norm(total, weight, bias, eps), quantize)
-    return (total if sum_bias is None else total + sum_bias), normed
+    if sum_bias is None:
+        return total, normed
+    compute = torch.promote_types(x.dtype, torch.float32)
+    raw = gated_residual(x.to(compute), y.to(compute), gate.to(compute))
+    return (raw + sum_bias.to(compute)).to(x.dtype), normed
 
 
 def frame_bias_gelu(x, bias):
