@@ -256,7 +256,7 @@ def _held_actions(block):
 
 
 # through the real server ---------------------------------------------------------------------------
-def test_a_key_change_reaches_the_page_in_frames_of_the_remade_block():
+def test_a_key_change_reaches_the_page_in_frames_of_the_remade_block(monkeypatch):
     """Loopback WebSocket, tiny preset on a CPU: after a key change that says which frame was on
     screen, the block on screen is re-made and its frames from the splice on arrive again,
     carrying the new input's id; the frames before the splice are not sent again. (The grant
@@ -267,6 +267,16 @@ def test_a_key_change_reaches_the_page_in_frames_of_the_remade_block():
 
     from helpers import PlayServerThread
     from wan.play.client import parse_frame
+
+    import wan.serving.scheduler as scheduler_module
+    following = scheduler_module._following
+
+    def blocks_0_and_1_only(chosen, finish, lead):  # block 2 waits: it cannot read the new keys
+        entry = following(chosen, finish, lead)     # before the re-make does
+        if chosen.session.blocks_done >= 2:
+            entry.release += 3600.0
+        return entry
+    monkeypatch.setattr(scheduler_module, "_following", blocks_0_and_1_only)
 
     with PlayServerThread(max_players=1) as running:
         engine = running.engine
@@ -294,7 +304,7 @@ def test_a_key_change_reaches_the_page_in_frames_of_the_remade_block():
                         frames.append(parse_frame(message))
                 await ws.send(json.dumps({"type": "input", "id": 1, "keys": ["w"],
                                           "shown": [1, 0]}))
-                while not any(f.input_id == 1 and f.block >= 2 for f in frames):
+                while not any(f.input_id == 1 and f.index == 11 for f in frames):
                     message = await asyncio.wait_for(ws.recv(), 120)
                     if isinstance(message, bytes):
                         frames.append(parse_frame(message))
