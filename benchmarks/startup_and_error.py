@@ -583,22 +583,7 @@ def _count(strategies):
 
 def _cpu_standins(decoder):
     """On a CPU, graphs (replayed eagerly) and the conv search pass, so that the flow runs."""
-    from wan.runtime.cuda_graphs import GraphRunner
-
-    class EagerGraphRunner(GraphRunner):
-        WARMUP_CALLS = 0
-
-        def _capture(self, fn, inputs):
-            static_inputs = {name: value.clone() for name, value in inputs.items()}
-            static_out = fn(**static_inputs)
-
-            class Graph:
-                @staticmethod
-                def replay():
-                    out = fn(**static_inputs)
-                    if static_out is not None:
-                        static_out.copy_(out)
-            return Graph(), static_inputs, static_out
+    from wan.runtime.cuda_graphs import EagerGraphRunner
 
     decoder._graph_device_types = ("cuda", "cpu")
     decoder._conv_search_device_types = ("cuda", "cpu")

@@ -31,32 +31,11 @@ from helpers import build_decoder, rel_err
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper
 from wan.runtime import conv_search_cache
-from wan.runtime.cuda_graphs import GraphRunner
+from wan.runtime.cuda_graphs import EagerGraphRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 HW = (1, 2)  # latent h, w: the decoder is fully convolutional
 TOL = 1e-5  # both decoders in float32 (rounding apart: ~1e-7)
-
-
-class EagerGraphRunner(GraphRunner):
-    """A GraphRunner for a CPU: a capture runs the function once and keeps it; a replay runs it
-    again into the static output."""
-    WARMUP_CALLS = 0  # (a real capture's warm-up calls only cost time here)
-
-    def _capture(self, fn, inputs):
-        static_inputs = {name: value.clone() for name, value in inputs.items()}
-        for _ in range(self.WARMUP_CALLS):
-            fn(**static_inputs)
-        static_out = fn(**static_inputs)
-
-        class _Graph:
-            @staticmethod
-            def replay():
-                out = fn(**static_inputs)
-                if static_out is not None:
-                    static_out.copy_(out)
-
-        return _Graph(), static_inputs, static_out
 
 
 @pytest.fixture(autouse=True)

@@ -239,25 +239,7 @@ def install_cpu_startup_standins(decoder):
     """On a CPU, let the optimized decoder capture "graphs" (a GraphRunner whose capture keeps the
     function and whose replay runs it eagerly) and run its conv search pass, so that its counters
     move as on a GPU (the seams `_graph_device_types` / `_conv_search_device_types`)."""
-    from wan.runtime.cuda_graphs import GraphRunner
-
-    class EagerGraphRunner(GraphRunner):
-        WARMUP_CALLS = 0
-
-        def _capture(self, fn, inputs):
-            static_inputs = {name: value.clone() for name, value in inputs.items()}
-            for _ in range(self.WARMUP_CALLS):
-                fn(**static_inputs)
-            static_out = fn(**static_inputs)
-
-            class Graph:
-                @staticmethod
-                def replay():
-                    out = fn(**static_inputs)
-                    if static_out is not None:
-                        static_out.copy_(out)
-
-            return Graph(), static_inputs, static_out
+    from wan.runtime.cuda_graphs import EagerGraphRunner
 
     decoder._graph_device_types = ("cuda", "cpu")
     decoder._conv_search_device_types = ("cuda", "cpu")

@@ -121,6 +121,26 @@ class GraphRunner:
 
 
 @functools.lru_cache(maxsize=None)
+class EagerGraphRunner(GraphRunner):
+    """GraphRunner's twin for a CPU (tests and the benchmarks' CPU runs of code that captures
+    graphs): a capture runs the function once and keeps it, a replay runs it again into the
+    static output, so the counts and the flow are a GPU's."""
+    WARMUP_CALLS = 0  # (a real capture's warm-up calls only cost time here)
+
+    def _capture(self, fn, inputs):
+        static_inputs = {name: value.clone() for name, value in inputs.items()}
+        static_out = fn(**static_inputs)
+
+        class _Graph:
+            @staticmethod
+            def replay():
+                out = fn(**static_inputs)
+                if static_out is not None:
+                    static_out.copy_(out)
+
+        return _Graph(), static_inputs, static_out
+
+
 def _capture_stream(device: int) -> torch.cuda.Stream:
     """One capture stream per device for every capture: cuBLAS and cuDNN keep a workspace per
     stream for the life of the process, so a new stream per capture (per player's graphs) would
