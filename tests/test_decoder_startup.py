@@ -107,6 +107,25 @@ def test_compile_pays_search_and_both_phases_so_no_block_does(tmp_path):
     assert rel_err(frames, _reference(latents)) <= TOL
 
 
+def test_graphs_warmed_on_one_thread_replay_on_another_with_no_search(tmp_path):
+    """A server warms up on one thread and plays on another (its GPU worker): the captured
+    graphs replay the engines searched before their capture, so the worker's first blocks
+    search nothing and capture nothing (torch's plans are per thread, graphs are not)."""
+    import threading
+    decoder = _decoder(tmp_path)
+    decoder.compile()
+    latents = _latents(9)
+    result = {}
+
+    def worker():
+        result["deltas"], result["frames"] = _stream_with_counters(decoder, latents)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert result["deltas"] == [{"captures": 0, "searches": 0, "warm_ups": 0}] * 3
+    assert rel_err(result["frames"], _reference(latents)) <= TOL
+
+
 def test_without_compile_the_first_block_pays_and_the_second_nothing(tmp_path):
     decoder = _decoder(tmp_path)
     latents = _latents(6)

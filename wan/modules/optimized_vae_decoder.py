@@ -447,20 +447,27 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
         convolutions are searched first (`_search_convs`, with `conv_search`): the captured
         graph then replays the engines the search picked."""
         work, grown = self._room_for(shapes, z, max(latents.shape[2] for _, latents in phases))
+        graphs = self._graphs_on(z.device)
+        if graphs:
+            self._graphs.use_storage(work, lambda: work.buffers, changed=grown)
+        # the phases still to be readied: with graphs, those not captured yet (a captured graph
+        # replays the engines picked before its capture, on any thread: searching again for
+        # another thread, torch's plans being per thread, would stall that thread's first block
+        # for the whole search); without graphs every phase (eager calls use the thread's plans)
+        pending = [(name, latents) for name, latents in phases if not graphs
+                   or not self._graphs.captured((name, tuple(latents.shape), latents.dtype))]
         if steady and self._searches_on(z.device):
-            for name, latents in phases:
+            for name, latents in pending:
                 self._search_convs(name, latents, work)
-        if not self._graphs_on(z.device):
+        if not graphs:
             return work
-        self._graphs.use_storage(work, lambda: work.buffers, changed=grown)
-        for name, latents in phases:
+        for name, latents in pending:
             key = (name, tuple(latents.shape), latents.dtype)
-            if not self._graphs.captured(key):
-                # (the search pass ran every problem already: this only catches one it missed)
-                with self._conv_search(z.device, steady):
-                    self._graphs.capture(key, self._computation(name, work),
-                                         {"z": torch.zeros_like(latents)})
-                work.forget_resident()
+            # (the search pass ran every problem already: this only catches one it missed)
+            with self._conv_search(z.device, steady):
+                self._graphs.capture(key, self._computation(name, work),
+                                     {"z": torch.zeros_like(latents)})
+            work.forget_resident()
         return work
 
     def _room_for(self, shapes, z, frames: int):
