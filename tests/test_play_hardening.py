@@ -98,6 +98,9 @@ class FakeEngine:
     def captures_while_serving(self):
         return 0
 
+    def started(self):
+        return self._thread is not None
+
     def input_changed(self, player):
         pass
 

@@ -366,17 +366,28 @@ class GameEngine:
         """A new game for `player` in its slot (the slot rewound: its graphs stay valid), or in a
         runner of its own when it has none (a throw-away player's: warmed up here)."""
         conditions = player.conditions = self._conditions_for(image)
-        runner, reuse = player.slot, player.slot is not None
-        if runner is None:
-            runner = self._new_runner()
-        session = PlayerSession(player.id, runner, conditions.visual_context, conditions,
-                                seed=player.seed * 1000 + player.games,
-                                mouse_dim=2 if self.space.has_camera else None,
+        if player.slot is not None:
+            return self._session_in(player.slot, conditions, player.id,
+                                    player.seed * 1000 + player.games, reuse_caches=True)
+        return self._session_in(self._new_runner(), conditions, player.id,
+                                player.seed * 1000 + player.games)
+
+    def _session_in(self, runner: StreamingBlockRunner, conditions: "GameConditions",
+                    player_id: int, seed: int, reuse_caches: bool = False) -> PlayerSession:
+        """A session over `runner`; a new runner's graphs are captured here (every graph its
+        blocks replay, before its first block), a rewound one's replay."""
+        session = PlayerSession(player_id, runner, conditions.visual_context, conditions,
+                                seed=seed, mouse_dim=2 if self.space.has_camera else None,
                                 keyboard_dim=self.space.keyboard_dim, hold_conditions=True,
-                                reuse_caches=reuse)
-        if not reuse and self.cuda_graphs:
-            session.warm_up()  # every graph its blocks replay, before its first block
+                                reuse_caches=reuse_caches)
+        if not reuse_caches and self.cuda_graphs:
+            session.warm_up()
         return session
+
+    def _add_slot(self, runner: StreamingBlockRunner):
+        runner.release()
+        self._free_slots.append(runner)
+        self.slots += 1
 
     @torch.no_grad()
     def warm_up(self) -> float:
@@ -397,10 +408,7 @@ class GameEngine:
             self._synchronize()
             player.session.runner.check_finite()  # NaN/inf from these weights: refuse to serve
             times.append(time.perf_counter() - start)
-        runner = player.session.runner
-        runner.release()
-        self._free_slots.append(runner)
-        self.slots += 1
+        self._add_slot(player.session.runner)
         del player
         gc.collect()
         steady = statistics.median(times[2:])
@@ -421,16 +429,8 @@ class GameEngine:
         serving): a join then only rewinds a slot."""
         conditions = self._conditions_for(None)
         while self.slots < (self.capacity or 1):
-            runner = self._new_runner()
-            session = PlayerSession(0, runner, conditions.visual_context, conditions,
-                                    mouse_dim=2 if self.space.has_camera else None,
-                                    keyboard_dim=self.space.keyboard_dim, hold_conditions=True)
-            if self.cuda_graphs:
-                session.warm_up()
-            runner.release()
-            self._free_slots.append(runner)
-            self.slots += 1
-        self.captures_at_start = graph_captures(self._free_slots[0])
+            self._add_slot(self._session_in(self._new_runner(), conditions, 0, 0).runner)
+        self.captures_at_start = graph_captures(self.model, self.decoder)
         log.info("%d player slot(s) ready; %d CUDA graphs captured before serving", self.slots,
                  self.captures_at_start)
 
@@ -441,11 +441,9 @@ class GameEngine:
 
     def captures_while_serving(self) -> int:
         """Graphs captured since serving began (0 is the design: slots are captured before)."""
-        if self.captures_at_start is None or not self._free_slots and not self.players:
+        if self.captures_at_start is None:
             return 0
-        runner = self._free_slots[0] if self._free_slots else next(
-            (p.slot for p in list(self.players) if p.slot is not None), None)
-        return 0 if runner is None else graph_captures(runner) - self.captures_at_start
+        return graph_captures(self.model, self.decoder) - self.captures_at_start
 
     # the event loop's calls (thread-safe) ------------------------------------------------------
     def add_player(self, play_mode: str, sink, on_event=lambda event: None,
@@ -498,11 +496,6 @@ class GameEngine:
         with self._lock:
             return len(self.players)
 
-    def pending_commands(self) -> int:
-        """Players with a command waiting for the worker (at most one each)."""
-        with self._lock:
-            return len(self._waiting)
-
     def _command(self, name: str, player: Player, argument):
         """Queue `name` for `player`, merged with what waits already: a leave wins over
         anything, a join absorbs a reset (the image of the newest), resets merge into one."""
@@ -540,8 +533,9 @@ class GameEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def worker_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def started(self) -> bool:
+        """Whether `start` ran (the worker thread exists)."""
+        return self._thread is not None
 
     def _work(self):
         if self.device.type == "cuda":
@@ -729,8 +723,7 @@ class GameEngine:
             pending[0].advance()
         except Exception as error:  # noqa: BLE001 - that game's conditions: end that game
             player = next((p for p in self.players if p.conditions is pending[0]), None)
-            pending[0].done = True
-            if player is not None:
+            if player is not None:  # (a game that ended leaves the encoding list)
                 self._failed(player, error)
             return True
         self._synchronize()
@@ -792,44 +785,34 @@ class GameEngine:
 
 
 class GameConditions:
-    """A game's start-image conditions for the scheduler's session: `block(index, frames)` gives
-    a block's cond_concat, running the encoder on when that block's latent frames are not
-    encoded yet (the player's own block waits for them; the engine runs `advance` in the slack
-    before that). Wraps a conditioner's `start()` (encoded as the game goes), or the tensors of
-    one that encodes everything at once (the last block's reused past their end)."""
+    """A game's start-image conditions (a conditioner's `start()`, encoded as the game goes) for
+    the scheduler's session: `block(index, frames)` gives a block's cond_concat, running the
+    encoder on when that block's latent frames are not encoded yet (the player's own block waits
+    for them; the engine runs `advance` in the slack between blocks before that)."""
 
-    def __init__(self, visual_context, source=None, cond_concat=None):
-        self.visual_context, self.source, self.cond_concat = visual_context, source, cond_concat
-        self.done = source is None or bool(getattr(source, "done", True))
+    def __init__(self, source):
+        self.source = source
+        self.visual_context = source.visual_context
 
     @classmethod
     def start(cls, conditioner, image, device, dtype) -> "GameConditions":
-        if hasattr(conditioner, "start"):
-            source = conditioner.start(image, device, dtype)
-            return cls(source.visual_context, source=source)
-        visual_context, cond_concat = conditioner(image, device, dtype)
-        return cls(visual_context, cond_concat=cond_concat)
+        return cls(conditioner.start(image, device, dtype))
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to encode (the latents settled, or the encoder's cap was reached)."""
+        return self.source.done
 
     @property
     def settled_frame(self) -> Optional[int]:
         """The first latent frame equal to the one before it (later blocks reuse it)."""
-        return getattr(self.source, "settled_frame", None)
+        return self.source.settled_frame
 
     def advance(self) -> bool:
         """One unit of the encoder's work; False once nothing is left."""
-        if self.done:
-            return False
-        more = bool(self.source.advance())
-        self.done = not more or bool(getattr(self.source, "done", False))
-        return not self.done
+        return self.source.advance()
 
     def block(self, index: int, frames: int):
-        if self.source is None:
-            cond = self.cond_concat
-            if cond.shape[2] == frames:
-                return cond
-            start = min(index * frames, cond.shape[2] - frames)
-            return cond[:, :, start:start + frames]
         while True:
             cond = self.source.block(index, frames)
             if cond is not None:

@@ -576,7 +576,7 @@ class PlayServer:
     async def lifespan(self, app):
         self.loop = asyncio.get_running_loop()
         # an engine may outlive its server (tests): stop it only if started here
-        started_here = getattr(self.engine, "_thread", None) is None
+        started_here = not self.engine.started()
         if started_here:
             await asyncio.to_thread(self.engine.start)
         log.info("serving: %s", self.engine.describe())

@@ -164,11 +164,9 @@ class StreamingBlockRunner:
             self.caches = new_stream_caches(self.model, self.batch, window,
                                             self.tokens_per_frame)
         self.visual_context = visual_context
-        self.decoder_cache = [None] * 32
         self.frame = 0
         self.blocks_done = 0
-        self._checks, self._failure = [], None
-        self._latest = None
+        self.release()  # no decoder history, non-finite checks or re-make from another stream
 
     def release(self):
         """The stream is over (its caches stay, for the next `start(..., reuse_caches=True)`):
@@ -336,15 +334,11 @@ def rewind_stream_caches(caches: dict):
                 layer["is_init"] = False
 
 
-def graph_captures(runner: "StreamingBlockRunner") -> int:
-    """CUDA graphs the runner's DiT and decoder have captured so far (0 for models without
-    graphs): a server counts them to show that none is captured while it serves."""
-    total = 0
-    for owner, path in ((runner.model, ("_runtime", "graphs")), (runner.decoder, ("_graphs",))):
-        for name in path:
-            owner = getattr(owner, name, None)
-        total += getattr(owner, "captures", 0) or 0
-    return total
+def graph_captures(model, decoder) -> int:
+    """CUDA graphs the DiT and the decoder have captured so far (0 for models without graphs,
+    such as the reference ones): a server counts them to show that none is captured while it
+    serves."""
+    return sum(getattr(getattr(part, "_graphs", None), "captures", 0) for part in (model, decoder))
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,7 +31,7 @@ from . import cli
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import load_decoder_weights
-from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner
+from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner, graph_captures
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
 from ..ops.fp8 import fp8_gemm_problem
 from ..modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
@@ -190,7 +190,7 @@ def serve(players, model, decoder, latent_hw, args, device, keep_frames: bool) -
 
     if warmup:
         DeadlineScheduler(sessions).run(warmup, on_block=keep, stagger=False)
-    captures = model._graphs.captures + decoder._graphs.captures
+    captures = graph_captures(model, decoder)
     memory = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -203,8 +203,7 @@ def serve(players, model, decoder, latent_hw, args, device, keep_frames: bool) -
         # the whole measured stretch (its warm-up blocks too): joules per block of any player
         "energy": meter.report(blocks=len(records)),
         "wall_s": time.perf_counter() - begin,
-        "graph_captures_while_measuring": model._graphs.captures + decoder._graphs.captures
-        - captures,
+        "graph_captures_while_measuring": graph_captures(model, decoder) - captures,
         "memory_per_player_gib": memory})
     if keep_frames:
         report["frames"] = {p: torch.cat(f, dim=1) for p, f in frames.items()}
