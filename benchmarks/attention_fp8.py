@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import run_header  # noqa: E402
-from wan.ops import flash  # noqa: E402
+from wan.kernels import flash  # noqa: E402
 from benchmarks import attention_fp8_kernel as fa8  # noqa: E402
 
 SHAPE = (1, 2640, 5280, 12, 128)  # B, Lq, Lk, H, D

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from wan.ops.fp8 import E4M3, E4M3_MAX, MIN_SCALE, quantize_rows
-from wan.ops.triton.fp8_rows import quantize_fp8
+from wan.kernels.fp8 import E4M3, E4M3_MAX, MIN_SCALE, quantize_rows
+from wan.kernels.triton.fp8_rows import quantize_fp8
 
 LOG2E = 1.4426950408889634
 P_SCALE = 256.0  # P in [0, 1] times 2^8: e4m3's normal range reaches down to 2^-6 / 2^8

@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wan.ops import registry  # noqa: E402
-from wan.ops import eager  # noqa: E402
+from wan.kernels import registry  # noqa: E402
+from wan.kernels import eager  # noqa: E402
 from wan.modules.random_init import random_action_attention_args  # noqa: E402
 
 # q shape, k/v shape, as OptimizedCausalWanModel calls each op (universal, batch 1, full window)

@@ -15,7 +15,7 @@ valid in time, zero-padded 1 in H/W). Candidates per shape:
 * `cudnn_fe[i]`: every plan of cuDNN's graph API (nvidia-cudnn-frontend, carried as a wheel) for
   the plain conv, `cudnn_fe_fused` for conv + bias + residual as one graph;
 * `head_as_gemm`: the head (96 -> 3) as one GEMM over the input pixels + the 27-tap shifted sum
-  (the library's conv3d_narrow, wan/ops/triton/conv3d.py, is this).
+  (the library's conv3d_narrow, wan/kernels/triton/conv3d.py, is this).
 
 Every candidate is checked against torch's conv in float32 (TF32 off): relative norm and max
 error relative to max |ref|. Times: CUDA events per call, median of --reps after warm-up.
@@ -647,7 +647,7 @@ DECODER_MODES = {"default": (False, False), "search": (True, False),
 def _narrow_head_causal_conv(ovd):
     """The decoder module's _causal_conv with its head (Cout <= 8, 3x3x3) through conv3d_narrow
     (the same buffer protocol: write after the history, conv over the window, keep the tail)."""
-    from wan.ops.triton.conv3d import conv3d_narrow
+    from wan.kernels.triton.conv3d import conv3d_narrow
     original = ovd._causal_conv
 
     def causal_conv(conv, write, frames, state, index, bias=True):
@@ -779,7 +779,7 @@ def run_shape(name, reps, fe, record, use_triton=True):
                 lambda: F.conv3d(x, wp, None, 1, pad)[:, :96],
                 note="conv only (128 channels out, 96 used)")
         if not with_bias:  # what the decoder pays after the conv today: bias + residual pass
-            from wan.ops.triton.channel_norm import bias_residual_add
+            from wan.kernels.triton.channel_norm import bias_residual_add
             y = F.conv3d(x, weight_cl, None, 1, pad)
             add("bias_residual_add (after cudnn)", lambda: bias_residual_add(y, bias, residual),
                 None, ref_=None, note="the separate pass a fused epilogue saves")

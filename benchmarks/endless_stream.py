@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan import CausalWanModel  # noqa: E402
 from wan.runtime.conditioning import history_steps  # noqa: E402
-from wan.ops.dtypes import DTYPES  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.runtime.stream_cache import StreamCache  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402

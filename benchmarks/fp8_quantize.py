@@ -1,4 +1,4 @@
-"""The FP8 row-quantization kernel (wan/ops/triton/fp8_rows.py) at the model's shapes, for
+"""The FP8 row-quantization kernel (wan/kernels/triton/fp8_rows.py) at the model's shapes, for
 each chunk width and warp count it could use; and torch._scaled_mm against its emulated twin
 (how far Hopper's FP8 accumulation is from float32's). GPU only.
 
@@ -11,9 +11,9 @@ import torch
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from wan.ops import cublas, eager  # noqa: E402
-from wan.ops.fp8 import quantize_rows, quantize_weight  # noqa: E402
-from wan.ops.triton import fp8_rows  # noqa: E402
+from wan.kernels import cublas, eager  # noqa: E402
+from wan.kernels.fp8 import quantize_rows, quantize_weight  # noqa: E402
+from wan.kernels.triton import fp8_rows  # noqa: E402
 
 SHAPES = [((2640, 1536), False), ((2640, 8960), True)]  # attention outputs; the FFN's hidden
 

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import run_header  # noqa: E402
 from benchmarks.profile_forward import kernel_summary  # noqa: E402
-from wan.ops.dtypes import DTYPES  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
 from wan.modules.vae_decoder import VAEDecoderWrapper  # noqa: E402
 from wan.modules.random_init import randomize_decoder_weights_  # noqa: E402

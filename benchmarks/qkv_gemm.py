@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_ops import time_ms  # CUDA events, warm-up, median (puts the repository on the path)
-from wan.ops.dtypes import DTYPES  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 
 
 def main():

@@ -92,7 +92,7 @@ def _gated_residual_layer_norm_unrounded(x, y, gate, weight, bias, eps, quantize
     """The eager twin of gated_residual_layer_norm, except that with `sum_bias` the stream is
     round(x + y * gate + sum_bias) from the unrounded sum (one rounding, as without the bias),
     not round(round(x + y * gate) + sum_bias); the LayerNorm still of the rounded sum."""
-    from wan.ops import eager
+    from wan.kernels import eager
     total = eager.gated_residual(x, y, gate)
     normed = eager._maybe_quantized(eager.layer_norm(total, weight, bias, eps), quantize)
     if sum_bias is None:
@@ -316,7 +316,7 @@ def oracle_and_reference(args, budget):
 @contextlib.contextmanager
 def prototype(name):
     """The eager ops a prototype variant replaces, replaced while it runs."""
-    from wan.ops import eager
+    from wan.kernels import eager
     saved = {op: eager.OPS[op] for op in PROTOTYPES.get(name, {})}
     eager.OPS.update(PROTOTYPES.get(name, {}))
     try:

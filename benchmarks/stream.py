@@ -35,7 +35,7 @@ from benchmarks.harness import (Timer, bar_chart, benchmark_device, finish,  # n
                                 names_from, progress_bar, run_header, summarize)
 from wan.tools import cli  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
-from wan.ops.dtypes import DTYPES  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.rolling_cache import new_stream_caches  # noqa: E402
 from wan.modules.presets import (LATENT_SIZE, UPSTREAM_VARIANTS, model_config,  # noqa: E402

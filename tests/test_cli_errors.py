@@ -5,7 +5,7 @@ a function that fails the test when called). A few rows per tool run as subproce
 types them; the rest call the tool's `main(argv)` in this process (a Python start with torch
 costs seconds here).
 
-Tools: python -m wan.serve, wan.compare, wan.play, wan.kernels / wan.ops, and the benchmarks the
+Tools: python -m wan.serve, wan.compare, wan.play, wan.kernels / wan.kernels, and the benchmarks the
 README's main command runs (benchmarks/stream.py, benchmarks/end_to_end.py)."""
 import json
 import socket
@@ -76,7 +76,7 @@ SUBPROCESS_ROWS = [  # (command after python, fragment, an output path that must
     (["benchmarks/end_to_end.py", "--out", f"{MISSING_DIR}/e.json"], "does not exist", None),
 ]
 PROGS = {"wan.serve": "python -m wan.serve", "wan.compare": "python -m wan.compare",
-         "wan.kernels": "python -m wan.kernels", "wan.ops": "python -m wan.kernels",
+         "wan.kernels": "python -m wan.kernels", "wan.kernels": "python -m wan.kernels",
          "wan.play": "python -m wan.play", "benchmarks/stream.py": "benchmarks/stream.py",
          "benchmarks/end_to_end.py": "benchmarks/end_to_end.py"}
 

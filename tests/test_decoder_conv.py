@@ -9,9 +9,9 @@ import torch
 from helpers import HAS_CUDA, assert_close_elementwise, rel_err
 
 pytest.importorskip("triton")
-from wan.ops import eager  # noqa: E402
-from wan.ops import triton as triton_ops  # noqa: E402
-from wan.ops.registry import resolve  # noqa: E402
+from wan.kernels import eager  # noqa: E402
+from wan.kernels import triton as triton_ops  # noqa: E402
+from wan.kernels.registry import resolve  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])

@@ -17,10 +17,10 @@ import torch
 from helpers import (assert_close_elementwise, build_model, make_caches, make_inputs, rel_err,
                      requires_cuda, run_stream)
 from wan.modules.presets import tiny_variant_config
-from wan.ops import eager
-from wan.ops.fp8 import E4M3, E4M3_MAX, Fp8Rows, quantize_rows, quantize_weight
+from wan.kernels import eager
+from wan.kernels.fp8 import E4M3, E4M3_MAX, Fp8Rows, quantize_rows, quantize_weight
 from wan.runtime.layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS
-from wan.ops.registry import BackendUnavailableError
+from wan.kernels.registry import BackendUnavailableError
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +222,7 @@ GPU_ROW_SHAPES = [(2640, 1536), (2640, 8960), (7, 17), (33, 2 ** 10 + 17)]
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("shape", GPU_ROW_SHAPES, ids=str)
 def test_triton_quantize_matches_its_eager_twin(shape, gelu):
-    from wan.ops import triton as triton_ops
+    from wan.kernels import triton as triton_ops
     x = _rows(shape, seed=shape[1], dtype=torch.bfloat16, device="cuda")
     strided = torch.empty(shape[0], shape[1] + 8, dtype=x.dtype, device="cuda")[:, 3:3 + shape[1]]
     strided.copy_(x)
@@ -259,7 +259,7 @@ FUSED_NORM_SHAPES = [(1, 2640, 1536), (2, 3 * 37, 2 ** 7 + 17)]
 
 def _fused_norm_cases(shape):
     """The Triton norms that can quantize, each as `quantize -> output`, on bf16 inputs."""
-    from wan.ops import triton as triton_ops
+    from wan.kernels import triton as triton_ops
     b, length, c = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -320,7 +320,7 @@ def test_triton_fused_norm_quantization_is_within_one_step_everywhere(shape):
                                  (2 ** 10 + 17, 1536, 8960)], ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 def test_scaled_mm_matches_the_emulated_gemm(mkn, bias):
-    from wan.ops import cublas
+    from wan.kernels import cublas
     m, k, n = mkn
     x = _rows((m, k), seed=1, dtype=torch.bfloat16, device="cuda")
     w = (torch.randn(n, k, device="cuda") / k ** 0.5).bfloat16()

@@ -7,7 +7,7 @@ import torch
 
 from helpers import (assert_close_elementwise, build_model, make_caches, make_inputs, rel_err,
                      requires_cuda)
-from wan.ops import eager, registry
+from wan.kernels import eager, registry
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.random_init import random_action_attention_args
 

@@ -291,13 +291,13 @@ def test_edited_files_have_one_way_on_undo_force(tmp_path):
     root = _checkout(tmp_path)
     before = _snapshot(root)
     install(root, **QUIET)
-    edited = root / "wan" / "ops" / "registry.py"
+    edited = root / "wan" / "kernels" / "registry.py"
     edited.write_text("# my edit\n")
     wrapper = root / "utils" / "wan_wrapper.py"
     wrapper.write_text(wrapper.read_text() + "# my edit too\n")
     advice = f"python -m wan.integrate --undo --force {root}"
     state, said = _status(root)
-    assert state == "edited" and "edited  wan/ops/registry.py" in said and advice in said
+    assert state == "edited" and "edited  wan/kernels/registry.py" in said and advice in said
     for call in (install, undo):
         with pytest.raises(IntegrateError) as refused:
             call(root, **QUIET)
@@ -307,7 +307,7 @@ def test_edited_files_have_one_way_on_undo_force(tmp_path):
     undo(root, out=lines.append, force=True)
     copies = sorted((root / EDITS_DIR).glob("*"))
     assert len(copies) == 1 and f"your edited files are in {EDITS_DIR}/" in lines[0]
-    assert (copies[0] / "wan" / "ops" / "registry.py").read_text() == "# my edit\n"
+    assert (copies[0] / "wan" / "kernels" / "registry.py").read_text() == "# my edit\n"
     assert (copies[0] / "utils" / "wan_wrapper.py").read_text().endswith("# my edit too\n")
     after = _snapshot(root)
     assert {k: v for k, v in after["files"].items() if not k.startswith(EDITS_DIR)} == \
@@ -323,13 +323,13 @@ def test_status_install_and_undo_after_installed_files_were_deleted_or_put_back(
     before = _snapshot(root)
     install(root, **QUIET)
     installed = _snapshot(root)
-    (root / "wan" / "ops" / "registry.py").unlink()
+    (root / "wan" / "kernels" / "registry.py").unlink()
     (root / "inference.py").write_bytes(before["files"]["inference.py"][0])  # upstream's again
     state, said = _status(root)
-    assert state == "edited" and "deleted wan/ops/registry.py" in said
+    assert state == "edited" and "deleted wan/kernels/registry.py" in said
     assert "back to upstream's original: inference.py" in said
     assert f"`python -m wan.integrate {root}` writes them again" in said
-    assert install(root, **QUIET) == ["wan/ops/registry.py", "inference.py"]
+    assert install(root, **QUIET) == ["wan/kernels/registry.py", "inference.py"]
     assert _snapshot(root)["files"] == installed["files"]
     assert _status(root)[0] == "installed"
     (root / "utils" / "wan_wrapper.py").unlink()  # the tree is no longer one install recognises
@@ -426,13 +426,13 @@ def test_command_line_states_exit_codes_and_messages(tmp_path, capsys):
     result = _cli(root, "--status", capsys=capsys)
     assert result.returncode == 0 and "installed by wan.integrate" in result.stdout
     assert "up to date with this library" in result.stdout
-    (root / "wan" / "ops" / "registry.py").write_text("# edited\n")
+    (root / "wan" / "kernels" / "registry.py").write_text("# edited\n")
     for flags, separate in (((), False), (("--undo",), True)):
         result = _cli(root, *flags, capsys=None if separate else capsys)
         assert result.returncode == 2
         _one_line(result, f"python -m wan.integrate --undo --force {root}")
     result = _cli(root, "--status", capsys=capsys)
-    assert result.returncode == 0 and "edited  wan/ops/registry.py" in result.stdout
+    assert result.returncode == 0 and "edited  wan/kernels/registry.py" in result.stdout
     result = _cli(root, "--undo", "--force", capsys=capsys)
     assert result.returncode == 0, result.stderr
     files = {k: v for k, v in _snapshot(root)["files"].items() if not k.startswith(EDITS_DIR)}

@@ -22,7 +22,7 @@ from wan.tools.integrate import (DECODER_FILES, DECODER_IMPORT, OPTIMIZED_DECODE
                            OPTIMIZED_IMPORT, RECOGNISED_BY, UPSTREAM_IMPORT, install, status, undo)
 from wan.runtime.cuda_graphs import cuda_graphs_on
 from wan.runtime.options import publish_model_options
-from wan.ops.registry import BackendUnavailableError
+from wan.kernels.registry import BackendUnavailableError
 from wan.modules import optimized_vae_decoder
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.vae_decoder import VAEDecoderWrapper
@@ -303,7 +303,7 @@ def test_integrate_applies_is_idempotent_and_undoes_exactly(tmp_path):
     before = _tree(root)
     lines = []
     written = install(root, out=lines.append)
-    assert "wan/ops/registry.py" in written and "tests/test_causal_wan_model.py" in written
+    assert "wan/kernels/registry.py" in written and "tests/test_causal_wan_model.py" in written
     assert OPTIMIZED_IMPORT in (root / "utils" / "wan_wrapper.py").read_text()
     assert any(line.startswith("--- a/utils/wan_wrapper.py") for line in lines)  # the diff shown
     assert (root / "tests" / "run_tests.sh").stat().st_mode & 0o111
@@ -382,7 +382,7 @@ def test_integrate_refuses_decoder_trees_it_does_not_recognise_untouched(tmp_pat
 def test_integrate_refuses_an_edited_install_on_undo(tmp_path):
     root = _fake_checkout(tmp_path / "Matrix-Game-2")
     install(root, out=lambda line: None)
-    (root / "wan" / "ops" / "registry.py").write_text("# edited\n")
+    (root / "wan" / "kernels" / "registry.py").write_text("# edited\n")
     with pytest.raises(SystemExit, match="edited"):
         undo(root, out=lambda line: None)
 

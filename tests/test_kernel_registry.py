@@ -9,8 +9,8 @@ import torch
 
 from helpers import build_model, make_inputs
 from wan.modules.presets import tiny_variant_config
-from wan.ops import eager
-from wan.ops.registry import (OPS, BackendUnavailableError, load_selection, resolve,
+from wan.kernels import eager
+from wan.kernels.registry import (OPS, BackendUnavailableError, load_selection, resolve,
                                   resolve_all)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 

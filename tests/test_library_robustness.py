@@ -20,7 +20,7 @@ from wan import CausalWanModel
 from wan.modules.checkpoint import CheckpointFileError, save_safetensors_checkpoint
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.presets import model_config
-from wan.ops.registry import OPS, load_selection
+from wan.kernels.registry import OPS, load_selection
 from wan.runtime.input_checks import parse_switch
 from wan.runtime.options import FastOptions
 from wan.runtime.stream_cache import DICT_TAG

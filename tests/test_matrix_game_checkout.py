@@ -87,7 +87,7 @@ def test_integrate_applies_shows_the_diff_and_is_idempotent(integrated):
     assert "-from wan.modules.causal_model import CausalWanModel" in first.stdout
     assert "nothing changed" in _integrate(checkout).stdout
     changed = {path for path, digest in _tree(checkout).items() if before.get(path) != digest}
-    assert "utils/wan_wrapper.py" in changed and "wan/ops/registry.py" in changed
+    assert "utils/wan_wrapper.py" in changed and "wan/kernels/registry.py" in changed
     upstream_changed = {path for path in changed if path in before}
     assert upstream_changed <= {"utils/wan_wrapper.py", "wan/modules/optimized_causal_model.py",
                                 "tests/test_causal_wan_model.py", "tests/run_tests.sh",

@@ -9,8 +9,8 @@ from helpers import rel_err, run_stream
 from wan.modules.presets import tiny_variant_config
 
 pytest.importorskip("triton")
-from wan.ops import eager  # noqa: E402
-from wan.ops import triton as triton_ops  # noqa: E402
+from wan.kernels import eager  # noqa: E402
+from wan.kernels import triton as triton_ops  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.random_init import random_action_attention_args  # noqa: E402
 

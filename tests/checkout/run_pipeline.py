@@ -55,7 +55,7 @@ from pipeline import CausalInferencePipeline  # noqa: E402
 from wan.modules.causal_model import CausalWanModel as UpstreamCausalWanModel  # noqa: E402
 from wan.runtime.conditioning import history_steps  # noqa: E402
 from wan.runtime.cuda_graphs import cuda_graphs_on  # noqa: E402
-from wan.ops.dtypes import DTYPES  # noqa: E402
+from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.modules.random_init import randomize_weights_  # noqa: E402
 
 LATENT = (44, 80)

@@ -4,7 +4,7 @@
 `CausalWanModel` (plus `backend`, `cuda_graphs` and `precision`) and gives the same outputs. What
 differs is the streaming path:
 
-* every attention, norm and RoPE goes through the backend registry (wan/ops/registry.py);
+* every attention, norm and RoPE goes through the backend registry (wan/kernels/registry.py);
 * caches are ring buffers (wan/runtime/stream_cache.py): a frame's K/V is written once into a
   fixed slot, nothing shifts, and the stream position lives on the host, so the forward has no
   `.item()` and no host sync. Either the model owns them (`start_stream`) or the caller's
@@ -13,7 +13,7 @@ differs is the streaming path:
   WAN_CUDA_GRAPHS=0 or `"cuda_graphs": false` in config.json turn it off);
 * optionally the blocks' big GEMMs run in FP8 (`precision="fp8"`, opt-in: e4m3 weights with a scale
   per output channel, activations with a scale per token quantized by the norms that produce them;
-  wan/ops/fp8.py). Its cost in accuracy on one's own weights: `python -m wan.compare`.
+  wan/kernels/fp8.py). Its cost in accuracy on one's own weights: `python -m wan.compare`.
 
 It relies on its parent only through the constructor, the module tree, parameter names and public
 attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-2's CausalWanModel:
@@ -402,7 +402,7 @@ def _action(action: ActionPlan, i: int, tokens, step):
         torch.cuda.current_stream().wait_event(ready)
 
     # the attention ops take the raw projections: q/k norm, RoPE and the cache writes of k/v
-    # happen inside them (wan/ops/registry.py)
+    # happen inside them (wan/kernels/registry.py)
     if action.mouse:
         # attention per spatial token over frames. The MLP runs in the tokens' own frame-major
         # layout, and its first layer is split: the mouse window is shared by all tokens of a

@@ -88,7 +88,7 @@ from ..runtime.cuda_graphs import GraphRunner
 from ..runtime.weight_watch import ForgetsDerivedStateOnNewWeights
 from ..runtime.log import info
 from ..runtime.options import FastOptions, model_options
-from ..ops.registry import BackendUnavailableError, describe_resolved, resolve
+from ..kernels.registry import BackendUnavailableError, describe_resolved, resolve
 from .vae_decoder import (HISTORY_FRAMES, AttentionBlock, ResidualBlock, Resample,
                           VAEDecoderWrapper, check_decoder_inputs, expected_cache_shapes)
 
@@ -660,7 +660,7 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
                 if fold:
                     pending_bias = layer.resample[1].bias
         norm, _, conv = decoder.head
-        # the head (96 -> 3 channels): one GEMM over the pixels + a 27-tap sum (wan/ops/triton/conv3d.py)
+        # the head (96 -> 3 channels): one GEMM over the pixels + a 27-tap sum (wan/kernels/triton/conv3d.py)
         x = _causal_conv(conv, None if normed else self._normed(norm, x), x.shape[2], state,
                          _head_index(state), conv_op=self._ops.conv3d_narrow)
         return x.float().clamp_(-1, 1).permute(0, 2, 1, 3, 4)

@@ -63,7 +63,7 @@ def random_inputs(model, latent_hw, frames: int = 3, start_frame: int = 0, batch
 
 
 def random_action_attention_args(case, dtype, device, seed: int = 1):
-    """Arguments of the mouse/keyboard attention op (wan/ops/registry.py) for
+    """Arguments of the mouse/keyboard attention op (wan/kernels/registry.py) for
     case = (N, frames, queries per frame, H, D, cache rows, slots of the frames, attended):
     q, k, v (k/v strided views of one tensor, as the model passes them), the k/v caches stacked
     [2, N, rows, H, D] with random old entries, slots, attended, cos, sin."""

@@ -1,7 +1,7 @@
 """Checks of a forward call's inputs, run before anything is computed or written to a cache.
 
 Shared by the reference and the optimized model. It lives in wan/runtime so that
-optimized_causal_model.py plus wan/runtime and wan/ops can be copied into an upstream tree.
+optimized_causal_model.py plus wan/runtime and wan/kernels can be copied into an upstream tree.
 
 Upstream fails late (an assert, a shape error deep inside, or silently wrong output). Here every
 problem is a ValueError/TypeError that names the argument, what was expected and what came, raised

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.eager import gelu_tanh
-from ..ops.fp8 import Fp8Rows, quantize_weight
+from ..kernels.eager import gelu_tanh
+from ..kernels.fp8 import Fp8Rows, quantize_weight
 
 # the block GEMMs FP8 can take: self-attention q/k/v and output, cross-attention query and
 # output, FFN in and out. The rest (patch embedding, time embedding and projection, modulation,

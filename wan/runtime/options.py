@@ -28,8 +28,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import FrozenSet, Mapping, Optional
 
-from ..ops.fp8 import PRECISIONS
-from ..ops.registry import load_selection
+from ..kernels.fp8 import PRECISIONS
+from ..kernels.registry import load_selection
 from .cuda_graphs import cuda_graphs_on
 from .input_checks import parse_switch
 from .layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS

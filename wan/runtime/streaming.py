@@ -8,7 +8,7 @@ sync). `StreamingForward` holds everything a call does around it, in this order:
 2. find the cache: a ring over the caller's upstream-style dicts (wan/runtime/stream_cache.py,
    made once per set of k/v tensors and kept with the dicts) or the model's own current stream,
    and check the stream position;
-3. per device and dtype once: the ops chosen from the registry (wan/ops/registry.py), the RoPE
+3. per device and dtype once: the ops chosen from the registry (wan/kernels/registry.py), the RoPE
    dtype, the device-side start frame; the per-layer plan (wan/runtime/layer_plan.py), rebuilt
    when any parameter or submodule was replaced since (`ParameterWatch`, every parameter);
 4. the image context's cross-attention keys/values, projected for the layers whose dict asks
@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..ops.registry import FP8_OPS, BackendUnavailableError, describe_resolved, resolve, resolve_all
+from ..kernels.registry import FP8_OPS, BackendUnavailableError, describe_resolved, resolve, resolve_all
 from .conditioning import attention_window_frames, condition_steps, frame_tokens, history_steps
 from .cuda_graphs import GraphRunner
 from .input_checks import (check_forward_inputs, check_stream_position, check_stream_request,
@@ -50,7 +50,7 @@ from .weight_watch import ParameterWatch
 @dataclass
 class DeviceState:
     """What the streaming forward needs per (device, dtype), made once."""
-    ops: SimpleNamespace        # op name -> the implementation chosen for it (wan/ops/registry)
+    ops: SimpleNamespace        # op name -> the implementation chosen for it (wan/kernels/registry)
     backends: dict              # op name -> the backend's name (the report)
     rope_dtype: torch.dtype     # float64 models rotate in float64 (as upstream), others in float32
     start_frame: torch.Tensor   # the call's first frame, on the device (a graph reads it by value)

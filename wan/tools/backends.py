@@ -8,8 +8,8 @@ name or a YAML path).
 
 import torch
 
-from ..ops.dtypes import DTYPES, default_dtype_name
-from ..ops.registry import BACKENDS, OPS, BackendUnavailableError, load_selection, resolve
+from ..kernels.dtypes import DTYPES, default_dtype_name
+from ..kernels.registry import BACKENDS, OPS, BackendUnavailableError, load_selection, resolve
 from . import cli
 
 PROG = "python -m wan.kernels"
@@ -45,7 +45,7 @@ def _main(argv=None):
             reason = backend.problem(op, device, dtype, head_dim)
             label = name
             if name == "flash" and reason is None:
-                from ..ops.flash import IMPLEMENTATION
+                from ..kernels.flash import IMPLEMENTATION
                 label = f"flash ({IMPLEMENTATION})"
             print(f"  {label:<7} {'available' if reason is None else 'unavailable: ' + reason}")
         try:

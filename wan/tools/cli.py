@@ -11,7 +11,7 @@ and what can be checked is checked before any work (paths, files, argument range
   kind, a checkpoint whose values are not tensors);
 * FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError: a path the user gave
   (and not OSError as a whole: a full disk or an I/O error is not the command line's fault);
-* BackendUnavailableError (wan.ops.registry, a RuntimeError): a backend or precision asked for
+* BackendUnavailableError (wan.kernels.registry, a RuntimeError): a backend or precision asked for
   that this machine cannot run;
 * torch.OutOfMemoryError: the sizes asked for did not fit after all (the estimate below is
   rough; a RuntimeError too, but one the user fixes by asking for less).
@@ -39,7 +39,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..ops.registry import BackendUnavailableError
+from ..kernels.registry import BackendUnavailableError
 from ..serving.runner import NonFiniteOutputError
 
 GIB = 2 ** 30

@@ -28,8 +28,8 @@ import torch
 
 from . import cli
 from ..runtime.conditioning import attention_window_frames, frame_tokens
-from ..ops.dtypes import DTYPES, default_dtype_name
-from ..ops.fp8 import PRECISIONS, fp8_gemm_problem
+from ..kernels.dtypes import DTYPES, default_dtype_name
+from ..kernels.fp8 import PRECISIONS, fp8_gemm_problem
 from ..runtime.upstream_caches import new_stream_caches
 from ..modules.causal_model import CausalWanModel
 from ..modules.optimized_causal_model import OptimizedCausalWanModel

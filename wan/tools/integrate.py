@@ -5,7 +5,7 @@ Both projects name their package `wan`, so this library cannot be imported besid
 installed *into* upstream's package instead, as new files, plus one changed line per upstream file:
 
 * new: `wan/runtime/` (what the optimized models run on: caches, plan, graphs, input checks) and
-  `wan/ops/` (the backends and kernels), `wan/modules/optimized_causal_model.py` (its
+  `wan/kernels/` (the backends and kernels), `wan/modules/optimized_causal_model.py` (its
   parent is then the checkout's own CausalWanModel), `wan/modules/random_init.py` (random weights for the
   test suite), the seed's test suite (`tests/test_causal_wan_model.py`, `tests/run_tests.sh`,
   `tests/README.md`, `tests/QUICK_START.md`), and the decoder: `wan/modules/optimized_vae_decoder.py`
@@ -110,7 +110,7 @@ OPTIMIZED_DECODER_IMPORT = ("from wan.modules.optimized_vae_decoder import "
                             "OptimizedVAEDecoderWrapper as VAEDecoderWrapper  # installed by "
                             "wan.integrate (undo: python -m wan.integrate --undo)")
 # this library's packages, copied whole (upstream's wan has neither name)
-INSTALLED_PACKAGES = ("wan/runtime", "wan/ops")
+INSTALLED_PACKAGES = ("wan/runtime", "wan/kernels")
 # installed only with the decoder lines; upstream has no file of these names
 DECODER_FILES = ("wan/modules/optimized_vae_decoder.py", "wan/modules/vae_decoder.py",
                  "wan/modules/checkpoint.py")
@@ -234,7 +234,8 @@ def installed_files(decoder: bool = True) -> dict:
     for package in INSTALLED_PACKAGES:
         for source in sorted((SOURCE_ROOT / package).rglob("*.py")):
             relative = source.relative_to(SOURCE_ROOT).as_posix()
-            files[relative] = relative
+            if source.name != "__main__.py":  # `python -m wan.kernels` is this repository's tool
+                files[relative] = relative
     for name in ("test_causal_wan_model.py", "run_tests.sh", "README.md", "QUICK_START.md"):
         files[f"tests/{name}"] = f"tests/{name}"
     missing = [src for src in files.values() if not (SOURCE_ROOT / src).is_file()]

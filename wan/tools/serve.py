@@ -33,7 +33,7 @@ from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import load_decoder_weights
 from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner, graph_captures
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
-from ..ops.fp8 import fp8_gemm_problem
+from ..kernels.fp8 import fp8_gemm_problem
 from ..modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
 from ..serving.power import EnergyMeter
 from ..serving.scheduler import DeadlineScheduler, PlayerSession, players_report

@@ -5,7 +5,7 @@ tanh GELU runs here too (`gelu=True`: the FP8 GEMM before it has no GELU epilogu
 A program takes a few rows, in chunks: a first pass finds each row's largest magnitude (of the GELU taken
 in float32 and rounded to the model's dtype, as the eager twin's separate GELU would round it), a
 second pass reads the row again (from cache: a row is at most 18 KB) and stores it as e4m3 with that
-scale (wan/ops/fp8.py). Chunks keep the registers per thread low for 8960-wide rows, where
+scale (wan/kernels/fp8.py). Chunks keep the registers per thread low for 8960-wide rows, where
 holding the whole row spilled (benchmarks/fp8_quantize.py).
 """
 import torch

@@ -5,11 +5,11 @@
 * the gated residual add `x + y * gate`, alone or followed in the same pass by either LayerNorm (the
   sum is stored too: it is the residual stream);
 * with `quantize=True` the LayerNorms write their output as e4m3 with one scale per token
-  (Fp8Rows, wan/ops/fp8.py) for the FP8 GEMM that reads it;
+  (Fp8Rows, wan/kernels/fp8.py) for the FP8 GEMM that reads it;
 * `gelu_tanh(x + bias)` with a per-frame bias (the mouse MLP's first layer, whose mouse-window part
   is one row per frame).
 
-The eager twins (wan/ops/eager.py) broadcast the factors through strided views, which torch
+The eager twins (wan/kernels/eager.py) broadcast the factors through strided views, which torch
 runs with its slow non-vectorized kernel, and LayerNorm and modulation are two passes there. One
 program takes one token row; two warps per row measured fastest on an H100 (6.4 vs 6.7 us with
 four, for 2640 rows of 1536).
@@ -22,7 +22,7 @@ from ..fp8 import E4M3, E4M3_MAX, MIN_SCALE, Fp8Rows
 from .common import e4m3_row_scale, gelu_tanh
 
 NUM_WARPS = 2
-# the e4m3 row scale's constants (wan/ops/fp8.py), for the kernels that quantize
+# the e4m3 row scale's constants (wan/kernels/fp8.py), for the kernels that quantize
 FP8_SCALE = dict(E4M3_MAX=E4M3_MAX, MIN_SCALE=MIN_SCALE)
 
 
@@ -55,7 +55,7 @@ def _gated_sum(x_ptr, y_ptr, gate_ptr, row, tokens, per_frame, cols, ok, s_xb, s
 def _store_row(out_ptr, scale_ptr, row, c, cols, ok, value, dtype: tl.constexpr,
                QUANT: tl.constexpr, E4M3_MAX: tl.constexpr, MIN_SCALE: tl.constexpr):
     """Store one row rounded to `dtype`; QUANT: as e4m3 with the row's scale (the rounded row's
-    largest magnitude / E4M3_MAX) stored at scale_ptr[row] (wan/ops/fp8.py)."""
+    largest magnitude / E4M3_MAX) stored at scale_ptr[row] (wan/kernels/fp8.py)."""
     value = value.to(dtype)
     if QUANT:
         value = value.to(tl.float32)

@@ -44,7 +44,7 @@ class Fp8Weight(NamedTuple):
 
 def row_scales(x: torch.Tensor) -> torch.Tensor:
     """float32 [..., 1]: each row's largest magnitude / E4M3_MAX (MIN_SCALE for all-zero rows); the
-    Triton kernels' twin is `e4m3_row_scale` in wan/ops/triton/common.py."""
+    Triton kernels' twin is `e4m3_row_scale` in wan/kernels/triton/common.py."""
     return (x.float().abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(MIN_SCALE)
 
 

@@ -1,10 +1,10 @@
 """Math the Triton kernels share, written once as `@triton.jit` helpers. Each has one eager twin
 (the reference it is tested against, tests/test_triton_kernels.py and tests/test_fp8.py):
 
-* `gelu_tanh`: torch's `F.gelu(x, approximate="tanh")` (wan/ops/eager.py);
-* `e4m3_row_scale`: `row_scales` in wan/ops/fp8.py; the kernels take E4M3_MAX and MIN_SCALE
+* `gelu_tanh`: torch's `F.gelu(x, approximate="tanh")` (wan/kernels/eager.py);
+* `e4m3_row_scale`: `row_scales` in wan/kernels/fp8.py; the kernels take E4M3_MAX and MIN_SCALE
   from there as `tl.constexpr` arguments (no literal here);
-* `rotate_pairs`: the complex multiply of `rope` in wan/ops/eager.py.
+* `rotate_pairs`: the complex multiply of `rope` in wan/kernels/eager.py.
 """
 import triton
 import triton.language as tl

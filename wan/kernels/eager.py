@@ -8,7 +8,7 @@ from .fp8 import Fp8Rows, Fp8Weight, quantize_rows
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """The tanh GELU (upstream's FFN and mouse MLP) in x's dtype; the Triton kernels' twin is
-    `gelu_tanh` in wan/ops/triton/common.py."""
+    `gelu_tanh` in wan/kernels/triton/common.py."""
     return F.gelu(x, approximate="tanh")
 
 
@@ -89,7 +89,7 @@ def rms_norm(x, weight, eps, compute_dtype=None):
 def rope(x, cos, sin, compute_dtype):
     """Rotate the channel pairs (2i, 2i+1) of x [N, L, H, D] by angles with cos/sin [L, D/2],
     as one complex multiply in `compute_dtype` (float32 or float64). The Triton kernels' twin is
-    `rotate_pairs` in wan/ops/triton/common.py; the reference model's is wan/modules/rope.py."""
+    `rotate_pairs` in wan/kernels/triton/common.py; the reference model's is wan/modules/rope.py."""
     xr = x.to(compute_dtype)
     if xr.stride(-1) != 1 or any(s % 2 for s in xr.stride()[:-1]):
         xr = xr.contiguous()

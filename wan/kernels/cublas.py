@@ -8,7 +8,7 @@ that function applies the exact GELU instead, so the backend refuses anything bu
 
 `linear_fp8` runs torch's `_scaled_mm` on e4m3 operands with row-wise scales (one per token of x,
 one per output channel of the weight), which cuBLASLt applies in the GEMM's epilogue together with
-the bias; it accumulates in float32 and writes bfloat16 (wan/ops/fp8.py).
+the bias; it accumulates in float32 and writes bfloat16 (wan/kernels/fp8.py).
 """
 import torch
 

@@ -25,7 +25,7 @@ Ops (one signature each, every backend implements a subset):
     linear_gelu(x, weight, bias)                gelu_tanh(x @ weight^T + bias) (the FFN's first half)
     quantize_fp8(x, gelu=False)                 x (or gelu_tanh(x)) as e4m3 with a scale per row
     linear_fp8(x, weight, bias)                 x @ weight^T + bias from FP8 operands (Fp8Rows,
-                                                Fp8Weight: wan/ops/fp8.py)
+                                                Fp8Weight: wan/kernels/fp8.py)
     rms_norm_silu(x, gamma, out, bias)          the VAE decoder's channel RMS norm + SiLU on
                                                 channels-last [B, C, T, H, W] (after the previous
                                                 conv's bias), into `out`

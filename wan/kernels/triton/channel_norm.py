@@ -2,7 +2,7 @@
 the preceding convolution's bias folded in), a convolution's bias + the residual add, and the two
 in one pass where the sum feeds the next block's norm (the sum is stored for that block's
 residual add; its norm goes straight into the next convolution's buffer, and the sum is not read
-back). (The decoder's upsampling is inside `upsample_conv2d`, wan/ops/triton/upsample_conv.py.)
+back). (The decoder's upsampling is inside `upsample_conv2d`, wan/kernels/triton/upsample_conv.py.)
 
 Upstream's decoder normalises each pixel's channel vector (`F.normalize(x, dim=1) * sqrt(C) *
 gamma`) and applies SiLU, as four or five separate passes in half precision. In channels-last
