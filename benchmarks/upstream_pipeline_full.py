@@ -44,14 +44,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(command, cwd, log, timeout, env=None):
+    """Run one step, its output streamed into `log` as it comes (a step cut short by the device's
+    time limit still leaves what it printed)."""
     begin = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env=env)
-    log.write_text(f"# {' '.join(map(str, command))}  (cwd {cwd})\n{result.stdout}\n{result.stderr}")
+    with open(log, "w") as sink:
+        sink.write(f"# {' '.join(map(str, command))}  (cwd {cwd})\n")
+        sink.flush()
+        result = subprocess.run(command, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                timeout=timeout, env=dict(env or os.environ, PYTHONUNBUFFERED="1"))
     print(f"{' '.join(map(str, command))[:120]}: exit {result.returncode}, "
           f"{time.perf_counter() - begin:.0f} s", flush=True)
     if result.returncode != 0:
-        print(result.stdout[-3000:], result.stderr[-3000:], sep="\n")
+        print(Path(log).read_text()[-6000:])
     return result
 
 
@@ -153,7 +157,7 @@ def main():
                          PYTEST_ADDOPTS="-p standins")
         suite = run(["./tests/run_tests.sh", "benchmark"], checkout,
                     out / "upstream_pipeline_full_seed_suite.log", 1800, suite_env)
-        text = suite.stdout + suite.stderr
+        text = (out / "upstream_pipeline_full_seed_suite.log").read_text()
         report["seed_suite"] = {"exit": suite.returncode,
                                 "lines": [line for line in text.splitlines()
                                           if re.search(r"(?i)mean|median|speedup|ms\b", line)][-40:]}

@@ -316,6 +316,7 @@ def main():
     second = UpstreamCausalWanModel if args.upstream_dit_only else None
     for name, model_class, config_dir in (("upstream", UpstreamCausalWanModel, upstream_config),
                                           ("optimized", second, optimized_config)):
+        print(f"{name} run: building", flush=True)
         generator = build_generator(model_class, config_dir, weights, device, dtype)
         built = type(generator.model).__name__
         if name == "optimized" and second is None and built != "OptimizedCausalWanModel":
@@ -326,6 +327,8 @@ def main():
         latents, block_ms, video_ms, videos, decoder_class, decoder_graphs, startup, first_ms = \
             run_videos(generator, args, device, dtype, kind, weights=weights_vae)
         steady = [ms for video in block_ms for ms in video[2:]]  # blocks 0-1: windows filling
+        print(f"{name} run: every block's ms {[[f, *rest] for f, rest in zip(first_ms, block_ms)]}",
+              flush=True)
         runs[name] = {"model_class": built, "latents": latents, "videos": videos,
                       "decoder_startup": startup,
                       "decoder_class": decoder_class,
@@ -342,6 +345,7 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.oracle:
+        print("float32 oracle run: building", flush=True)
         generator = build_generator(UpstreamCausalWanModel, upstream_config, weights, device,
                                     torch.float32)
         with standins.upstream_attention_exact():
