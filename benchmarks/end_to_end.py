@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import (Timer, bar_chart, benchmark_device, finish,  # noqa: E402
                                 names_from, progress_bar, run_header, summarize)
+from wan.serving import memory  # noqa: E402
 from wan.tools import cli  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
@@ -119,11 +120,11 @@ def preflight(args):
     parts = {}
     for name in args.pairs:
         parts[f"{name}: DiT, decoder and their streams"] = (
-            cli.model_bytes(config, args.dit_dtype)
-            + cli.stream_bytes(config, args.latent, args.dit_dtype)
-            + cli.decoder_weight_bytes(args.decoder_dtype)
-            + 2 * cli.decoder_history_bytes(args.latent, args.decoder_dtype))
-    cli.check_memory(parts, device, f"--pairs {','.join(args.pairs)} on {device}")
+            memory.model_bytes(config, args.dit_dtype)
+            + memory.stream_bytes(config, args.latent, args.dit_dtype)
+            + memory.decoder_weight_bytes(args.decoder_dtype)
+            + 2 * memory.decoder_history_bytes(args.latent, args.decoder_dtype))
+    memory.check_memory(parts, device, f"--pairs {','.join(args.pairs)} on {device}")
 
 
 def build(args):

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wan import CausalWanModel  # noqa: E402
-from wan.runtime.conditioning import history_steps  # noqa: E402
+from wan.modules.shared.conditioning import attention_window_frames, history_steps  # noqa: E402
 from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.runtime.stream_cache import StreamCache  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
@@ -73,7 +73,7 @@ def upstream_copy(model, dicts, end_frame: int, tokens: int, dtype):
     model's ring caches `dicts` hold after `end_frame` frames, in `dtype`."""
     ring = StreamCache.from_upstream_dicts(model, dicts["kv_cache"], dicts["kv_cache_mouse"],
                                            dicts["kv_cache_keyboard"], dicts["crossattn_cache"],
-                                           tokens)
+                                           tokens, attention_window_frames(model.local_attn_size))
     held = min(end_frame, ring.self_layout.slots)
     frames = torch.arange(end_frame - held, end_frame, device=dicts["kv_cache"][0]["k"].device)
     copies = new_stream_caches(model, 1, ring.self_layout.slots, tokens, dtype=dtype)
@@ -192,7 +192,7 @@ def main(argv=None):
             err_ref = max(rel_err(o, r) for o, r in zip(ref_out, oracle_out))
             point = {"block": block, "frame": 3 * block, "rel_err_optimized": err_opt,
                      "rel_err_reference": err_ref, "ratio": err_opt / err_ref,
-                     "graphs": len(optimized._graphs),
+                     "graphs": optimized.counters["graphs"],
                      "allocated_mib": torch.cuda.memory_allocated() / 2 ** 20 if device == "cuda" else None,
                      "reserved_mib": torch.cuda.memory_reserved() / 2 ** 20 if device == "cuda" else None,
                      "host_rss_mib": host_rss_mib(),

@@ -32,7 +32,7 @@ from benchmarks.harness import Timer, finish, run_header  # noqa: E402
 from benchmarks.stream import pipeline_protocol  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.tools.compare import oracle_stream, replay, summary  # noqa: E402
-from wan.runtime.layer_plan import FP8_GEMMS  # noqa: E402
+from wan.runtime.options import FP8_GEMMS  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.presets import LATENT_SIZE, model_config  # noqa: E402
 from wan.modules.random_init import randomize_weights_  # noqa: E402

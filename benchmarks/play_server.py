@@ -1,6 +1,7 @@
 """The play server under load: 1..N scripted WebSocket players (continuous, held keys changing
 every 0.7 s) against one `python -m wan.play` engine in this process, with re-makes on (reactive
-play) and off (blocks only); then N - 1 players beside one who keeps starting new games (time
+play) and off (blocks only), and 1-2 players with the frames sent after the whole block instead of
+as soon as they are decoded (`--no-compare-send` leaves that out); then N - 1 players beside one who keeps starting new games (time
 to first frame after a join, a new game, an upload; the others' late blocks); then one on-input
 player.
 
@@ -68,6 +69,7 @@ def _clients(url, args, clients=None, on_input=0, games=False) -> list:
                "--seconds", str(args.seconds), "--warmup", str(args.warmup)]
     command += ["--on-input", str(on_input)] if on_input else ["--clients", str(clients)]
     command += ["--games"] if games else []
+    command += ["--images", args.images] if games and args.images else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     subprocess.run(command, check=True, env=env, timeout=args.seconds * 4 + 300)
     with open(out) as f:
@@ -84,11 +86,14 @@ def _p(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def _sweep(engine, running, blocks, args, reactive: bool) -> list:
-    """Continuous players 1..--players with re-makes on or off: a row per player count."""
+def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
+           send_at_frames_ready: bool = True) -> list:
+    """Continuous players 1..--players (or `counts`) with re-makes on or off: a row per player
+    count. `send_at_frames_ready` False: frames sent after the whole block (the old way)."""
     engine.config.reactive = reactive
+    engine.config.send_at_frames_ready = send_at_frames_ready
     rows = []
-    for n in range(1, args.players + 1):
+    for n in counts or range(1, args.players + 1):
         t0 = time.perf_counter() + args.warmup
         before = dict(engine.remakes)
         clients = _clients(running.ws, args, clients=n)
@@ -97,7 +102,7 @@ def _sweep(engine, running, blocks, args, reactive: bool) -> list:
         served = [b for b in blocks.since(t0) if not b["remake"]]
         latency = [v for c in clients for v in c["press_to_frame_ms"]]
         arrival = [v for c in clients for v in c["press_to_arrival_ms"]]
-        row = {"players": n, "reactive": reactive,
+        row = {"players": n, "reactive": reactive, "send_at_frames_ready": send_at_frames_ready,
                "realtime": all(c["fps"] >= REALTIME_FPS for c in clients),
                "per_player_fps": [round(c["fps"], 2) for c in clients],
                "per_player_shown_fps": [round(c["shown_fps"], 2) for c in clients],
@@ -109,7 +114,9 @@ def _sweep(engine, running, blocks, args, reactive: bool) -> list:
                "frames_replaced": sum(c["frames_replaced"] for c in clients),
                "frames_too_late": sum(c["frames_too_late"] for c in clients),
                "remakes": {k: engine.remakes[k] - before[k] for k in before},
-               "server_block_ms_p50": _median([b["block_ms"] for b in served]),
+               "server_block_ms_p50": _median([b["block_ms"] for b in served]),  # to frames
+               # the whole block (the cache update too): the scheduler's running estimate
+               "full_block_ms": round(1e3 * engine.scheduler.block_estimate_s, 1),
                "server_wait_ms_p50": _median([b["wait_ms"] for b in served]),
                "encode_ms_per_block_p50": _median([b["encode_ms"] for b in served]),
                "late_blocks": sum(b["late"] for b in served), "blocks": len(served),
@@ -144,8 +151,13 @@ def main(argv=None):
     p.add_argument("--vae", help="Wan2.1_VAE.pth (default: random decoder weights)")
     p.add_argument("--matrix-game-dir", help="a Matrix-Game-2 checkout: its encoders condition "
                    "the start images (the weights beside --vae)")
+    p.add_argument("--images", help="the start images the new-games player uploads (a folder, "
+                   "e.g. a checkout's demo_images/universal; default: generated ones)")
     p.add_argument("--skip-blocks-only", action="store_true",
                    help="only the sweep with re-makes on")
+    p.add_argument("--compare-send", action=argparse.BooleanOptionalAction, default=True,
+                   help="also 1-2 players with the frames sent after the whole block instead of "
+                        "as soon as they are decoded")
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -166,7 +178,12 @@ def main(argv=None):
         memory.append({"after_leaving_bytes": engine.device_memory()})
         blocks_only = [] if args.skip_blocks_only else _sweep(engine, running, blocks, args,
                                                               reactive=False)
-        engine.config.reactive = True
+        # the same with the frames sent after the whole block (what sending them as soon as
+        # they are decoded saves)
+        after_block = _sweep(engine, running, blocks, args, reactive=True,
+                             counts=range(1, min(args.players, 2) + 1),
+                             send_at_frames_ready=False) if args.compare_send else []
+        engine.config.reactive, engine.config.send_at_frames_ready = True, True
         # N - 1 players while one more keeps starting games: joins, new games, uploads
         t0 = time.perf_counter()
         others = max(1, min(args.players, measured_capacity) - 1)  # within the capacity
@@ -206,24 +223,30 @@ def main(argv=None):
             "remakes": {k: sum(r["remakes"][k] for r in reactive)
                         for k in ("granted", "refused", "late")},
             "encode_ms_per_block": _median([r["encode_ms_per_block_p50"] for r in reactive]),
-            "on_input": on_input, "sweep": reactive + blocks_only, "games": games}}
+            "sent_after_block": {
+                "press_to_frame_p50_ms": by_count(after_block, "press_to_frame_p50_ms"),
+                "press_to_frame_p95_ms": by_count(after_block, "press_to_frame_p95_ms")},
+            "on_input": on_input, "sweep": reactive + blocks_only + after_block,
+            "games": games}}
     if args.matrix_game_dir:
         report["start_image"] = {
             "demo": engine.demo,
             "upload_to_first_frame_ms": starts["upload"],
             "late_blocks_of_others": late_of_others,
-            "settled_latent_frame": getattr(engine, "settled_latent_frame", None)}
+            "settled_latent_frame": getattr(engine, "settled_latent_frame", None),
+            "images": args.images or "generated"}
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text)
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    print("\nplayers | re-makes | fps per player | press->shown p50/p95 ms | press->arrival p50 | "
-          "block ms | encode ms | late | underruns | re-makes granted/refused/late")
-    for r in reactive + blocks_only:
+    print("\nplayers | re-makes | sent at | fps per player | press->shown p50/p95 ms | press->arrival p50 | "
+          "to frames / block ms | encode ms | late | underruns | re-makes granted/refused/late")
+    for r in reactive + blocks_only + after_block:
         print(f"{r['players']:7d} | {'on ' if r['reactive'] else 'off'} | "
+              f"{'frames' if r['send_at_frames_ready'] else 'block '} | "
               f"{', '.join(f'{f:.1f}' for f in r['per_player_fps']):14s} | "
               f"{fmt(r['press_to_frame_p50_ms'])}/{fmt(r['press_to_frame_p95_ms'])} | "
-              f"{fmt(r['press_to_arrival_p50_ms'])} | {fmt(r['server_block_ms_p50'])} | "
+              f"{fmt(r['press_to_arrival_p50_ms'])} | {fmt(r['server_block_ms_p50'])}/{fmt(r['full_block_ms'])} | "
               f"{fmt(r['encode_ms_per_block_p50'])} | {r['late_blocks']}/{r['blocks']} | "
               f"{r['underruns']} | {r['remakes']['granted']}/{r['remakes']['refused']}/"
               f"{r['remakes']['late']}")

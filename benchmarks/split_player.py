@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.stream import Timer, finish, run_header  # noqa: E402
-from wan.runtime.conditioning import history_steps  # noqa: E402
+from wan.modules.shared.conditioning import history_steps  # noqa: E402
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel  # noqa: E402
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper  # noqa: E402
 from wan.serving.runner import StreamingBlockRunner  # noqa: E402

@@ -261,7 +261,7 @@ def oracle_and_reference(args, budget):
     from wan.modules.causal_model import CausalWanModel
     from wan.modules.presets import model_config
     from wan.modules.random_init import randomize_weights_
-    from wan.runtime.conditioning import attention_window_frames, frame_tokens
+    from wan.modules.shared.conditioning import attention_window_frames, frame_tokens
     from wan.serving.runner import FlowMatchSchedule
 
     device = args.device

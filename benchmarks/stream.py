@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import (Timer, bar_chart, benchmark_device, finish,  # noqa: E402
                                 names_from, progress_bar, run_header, summarize)
+from wan.serving import memory  # noqa: E402
 from wan.tools import cli  # noqa: E402
 from wan import CausalWanModel  # noqa: E402
 from wan.kernels.dtypes import DTYPES  # noqa: E402
@@ -76,7 +77,8 @@ def parse_args(argv=None):
                    help="cuda, cpu or auto (cuda when available)")
     p.add_argument("--preset", default="auto", choices=("auto", "tiny") + UPSTREAM_VARIANTS,
                    help="tiny, universal, gta_drive, templerun or auto")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp64"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp64"],
+                   help="the models' dtype (default auto: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--models", type=_models, default=None,
                    help=f"comma list of {list(MODEL_CLASSES)} (default: all; no graphs on a CPU)")
     p.add_argument("--blocks", type=cli.positive_int, default=None,
@@ -114,9 +116,9 @@ def preflight(args):
     latent = LATENT_SIZE[args.preset]
     itemsize = torch.empty((), dtype=args.dtype).element_size()
     steps = 12 * args.blocks  # the last block's action history (mouse 2 + keyboard <= 7 wide)
-    cli.check_memory(
-        {f"{len(args.models)} model(s)": len(args.models) * cli.model_bytes(config, args.dtype),
-         "caches": cli.stream_bytes(config, latent, args.dtype) * max(1, SEED_CACHE_FRAMES // 6),
+    memory.check_memory(
+        {f"{len(args.models)} model(s)": len(args.models) * memory.model_bytes(config, args.dtype),
+         "caches": memory.stream_bytes(config, latent, args.dtype) * max(1, SEED_CACHE_FRAMES // 6),
          f"{args.blocks} blocks' actions": steps * 9 * itemsize},
         torch.device(args.device), f"{', '.join(args.models)} ({args.preset}) on {args.device}",
         {"actions as drawn": 2 * steps * 9 * 8, "timings": 4 * args.blocks * 64})

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from wan.runtime.conditioning import frame_tokens, history_steps
+from wan.modules.shared.conditioning import frame_tokens, history_steps
 from wan.modules.rolling_cache import new_stream_caches
 
 GOLDEN_DIR = Path(__file__).parent / "golden"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "docs" / "PLAY_SERVER_PROXY.md"  # the page that holds the nginx configuration
 NGINX_BLOCK = re.compile(r"With nginx:\s*```nginx\n(.*?)```", re.S)
 
 
@@ -74,7 +74,7 @@ def runnable_config(block: str, backends: List[int], listen_port: int, cert: Pat
                  "ssl_certificate_key")
     temp = "\n".join(f"    {name}_temp_path {folder}/temp/{name};"
                      for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return f"""# made by tests/proxy_nginx.py from README.md's proxy section
+    return f"""# made by tests/proxy_nginx.py from docs/PLAY_SERVER_PROXY.md
 worker_processes 1;
 pid {folder}/nginx.pid;
 error_log {folder}/error.log info;
@@ -83,9 +83,9 @@ http {{
     log_format upstreams '$msec "$upstream_addr" "$request" $status cookie=$cookie_wan_session';
     access_log {folder}/access.log upstreams;
 {temp}
-    # ---- README.md ----
+    # ---- docs/PLAY_SERVER_PROXY.md ----
 {block}
-    # ---- end of README.md ----
+    # ---- end of docs/PLAY_SERVER_PROXY.md ----
 }}
 """
 

@@ -21,7 +21,7 @@ from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.presets import model_config, tiny_variant_config
 from wan.modules.rolling_cache import new_stream_caches
 from wan.modules.vae_decoder import VAEDecoderWrapper, load_decoder_weights
-from wan.runtime.input_checks import check_warm_up_inputs, non_finite
+from wan.modules.shared.input_checks import check_warm_up_inputs, non_finite
 from wan.runtime.stream_cache import DICT_TAG
 
 TOKENS = 32               # tiny preset: 8 x 16 latent, patch 2 x 2
@@ -298,7 +298,7 @@ WARM_UP_ROWS = [  # warm_up(visual_context, cond_concat, mouse_cond, keyboard_co
 
 @pytest.mark.parametrize("name,changes,error,match", WARM_UP_ROWS, ids=[r[0] for r in WARM_UP_ROWS])
 def test_warm_up_checks(forward_states, name, changes, error, match):
-    """check_warm_up_inputs (wan/runtime/input_checks.py): the lead calls it first in warm_up."""
+    """check_warm_up_inputs (wan/modules/shared/input_checks.py): the lead calls it first in warm_up."""
     state = forward_states("optimized", "owned")
     with pytest.raises(error, match=match):
         check_warm_up_inputs(state.model, **_warm_up_args(state.call(), **changes),
@@ -318,7 +318,7 @@ def test_warm_up_refuses_before_rewinding(forward_states, name, changes, error, 
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_non_finite_inputs_propagate_until_the_stream_restarts(model_name):
-    """What the module docstring of wan/runtime/input_checks.py documents: the model does not check
+    """What the module docstring of wan/modules/shared/input_checks.py documents: the model does not check
     NaN/inf (no host sync); they propagate into the output and, through the caches, into later
     blocks; a stream started again at frame 0 is clean (equal to a fresh model's)."""
     model = build_model("tiny", torch.float32, cls=MODELS[model_name])

@@ -41,7 +41,7 @@ def _cache_tensors(model, caches):
                  for d in caches[name] or ()]
         return [v.clone() for d in dicts for k, v in sorted(d.items())
                 if isinstance(v, torch.Tensor) and k in ("k", "v")]
-    stream = model._stream
+    stream = model._runtime.current
     return [t.clone() for t in stream.buffers() if t.is_floating_point()]
 
 
@@ -114,10 +114,10 @@ def test_graphs_of_update_calls_are_captured_by_warm_up_and_replay_as_eager():
     assert graphed.warm_up(inputs["visual_context"], inputs["cond_concat"], inputs["mouse_cond"],
                            inputs["keyboard_cond"], t_dtype=inputs["t"].dtype,
                            cache_update_only=True) >= 5  # + the image context's
-    captured = graphed._graphs.captures
+    captured = graphed._runtime.graphs.captures
     got = _stream(graphed, 4, None, True)
     expected = _stream(eager, 4, None, False)
-    assert graphed._graphs.captures == captured
+    assert graphed._runtime.graphs.captures == captured
     assert max(rel_err(g, e) for g, e in zip(got[0], expected[0])) <= 1e-2
     for a, b in zip(got[2][-1], expected[2][-1]):
         assert rel_err(a, b) <= 1e-2

@@ -34,8 +34,8 @@ import pytest
 import torch
 
 from wan.modules.causal_model import CausalWanModel
-from wan.runtime.conditioning import history_steps
-from wan.runtime.upstream_caches import new_stream_caches
+from wan.modules.shared.conditioning import history_steps
+from wan.modules.shared.upstream_caches import new_stream_caches
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.random_init import randomize_weights_
 

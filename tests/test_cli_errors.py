@@ -5,9 +5,14 @@ a function that fails the test when called). A few rows per tool run as subproce
 types them; the rest call the tool's `main(argv)` in this process (a Python start with torch
 costs seconds here).
 
-Tools: python -m wan.serve, wan.compare, wan.play, wan.kernels / wan.kernels, and the benchmarks the
-README's main command runs (benchmarks/stream.py, benchmarks/end_to_end.py)."""
+Tools: python -m wan.serve, wan.compare, wan.integrate, wan.kernels, wan.play, wan.play.client
+(wan/tools/, one shape: `main(argv=None)` over wan/tools/cli.py), and the benchmarks the README's
+main command runs (benchmarks/stream.py, benchmarks/end_to_end.py). Each command's --help works
+as `python -m` and through its pyproject.toml [project.scripts] entry, and every argument of every
+one of them has a help text."""
+import importlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -76,8 +81,8 @@ SUBPROCESS_ROWS = [  # (command after python, fragment, an output path that must
     (["benchmarks/end_to_end.py", "--out", f"{MISSING_DIR}/e.json"], "does not exist", None),
 ]
 PROGS = {"wan.serve": "python -m wan.serve", "wan.compare": "python -m wan.compare",
-         "wan.kernels": "python -m wan.kernels", "wan.kernels": "python -m wan.kernels",
-         "wan.play": "python -m wan.play", "benchmarks/stream.py": "benchmarks/stream.py",
+         "wan.kernels": "python -m wan.kernels", "wan.play": "python -m wan.play",
+         "benchmarks/stream.py": "benchmarks/stream.py",
          "benchmarks/end_to_end.py": "benchmarks/end_to_end.py"}
 
 
@@ -98,8 +103,8 @@ def _no_work(monkeypatch):
     """Every tool's model building fails the test: a row must be refused before it."""
     import benchmarks.end_to_end as end_to_end
     import benchmarks.stream as stream
-    import wan.play.__main__ as play
     import wan.tools.compare as compare
+    import wan.tools.play as play
     import wan.tools.serve as serve
 
     def work(*args, **kwargs):
@@ -115,24 +120,19 @@ def _no_work(monkeypatch):
     monkeypatch.setattr(end_to_end, "build", work)
 
 
+MODULE_OF = {"serve": "wan.tools.serve", "compare": "wan.tools.compare",
+             "integrate": "wan.tools.integrate", "kernels": "wan.tools.kernels",
+             "play": "wan.tools.play", "play_client": "wan.tools.play_client",
+             "stream": "benchmarks.stream", "end_to_end": "benchmarks.end_to_end"}
+
+
 def _main(tool):
-    if tool == "serve":
-        from wan.tools.serve import main
-    elif tool == "compare":
-        from wan.tools.compare import main
-    elif tool == "play":
-        from wan.play.__main__ import main
-    elif tool == "kernels":
-        from wan.tools.backends import main
-    elif tool == "stream":
-        from benchmarks.stream import main
-    else:
-        from benchmarks.end_to_end import main
-    return main
+    return importlib.import_module(MODULE_OF[tool]).main
 
 
 PROG_OF = {"serve": "python -m wan.serve", "compare": "python -m wan.compare",
-           "play": "python -m wan.play", "kernels": "python -m wan.kernels",
+           "integrate": "wan.integrate", "play": "python -m wan.play",
+           "kernels": "python -m wan.kernels", "play_client": "python -m wan.play.client",
            "stream": "benchmarks/stream.py", "end_to_end": "benchmarks/end_to_end.py"}
 
 IN_PROCESS_ROWS = [  # (tool, argv, fragment)
@@ -168,6 +168,14 @@ IN_PROCESS_ROWS = [  # (tool, argv, fragment)
     ("play", ["--device", "cpu", "--linger", "-1"], "must be a number >= 0"),
     ("play", ["--device", "cpu", "--matrix-game-dir", "{d}/missing"], "no such folder"),
     ("play", ["--device", "cpu", "--max-players", "1000000"], "needs about"),
+    ("integrate", ["--force", "{d}"], "--force goes with --undo only"),
+    ("integrate", ["{d}/missing"], "does not exist"),
+    ("play_client", [], "the following arguments are required: --url"),
+    ("play_client", ["--url", "ws://127.0.0.1:9/ws", "--clients", "0"], "must be at least 1"),
+    ("play_client", ["--url", "ws://127.0.0.1:9/ws", "--warmup", "5", "--seconds", "5"],
+     "--warmup 5 must be less than --seconds 5"),
+    ("play_client", ["--url", "ws://127.0.0.1:9/ws", "--out", f"{MISSING_DIR}/c.json"],
+     "does not exist"),
     ("kernels", ["--backend", "{d}/missing.yaml"], "no such file"),
     ("kernels", ["--backend", "{d}/bad.yaml"], "not readable YAML"),
     ("kernels", ["--backend", "{d}/list.yaml"], "must be a mapping with"),
@@ -250,3 +258,65 @@ def test_nan_in_a_served_block_is_one_line_and_exit_1(monkeypatch, capsys, tmp_p
     assert lines[-1].startswith("python -m wan.serve: failed: player 0: block 0 (latent frames "
                                 "0-2): the DiT's denoised latents hold"), lines
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ one shape, help texts
+def _scripts():
+    """pyproject.toml's [project.scripts]: {script name: (module, function)}."""
+    text = (ROOT / "pyproject.toml").read_text()
+    table = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return {name: tuple(target.split(":")) for name, target in
+            re.findall(r'^([\w-]+)\s*=\s*"([\w.:]+)"', table, flags=re.M)}
+
+
+COMMANDS = {  # python -m name: (script, the tool's module)
+    "wan.serve": ("wan-serve", "wan.tools.serve"),
+    "wan.compare": ("wan-compare", "wan.tools.compare"),
+    "wan.integrate": ("wan-integrate", "wan.tools.integrate"),
+    "wan.kernels": ("wan-kernels", "wan.tools.kernels"),
+    "wan.play": ("wan-play", "wan.tools.play"),
+    "wan.play.client": ("wan-play-client", "wan.tools.play_client"),
+}
+
+
+def test_every_command_has_a_script_entry_on_its_main():
+    assert _scripts() == {script: (module, "main") for script, module in COMMANDS.values()}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_as_python_m(command):
+    result = subprocess.run([sys.executable, "-m", command, "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m {command} "), result.stdout[:200]
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_through_the_script_entry(command, capsys):
+    module, function = _scripts()[COMMANDS[command][0]]
+    with pytest.raises(SystemExit) as exit:
+        getattr(importlib.import_module(module), function)(["--help"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {command} ")
+
+
+class _Parsed(BaseException):
+    """Raised instead of parsing: the parser a tool built (not an Exception: cli.run lets it
+    through)."""
+
+
+@pytest.mark.parametrize("tool", list(MODULE_OF))
+def test_every_argument_has_a_help_text(tool, monkeypatch):
+    from wan.tools import cli
+    built = []
+
+    def parse_known_args(parser, args=None, namespace=None):
+        built.append(parser)
+        raise _Parsed
+
+    monkeypatch.setattr(cli.ArgumentParser, "parse_known_args", parse_known_args)
+    with pytest.raises(_Parsed):
+        _main(tool)([])
+    missing = [action.option_strings or action.dest for action in built[0]._actions
+               if not action.help]
+    assert not missing, f"{PROG_OF[tool]}: no help text for {missing}"

@@ -8,8 +8,8 @@ import torch
 
 from helpers import build_model, make_caches, rel_err
 from wan.modules.presets import tiny_variant_config
-from wan.runtime.conditioning import VAE_TIME_COMPRESSION, history_steps
-from wan.runtime.rope_tables import (action_inverse_frequencies, angles, inverse_frequencies,
+from wan.modules.shared.conditioning import VAE_TIME_COMPRESSION, history_steps
+from wan.modules.shared.rope_tables import (action_inverse_frequencies, angles, inverse_frequencies,
                                      self_attention_angles, self_attention_axis_dims)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.rope import ActionRope, rope_params, rope_rotations_3d

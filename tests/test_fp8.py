@@ -19,7 +19,7 @@ from helpers import (assert_close_elementwise, build_model, make_caches, make_in
 from wan.modules.presets import tiny_variant_config
 from wan.kernels import eager
 from wan.kernels.fp8 import E4M3, E4M3_MAX, Fp8Rows, quantize_rows, quantize_weight
-from wan.runtime.layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS
+from wan.runtime.options import DEFAULT_FP8_GEMMS, FP8_GEMMS
 from wan.kernels.registry import BackendUnavailableError
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
@@ -140,11 +140,11 @@ def test_switching_precision_keeps_weights_and_follows_loads():
     model.set_precision("fp8")
     model.start_stream(latent_size=(8, 16))
     model(**inputs, current_start=0)
-    before = model._plan.blocks[0].ffn_in.fp8.data.float().clone()
+    before = model._runtime.plan.blocks[0].ffn_in.fp8.data.float().clone()
     model.load_state_dict(build_model(seed=5, dtype=torch.float32).state_dict())
     model.start_stream(latent_size=(8, 16))
     model(**inputs, current_start=0)
-    assert not torch.equal(model._plan.blocks[0].ffn_in.fp8.data.float(), before)
+    assert not torch.equal(model._runtime.plan.blocks[0].ffn_in.fp8.data.float(), before)
 
 
 def test_subset_of_fp8_gemms_from_the_environment(monkeypatch):
@@ -156,7 +156,7 @@ def test_subset_of_fp8_gemms_from_the_environment(monkeypatch):
     model.start_stream(latent_size=(8, 16))
     model(**{k: (v.float() if isinstance(v, torch.Tensor) else v)
              for k, v in make_inputs(model).items()}, current_start=0)
-    assert model._plan.blocks[0].qkv[0].fp8 is None and model._plan.blocks[0].ffn_out.fp8 is not None
+    assert model._runtime.plan.blocks[0].qkv[0].fp8 is None and model._runtime.plan.blocks[0].ffn_out.fp8 is not None
     monkeypatch.setenv("WAN_FP8_GEMMS", "all")
     model.set_precision("fp8")
     assert model.precision_report()["fp8_gemms"] == list(FP8_GEMMS)

@@ -47,16 +47,16 @@ def test_graph_replay_equals_eager():
     calls, expected = _record_stream(eager_model, make_caches(eager_model, preset="universal"))
     first_caches = make_caches(graphed, preset="universal")  # kept alive: fresh ones differ
     got = _replay(graphed, calls, first_caches, torch.float32)
-    assert len(graphed._graphs) >= 2  # one per phase: window filling, then full
+    assert len(graphed._runtime.graphs) >= 2  # one per phase: window filling, then full
     # a new video in new dicts (as upstream's pipeline does): graphs of its own, one phase and
     # the image context's projection; the old storage's graphs go when its dicts are dropped
-    held = len(graphed._graphs)
+    held = len(graphed._runtime.graphs)
     fresh = make_caches(graphed, preset="universal")
     again = _replay(graphed, calls[:4], fresh, torch.float32)  # one block: one phase
-    assert len(graphed._graphs) == held + 2 and rel_err(again[-1], expected[3]) <= 1e-6
+    assert len(graphed._runtime.graphs) == held + 2 and rel_err(again[-1], expected[3]) <= 1e-6
     del first_caches
     gc.collect()
-    assert len(graphed._graphs) == 2
+    assert len(graphed._runtime.graphs) == 2
     worst = max(rel_err(g, e) for g, e in zip(got, expected))
     print(f"graph vs eager, fp32, {len(calls)} calls: max relative error {worst:.2e}")
     assert worst <= 1e-6
@@ -186,7 +186,7 @@ def test_long_stream_captures_nothing_and_holds_memory_after_warm_up():
             inputs["t"] = torch.full_like(inputs["t"], t)
             model(**inputs, **caches, current_start=3 * block * TOKENS_PER_FRAME)
         torch.cuda.synchronize()
-        graphs.append(len(model._graphs))
+        graphs.append(len(model._runtime.graphs))
         allocated.append(torch.cuda.memory_allocated())
     assert graphs[2] == graphs[-1] == 3  # image context, window filling, window full
     assert max(allocated[2:]) - min(allocated[2:]) <= 1 << 20, (min(allocated[2:]), max(allocated[2:]))

@@ -20,7 +20,7 @@ from helpers import build_model, make_caches, make_inputs, rel_err
 from wan import CausalWanModel
 from wan.tools.integrate import (DECODER_FILES, DECODER_IMPORT, OPTIMIZED_DECODER_IMPORT,
                            OPTIMIZED_IMPORT, RECOGNISED_BY, UPSTREAM_IMPORT, install, status, undo)
-from wan.runtime.cuda_graphs import cuda_graphs_on
+from wan.runtime.options import cuda_graphs_on
 from wan.runtime.options import publish_model_options
 from wan.kernels.registry import BackendUnavailableError
 from wan.modules import optimized_vae_decoder

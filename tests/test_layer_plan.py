@@ -55,11 +55,11 @@ def test_new_storage_rebuilds_the_plan_and_results_follow_the_weights():
     reference, model = _pair()
     expected = _stream(reference)
     assert max_rel_err(_stream(model), expected) <= 1e-6
-    plan = model._plan
+    plan = model._runtime.plan
     model.float().double()  # every parameter gets storage of its own again
     assert not plan.is_current()
     assert max_rel_err(_stream(model), expected) <= 1e-6
-    assert model._plan is not plan and model._plan.is_current()
+    assert model._runtime.plan is not plan and model._runtime.plan.is_current()
     # an assign-load gives new tensors too: the next forward must read them, not the old pack
     other = build_model(config=tiny_variant_config("universal"), seed=7)
     model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
@@ -94,25 +94,25 @@ def test_packed_notices_a_moved_module():
 def test_model_forgets_its_plan_on_conversion_and_load():
     _, model = _pair()
     _stream(model, blocks=1)
-    assert model._plan is not None
+    assert model._runtime.plan is not None
     model.to(torch.float64)
-    assert model._plan is None
+    assert model._runtime.plan is None
     _stream(model, blocks=1)
     model.load_state_dict(model.state_dict())
-    assert model._plan is None
+    assert model._runtime.plan is None
 
 
 def _qkv_fused(model, on: bool):
     """One q/k/v GEMM over packed parameters, or three over parameters of their own."""
-    assert len(model._plan.blocks[0].qkv) == (1 if on else 3)
+    assert len(model._runtime.plan.blocks[0].qkv) == (1 if on else 3)
     q = model.blocks[0].self_attn.q.weight
     own_storage = q.untyped_storage().nbytes() == q.numel() * q.element_size()
     assert own_storage is not on
 
 
 def _cross_residual_in_gemm(model, on: bool):
-    assert [block.cross_residual_in_gemm for block in model._plan.blocks] == \
-        [on] * len(model._plan.blocks)
+    assert [block.cross_residual_in_gemm for block in model._runtime.plan.blocks] == \
+        [on] * len(model._runtime.plan.blocks)
 
 
 # option: (its environment variable, what the plan looks like with it on / off)
@@ -155,6 +155,6 @@ def test_the_cross_residual_stays_outside_an_fp8_gemm_or_without_the_norm():
     config["cross_attn_norm"] = False
     model = build_model(config=config, dtype=torch.float64, cls=OptimizedCausalWanModel)
     _stream(model, blocks=1)
-    assert not any(block.cross_residual_in_gemm for block in model._plan.blocks)
+    assert not any(block.cross_residual_in_gemm for block in model._runtime.plan.blocks)
     plan = ModelPlan(_pair()[1], fp8=frozenset({"cross_out"}))
     assert not any(block.cross_residual_in_gemm for block in plan.blocks)

@@ -21,7 +21,7 @@ from wan.modules.checkpoint import CheckpointFileError, save_safetensors_checkpo
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.presets import model_config
 from wan.kernels.registry import OPS, load_selection
-from wan.runtime.input_checks import parse_switch
+from wan.runtime.options import parse_switch
 from wan.runtime.options import FastOptions
 from wan.runtime.stream_cache import DICT_TAG
 from wan.runtime.weight_watch import ParameterWatch
@@ -136,10 +136,10 @@ def test_the_plan_is_kept_while_nothing_changed():
     model = _tiny()
     caches = make_caches(model)
     _stream(model, caches)
-    plan = model._plan
+    plan = model._runtime.plan
     _stream(model, caches, 3, 2)
     _stream(model, caches, 3, 2)
-    assert model._plan is plan
+    assert model._runtime.plan is plan
 
 
 def test_parameter_watch_names_what_changed():

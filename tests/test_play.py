@@ -23,7 +23,7 @@ pytest.importorskip("websockets")
 from PIL import Image  # noqa: E402
 
 from helpers import PlayServerThread, rel_err, wait_until  # noqa: E402
-from wan.runtime.conditioning import history_steps  # noqa: E402
+from wan.modules.shared.conditioning import history_steps  # noqa: E402
 from wan.serving.runner import StreamingBlockRunner  # noqa: E402
 from wan.play.actions import (CAMERA_VALUE, MOUSE_PIXELS_FOR_FULL_TURN, InputState,  # noqa: E402
                               action_space)

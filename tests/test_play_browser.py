@@ -6,8 +6,11 @@ list), frames are decoded and drawn (the canvas holds a picture, the fps display
 W reaches the server (its input state, and the blocks' input ids) and comes back (frames drawn
 after the press carry its input id, the latency display shows milliseconds), the players display,
 "New game" (a new game on the server, frames keep coming), a second browser context is a second
-player (2/2) and a third gets the "Server full" overlay. Only "eventually, within a timeout":
-no timing is asserted (a CPU block takes about a second).
+player (2/2) and a third gets the "Server full" overlay, whose reason names this machine's device
+(a CPU here, not "this GPU"). The video area keeps its place and size from the page's first
+layout on: its box and the canvas's are the same before the hello, before the first frame and
+after it (the size is reserved in style.css; the tiny preset's 2:1 frames are letterboxed). Only
+"eventually, within a timeout": no timing is asserted (a CPU block takes about a second).
 
 Screenshots go to a temporary folder the test prints; with WAN_SAVE_SCREENSHOT=1 the page while
 playing is also copied to benchmarks/results/2026-12-01_cpu_play_page.png.
@@ -107,10 +110,22 @@ def shots(tmp_path_factory):
     return folder
 
 
+# the video area's boxes (x, y, width, height), as the page lays them out
+BOXES = """() => Object.fromEntries(['screen-box', 'screen'].map((id) => {
+  const r = document.getElementById(id).getBoundingClientRect();
+  return [id, [r.x, r.y, r.width, r.height]];
+}))"""
+# the boxes at the page's first layout, before any script of the page ran (no hello, no frame)
+FIRST_LAYOUT = f"""document.addEventListener('DOMContentLoaded', () => {{
+  window.firstLayout = ({BOXES})();
+}});"""
+
+
 def _open(browser, url, problems):
     """A page in a new browser context (its own sessionStorage and cookies: another player)."""
     context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
+    page.add_init_script(FIRST_LAYOUT)
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
             if m.type == "error" else None)
@@ -160,9 +175,19 @@ def test_page_connects_plays_and_answers_a_key(play_server, browser, shots):
         assert page.is_visible("#demo-badge"), "random weights: the DEMO badge shows"
         _wait(page, "document.getElementById('players').textContent === '1/2'",
               "the players display shows 1/2")
+        first_layout = page.evaluate("window.firstLayout")
+        assert first_layout and first_layout["screen-box"][2] > 0, first_layout
+        if page.evaluate("window.wanPlay.framesShown") == 0:  # a CPU block takes seconds
+            assert page.evaluate(BOXES) == first_layout, "the hello moved the video area"
+            page.screenshot(path=str(shots / "0_before_first_frame.png"))
 
         # frames: decoded, drawn, counted
         _wait(page, "window.wanPlay.framesShown >= 6", "frames are shown")
+        # the video area did not move or change size when the frames came (its size is reserved
+        # up front; the overlay covers exactly the canvas)
+        boxes = page.evaluate(BOXES)
+        assert boxes == first_layout, f"the video area shifted: {first_layout} -> {boxes}"
+        assert boxes["screen-box"] == boxes["screen"], boxes
         _wait(page, "parseFloat(document.getElementById('fps').textContent) > 0",
               "the fps display is above 0")
         _wait(page, "document.getElementById('overlay').hidden", "the overlay is gone")
@@ -265,7 +290,11 @@ def test_second_player_and_server_full(play_server, browser, shots):
         _wait(third, "window.wanPlay.full", "the third player is told the server is full")
         _wait(third, "document.getElementById('overlay').textContent === 'Server full' && "
               "!document.getElementById('overlay').hidden", "the Server full overlay shows")
-        assert "full" in third.inner_text("#status").lower()
+        reason = third.inner_text("#status")
+        assert "full" in reason.lower()
+        here, other = ("GPU", "CPU") if server.engine.device.type == "cuda" else ("CPU", "GPU")
+        assert f"from this {here}" in reason and other not in reason, \
+            f"the reason names this machine's device ({here}): {reason!r}"
         assert third.inner_text("#players") == "2/2", "the full page shows the players"
         box, screen = (third.locator(f"#{id}").bounding_box() for id in ("screen-box", "screen"))
         assert abs(box["height"] - screen["height"]) < 1, \

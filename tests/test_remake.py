@@ -226,6 +226,90 @@ def test_a_remake_splices_at_the_first_frame_it_can_be_ready_for():
     assert scheduler.try_remake(player, record.due, 9, 0) is None
 
 
+class _DecodedFirst:
+    """A player whose blocks have their frames `ready_s` after the start and finish (the cache
+    update) `block_s` after it, on the fake clock: the scheduler's synchronize ends the block."""
+
+    def __init__(self, clock, ready_s, block_s):
+        self.player_id, self.clock, self.blocks_done = 0, clock, 0
+        self.ready_s, self.block_s, self.started = ready_s, block_s, None
+
+    def run_block(self):
+        from wan.serving.runner import BlockTiming
+        self.started, self.blocks_done = self.clock.now, self.blocks_done + 1
+        session = self
+
+        class Clock:
+            def wait_frames(self):
+                session.clock.now = session.started + session.ready_s
+
+            def timing(self):
+                return BlockTiming(1e3 * session.ready_s, 1e3 * session.block_s)
+        return torch.full((1, 9, 3, 2, 2), float(self.blocks_done)), Clock()
+
+    def finish(self):
+        self.clock.now = self.started + self.block_s
+
+
+def test_frames_go_out_when_decoded_before_the_block_finishes():
+    """`step(on_frames=...)`: the frames are handed out at the runner's frames-ready point (its
+    record has `ready` and no `finish` yet), then the block finishes; the full record follows."""
+    from wan.serving.scheduler import BlockRecord, DeadlineScheduler
+    clock = FakeClock()
+    player = _DecodedFirst(clock, ready_s=0.07, block_s=0.11)
+    scheduler = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=player.finish)
+    scheduler.start_live()
+    scheduler.join(player)
+    handed = []
+
+    def on_frames(record, frames):
+        handed.append((clock.now, record, frames))
+    for block in range(3):
+        clock.now = max(clock.now, scheduler.next_release())
+        record, frames = scheduler.step(timeout=0.0, on_frames=on_frames)
+        at, early, early_frames = handed[-1]
+        assert early.finish is None and early.block == record.block == block
+        assert at == pytest.approx(record.start + 0.07) == pytest.approx(early.ready)
+        assert record.finish == pytest.approx(record.start + 0.11)
+        assert record.finish > at  # sent before the end
+        assert record.ready == pytest.approx(early.ready)
+        assert early_frames is frames and frames[0, 0, 0, 0, 0] == block + 1
+    assert len(handed) == 3
+    # lateness as the player sees it: a block not finished yet is late when its frames are
+    late = dict(player=0, block=1, frames=12, joined=0.0, due=1.0, release=0.5, start=0.9)
+    assert not BlockRecord(**late, finish=None, ready=0.98).late
+    assert BlockRecord(**late, finish=None, ready=1.02).late
+    assert BlockRecord(**late, finish=1.02, ready=0.98).late  # the whole block: its finish
+
+
+def test_frames_sent_when_decoded_equal_frames_sent_after_the_block():
+    """The play engine (CPU, tiny preset) sends the same frames, bitwise, whether it sends them
+    as soon as they are decoded (the default) or after the whole block."""
+    import time
+
+    from wan.play.engine import EngineConfig, GameEngine
+    sent = {}
+    for early in (True, False):
+        engine = GameEngine(EngineConfig(device="cpu", max_players=1, reactive=False,
+                                         send_at_frames_ready=early))
+        batches = []
+        player = engine.add_player("continuous", batches.append)
+        player.seed = 11  # the same noise for both engines
+        engine.start()
+        try:
+            deadline = time.perf_counter() + 300
+            while len(batches) < 2 and time.perf_counter() < deadline and engine.failure is None:
+                time.sleep(0.05)
+        finally:
+            engine.stop()
+        assert engine.failure is None and len(batches) >= 2, f"early={early}: {len(batches)}"
+        sent[early] = [(b.block, b.jpegs) for b in batches[:2]]
+        for b in batches[:2]:
+            assert b.block_start <= b.frames_ready <= b.encoded and not b.remake
+    assert [block for block, _ in sent[True]] == [0, 1]
+    assert sent[True] == sent[False]
+
+
 @torch.no_grad()
 def test_a_rewound_slot_plays_a_new_game_as_a_fresh_runner(parts):
     """A player slot: the runner's own caches rewound in place for the next game (the graphs
@@ -251,7 +335,7 @@ def test_a_rewound_slot_plays_a_new_game_as_a_fresh_runner(parts):
 
 
 def _held_actions(block):
-    from wan.runtime.conditioning import history_steps
+    from wan.modules.shared.conditioning import history_steps
     return _actions((block % 4,), history_steps(3 * block + 2))
 
 
@@ -341,3 +425,26 @@ def test_on_cuda_with_graphs_a_remade_block_is_the_stream_fed_the_spliced_action
         cuda_parts, block, splice):
     """The same on the GPU (bf16 DiT, fp16 decoder, CUDA graphs replayed): bitwise."""
     _check_splice(cuda_parts, block, splice)
+
+
+@torch.no_grad()
+def test_on_cuda_the_frames_and_their_check_are_ready_before_the_block_ends(cuda_parts):
+    """What sending at frames-ready relies on (CUDA, the decode on its own stream): once
+    `wait_frames()` returns, the block's non-finite check has arrived (reading it waits for
+    nothing) and the frames are final: equal to themselves after the whole block is done."""
+    from wan.modules.shared.conditioning import history_steps
+    session = _session(cuda_parts)
+    session.receive(*_actions((0,), history_steps(3 * 3 - 1)))  # three blocks' actions
+    for _ in range(3):
+        frames, clock = session.run_block()
+        clock.wait_frames()
+        assert session.runner._checks[-1].done()
+        session.runner.check_finite(wait=False)
+        side = session.runner.side
+        with torch.cuda.stream(side):  # read where the sender reads: the decode's stream
+            early = frames.clone()
+        side.synchronize()
+        torch.cuda.synchronize()
+        assert torch.equal(early, frames)
+        timing = clock.timing()
+        assert timing.action_to_frame_ms <= timing.block_ms

@@ -10,7 +10,7 @@ from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.presets import model_config
 from wan.modules.vae_decoder import VAEDecoderWrapper
-from wan.runtime.layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS
+from wan.runtime.options import DEFAULT_FP8_GEMMS, FP8_GEMMS
 from wan.runtime.options import FastOptions, publish_model_options
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -148,9 +148,9 @@ def test_after_warm_up_real_calls_capture_nothing_and_match_eager():
     assert graphed.warm_up(inputs["visual_context"], inputs["cond_concat"],
                            inputs["mouse_cond"], inputs["keyboard_cond"],
                            t_dtype=inputs["t"].dtype) >= 3
-    captured = graphed._graphs.captures
+    captured = graphed._runtime.graphs.captures
     got, expected = run_stream(graphed, 5), run_stream(eager, 5)
-    assert graphed._graphs.captures == captured
+    assert graphed._runtime.graphs.captures == captured
     assert max(rel_err(g, e) for g, e in zip(got, expected)) <= 1e-2
 
 

@@ -152,7 +152,7 @@ def test_per_stream_graphs_replay_eager_results_and_stop_capturing():
     got = _interleaved(graphed, calls, caches)
     for player in range(PLAYERS):
         assert all(torch.equal(g, e) for g, e in zip(got[player], expected[player]))
-    captured = graphed._graphs.captures
+    captured = graphed._runtime.graphs.captures
     # the same players go on (later blocks: the phase with a full window, captured already)
     more = [[dict(call, current_start=call["current_start"] + 3 * BLOCKS * TOKENS_PER_FRAME)
              for call in player_calls] for player_calls in calls]
@@ -160,7 +160,7 @@ def test_per_stream_graphs_replay_eager_results_and_stop_capturing():
         for player in range(PLAYERS):
             for call in more[player][block * len(STEPS):(block + 1) * len(STEPS)]:
                 graphed(**_shifted_actions(call, 3 * BLOCKS), **caches[player])
-    assert graphed._graphs.captures == captured
+    assert graphed._runtime.graphs.captures == captured
 
 
 def _shifted_actions(call, frames: int):
@@ -189,4 +189,4 @@ def test_a_new_video_after_the_last_one_was_dropped_captures_into_a_new_pool():
         assert all(torch.equal(g, e) for g, e in zip(got, expected))
         del caches
         gc.collect()
-        assert len(model._graphs) == 0 and model._graphs.pool is None
+        assert len(model._runtime.graphs) == 0 and model._runtime.graphs.pool is None

@@ -1,5 +1,6 @@
-"""`python -m wan.compare`: the command's name. The tool itself is wan/tools/compare.py."""
+"""`python -m wan.compare`: the command wan/tools/compare.py (what a precision costs in accuracy on
+one's own weights)."""
 from .tools.compare import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,5 +1,6 @@
-"""`python -m wan.integrate`: the command's name. The tool itself is wan/tools/integrate.py."""
+"""`python -m wan.integrate`: the command wan/tools/integrate.py (install into a Matrix-Game-2
+checkout, and undo)."""
 from .tools.integrate import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,5 +1,6 @@
-"""`python -m wan.serve`: the command's name. The tool itself is wan/tools/serve.py."""
+"""`python -m wan.serve`: the command wan/tools/serve.py (several players per device; benchmark and
+sweep)."""
 from .tools.serve import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

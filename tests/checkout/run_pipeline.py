@@ -53,8 +53,8 @@ from omegaconf import OmegaConf  # noqa: E402
 import utils.wan_wrapper as wan_wrapper  # noqa: E402
 from pipeline import CausalInferencePipeline  # noqa: E402
 from wan.modules.causal_model import CausalWanModel as UpstreamCausalWanModel  # noqa: E402
-from wan.runtime.conditioning import history_steps  # noqa: E402
-from wan.runtime.cuda_graphs import cuda_graphs_on  # noqa: E402
+from wan.modules.shared.conditioning import history_steps  # noqa: E402
+from wan.runtime.options import cuda_graphs_on  # noqa: E402
 from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.modules.random_init import randomize_weights_  # noqa: E402
 

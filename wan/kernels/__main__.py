@@ -1,6 +1,6 @@
-"""`python -m wan.kernels`: for every op, its backends, whether each can run here (or why not),
-and what the selection picks. The tool is wan/tools/backends.py."""
-from ..tools.backends import main
+"""`python -m wan.kernels`: the command wan/tools/kernels.py (every op's backends, whether each
+can run here, what the selection picks)."""
+from ..tools.kernels import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

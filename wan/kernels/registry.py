@@ -210,15 +210,24 @@ Selection = Dict[str, str]
 
 def load_selection(spec: Union[None, str, os.PathLike, Mapping[str, str]] = None,
                    environ: Optional[Mapping[str, str]] = None) -> Selection:
-    """{op: backend name or 'auto'} for every op. `spec` (a name, {op: name} or YAML path; None
-    or a blank string: not given) is laid over WAN_BACKEND (same forms), which is laid over
-    `auto`: ops `spec` leaves out keep theirs. The keyword wins: when `spec` names every op the
-    environment is not read at all, and a bad WAN_BACKEND is an error (naming the variable) only
-    where it decides some op. `environ`: os.environ unless given (tests)."""
+    """`layer_selection(spec, WAN_BACKEND)` with WAN_BACKEND read from `environ` (os.environ unless
+    given): for the command line (`python -m wan.kernels`) and tests. The models never call it:
+    FastOptions (wan/runtime/options.py) reads the environment once, like every other option, and
+    hands WAN_BACKEND's value to `layer_selection` itself."""
     environ = os.environ if environ is None else environ
+    return layer_selection(spec, str(environ.get(ENV_VAR, "") or ""))
+
+
+def layer_selection(spec: Union[None, str, os.PathLike, Mapping[str, str]] = None,
+                    below: str = "") -> Selection:
+    """{op: backend name or 'auto'} for every op. `spec` (a name, {op: name} or YAML path; None
+    or a blank string: not given) is laid over `below` (WAN_BACKEND's value as the caller read
+    it, same forms; '' for none), which is laid over `auto`: ops `spec` leaves out keep theirs.
+    The keyword wins: when `spec` names every op `below` is not read at all, and a bad `below` is
+    an error (naming WAN_BACKEND) only where it decides some op. Reads no environment."""
     selection = {op: "auto" for op in OPS}
     chosen = _parse_selection(spec) if _given(spec) else {}
-    env = str(environ.get(ENV_VAR, "") or "").strip()
+    env = below.strip()
     if env and len(chosen) < len(OPS):
         try:
             selection.update(_parse_selection(env, where=f"{ENV_VAR}={env!r}"))

@@ -16,12 +16,13 @@ import torch
 import torch.nn as nn
 
 from . import layers
-from ..runtime.conditioning import (VAE_TIME_COMPRESSION, attention_window_frames, condition_steps,
+from .shared.conditioning import (VAE_TIME_COMPRESSION, attention_window_frames, condition_steps,
                                    frame_windows)
-from ..runtime.input_checks import check_positive_ints, parse_switch
+from .shared.input_checks import check_positive_ints
 from .attention import attention, block_causal_mask
 from .rolling_cache import write_and_read_window
 from .rope import ActionRope
+from ..runtime.options import parse_switch
 
 
 def cached_window(cache: dict, k, v, start: int, sink: int, window: int):

@@ -23,14 +23,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..runtime.conditioning import attention_window_frames
+from .shared.conditioning import attention_window_frames
 from .action_module import ActionModule, cached_window
 from .attention import attention, block_causal_mask
 from .checkpoint import load_safetensors_checkpoint
-from ..runtime.input_checks import (check_forward_inputs, check_positive_ints, parse_switch,
-                                    per_frame_timesteps)
+from .shared.input_checks import check_forward_inputs, check_positive_ints, per_frame_timesteps
 from .layers import (AttentionProjections, MLPProj, WAN_CROSSATTENTION_CLASSES, WanLayerNorm,
                      sinusoidal_embedding_1d)
+from ..runtime.options import parse_switch
 from .rope import rope_apply_3d, rope_rotations_3d, self_attention_rope_table
 
 # config.json keys that upstream writes but its constructor does not take
@@ -277,7 +277,7 @@ class CausalWanModel(nn.Module):
         self.img_emb = MLPProj(CLIP_DIM, dim)
         # upstream's complex128 RoPE table of 1024 frames (a plain attribute, not a buffer, so
         # .to(dtype) leaves it alone); kept for code that reads it: the forward computes the angles
-        # of any position instead (wan/runtime/rope_tables.py)
+        # of any position instead (wan/modules/shared/rope_tables.py)
         self.freqs = self_attention_rope_table(dim // num_heads)
         self.init_weights()
         self.gradient_checkpointing = False

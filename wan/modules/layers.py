@@ -6,7 +6,7 @@ input: `WanRMSNorm` normalises in float32 and the time embedding's sinusoid is b
 import torch
 import torch.nn as nn
 
-from ..runtime.conditioning import sinusoidal_embedding_1d  # noqa: F401 (upstream's name here)
+from .shared.conditioning import sinusoidal_embedding_1d  # noqa: F401 (upstream's name here)
 from .attention import attention
 
 

@@ -16,44 +16,25 @@ differs is the streaming path:
   wan/kernels/fp8.py). Its cost in accuracy on one's own weights: `python -m wan.compare`.
 
 It relies on its parent only through the constructor, the module tree, parameter names and public
-attributes, so this file plus wan/kernels/ also works over upstream Matrix-Game-2's CausalWanModel:
+attributes, so this file with what it imports (wan/modules/streaming/, wan/modules/shared/,
+wan/runtime/, wan/kernels/) also works over upstream Matrix-Game-2's CausalWanModel:
 `python -m wan.integrate` installs them into a checkout. The cache-free (training) forward is the
 parent's.
+
+Where to read what: this class is what a user calls (options, streams, warm-up, forward); a
+streaming call's checks, caches, positions and graphs are wan/modules/streaming/call.py, and its
+math, top to bottom, wan/modules/streaming/blocks.py.
 """
-import contextlib
 import inspect
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..runtime.conditioning import frame_windows, sinusoidal_embedding_1d
-from ..runtime.input_checks import parse_switch
-from ..runtime.layer_plan import FP8_GEMMS, ActionPlan, BlockPlan
-from ..runtime.options import FastOptions, publish_model_options
-from ..runtime.rope_tables import angles, self_attention_angles
+from ..runtime.options import FP8_GEMMS, FastOptions, parse_switch, publish_model_options
 from ..runtime.stream_cache import StreamCache
-from ..runtime.streaming import StreamingForward
 from ..runtime.weight_watch import ForgetsDerivedStateOnNewWeights
 from .causal_model import CausalWanModel
-
-
-@dataclass
-class _Step:
-    """What every block of one streaming call shares (inside the captured part)."""
-    ops: SimpleNamespace
-    cache: StreamCache
-    attended_self: int          # cache slots the self-attention reads (the phase)
-    attended_action: int        # ... and the action modules
-    self_slots: torch.Tensor    # this call's frames' slots in the self-attention ring
-    action_slots: torch.Tensor
-    rope: tuple                 # (cos, sin) per token, self-attention
-    action_rope: Optional[tuple]  # (cos, sin) per frame, action modules
-    rope_dtype: torch.dtype
-    frames: int
-    conditions: dict            # layer -> the action conditions' projections (+ ready event)
+from .streaming.call import StreamingForward
 
 
 class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
@@ -92,9 +73,12 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         if register is not None:  # diffusers' ConfigMixin (upstream's parent): keep them in .config
             register(**given, inject_sample_info=inject_sample_info)
         self.options = FastOptions.resolve(given)
-        # what a user gave the DiT (its config.json): the decoder built with no options follows
+        # the one hand-off (wan/runtime/options.py): upstream's scripts build the decoder with no
+        # arguments, so a decoder given no options follows what this DiT's keywords (its
+        # config.json) gave
         publish_model_options(cuda_graphs=cuda_graphs, backend=backend)
-        self._runtime = StreamingForward(self)  # the call around the math: caches, plan, graphs
+        # the call around the math (streaming/call.py): checks, caches, positions, plan, graphs
+        self._runtime = StreamingForward(self)
         self._watch_weights()  # the plan and graphs are forgotten after .to() or a load
 
     # ------------------------------------------------------------------ options
@@ -145,6 +129,14 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
                 + ["patch_embedding", "time_embedding", "time_projection", "head",
                    "image context k/v", "action modules"]}
 
+    @property
+    def counters(self) -> dict:
+        """What the streaming forward paid so far (as the decoder's `counters`): `captures` (CUDA
+        graphs captured, cumulative: a serving loop should stop adding to it) and `graphs` (held
+        now, over every stream)."""
+        graphs = self._runtime.graphs
+        return {"captures": graphs.captures, "graphs": len(graphs)}
+
     def backend_report(self, device=None, dtype=None) -> dict:
         """{op: backend name} that runs for the model's (or the given) device and dtype."""
         weight = self.patch_embedding.weight
@@ -157,15 +149,6 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         runtime = getattr(self, "_runtime", None)
         if runtime is not None:
             runtime.forget_plan()
-
-    # the runtime's plan and graphs, as tests and tools look at them
-    @property
-    def _plan(self):
-        return self._runtime.plan
-
-    @property
-    def _graphs(self):
-        return self._runtime.graphs
 
     # ------------------------------------------------------------------ owned streams
     def start_stream(self, batch: int = 1, latent_size=(44, 80), new: bool = False) -> StreamCache:
@@ -186,10 +169,6 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
     def streams(self) -> list:
         """The model's own streams, oldest first."""
         return list(self._runtime.owned)
-
-    @property
-    def _stream(self) -> Optional[StreamCache]:
-        return self._runtime.current
 
     def reset_stream(self):
         """Rewind the current owned stream to frame 0 (new image context on the next call)."""
@@ -237,215 +216,12 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
             return super().forward(x, t, visual_context, cond_concat, mouse_cond=mouse_cond,
                                    keyboard_cond=keyboard_cond)
         with torch.no_grad():  # inference only: the Triton kernels have no backward
-            return self._runtime(self._compute, x, t, visual_context, cond_concat,
-                                 mouse_cond=mouse_cond, keyboard_cond=keyboard_cond,
-                                 kv_cache=kv_cache, kv_cache_mouse=kv_cache_mouse,
+            return self._runtime(x, t, visual_context, cond_concat, mouse_cond=mouse_cond,
+                                 keyboard_cond=keyboard_cond, kv_cache=kv_cache,
+                                 kv_cache_mouse=kv_cache_mouse,
                                  kv_cache_keyboard=kv_cache_keyboard,
                                  crossattn_cache=crossattn_cache, current_start=current_start,
                                  cache_update_only=cache_update_only)
-
-    # ------------------------------------------------------------------ the captured part
-    def _compute(self, x, t, cond_concat, mouse_window=None, keyboard_window=None, *, cache,
-                 phase, state, plan, cache_update_only: bool = False):
-        """Device work only (no host sync, shapes fixed by the inputs and `phase`). With
-        `cache_update_only` only the cache writes matter: the last block stops after its own and
-        no output is made (returns None)."""
-        ops = state.ops
-        b = x.shape[0]
-        tokens = self.patch_embedding(torch.cat([x, cond_concat], dim=1))
-        _, c, frames, h, w = tokens.shape
-        tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # channels-last from here on
-        e = self.time_embedding(
-            sinusoidal_embedding_1d(self.freq_dim, t.flatten()).to(tokens.dtype))
-        e0 = self.time_projection(e).unflatten(1, (6, c)).unflatten(0, (b, frames))
-
-        frame_ids = state.start_frame + torch.arange(frames, device=x.device)
-        # RoPE angles of the absolute positions, computed on the device (no table: any frame)
-        rope = _cos_sin(self_attention_angles(frame_ids, h, w, self.dim // self.num_heads),
-                        state.rope_dtype)
-        action_rope = None
-        if state.action_inv_freq is not None:  # float32 whatever the model's dtype, as upstream
-            action_rope = _cos_sin(angles(frame_ids, state.action_inv_freq), torch.float32)
-        step = _Step(ops=ops, cache=cache, attended_self=phase[0], attended_action=phase[1],
-                     self_slots=cache.self_layout.slot_of(frame_ids),
-                     action_slots=cache.action_layout.slot_of(frame_ids), rope=rope,
-                     action_rope=action_rope, rope_dtype=state.rope_dtype, frames=frames,
-                     conditions=self._condition_projections(plan, mouse_window, keyboard_window,
-                                                            frames, state.side_stream))
-        # every block's adaLN factors in one add (the modulations are packed): [L, B, F, 6, C]
-        modulations = plan.modulations.tensor[:, None] + e0
-        head_shift, head_scale = (self.head.modulation.unsqueeze(1)
-                                  + e.unflatten(0, (b, frames)).unsqueeze(2)).chunk(2, dim=2)
-        # (shift, scale, eps, quantize) of the LayerNorm + modulation that opens each block (its
-        # output quantized when the q/k/v GEMM runs in FP8), then the head's
-        opening_norms = [(m[:, :, 0:1], m[:, :, 1:2], block.norm1.eps, layer.qkv[0].takes_fp8)
-                         for m, block, layer in zip(modulations, self.blocks, plan.blocks)]
-        opening_norms.append((head_shift, head_scale, self.head.norm.eps, False))
-        # each block ends with its FFN's gated residual fused with the next opening norm, so a block
-        # gets its input normalised already
-        shift, scale, eps, quantize = opening_norms[0]
-        normed = ops.layer_norm_modulate(tokens, shift, scale, eps, quantize=quantize)
-        last = plan.blocks[-1].index
-        for layer in plan.blocks:
-            if cache_update_only and layer.index == last:
-                # nothing after the last block's cache writes is read by a later call
-                self._block(layer, tokens, normed, modulations[layer.index], step, None,
-                            cache_writes_only=True)
-                return None
-            tokens, normed = self._block(layer, tokens, normed, modulations[layer.index], step,
-                                         opening_norms[layer.index + 1])
-        out = self.head.head(normed)
-        pt, ph, pw = self.patch_size
-        out = out.view(b, frames, h, w, pt, ph, pw, self.out_dim)
-        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(
-            b, self.out_dim, frames * pt, h * ph, w * pw)
-
-    @staticmethod
-    def _block(layer: BlockPlan, tokens, hn, modulation, step, next_norm,
-               cache_writes_only: bool = False):
-        """tokens and hn (their opening LayerNorm + modulation) -> this block's output and the
-        output normalised by `next_norm` (shift, scale, eps, quantize). With `cache_writes_only`
-        the block stops once it has written its caches (its self-attention k/v, and its action
-        module's keys when it has one) and returns None."""
-        ops, cache, i = step.ops, step.cache, layer.index
-        _, _, gate_msa, shift_ffn, scale_ffn, gate_ffn = modulation.chunk(6, dim=2)
-
-        # self-attention over this block and the cached frames: q/k/v in one GEMM, then RMS norm +
-        # RoPE of q and k and the writes of k and v into their cache slots in one op
-        q = ops.qkv_norm_rope_store(
-            *layer.project_qkv(hn, ops), layer.q_norm, layer.k_norm, layer.qk_eps, *step.rope,
-            layer.heads, cache.self_k[i], cache.self_v[i], step.self_slots, step.rope_dtype)
-        if cache_writes_only and layer.action is None:
-            return None
-        y = ops.self_attention(q, *cache.self_window(i, step.attended_self))
-        update = layer.self_out(y.flatten(2), ops)
-        # the gated residual (per frame), with the cross-attention's pre-norm in the same pass
-        norm = layer.cross_norm
-        in_gemm = layer.cross_residual_in_gemm
-        if norm is not None:
-            # with the cross residual in its GEMM, the stream gets that GEMM's bias here
-            tokens, normed = ops.gated_residual_layer_norm(
-                tokens, update, gate_msa, norm.weight, norm.bias, norm.eps,
-                quantize=layer.cross_q.takes_fp8,
-                sum_bias=layer.cross_out.bias if in_gemm else None)
-        else:
-            tokens = normed = ops.gated_residual(tokens, update, gate_msa)
-
-        # cross-attention to the image context (keys/values projected once per stream)
-        q = ops.norm_rope_store(layer.cross_q(normed, ops), *layer.cross_q_norm, cos=None,
-                                sin=None, heads=layer.heads)
-        y = ops.cross_attention(q, cache.cross[i]["k"], cache.cross[i]["v"])
-        if in_gemm:  # tokens is the fresh sum from the kernel above: accumulated into in place
-            tokens = layer.cross_out.accumulate_into(tokens, y.flatten(2))
-        else:
-            tokens = tokens + layer.cross_out(y.flatten(2), ops)
-
-        if layer.action is not None:
-            tokens = _action(layer.action, i, tokens, step)
-            if cache_writes_only:  # its keys are in the action caches now; the FFN is not read
-                return None
-
-        hn = ops.layer_norm_modulate(tokens, shift_ffn, scale_ffn, layer.ffn_norm_eps,
-                                     quantize=layer.ffn_in.takes_fp8)
-        hidden = layer.ffn_hidden(hn, ops)
-        shift, scale, eps, quantize = next_norm
-        return ops.gated_residual_layer_norm_modulate(tokens, layer.ffn_out(hidden, ops), gate_ffn,
-                                                      shift, scale, eps, quantize=quantize)
-
-    def _condition_projections(self, plan, mouse_window, keyboard_window, frames, side_stream):
-        """{layer: (mouse window's share of the mouse MLP's first layer [B, F, 1, C], keyboard
-        keys, keyboard values, ready event)}: what the action modules compute from the conditions
-        alone. ~7 tiny launches per action layer; on CUDA they run on a side stream beside the
-        backbone, layer by layer, and each action module waits only for its own layer's event.
-        (The side stream first waits for the main one, so its memory, freed to its own pool, is
-        never reused while the main stream still reads it.)"""
-        if side_stream is not None:
-            side_stream.wait_stream(torch.cuda.current_stream())
-        projections = {}
-        on_side = (torch.cuda.stream(side_stream) if side_stream is not None
-                   else contextlib.nullcontext())
-        with on_side:
-            for layer in plan.blocks:
-                action = layer.action
-                if action is None:
-                    continue
-                mouse = keyboard_k = keyboard_v = None
-                if action.mouse:  # the first layer's input is [tokens, mouse window]
-                    first = action.mouse_first
-                    mouse = F.linear(_frame_windows(action.module, mouse_window),
-                                     first.weight[:, self.dim:], first.bias)[:, :, None]
-                if action.keyboard:
-                    module = action.module
-                    embedded = module.keyboard_embed(keyboard_window)
-                    keyboard_k, keyboard_v = module.keyboard_attn_kv(
-                        _frame_windows(module, embedded)).view(
-                            embedded.shape[0], frames, 2, action.heads, -1).unbind(2)
-                ready = None
-                if side_stream is not None:
-                    ready = torch.cuda.Event()
-                    ready.record(side_stream)
-                projections[layer.index] = (mouse, keyboard_k, keyboard_v, ready)
-        return projections
-
-
-def _action(action: ActionPlan, i: int, tokens, step):
-    """The action module of layer i: mouse and keyboard attention added to the tokens."""
-    ops, cache = step.ops, step.cache
-    n_action, slots = step.attended_action, step.action_slots
-    cos, sin = step.action_rope
-    frames = step.frames
-    b, length, c = tokens.shape
-    spatial = length // frames
-    heads, module = action.heads, action.module
-    mouse_bias, keyboard_k, keyboard_v, ready = step.conditions[i]
-    if ready is not None:
-        torch.cuda.current_stream().wait_event(ready)
-
-    # the attention ops take the raw projections: q/k norm, RoPE and the cache writes of k/v
-    # happen inside them (wan/kernels/registry.py)
-    if action.mouse:
-        # attention per spatial token over frames. The MLP runs in the tokens' own frame-major
-        # layout, and its first layer is split: the mouse window is shared by all tokens of a
-        # frame, so it is projected once per frame instead of concatenated to 880 tokens
-        h = ops.frame_bias_gelu(F.linear(tokens, action.mouse_first.weight[:, :c]), mouse_bias)
-        norm = action.mouse_norm
-        h = ops.layer_norm(action.mouse_second(h), norm.weight, norm.bias, norm.eps)
-        qkv = module.t_qkv(h).view(b, frames, spatial, 3, heads, -1)
-        # [B*S, F, H, D] sequence views of the projection (a copy only when B > 1)
-        q, k, v = qkv.transpose(1, 2).reshape(b * spatial, frames, 3, heads, -1).unbind(2)
-        y = ops.mouse_attention(q, k, v, cache.mouse_k[i], cache.mouse_v[i], slots, n_action, cos,
-                                sin, action.mouse_eps)
-        y = y.reshape(b, spatial, frames, -1).transpose(1, 2).reshape(b, length, -1)
-        tokens = _add_projection(tokens, y, module.proj_mouse)
-
-    if action.keyboard:
-        # every token attends to the few key frames directly: the keys are never repeated
-        q = module.mouse_attn_q(tokens).view(b, length, heads, -1)
-        y = ops.keyboard_attention(q, keyboard_k, keyboard_v, cache.keyboard_k[i],
-                                   cache.keyboard_v[i], slots, n_action, cos, sin,
-                                   action.keyboard_eps)
-        tokens = _add_projection(tokens, y.flatten(2), module.proj_keyboard)
-    return tokens
-
-
-def _frame_windows(action, steps):
-    """[B, steps, C] -> [B, frames, window * C] per-frame windows (inside the graphs)."""
-    return frame_windows(steps, action.vae_time_compression_ratio, action.windows_size)
-
-
-def _add_projection(tokens, y, linear):
-    """tokens + linear(y). A bias-free layer accumulates into `tokens` inside its GEMM (beta = 1),
-    in place: callers pass a `tokens` that nothing else holds (each block's residual stream is a
-    fresh tensor from the cross-attention's residual add, or from the gated residual kernel that
-    its output GEMM then accumulated into)."""
-    if linear.bias is not None:
-        return tokens + linear(y)
-    return tokens.view(-1, tokens.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]),
-                                                    linear.weight.t()).view(tokens.shape)
-
-
-def _cos_sin(angle, dtype):
-    return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 def _constructor_signature(parent_init, own_init) -> inspect.Signature:

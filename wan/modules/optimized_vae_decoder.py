@@ -21,7 +21,7 @@ What differs from the reference (vae_decoder.py):
 
 Options (CUDA graphs, backend) come from the same places as the DiT's: this constructor's keywords,
 else what the optimized DiT of this process was given (its config.json: upstream's scripts build
-the decoder with no arguments; wan/runtime/options.py), else WAN_CUDA_GRAPHS / WAN_BACKEND, else
+the decoder with no arguments: the hand-off of wan/runtime/options.py), else WAN_CUDA_GRAPHS / WAN_BACKEND, else
 the defaults (graphs on wherever it runs on CUDA, backend `auto`). They are resolved at the first
 call, and one start-up line (logging, `wan.fast`) says which backend runs each op and whether
 graphs are on, and why.
@@ -353,7 +353,10 @@ class OptimizedVAEDecoderWrapper(ForgetsDerivedStateOnNewWeights, VAEDecoderWrap
 
     def _resolved_options(self) -> FastOptions:
         """Once, at the first call (or compile()): options not given to the constructor follow the
-        optimized DiT's (its config.json), else the environment, else the defaults."""
+        optimized DiT's (its config.json), else the environment, else the defaults. This is the
+        one place the DiT -> decoder hand-off is read (`model_options`, wan/runtime/options.py):
+        upstream's scripts build this decoder with no arguments, so it has no other way to learn
+        the options the user gave the DiT."""
         if self.options is None:
             self.options = FastOptions.resolve(self._given, inherited=model_options(),
                                                given_as="")

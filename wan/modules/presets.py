@@ -3,7 +3,7 @@ import copy
 import json
 from pathlib import Path
 
-from ..runtime.conditioning import frame_tokens
+from .shared.conditioning import frame_tokens
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "distilled_model"
 UPSTREAM_VARIANTS = ("universal", "gta_drive", "templerun")

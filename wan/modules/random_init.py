@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from ..runtime.conditioning import history_steps
+from .shared.conditioning import history_steps
 
 
 @torch.no_grad()

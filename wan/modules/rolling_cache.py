@@ -12,8 +12,8 @@ shifting the rest to the left. Attention then reads the last `window` entries up
 """
 import torch
 
-# allocation lives in wan/kernels: the seed suite uses it inside checkouts too
-from ..runtime.upstream_caches import new_cache, new_stream_caches  # noqa: F401
+# allocation lives in wan/modules/shared (both models and the seed suite, in checkouts too, use it)
+from .shared.upstream_caches import new_cache, new_stream_caches  # noqa: F401
 
 
 def cache_end(cache: dict) -> int:

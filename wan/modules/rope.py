@@ -9,13 +9,13 @@ Two flavours live in Matrix-Game-2:
   grid, so only the first 8 channels of each 64-wide head rotate, by the frame index; upstream
   applies it in float32 whatever the input dtype (`ActionRope`).
 
-Angles come from the positions (wan/runtime/rope_tables.py, shared with the optimized model), so a
-stream has no length limit; upstream's 1024-frame table survives only as the model's `freqs`
-attribute.
+Angles come from the positions (wan/modules/shared/rope_tables.py, shared with the optimized
+model), so a stream has no length limit; upstream's 1024-frame table survives only as the model's
+`freqs` attribute.
 """
 import torch
 
-from ..runtime.rope_tables import (action_inverse_frequencies, angles, inverse_frequencies,
+from .shared.rope_tables import (action_inverse_frequencies, angles, inverse_frequencies,
                                    self_attention_angles, self_attention_axis_dims)
 
 

@@ -9,6 +9,8 @@ block once.
 
     result = asyncio.run(play("ws://127.0.0.1:8000/ws", schedule=[(0.5, ["w"]), (1.5, [])],
                               seconds=3))
+
+From a shell, `python -m wan.play.client --url ws://HOST:PORT/ws` (wan/tools/play_client.py).
 """
 import asyncio
 import json
@@ -309,13 +311,18 @@ async def continuous_clients(url: str, clients: int, seconds: float, warmup_s: f
     return [summarize(r, warmup_s, seconds) for r in results]
 
 
-def _upload_message(seed: int) -> dict:
-    """An image message: a 640 x 352 PNG of smooth random colours (a new start image)."""
+def _upload_message(seed: int, images=None) -> dict:
+    """An image message: one of `images` (file bytes, PNG or JPEG, by turns), else a 640 x 352
+    PNG of smooth random colours (a new start image)."""
     import base64
     import io
 
     import torch
     from PIL import Image
+    if images:
+        data = images[seed % len(images)]
+        mime = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+        return {"type": "image", "data": f"data:{mime};base64," + base64.b64encode(data).decode()}
     gen = torch.Generator().manual_seed(seed)
     small = torch.rand(3, 6, 10, generator=gen)
     pixels = torch.nn.functional.interpolate(small[None], size=(352, 640), mode="bilinear")[0]
@@ -326,12 +333,13 @@ def _upload_message(seed: int) -> dict:
             "data": "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()}
 
 
-async def games_client(url: str, seconds: float, every_s: float = 2.5) -> dict:
+async def games_client(url: str, seconds: float, every_s: float = 2.5, images=None) -> dict:
     """A player who joins, then every `every_s` starts a new game, by turns with the same image
-    ("reset") and with an uploaded one: the time from each to its game's first frame."""
+    ("reset") and with an uploaded one (`images`: file bytes to upload; default generated):
+    the time from each to its game's first frame."""
     messages, t, k = [], every_s, 0
     while t < seconds - every_s / 2:
-        messages.append((t, {"type": "reset"} if k % 2 == 0 else _upload_message(k)))
+        messages.append((t, {"type": "reset"} if k % 2 == 0 else _upload_message(k // 2, images)))
         t, k = t + every_s, k + 1
     result = await play(url, schedule=key_schedule([["w"], []], 0.9, seconds), seconds=seconds,
                         messages=messages)
@@ -346,11 +354,13 @@ async def games_client(url: str, seconds: float, every_s: float = 2.5) -> dict:
     return out
 
 
-async def continuous_with_games(url: str, clients: int, seconds: float, warmup_s: float):
+async def continuous_with_games(url: str, clients: int, seconds: float, warmup_s: float,
+                                images=None):
     """`clients` continuous players (their summaries) while one more player keeps starting
-    new games (`games_client`): what a join, a new game or an upload costs the others."""
+    new games (`games_client`, uploading `images` if given): what a join, a new game or an
+    upload costs the others."""
     continuous = continuous_clients(url, clients, seconds, warmup_s)
-    games = games_client(url, seconds)
+    games = games_client(url, seconds, images=images)
     summaries, starts = await asyncio.gather(continuous, games)
     return {"players": summaries, "time_to_first_frame_ms": starts}
 
@@ -387,35 +397,6 @@ async def on_input_client(url: str, presses: int, warmup_presses: int = 3,
             "press_to_frame_p95_ms": _percentile(latency, 0.95)}
 
 
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m wan.play.client",
-                                description="scripted players against a running play server")
-    p.add_argument("--url", required=True, help="ws://HOST:PORT/ws")
-    p.add_argument("--clients", type=int, default=1)
-    p.add_argument("--seconds", type=float, default=12.0)
-    p.add_argument("--warmup", type=float, default=4.0, help="seconds not measured at first")
-    p.add_argument("--on-input", type=int, default=0,
-                   help="instead: one on-input player making this many presses")
-    p.add_argument("--games", action="store_true",
-                   help="with the --clients players, one more who keeps starting new games "
-                   "(new game and upload, by turns): the time to their first frames")
-    p.add_argument("--out", help="write the summaries here (JSON)")
-    args = p.parse_args(argv)
-    url = args.url + ("&" if "?" in args.url else "?") + "frames=ws"
-    if args.on_input:
-        report = asyncio.run(on_input_client(url, args.on_input))
-    elif args.games:
-        report = asyncio.run(continuous_with_games(url, args.clients, args.seconds, args.warmup))
-    else:
-        report = asyncio.run(continuous_clients(url, args.clients, args.seconds, args.warmup))
-    text = json.dumps(report, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    else:
-        print(text)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m wan.play.client`: the command is wan/tools/play_client.py
+    from ..tools.play_client import main
+    raise SystemExit(main())

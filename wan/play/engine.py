@@ -39,13 +39,20 @@ timed, capacity = how many such blocks fit in one 0.48 s period with 5% to spare
 A player who leaves takes its caches with it (the session, its cache dicts and decoder stream
 are dropped in the worker; `memory_report` shows the device memory before and after).
 
+Frames out as soon as they exist (`send_at_frames_ready`, on by default): the runner decodes a
+block ahead of its cache update, so the worker encodes and sends the frames when they are decoded
+(the scheduler's `on_frames`), on the decode stream, while the GPU still writes the block into
+the caches; what needs the finished block (the player's latest block for re-makes, an on-input
+player's next block) waits for it.
+
 NaN or inf: every block's latents and frames are checked (`StreamingBlockRunner.check_finite`,
-read after the scheduler's synchronize: no extra wait). A block that holds any is not sent; its
+read when the frames are ready: the check is made on the decode stream just before them). A block that holds any is not sent; its
 player gets `{"type": "error", "reason": ...}` naming the block and a new game (fresh caches and
 decoder stream; the other players' games go on untouched). After MAX_NONFINITE_RESTARTS such
 games in a row without one good block the game is stopped instead, with a message ("New game"
 starts it again). During the warm-up such a block is an error at start-up.
 """
+import contextlib
 import gc
 import itertools
 import logging
@@ -61,8 +68,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from PIL import Image
 
-from ..runtime.conditioning import history_steps
-from ..runtime.options import cuda_graphs_on, resolve_option
+from ..modules.shared.conditioning import history_steps
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
 from ..modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from ..modules.vae_decoder import VAEDecoder3d, load_decoder_weights
@@ -104,6 +110,9 @@ class EngineConfig:
     jpeg_quality: int = 85
     seed: int = 0
     reactive: bool = True                # continuous play re-makes the block on screen on input
+    # a block's frames are encoded and sent as soon as they are decoded, while the GPU still
+    # writes the block into the caches (False: after the whole block, as before)
+    send_at_frames_ready: bool = True
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
 
     def resolved_device(self) -> torch.device:
@@ -288,14 +297,13 @@ class GameEngine:
             check_weights_dir(Path(config.vae).resolve().parent)
         self.latent_hw = LATENT_SIZE[self.preset]
         self.dtype, self.decoder_dtype = config.dtypes(self.device)
-        # None: the library's default (on wherever the models run on CUDA, WAN_CUDA_GRAPHS aside)
-        self.cuda_graphs = cuda_graphs_on(resolve_option("cuda_graphs", config.cuda_graphs),
-                                          self.device)
         with torch.device(self.device):
             model = OptimizedCausalWanModel.from_config(model_cfg, cuda_graphs=config.cuda_graphs)
             decoder = OptimizedVAEDecoderWrapper(cuda_graphs=config.cuda_graphs)
             if self.preset == "tiny":
                 decoder.decoder = VAEDecoder3d(dim=TINY_DECODER_DIM)
+        # what the model resolved (None: on wherever it runs on CUDA, WAN_CUDA_GRAPHS aside)
+        self.cuda_graphs = model.options.graphs_on(self.device)
         if config.checkpoint:
             model.load_checkpoint(config.checkpoint)
         else:
@@ -335,6 +343,7 @@ class GameEngine:
         self._encode_unit_s = 0.02  # running estimate of one unit of image-encoding work
         self.remakes = {"granted": 0, "refused": 0, "late": 0}
         self.settled_latent_frame: Optional[int] = None  # where a start image's latents settled
+        self._sent = _UNSENT  # what `_frames_ready` did with the running block's frames
 
     def _synchronize(self):
         if self.device.type == "cuda":
@@ -456,7 +465,8 @@ class GameEngine:
             limit = self.capacity if self.capacity is not None else 1
             if len(self.players) >= limit:
                 raise ServerFull(f"server full: {len(self.players)} of {limit} players are "
-                                 f"playing (each needs real time from this GPU); try again later")
+                                 f"playing (each needs real time from this "
+                                 f"{'GPU' if self.device.type == 'cuda' else 'CPU'}); try again later")
             player = Player(self.space, play_mode, sink, on_event, image)
             self.players.append(player)
         self._command("join", player, image)
@@ -548,9 +558,12 @@ class GameEngine:
                         self._offer_remakes()
                     if self._encode_in_slack():
                         continue
-                    done = self.scheduler.step(timeout=0.05 if not self._encoding() else 0.005)
+                    self._sent = _UNSENT
+                    early = self._frames_ready if self.config.send_at_frames_ready else None
+                    done = self.scheduler.step(timeout=0.05 if not self._encoding() else 0.005,
+                                               on_frames=early)
                     if done is not None:
-                        self._deliver(*done)
+                        self._block_done(*done)
         except BaseException as error:  # the server reports it on /health and stops serving
             self.failure = error
             log.exception("the GPU worker stopped")
@@ -733,42 +746,70 @@ class GameEngine:
         return True
 
     # frames out --------------------------------------------------------------------------------
-    def _deliver(self, record, frames):
+    def _frames_ready(self, record, frames):
+        """The scheduler's on_frames: a block's frames are decoded (its cache update may still
+        run on the GPU): send them now."""
+        self._sent = self._send(record, frames)
+
+    def _block_done(self, record, frames):
+        """After a whole block: its frames out (unless `_frames_ready` sent them), then what
+        needs the finished block (the player's latest block, an on-input player's next one)."""
+        sent = self._send(record, frames) if self._sent is _UNSENT else self._sent
+        self._sent = _UNSENT
+        with self._lock:
+            player = next((p for p in self.players if p.id == record.player), None)
+        if player is None:
+            return
+        if record.remake is not None:
+            player.remake_waiting = False
+        if sent is None or sent is not player:  # not sent: the player left, or its game ended
+            return
+        if record.remake is None:
+            player.latest = record
+        if player.play_mode == "on-input" and player.input.has_pending_taps():
+            self.scheduler.request(player)  # presses that came while this block was made
+
+    def _send(self, record, frames) -> Optional[Player]:
+        """Encode a block's frames (a re-made block's from its splice on) and hand them to the
+        player's sink; returns the player, or None when nothing went out (the player left, or
+        the block failed or held NaN/inf: the player's game then ends or restarts)."""
         with self._lock:
             player = next((p for p in self.players if p.id == record.player), None)
         if player is None or player.session is None:  # left while its block ran
-            return
+            return None
         remake = record.remake
-        if remake is not None:
-            player.remake_waiting = False
-        try:  # the scheduler synchronized after the block: reading its check waits for nothing
+        try:  # the block's check is on the host once its frames are ready: no waiting here
             if player.failed is not None:
                 error, player.failed = player.failed, None
                 self._failed(player, error)
-                return
+                return None
             if player.broken is not None:
                 raise player.broken
             player.session.runner.check_finite()
         except NonFiniteOutputError as error:
             self._nonfinite(player, error)
-            return
+            return None
         player.nonfinite_restarts = 0
         begin = self.scheduler.begin_time()
         start = time.perf_counter()
         shown = frames[0] if remake is None else frames[0][remake:]
-        jpegs = self.encoder.encode(to_uint8(shown))
+        # on the decode stream, which the block's frames came from: the cache update, still
+        # running on the default stream, does not hold the encoding back
+        with _on_stream(player.session.runner.side):
+            jpegs = self.encoder.encode(to_uint8(shown))
         encoded = time.perf_counter()
+        # the block's time as the metrics define it: its start to its frames ready
+        ready = record.ready if record.ready is not None else record.finish
         action = player.action
         batch = FrameBatch(
             block=record.block, jpegs=jpegs, input_id=action.input_id,
             input_received=action.input_received, block_start=begin + record.start,
-            frames_ready=begin + record.finish, encoded=encoded,
-            encode_ms=1e3 * (encoded - start), block_ms=1e3 * (record.finish - record.start),
+            frames_ready=begin + ready, encoded=encoded,
+            encode_ms=1e3 * (encoded - start), block_ms=1e3 * (ready - record.start),
             wait_ms=1e3 * max(0.0, record.start - record.release), late=record.late,
             first_frame=remake or 0, remake=remake is not None, game=player.games,
             frames_in_block=frames.shape[1])
         if remake is None:
-            player.latest = record
             player.frames_shown.append((encoded, len(jpegs)))
         elif record.late:
             self.remakes["late"] += 1
@@ -777,11 +818,10 @@ class GameEngine:
             player.first_frame_of = None
             if self.metrics is not None:
                 self.metrics.first_frame(kind, 1e3 * (encoded - since))
-        if player.play_mode == "on-input" and player.input.has_pending_taps():
-            self.scheduler.request(player)  # presses that came while this block was made
         if self.metrics is not None:
             self.metrics.block_done(player, batch)
         player.sink(batch)
+        return player
 
 
 class GameConditions:
@@ -820,6 +860,14 @@ class GameConditions:
             if not self.advance() and self.source.block(index, frames) is None:
                 raise RuntimeError(f"the start image's conditions for block {index} never came "
                                    f"(the encoder stopped)")
+
+
+_UNSENT = object()  # a block whose frames `_frames_ready` has not handled
+
+
+def _on_stream(stream):
+    """`torch.cuda.stream(stream)`, or nothing when there is no such stream (a CPU)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _stream_frame(block: int) -> int:

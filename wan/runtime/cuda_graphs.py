@@ -17,11 +17,6 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-def cuda_graphs_on(setting: Optional[bool], device) -> bool:
-    """Graphs replay for work on `device` when `setting` (True, False or None: the default) says
-    so: never off CUDA; on CUDA unless turned off."""
-    return torch.device(device).type == "cuda" and setting is not False
-
 
 class _Storage:
     """The graphs captured over one owner's buffers; the buffers are held, so that equal ids mean

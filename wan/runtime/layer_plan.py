@@ -8,8 +8,8 @@ Building the plan also packs parameters that one launch reads together into one 
 * every block's `modulation`, so all blocks' adaLN factors come from one add.
 
 With `precision="fp8"` the plan also holds e4m3 copies (one scale per output channel) of the
-weights of the GEMMs chosen to run in FP8 (`Gemm`; DEFAULT_FP8_GEMMS, or WAN_FP8_GEMMS): they are
-quantized here, so again after every load or move, and the model's own weights stay as they were.
+weights of the GEMMs chosen to run in FP8 (`Gemm`; options.DEFAULT_FP8_GEMMS, or WAN_FP8_GEMMS):
+they are quantized here, so again after every load or move, and the model's own weights stay as they were.
 
 The parameters stay what they were (the same objects, names, values and state dict), but their
 `.data` becomes a view of the packed tensor: no weight is held twice, and in-place loading
@@ -27,22 +27,8 @@ from typing import FrozenSet, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..kernels.eager import gelu_tanh
-from ..kernels.fp8 import Fp8Rows, quantize_weight
-
-# the block GEMMs FP8 can take: self-attention q/k/v and output, cross-attention query and
-# output, FFN in and out. The rest (patch embedding, time embedding and projection, modulation,
-# head, the image context's k/v once per stream, the action modules) stays in the model's dtype.
-FP8_GEMMS = ("qkv", "self_out", "cross_q", "cross_out", "ffn_in", "ffn_out")
-# those that gain, measured on an H200 (OPTIMIZATION_GUIDE.md, step 28): the two big GEMMs whose
-# inputs come quantized from a fused LayerNorm kernel. The attention outputs and the FFN's hidden
-# activation need a quantization pass of their own, which costs about what FP8 saves in their
-# GEMM; the cross-attention's output projection also costs the most accuracy (1.65x bf16's error
-# alone), and its small query projection gains nothing
-DEFAULT_FP8_GEMMS = ("qkv", "ffn_in")
-
+from ..kernels.fp8 import quantize_weight
 
 class Packed:
     """Parameters whose `.data` are views of one tensor (`tensor`), concatenated along dim 0 or
@@ -106,9 +92,9 @@ def _layers_of(sequence, kinds, name):
 
 
 class Gemm:
-    """One GEMM of the streaming forward, x @ weight^T + bias: in the model's dtype, or in FP8
-    when the plan quantized its weight (`fp8`). In FP8, x may arrive already quantized (Fp8Rows
-    from a fused norm); otherwise it is quantized here (one scale per token)."""
+    """What one GEMM of the streaming forward, x @ weight^T + bias, reads: the weight and bias,
+    and the weight's FP8 copy when the plan runs it in FP8 (`fp8`). The GEMM itself (and its
+    epilogues) is wan/modules/streaming/blocks.py's `linear`."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], fp8: bool):
         if fp8 and (weight.shape[0] % 16 or weight.shape[1] % 16):
@@ -116,23 +102,6 @@ class Gemm:
                              f"torch._scaled_mm does), got {tuple(weight.shape)}")
         self.weight, self.bias = weight, bias
         self.fp8 = quantize_weight(weight) if fp8 else None
-
-    def __call__(self, x, ops):
-        if self.fp8 is None:
-            return F.linear(x, self.weight, self.bias)
-        if not isinstance(x, Fp8Rows):
-            x = ops.quantize_fp8(x)
-        return ops.linear_fp8(x, self.fp8, self.bias)
-
-    def accumulate_into(self, into: torch.Tensor, x) -> torch.Tensor:
-        """into += x @ weight^T inside the GEMM (beta = 1: one rounding), in place, without the
-        bias (the caller added it to `into` ahead). Only in the model's dtype: `into` must be a
-        fresh contiguous tensor nothing else reads."""
-        if self.fp8 is not None:
-            raise ValueError("an FP8 GEMM cannot accumulate into its output")
-        flat = into.view(-1, into.shape[-1])
-        flat.addmm_(x.reshape(-1, x.shape[-1]), self.weight.t())
-        return into
 
     @property
     def takes_fp8(self) -> bool:
@@ -177,25 +146,8 @@ class BlockPlan:
     cross_v: nn.Linear
     action: Optional[ActionPlan]
     ffn_norm_eps: float
-    ffn_in: Gemm                       # the FFN's first layer (its GELU: see ffn_hidden)
+    ffn_in: Gemm                       # the FFN's first layer (its GELU: blocks.py ffn_hidden)
     ffn_out: Gemm
-
-    def project_qkv(self, x, ops):
-        """The self-attention's q, k, v of x: one GEMM when packed (views of its output)."""
-        if len(self.qkv) == 3:
-            return tuple(gemm(x, ops) for gemm in self.qkv)
-        return self.qkv[0](x, ops).chunk(3, dim=-1)
-
-    def ffn_hidden(self, x, ops):
-        """gelu_tanh of the FFN's first layer: in the model's dtype the GELU runs in cuBLASLt's
-        epilogue (`linear_gelu`); after an FP8 GEMM it runs in the kernel that quantizes the
-        hidden activation for an FP8 second layer (or alone, for a second layer that is not)."""
-        gemm = self.ffn_in
-        if gemm.fp8 is None:
-            return ops.linear_gelu(x, gemm.weight, gemm.bias)
-        if self.ffn_out.takes_fp8:
-            return ops.quantize_fp8(gemm(x, ops), gelu=True)
-        return gelu_tanh(gemm(x, ops))
 
 
 def _action_plan(action) -> Optional[ActionPlan]:

@@ -9,8 +9,9 @@ the model is built (or when a setter changes it), strongest first:
 1. the constructor's keyword, which is also how a key of the model's config.json arrives
    (`from_config`, this library's or diffusers', passes config keys as keywords);
 2. the environment: WAN_BACKEND, WAN_CUDA_GRAPHS, WAN_PRECISION, WAN_FP8_GEMMS, WAN_FUSED_QKV,
-   WAN_RESIDUAL_IN_GEMM, WAN_CONV_SEARCH (the models read them only here; the registry's `load_selection` lays a
-   backend selection over WAN_BACKEND, as `python -m wan.kernels` shows it);
+   WAN_RESIDUAL_IN_GEMM, WAN_CONV_SEARCH, read here only, from the one mapping `resolve` is
+   given (os.environ unless a test passes its own); WAN_BACKEND's value is handed to the
+   registry's `layer_selection`, which reads no environment;
 3. the defaults: backend `auto` for every op, CUDA graphs on wherever the model runs on CUDA,
    precision `native`, FP8 (when asked for) on the default GEMM set, q/k/v fused, the residual
    in the GEMM, the conv search on.
@@ -18,21 +19,38 @@ the model is built (or when a setter changes it), strongest first:
 The model keeps the object (`model.options`), builds its plan from it and reports it
 (`options_report()`, the start-up log line), so what is reported is what runs.
 
-The decoder: upstream's scripts build it with no arguments (`VAEDecoderWrapper()`) while the user
-sets options in the DiT's config.json. So the DiT publishes the options it was *given*
-(`publish_model_options`), and a decoder given none of its own follows them (`inherited=` of
-`FastOptions.resolve`): its keyword, then the DiT's, then the environment, then the defaults. The
-last DiT built wins.
+Whoever needs an option is handed this object (the DiT's plan and ops, the decoder's ops and
+graphs); nothing reads the environment again. This module imports no implementation: the
+constants the options name (the FP8 GEMMs) and the switch parser live here, and the models import
+them from here.
+
+The decoder, the one hand-off between objects: upstream's scripts build it with no arguments
+(`VAEDecoderWrapper()`, in an integrated checkout our OptimizedVAEDecoderWrapper) while the user
+sets options in the DiT's config.json. So `OptimizedCausalWanModel.__init__` records what its
+keywords gave (`publish_model_options`: backend and cuda_graphs only), and
+`OptimizedVAEDecoderWrapper._resolved_options` (its first call) reads that record
+(`model_options`) as `inherited=` of `FastOptions.resolve`: the decoder's keyword, then the DiT's,
+then the environment, then the defaults. The last DiT built wins. Nothing else writes or reads it.
 """
 import os
 from dataclasses import dataclass, field, replace
 from typing import FrozenSet, Mapping, Optional
 
+import torch
+
 from ..kernels.fp8 import PRECISIONS
-from ..kernels.registry import load_selection
-from .cuda_graphs import cuda_graphs_on
-from .input_checks import parse_switch
-from .layer_plan import DEFAULT_FP8_GEMMS, FP8_GEMMS
+from ..kernels.registry import layer_selection
+
+# the block GEMMs FP8 can take: self-attention q/k/v and output, cross-attention query and
+# output, FFN in and out. The rest (patch embedding, time embedding and projection, modulation,
+# head, the image context's k/v once per stream, the action modules) stays in the model's dtype.
+FP8_GEMMS = ("qkv", "self_out", "cross_q", "cross_out", "ffn_in", "ffn_out")
+# those that gain, measured on an H200 (OPTIMIZATION_GUIDE.md, step 28): the two big GEMMs whose
+# inputs come quantized from a fused LayerNorm kernel. The attention outputs and the FFN's hidden
+# activation need a quantization pass of their own, which costs about what FP8 saves in their
+# GEMM; the cross-attention's output projection also costs the most accuracy (1.65x bf16's error
+# alone), and its small query projection gains nothing
+DEFAULT_FP8_GEMMS = ("qkv", "ffn_in")
 
 ENVIRONMENT = {"backend": "WAN_BACKEND", "cuda_graphs": "WAN_CUDA_GRAPHS",
                "precision": "WAN_PRECISION", "fp8_gemms": "WAN_FP8_GEMMS",
@@ -111,6 +129,12 @@ class FastOptions:
                 "sources": dict(self.sources)}
 
 
+def cuda_graphs_on(setting: Optional[bool], device) -> bool:
+    """Graphs replay for work on `device` when `setting` (True, False or None: the default) says
+    so: never off CUDA; on CUDA unless turned off."""
+    return torch.device(device).type == "cuda" and setting is not False
+
+
 def resolve_option(name: str, value=None, environ: Optional[Mapping[str, str]] = None):
     """One option alone: `value` when given, else its environment variable, else its default."""
     return _resolve_one(name, {name: value} if value is not None else {}, {}, environ, "")[0]
@@ -131,14 +155,38 @@ def _resolve_one(name, given, inherited, environ, given_as):
         raw, origin = env, f"{ENVIRONMENT[name]}={env}"
     else:
         raw, origin = None, "default"
-    if name == "backend":
-        return load_selection(spec, environ), origin
+    if name == "backend":  # a selection given here is laid over WAN_BACKEND's, op by op
+        return layer_selection(spec, env), origin
     return _PARSERS[name](raw, origin), origin
 
 
 # ---------------------------------------------------------------------- one parser per option
-def _backend(raw, origin):
-    return load_selection(raw)  # (_resolve_one calls load_selection itself, with the environ)
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_switch(value, name: str) -> bool:
+    """An on/off value, parsed one way everywhere (constructor and config keys, options,
+    setters): a bool; the ints 0 and 1; or, as a config.json, YAML file or environment variable
+    may carry them, the strings true/false, 1/0, yes/no, on/off (any case, surrounding spaces
+    ignored). Anything else is an error naming `name`: TypeError for another type, ValueError for
+    another string or int. (`bool("false")` is True: a string is never taken by truthiness.)"""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" and hasattr(value, "item"):  # numpy's bool scalar
+        return bool(value.item())
+    if isinstance(value, int):
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name} must be true or false (or 1/0), got {value!r}")
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS or word in FALSE_WORDS:
+            return word in TRUE_WORDS
+        raise ValueError(f"{name} must be true or false: use a bool or one of the strings "
+                         f"true/false, 1/0, yes/no, on/off; got {value!r}")
+    raise TypeError(f"{name} must be true or false (a bool), got {type(value).__name__} "
+                    f"{value!r}")
 
 
 def _switch(raw, origin):
@@ -183,21 +231,26 @@ def _switch_on_by_default(raw, origin):
     return True if value is None else value
 
 
-_PARSERS = {"backend": _backend, "cuda_graphs": _switch, "precision": _precision,
+_PARSERS = {"cuda_graphs": _switch, "precision": _precision,
             "fp8_gemms": _fp8_gemms, "fused_qkv": _switch_on_by_default,
             "residual_in_gemm": _switch_on_by_default, "conv_search": _switch_on_by_default}
 
 
-# ---------------------------------------------------------------------- what the DiT was given
-_given = {"cuda_graphs": None, "backend": None}
+# ---------------------------------------------------------------------- the DiT -> decoder hand-off
+# (see the module's docstring): the only state this module keeps, written by one constructor and
+# read by one method, because upstream's no-argument VAEDecoderWrapper() has no other way to learn
+# the DiT's config.json options
+_dit_given = {"cuda_graphs": None, "backend": None}
 
 
 def publish_model_options(cuda_graphs: Optional[bool] = None, backend=None) -> None:
-    """Record what the DiT was given (None: nothing, the environment and defaults then apply)."""
-    _given["cuda_graphs"] = cuda_graphs
-    _given["backend"] = backend
+    """Record what the DiT's keywords (its config.json) gave (None: nothing; a decoder given no
+    options then follows the environment and defaults). Tests call it with no arguments to start
+    as a fresh process."""
+    _dit_given["cuda_graphs"] = cuda_graphs
+    _dit_given["backend"] = backend
 
 
 def model_options() -> dict:
-    """{'cuda_graphs': ..., 'backend': ...} as the last optimized DiT was given them."""
-    return dict(_given)
+    """{'cuda_graphs': ..., 'backend': ...} as the last optimized DiT built was given them."""
+    return dict(_dit_given)

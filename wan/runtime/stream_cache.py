@@ -24,8 +24,6 @@ from typing import Optional
 
 import torch
 
-from .conditioning import attention_window_frames
-from .upstream_caches import new_stream_caches
 
 
 @dataclass(frozen=True)
@@ -121,27 +119,17 @@ class StreamCache:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def allocate(cls, model, batch: int, tokens_per_frame: int) -> "StreamCache":
-        """Caches owned by the model (its dtype and device): upstream-style dicts sized by the
-        attention window (its sink included) and nothing more, action caches only for layers with
-        an action module."""
-        window = attention_window_frames(model.local_attn_size)
-        dicts = new_stream_caches(model, batch, window, tokens_per_frame, action_layers_only=True)
-        return cls.from_upstream_dicts(model, dicts["kv_cache"], dicts["kv_cache_mouse"],
-                                       dicts["kv_cache_keyboard"], dicts["crossattn_cache"],
-                                       tokens_per_frame)
-
-    @classmethod
     def from_upstream_dicts(cls, model, kv_cache, kv_cache_mouse, kv_cache_keyboard,
-                            crossattn_cache, tokens_per_frame: int) -> "StreamCache":
+                            crossattn_cache, tokens_per_frame: int,
+                            window: int) -> "StreamCache":
         """Use the caller's upstream-style dicts as ring storage (drop-in). Their index tensors
         are not read or updated: the position comes from `current_start`. Entries past the
-        model's layers (upstream's pipeline always makes 30) are left alone."""
+        model's layers (upstream's pipeline always makes 30) are left alone. `window`: the
+        frames a call may attend to (the model's `attention_window_frames`)."""
         layers = model.num_layers
         kv_cache, crossattn_cache = kv_cache[:layers], crossattn_cache and crossattn_cache[:layers]
         kv_cache_mouse = kv_cache_mouse and kv_cache_mouse[:layers]
         kv_cache_keyboard = kv_cache_keyboard and kv_cache_keyboard[:layers]
-        window = attention_window_frames(model.local_attn_size)
         capacity = _common_length("kv_cache", [c["k"] for c in kv_cache]) // tokens_per_frame
         self_layout = RingLayout.matching_upstream(capacity, window, _sink_frames(model), "kv_cache")
         action_capacity = _common_length("action caches", [

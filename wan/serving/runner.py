@@ -45,8 +45,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..runtime.conditioning import attention_window_frames, frame_tokens
-from ..runtime.upstream_caches import new_stream_caches
+from ..modules.shared.conditioning import attention_window_frames, frame_tokens
+from ..modules.shared.upstream_caches import new_stream_caches
 
 DISTILLED_STEPS = (1000, 666, 333)  # upstream's denoising_step_list (before warping)
 
@@ -289,6 +289,11 @@ class StreamingBlockRunner:
             with torch.cuda.stream(self.side):
                 clock.mark("decode")
                 frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
+                # the check on this stream too, before "frames": whoever sends the frames as soon
+                # as they are ready (`_Clock.wait_frames`) can read it without waiting for the
+                # update (x0 is final here; the update only writes caches, which the next
+                # block's check covers)
+                check = _to_host(torch.stack([_non_finite(x0), _non_finite(frames)]))
                 clock.mark("frames")
             update()
             main.wait_stream(self.side)
@@ -300,7 +305,9 @@ class StreamingBlockRunner:
         if clock is not None:
             # one count per block of non-finite latents and frames, on its way to the host
             # (before "done": once timing() has waited for the block, it has arrived)
-            parts = [("both", *_to_host(torch.stack([_non_finite(x0), _non_finite(frames)])))]
+            if not self.overlap:
+                check = _to_host(torch.stack([_non_finite(x0), _non_finite(frames)]))
+            parts = [("both", *check)]
             clock.mark("done")
             clock.after = lambda: self.check_finite(wait=False)
         self._checks.append(_FiniteCheck(self.blocks_done, self.frame, parts))
@@ -338,7 +345,7 @@ def graph_captures(model, decoder) -> int:
     """CUDA graphs the DiT and the decoder have captured so far (0 for models without graphs,
     such as the reference ones): a server counts them to show that none is captured while it
     serves."""
-    return sum(getattr(getattr(part, "_graphs", None), "captures", 0) for part in (model, decoder))
+    return sum(getattr(part, "counters", {}).get("captures", 0) for part in (model, decoder))
 
 
 @functools.lru_cache(maxsize=None)
@@ -396,6 +403,12 @@ class _Clock:
             self.marks[name] = event
         else:
             self.marks[name] = time.perf_counter()
+
+    def wait_frames(self):
+        """Wait until the block's frames (and their non-finite check) are ready, not for the
+        rest of the block (the cache update may still run): on a CPU they already are."""
+        if self.cuda:
+            self.marks["frames"].synchronize()
 
     def timing(self) -> BlockTiming:
         """The block's times (waits for its work); raises NonFiniteOutputError if this or an

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..runtime.conditioning import history_steps
+from ..modules.shared.conditioning import history_steps
 from .runner import NonFiniteOutputError, StreamingBlockRunner
 
 VIDEO_FPS = 25
@@ -178,15 +178,17 @@ class BlockRecord:
     due: float
     release: float
     start: float
-    finish: float
+    finish: Optional[float]  # None in the record `step`'s on_frames gets: the block still runs
     remake: Optional[int] = None  # a re-made block: the frame its new actions start from
     ready: Optional[float] = None  # when its frames were ready (the runner's clock), if known
 
     @property
     def late(self) -> bool:
         """A block: finished after its deadline. A re-made block: its frames were ready after
-        the frame it splices at was due (it was planned for the frames, not the cache update)."""
-        done = self.ready if self.remake is not None and self.ready is not None else self.finish
+        the frame it splices at was due (it was planned for the frames, not the cache update).
+        A block not finished yet (on_frames): its frames were ready after its deadline."""
+        use_ready = self.ready is not None and (self.remake is not None or self.finish is None)
+        done = self.ready if use_ready else self.finish
         return done > self.due + 1e-9  # (a clock's rounding is not lateness)
 
 
@@ -263,13 +265,23 @@ class DeadlineScheduler:
                 queue.append(_following(chosen, record.finish, lead=PERIOD_S))
         return records
 
-    def _run(self, chosen: "_Next", begin: float):
+    def _run(self, chosen: "_Next", begin: float, on_frames=None):
         session = chosen.session
         start = self.clock() - begin
         if chosen.remake is None:
             frames, clock = session.run_block()
         else:
             frames, clock = session.run_remake(chosen.remake)
+        index = session.blocks_done - 1
+        if on_frames is not None and frames is not None:
+            # the frames go out as soon as they exist, while the GPU still writes the block
+            # into the caches (the runner decodes ahead of that update)
+            if clock is not None:
+                clock.wait_frames()
+            ready = self.clock() - begin
+            on_frames(BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
+                                  chosen.due, chosen.release, start, None, chosen.remake, ready),
+                      frames)
         self.synchronize()
         finish = self.clock() - begin
         ready = None
@@ -278,7 +290,6 @@ class DeadlineScheduler:
                 ready = start + clock.timing().action_to_frame_ms / 1e3
             except NonFiniteOutputError:  # the session's to report (its check_finite says it)
                 pass
-        index = session.blocks_done - 1
         return BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
                            chosen.due, chosen.release, start, finish, chosen.remake,
                            ready), frames
@@ -373,9 +384,11 @@ class DeadlineScheduler:
         with self._wake:
             self._wake.notify()
 
-    def step(self, timeout: float = 0.1):
+    def step(self, timeout: float = 0.1, on_frames=None):
         """Run the released live block with the earliest deadline, or wait up to `timeout` for
-        one: returns (record, frames), or None when nothing ran."""
+        one: returns (record, frames), or None when nothing ran. `on_frames(record, frames)`, if
+        given, is called as soon as the block's frames are ready, before the rest of the block
+        (the cache update) is done: its record has no `finish` yet and `ready` set."""
         with self._wake:
             now = self.now()
             released = [n for n in self._queue if n.release <= now]
@@ -385,7 +398,7 @@ class DeadlineScheduler:
                 return None
             chosen = min(released)
             self._queue.remove(chosen)
-        record, frames = self._run(chosen, self._begin)
+        record, frames = self._run(chosen, self._begin, on_frames)
         duration = record.finish - record.start
         # a stream's first blocks pay their CUDA-graph captures: keep them out of the estimate
         if record.block >= 2:

@@ -1,20 +1,28 @@
-"""What the command line tools share: a user's mistake is one line on stderr and exit status 2,
-and what can be checked is checked before any work (paths, files, argument ranges, memory).
+"""The one argument helper every command line uses (`python -m wan.serve|compare|integrate|
+kernels|play`, `python -m wan.play.client`, the benchmarks): a user's mistake is one line on stderr
+and exit status 2, and what can be checked is checked before any work (paths, files, argument
+ranges; memory through wan.serving.memory, whose NotEnoughMemory is a ValueError).
+
+Every tool has the same shape: `PROG`, a `cli.ArgumentParser` whose every argument has a help
+text, and `main(argv=None)`, which is `cli.run(PROG, _main, argv)`: what `python -m wan.<tool>`
+and the `wan-<tool>` script (pyproject.toml's [project.scripts]) call.
 
 `run(prog, main, argv)` calls `main(argv)` and turns the exceptions in USER_ERRORS into one line,
 `prog: error: message`, and exit 2. Which exceptions, and why these only:
 
 * ValueError and its subclasses: the library's answer to a bad value or a bad file's content
   (json.JSONDecodeError and UnicodeDecodeError are ValueErrors; so are the checkpoint loaders'
-  CheckpointMismatchError and CheckpointFileError, and UsageError below);
+  CheckpointMismatchError and CheckpointFileError, wan.serving.memory's NotEnoughMemory, and
+  UsageError below);
 * TypeError: the library's answer to a value of the wrong type (a config.json entry of the wrong
   kind, a checkpoint whose values are not tensors);
 * FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError: a path the user gave
   (and not OSError as a whole: a full disk or an I/O error is not the command line's fault);
 * BackendUnavailableError (wan.kernels.registry, a RuntimeError): a backend or precision asked for
   that this machine cannot run;
-* torch.OutOfMemoryError: the sizes asked for did not fit after all (the estimate below is
-  rough; a RuntimeError too, but one the user fixes by asking for less).
+* torch.OutOfMemoryError: the sizes asked for did not fit after all (the estimate is rough; a
+  RuntimeError too, but one the user fixes by asking for less);
+* SystemExit whose code is a message (a tool's own refusal, as wan.integrate's IntegrateError).
 
 Everything else keeps its traceback: RuntimeError from torch, KeyError, AttributeError,
 IndexError, AssertionError... are not something to fix on the command line but a bug to fix in
@@ -22,10 +30,13 @@ the code, and a traceback points at it. A ValueError or TypeError can be a bug t
 WAN_TRACEBACK=1 to see the traceback of any error. NonFiniteOutputError (NaN or inf in a block's
 output: the weights, not the command line) is one line as well, with exit status 1.
 
+This module imports neither torch nor the rest of wan at its top: the torch and wan errors above
+are recognised once their modules are loaded (an error of a module never loaded cannot occur), and
+`device` imports torch when it is called.
+
 The checks (each raises UsageError, FileNotFoundError or PermissionError with a message naming
-the option): `positive_int` / `non_negative_int` / `device` (argparse types), `output_file`,
-`input_file`, `weights_file`, `config_file`, and `check_memory` with the estimates
-`model_bytes`, `stream_bytes` and `decoder_history_bytes`.
+the option): `positive_int` / `non_negative_int` / `positive_float` / `non_negative_float` /
+`device` (argparse types), `output_file`, `input_file`, `weights_file`, `config_file`.
 """
 import argparse
 import json
@@ -35,14 +46,9 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
-import torch
-
-from ..kernels.registry import BackendUnavailableError
-from ..serving.runner import NonFiniteOutputError
-
-GIB = 2 ** 30
+WAN = __name__.rsplit(".", 2)[0]  # this package's name ("wan")
 
 
 class UsageError(ValueError):
@@ -50,8 +56,18 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError,
-               NotADirectoryError, BackendUnavailableError, torch.OutOfMemoryError)
-RUN_FAILURES = (NonFiniteOutputError,)
+               NotADirectoryError)
+# (module, class): user errors and run failures of modules a tool may have loaded
+LOADED_USER_ERRORS = (("torch", "OutOfMemoryError"), (f"{WAN}.kernels.registry",
+                                                      "BackendUnavailableError"))
+LOADED_RUN_FAILURES = ((f"{WAN}.serving.runner", "NonFiniteOutputError"),)
+
+
+def _loaded(names) -> tuple:
+    """The classes of `names` whose modules are loaded (an error of a module never loaded cannot
+    have been raised)."""
+    return tuple(getattr(sys.modules[module], name) for module, name in names
+                 if module in sys.modules)
 
 
 def one_line(error: BaseException) -> str:
@@ -67,33 +83,47 @@ def one_line(error: BaseException) -> str:
     return out
 
 
-def run(prog: str, main: Callable, argv=None):
-    """`main(argv)`, with user errors as one line on stderr and SystemExit(2) (failures of the run
-    with a clear cause, NonFiniteOutputError: one line and SystemExit(1)). Returns what main
-    returns."""
+def run(prog: str, main: Callable, argv=None, label: Optional[str] = None,
+        interrupted: Optional[Callable[[], str]] = None):
+    """`main(argv)`, with user errors as one line on stderr, `LABEL: error: message`, and
+    SystemExit(2) (failures of the run with a clear cause, NonFiniteOutputError: one line and
+    SystemExit(1); Ctrl-C: `LABEL: interrupted`, plus what `interrupted()` says, and exit status
+    130). LABEL is `label`, by default `prog`. Returns what main returns (an exit status or
+    None): `raise SystemExit(main())` in a `__main__`."""
+    label = label or prog
     try:
         return main(argv)
-    except RUN_FAILURES as error:
-        if os.environ.get("WAN_TRACEBACK"):
+    except SystemExit as error:
+        if not isinstance(error.code, str):
             raise
-        print(f"{prog}: failed: {one_line(error)}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    except USER_ERRORS as error:
-        if os.environ.get("WAN_TRACEBACK"):
-            raise
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr, flush=True)
+        print(f"{label}: error: {' '.join(error.code.split())}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        hint = interrupted() if interrupted else ""
+        print(f"{label}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+    except Exception as error:
+        if os.environ.get("WAN_TRACEBACK"):
+            raise
+        if isinstance(error, _loaded(LOADED_RUN_FAILURES)):
+            print(f"{label}: failed: {one_line(error)}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        if isinstance(error, USER_ERRORS + _loaded(LOADED_USER_ERRORS)):
+            print(f"{label}: error: {one_line(error)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        raise
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors on one line (`prog: error: message (see --help)`, exit 2)
-    instead of the usage text followed by the error."""
+    """argparse with its errors on one line (`LABEL: error: message (see --help)`, exit 2; LABEL
+    is `label`, by default the prog) instead of the usage text followed by the error."""
+
+    def __init__(self, *args, label: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label = label
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.label or self.prog}: error: {message} (see --help)\n")
 
 
 # argparse types ------------------------------------------------------------------------------
@@ -139,8 +169,9 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def parse_device(text: str) -> torch.device:
+def parse_device(text: str):
     """A torch device this machine has: 'cpu', 'cuda' or 'cuda:N' (UsageError otherwise)."""
+    import torch
     try:
         device = torch.device(text)
     except (RuntimeError, TypeError, ValueError):
@@ -158,7 +189,7 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
-def device(text: str) -> torch.device:
+def device(text: str):
     """argparse type: parse_device."""
     try:
         return parse_device(text)
@@ -286,94 +317,3 @@ def config_file(path, option: str = "--config") -> dict:
         raise UsageError(f"{option} {path}: holds a JSON {type(config).__name__}, not an object "
                          f"of model settings")
     return config
-
-
-# memory --------------------------------------------------------------------------------------
-def available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device`: free GPU memory, or on a CPU the RAM the
-    kernel says is available (MemAvailable; else free pages)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def _gib(n: float) -> str:
-    if n >= 1000 * GIB:
-        return f"{n / GIB:,.0f} GiB"
-    return f"{n / GIB:.3g} GiB" if n >= GIB / 100 else f"{n / 2 ** 20:.3g} MiB"
-
-
-def check_memory(parts: Dict[str, float], device: torch.device, what: str,
-                 host_parts: Optional[Dict[str, float]] = None):
-    """UsageError, printing the estimate, when `parts` (bytes on `device`) do not fit in what
-    `device` has free, or `host_parts` (bytes in the machine's RAM) do not fit in its RAM. On a
-    CPU both count against the RAM."""
-    host_parts = dict(host_parts or {})
-    if device.type == "cpu":
-        parts, host_parts = {**parts, **{f"{k} (host)": v for k, v in host_parts.items()}}, {}
-    for where, items, free in ((str(device), parts, None), ("host RAM", host_parts, None)):
-        if not items:
-            continue
-        need = sum(items.values())
-        free = available_memory(device if where == str(device) else torch.device("cpu"))
-        if need > free:
-            shown = ", ".join(f"{k} {_gib(v)}" for k, v in items.items() if v)
-            place = "RAM available" if where in ("cpu", "host RAM") else "free"
-            raise UsageError(f"{what} needs about {_gib(need)} ({shown}) but {where} has "
-                             f"{_gib(free)} {place}: ask for less")
-
-
-def model_bytes(config: dict, dtype: torch.dtype) -> int:
-    """The DiT's weights in `dtype`, from its config (built on the meta device: nothing is
-    allocated)."""
-    from ..modules.causal_model import CausalWanModel
-    with torch.device("meta"):
-        model = CausalWanModel.from_config(config)
-    return sum(p.numel() for p in model.parameters()) * _itemsize(dtype)
-
-
-def stream_bytes(config: dict, latent_hw, dtype: torch.dtype) -> int:
-    """One stream's DiT cache dicts (upstream's layout, what StreamingBlockRunner allocates),
-    from the config: self-attention k/v over the attention window, cross-attention k/v over the
-    257 image tokens, the action modules' k/v."""
-    from ..runtime.conditioning import attention_window_frames, frame_tokens
-    dim, layers = config["dim"], config["num_layers"]
-    patch = config.get("patch_size", (1, 2, 2))
-    tokens = frame_tokens(latent_hw[0], latent_hw[1], patch)
-    window = attention_window_frames(config.get("local_attn_size", -1))
-    elements = layers * 2 * (window * tokens + 257) * dim
-    action = config.get("action_config") or {}
-    if action:  # upstream allocates them for every layer, with an action module or not
-        if action.get("enable_mouse"):
-            elements += layers * 2 * tokens * window * action.get("mouse_hidden_dim", 1024)
-        if action.get("enable_keyboard"):
-            elements += layers * 2 * window * action.get("keyboard_hidden_dim", 1024)
-    return elements * _itemsize(dtype)
-
-
-# elements of the decoder's history per latent pixel, per unit of its width (96: upstream's):
-# measured, 151,328 elements per latent pixel at width 96 (1.0 GiB at 44 x 80 in fp16)
-DECODER_HISTORY_PER_PIXEL_PER_DIM = 151_328 / 96
-
-
-def decoder_history_bytes(latent_hw, dtype: torch.dtype, dim: int = 96) -> int:
-    """One stream's decoder history (the 32 cache entries it carries between blocks)."""
-    return int(DECODER_HISTORY_PER_PIXEL_PER_DIM * dim * latent_hw[0] * latent_hw[1]
-               * _itemsize(dtype))
-
-
-def decoder_weight_bytes(dtype: torch.dtype, dim: int = 96) -> int:
-    """The decoder's weights (73.3e6 parameters at upstream's width 96; ~quadratic in it)."""
-    return int(73_295_603 * (dim / 96) ** 2 * _itemsize(dtype))
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -27,12 +27,13 @@ from typing import Dict, List
 import torch
 
 from . import cli
-from ..runtime.conditioning import attention_window_frames, frame_tokens
+from ..modules.shared.conditioning import attention_window_frames, frame_tokens
 from ..kernels.dtypes import DTYPES, default_dtype_name
 from ..kernels.fp8 import PRECISIONS, fp8_gemm_problem
-from ..runtime.upstream_caches import new_stream_caches
+from ..modules.shared.upstream_caches import new_stream_caches
 from ..modules.causal_model import CausalWanModel
 from ..modules.optimized_causal_model import OptimizedCausalWanModel
+from ..serving import memory
 from ..serving.runner import FlowMatchSchedule
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
 from ..modules.random_init import random_inputs, randomize_weights_
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="the optimized model's dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", type=cli.device,
-                   default="cuda" if torch.cuda.is_available() else "cpu")
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="weights (without --checkpoint) and inputs")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the optimized forwards from "
                    "CUDA graphs (outputs are the same as eager)")
@@ -91,7 +93,7 @@ def preflight(args, device, dtype, config, latent_hw):
                              f"the FP8 GEMMs in float32 (slow), or leave --precision out")
     h, w = latent_hw
     itemsize = torch.empty((), dtype=dtype).element_size()
-    weights = cli.model_bytes(config, torch.float32)
+    weights = memory.model_bytes(config, torch.float32)
     action = config.get("action_config") or {}
     widths = 2 * bool(action.get("enable_mouse")) + action.get("keyboard_dim_in", 0) * bool(
         action.get("enable_keyboard"))
@@ -102,12 +104,12 @@ def preflight(args, device, dtype, config, latent_hw):
     actions = 12 * widths * 4 * blocks * (blocks + 1) // 2
     parts = {"oracle weights (float32)": weights,
              f"optimized weights ({str(dtype).replace('torch.', '')})": weights // 4 * itemsize,
-             "caches": cli.stream_bytes(config, latent_hw, torch.float32)
-             + cli.stream_bytes(config, latent_hw, dtype),
+             "caches": memory.stream_bytes(config, latent_hw, torch.float32)
+             + memory.stream_bytes(config, latent_hw, dtype),
              f"{blocks} recorded blocks": blocks * per_block + actions}
     if args.precision == "fp8":
         parts["FP8 weight copies"] = weights // 4
-    cli.check_memory(parts, device, f"--blocks {blocks} on {device}")
+    memory.check_memory(parts, device, f"--blocks {blocks} on {device}")
     if note:  # after the checks: an error stays the one line printed
         _log(note)
 
@@ -261,8 +263,8 @@ def _main(argv=None):
                "per_block": report, "summary": {k: summary(v) for k, v in report.items()}}
         Path(args.out).write_text(json.dumps(out, indent=2))
         _log(f"wrote {args.out}")
-    return report
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

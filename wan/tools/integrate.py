@@ -73,9 +73,9 @@ every edited file (and any file in the way of one moved back) to
 again afterwards if wanted and re-apply the edits from that copy; the copy is the one thing
 `--undo --force` leaves in the tree (delete it when done).
 
-Errors. Every refusal and failure is one line on stderr, `wan.integrate: ...`, and exit status 2
-(the functions raise `IntegrateError`, a SystemExit whose code is that line); Ctrl-C is one line
-and exit status 130. `--status` exits 0 in every state it can read.
+Errors. Every refusal and failure is one line on stderr, `wan.integrate: error: ...`, and exit
+status 2 (the functions raise `IntegrateError`, a SystemExit whose code is the message, which
+wan/tools/cli.py's `run` prints so); Ctrl-C is one line and exit status 130. `--status` exits 0 in every state it can read.
 
 The seed's suite in an integrated checkout needs upstream's Python dependencies (its
 requirements.txt; on a GPU machine all of it, flash_attn included). Where flash_attn is missing (a
@@ -84,16 +84,16 @@ checkout's `./tests/run_tests.sh` with the stand-ins of tests/checkout/standins.
 machine lacks: flash_attn through SDPA, torchvision when its build does not fit, on a CPU upstream's
 CUDA-only entry points), after checking that the checkout is integrated and its modules import.
 """
-import argparse
 import difflib
 import hashlib
 import json
 import os
 import shutil
 import stat
-import sys
 import time
 from pathlib import Path
+
+from . import cli
 
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = ".wan_integration"
@@ -110,7 +110,7 @@ OPTIMIZED_DECODER_IMPORT = ("from wan.modules.optimized_vae_decoder import "
                             "OptimizedVAEDecoderWrapper as VAEDecoderWrapper  # installed by "
                             "wan.integrate (undo: python -m wan.integrate --undo)")
 # this library's packages, copied whole (upstream's wan has neither name)
-INSTALLED_PACKAGES = ("wan/runtime", "wan/kernels")
+INSTALLED_PACKAGES = ("wan/runtime", "wan/kernels", "wan/modules/shared", "wan/modules/streaming")
 # installed only with the decoder lines; upstream has no file of these names
 DECODER_FILES = ("wan/modules/optimized_vae_decoder.py", "wan/modules/vae_decoder.py",
                  "wan/modules/checkpoint.py")
@@ -868,13 +868,12 @@ def status(root: Path, out=print) -> str:
 
 
 # ---------------------------------------------------------------------- the command
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2 (argparse's status)
-        self.exit(2, f"wan.integrate: {message} (see {self.prog} --help)\n")
+PROG = "python -m wan.integrate"
+LABEL = "wan.integrate"  # what its one-line errors start with
 
 
-def main(argv=None):
-    p = _Parser(prog="python -m wan.integrate", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None):
+    p = cli.ArgumentParser(prog=PROG, label=LABEL, description=__doc__.split("\n\n")[0])
     p.add_argument("checkout", type=Path, help="the Matrix-Game-2 folder (holding wan/, pipeline/, "
                                                "utils/, configs/)")
     action = p.add_mutually_exclusive_group()
@@ -887,6 +886,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.force and not args.undo:
         p.error("--force goes with --undo only")
+    return args
+
+
+def main(argv=None):
+    return cli.run(PROG, _main, argv, label=LABEL, interrupted=lambda: (
+        f"if an install was under way its journal {STATE_DIR}/{MANIFEST} records it: "
+        f"`python -m wan.integrate --status CHECKOUT` says what to do"))
+
+
+def _main(argv=None):
+    args = parse_args(argv)
     try:
         root = args.checkout.resolve()
         if not root.exists():
@@ -899,20 +909,10 @@ def main(argv=None):
             status(root)
         else:
             install(root)
-    except SystemExit as err:  # our refusals: one line and exit status 2
-        if isinstance(err.code, str):
-            print(f"wan.integrate: {' '.join(err.code.splitlines())}", file=sys.stderr)
-            raise SystemExit(2) from None
-        raise
     except OSError as err:  # what the checks could not foresee (nothing half-written)
-        print(f"wan.integrate: {_os_error(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(f"wan.integrate: interrupted; if an install was under way its journal "
-              f"{STATE_DIR}/{MANIFEST} records it: `python -m wan.integrate --status "
-              f"{args.checkout}` says what to do", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise IntegrateError(_os_error(err)) from None
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

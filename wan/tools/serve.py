@@ -35,6 +35,7 @@ from ..serving.runner import NonFiniteOutputError, StreamingBlockRunner, graph_c
 from ..modules.presets import LATENT_SIZE, UPSTREAM_VARIANTS, model_config
 from ..kernels.fp8 import fp8_gemm_problem
 from ..modules.random_init import random_inputs, randomize_decoder_weights_, randomize_weights_
+from ..serving import memory
 from ..serving.power import EnergyMeter
 from ..serving.scheduler import DeadlineScheduler, PlayerSession, players_report
 
@@ -98,24 +99,24 @@ def preflight(args, device, world: int, rank: int):
     config, (h, w) = model_config(preset), LATENT_SIZE[preset]
     players = math.ceil(args.players / world)  # this process's share (rank 0's is the largest)
     blocks = warmup + args.blocks
-    per_player = (cli.stream_bytes(config, (h, w), dtype)
-                  + cli.decoder_history_bytes((h, w), decoder_dtype))
+    per_player = (memory.stream_bytes(config, (h, w), dtype)
+                  + memory.decoder_history_bytes((h, w), decoder_dtype))
     action = config.get("action_config") or {}
     widths = 2 * bool(action.get("enable_mouse")) + action.get("keyboard_dim_in", 0) * bool(
         action.get("enable_keyboard"))
     steps = 4 * 3 * blocks  # every action step of the stream, drawn up front
     itemsize = torch.empty((), dtype=dtype).element_size()
     device_parts = {
-        "DiT weights": cli.model_bytes(config, dtype),
-        "decoder weights": cli.decoder_weight_bytes(decoder_dtype),
-        f"{players} player(s) x {cli._gib(per_player)} of caches": players * per_player,
+        "DiT weights": memory.model_bytes(config, dtype),
+        "decoder weights": memory.decoder_weight_bytes(decoder_dtype),
+        f"{players} player(s) x {memory.gib(per_player)} of caches": players * per_player,
         f"{players} x {blocks} blocks of actions": players * steps * widths * itemsize}
     host_parts = {  # float64 draws of the actions, and a record per block
         "actions as drawn": 2 * steps * widths * 8,
         f"{players * blocks} block records": players * blocks * RECORD_BYTES}
     if args.frames_out:  # every frame kept in float32 on the host
         host_parts["--frames-out frames"] = players * blocks * 12 * 3 * (8 * h) * (8 * w) * 4
-    cli.check_memory(device_parts, device,
+    memory.check_memory(device_parts, device,
                      f"--players {args.players} --blocks {args.blocks} ({preset} on {device}, "
                      f"{players} per process)", host_parts)
 
@@ -191,10 +192,10 @@ def serve(players, model, decoder, latent_hw, args, device, keep_frames: bool) -
     if warmup:
         DeadlineScheduler(sessions).run(warmup, on_block=keep, stagger=False)
     captures = graph_captures(model, decoder)
-    memory = None
+    per_player_gib = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        memory = (torch.cuda.memory_allocated(device) - before) / 2 ** 30 / len(players)
+        per_player_gib = (torch.cuda.memory_allocated(device) - before) / 2 ** 30 / len(players)
     begin = time.perf_counter()
     with EnergyMeter(device) as meter:  # says why where it cannot measure (a CPU, no NVML)
         records = DeadlineScheduler(sessions).run(warmup + args.blocks, on_block=keep)
@@ -204,7 +205,7 @@ def serve(players, model, decoder, latent_hw, args, device, keep_frames: bool) -
         "energy": meter.report(blocks=len(records)),
         "wall_s": time.perf_counter() - begin,
         "graph_captures_while_measuring": graph_captures(model, decoder) - captures,
-        "memory_per_player_gib": memory})
+        "memory_per_player_gib": per_player_gib})
     if keep_frames:
         report["frames"] = {p: torch.cat(f, dim=1) for p, f in frames.items()}
     return report
@@ -245,6 +246,7 @@ def _main(argv=None):
         dist.destroy_process_group()
     if rank == 0:
         _finish(args, gathered, world, device)
+    return 0
 
 
 def _command(world: int) -> str:
@@ -291,16 +293,16 @@ def _finish(args, gathered, world, device):
           f"{'captures':>8} {'GiB/player':>10} {'J/block':>8} {'SM MHz':>7} {'capped':>6}")
     for rank, runs in enumerate(gathered):
         for r in runs:
-            memory, energy = r["memory_per_player_gib"], r["energy"]
+            gib, energy = r["memory_per_player_gib"], r["energy"]
             power = (f"{energy['joules_per_block']:>8.1f} {energy['median_sm_mhz'] or 0:>7.0f} "
                      f"{energy['power_capped_share'] or 0:>6.0%}") if energy["available"] else \
                 f"{'-':>8} {'-':>7} {'-':>6}"
             print(f"{rank:>4} {r['players']:>7} {r['min_fps']:>8.2f} {r['latency_p50_ms']:>6.0f}ms "
                   f"{r['latency_p95_ms']:>6.0f}ms {r['graph_captures_while_measuring']:>8} "
-                  f"{'-' if memory is None else f'{memory:.2f}':>10} {power}")
+                  f"{'-' if gib is None else f'{gib:.2f}':>10} {power}")
     print(f"real-time players: {summary['players']['max_realtime_players']} over {world} "
           f"process(es) ({summary['players']['max_realtime_players_per_gpu']} on each)")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

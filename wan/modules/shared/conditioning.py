@@ -1,7 +1,6 @@
 """Math both models share that is not attention: the timestep sinusoid, the attention window's
 length, the tokens of one latent frame, the action histories' length and their per-frame windows.
-It lives here (not in wan/modules) so that the optimized model, copied into an upstream tree with
-wan/kernels, has it too."""
+`python -m wan.integrate` copies this package with the optimized model into an upstream tree."""
 import torch
 
 # upstream's cache length (frames) when local attention is off (local_attn_size == -1)

@@ -2,7 +2,7 @@
 [N, capacity, H, D] and `global_end_index` / `local_end_index` long tensors [1] per layer.
 
 Shared by the reference model's users, the benchmarks and the seed suite, which also runs inside
-an integrated Matrix-Game-2 checkout (where only wan/kernels is installed). It reads only what
+an integrated Matrix-Game-2 checkout (where wan.integrate installs this package). It reads only what
 upstream's CausalWanModel also has.
 """
 import torch

@@ -23,14 +23,21 @@ def main(argv=None):
     return cli.run(PROG, _main, argv)
 
 
-def _main(argv=None):
+def parse_args(argv=None):
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", type=cli.device,
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None)
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="the dtype the ops are checked for (default: bf16 on cuda, else fp32)")
     p.add_argument("--backend", default=None,
-                   help="selection to resolve (default: WAN_BACKEND or auto)")
-    args = p.parse_args(argv)
+                   help="selection to resolve, as the model's backend=: a name or a YAML path "
+                   "(default: WAN_BACKEND, else auto)")
+    return p.parse_args(argv)
+
+
+def _main(argv=None):
+    args = parse_args(argv)
     device = args.device
     dtype = DTYPES[args.dtype or default_dtype_name(device)]
     selection = load_selection(args.backend)
@@ -56,4 +63,4 @@ def _main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,10 +1,10 @@
 """The call around OptimizedCausalWanModel's streaming math.
 
-The model's file holds the math of a streaming forward (`_compute`: device work only, no host
-sync). `StreamingForward` holds everything a call does around it, in this order:
+blocks.py beside this file holds the math of a streaming forward (`compute`: device work only, no
+host sync). `StreamingForward` holds everything a call does around it, in this order:
 
-1. check the inputs (wan/runtime/input_checks.py), the caller's cache dicts only when they were
-   not checked already (the cross-attention dicts whenever what they hold changed);
+1. check the inputs (wan/modules/shared/input_checks.py), the caller's cache dicts only when they
+   were not checked already (the cross-attention dicts whenever what they hold changed);
 2. find the cache: a ring over the caller's upstream-style dicts (wan/runtime/stream_cache.py,
    made once per set of k/v tensors and kept with the dicts) or the model's own current stream,
    and check the stream position;
@@ -15,10 +15,12 @@ sync). `StreamingForward` holds everything a call does around it, in this order:
    (is_init False: a new stream), read from the caller's dicts of this call, which are identified
    by what they hold, not by which dict objects came before (or on every call when the caller
    passes no `crossattn_cache`: the image may change, as the reference model reads it every call);
-5. run `compute` (the model's math) from the CUDA graph of this phase, or eagerly.
+5. run `blocks.compute` (the math) from the CUDA graph of this phase, or eagerly.
 
-So the data of a call goes from the model down into this module, its cache and the ops, and comes
-back into the model's file once: for the math. It also owns the model's own streams
+So the data of a call goes one way: the model's forward (optimized_causal_model.py) -> this
+module (checks, caches, positions, graphs) -> the math (blocks.py) -> the ops (wan/kernels);
+nothing below calls back up (the graph runner is handed the math as a function to capture and
+replay, as torch.cuda.graph is). It also owns the model's own streams
 (`start_stream`), the CUDA graphs and the explicit warm-up that captures every graph a stream
 will replay before its first real call.
 """
@@ -29,22 +31,27 @@ import sys
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..kernels.registry import FP8_OPS, BackendUnavailableError, describe_resolved, resolve, resolve_all
-from .conditioning import attention_window_frames, condition_steps, frame_tokens, history_steps
-from .cuda_graphs import GraphRunner
-from .input_checks import (check_forward_inputs, check_stream_position, check_stream_request,
-                           check_tensor_arguments, check_warm_up_inputs, first_action_module,
-                           per_frame_timesteps)
-from .layer_plan import FP8_GEMMS, ModelPlan
-from .log import info
-from .rope_tables import action_inverse_frequencies
-from .stream_cache import (StreamCache, bind, bound_cache, buffer_ids, cross_identity,
-                           dict_identity)
-from .weight_watch import ParameterWatch
+from ...kernels.registry import (FP8_OPS, BackendUnavailableError, describe_resolved, resolve,
+                                 resolve_all)
+from ...runtime.cuda_graphs import GraphRunner
+from ...runtime.layer_plan import ModelPlan
+from ...runtime.log import info
+from ...runtime.options import FP8_GEMMS
+from ...runtime.stream_cache import (StreamCache, bind, bound_cache, buffer_ids, cross_identity,
+                                     dict_identity)
+from ...runtime.weight_watch import ParameterWatch
+from ..shared.conditioning import (attention_window_frames, condition_steps, frame_tokens,
+                                   history_steps)
+from ..shared.input_checks import (check_forward_inputs, check_stream_position,
+                                   check_stream_request, check_tensor_arguments,
+                                   check_warm_up_inputs, first_action_module, per_frame_timesteps)
+from ..shared.rope_tables import action_inverse_frequencies
+from ..shared.upstream_caches import new_stream_caches
+from . import blocks
 
 
 @dataclass
@@ -113,7 +120,7 @@ class StreamingForward:
                 or s.self_k[0].dtype != weight.dtype or s.self_k[0].device != weight.device):
             if not new and s is not None:
                 self.owned.remove(s)  # replaced: its graphs go with it
-            s = StreamCache.allocate(model, batch, tokens)
+            s = _allocate_stream(model, batch, tokens)
             self.owned.append(s)
         s.latent_size = tuple(latent_size)
         s.reset()
@@ -137,7 +144,7 @@ class StreamingForward:
         self.graphs.clear()
 
     # ------------------------------------------------------------------ the call
-    def __call__(self, compute: Callable, x, t, visual_context, cond_concat, mouse_cond=None,
+    def __call__(self, x, t, visual_context, cond_concat, mouse_cond=None,
                  keyboard_cond=None, kv_cache=None, kv_cache_mouse=None, kv_cache_keyboard=None,
                  crossattn_cache=None, current_start: int = 0, cache_update_only: bool = False):
         model = self.model
@@ -178,8 +185,9 @@ class StreamingForward:
                         f"dicts, or new tensors in them), so it cannot know which frames they "
                         f"hold: a stream in new cache tensors starts at frame 0 "
                         f"(current_start=0)")
-                cache = StreamCache.from_upstream_dicts(model, *stream_dicts, crossattn_cache,
-                                                        tokens_per_frame)
+                cache = StreamCache.from_upstream_dicts(
+                    model, *stream_dicts, crossattn_cache, tokens_per_frame,
+                    attention_window_frames(model.local_attn_size))
             if start == 0:  # upstream pipelines start a new stream at frame 0 in reset dicts
                 cache.end_frame = 0
         else:
@@ -204,7 +212,7 @@ class StreamingForward:
             self.graphs.use_storage(cache, cache.buffers, changed=cross_ids != cache.cross_ids)
         cache.cross_ids = cross_ids
         if layers:
-            project = functools.partial(_project_image_context, model, cache=cache,
+            project = functools.partial(blocks.project_image_context, model, cache=cache,
                                         ops=state.ops, plan=plan, layers=layers)
             if graphs:  # a new stream every call (the seed protocol) costs one replay, not ~150
                 self.graphs.run(("image_context", tuple(visual_context.shape), x.dtype, layers),
@@ -230,8 +238,8 @@ class StreamingForward:
         state.start_frame.fill_(start)
         end = start + frames
         phase = (cache.self_layout.attended(end), cache.action_layout.attended(end))
-        run = functools.partial(compute, cache=cache, phase=phase, state=state, plan=plan,
-                                cache_update_only=cache_update_only)
+        run = functools.partial(blocks.compute, model, cache=cache, phase=phase, state=state,
+                                plan=plan, cache_update_only=cache_update_only)
         if graphs:
             # shapes and dtypes: a graph captured for t in bfloat16 must not replay a float32 t
             key = (phase, tuple((name, tuple(v.shape), v.dtype) for name, v in inputs.items()),
@@ -400,16 +408,15 @@ def _cross_storage(model, cache: StreamCache, visual_context, layers, graph_refs
                 slot[name] = visual_context.new_empty(shape)
 
 
-def _project_image_context(model, visual_context, *, cache: StreamCache, ops, plan, layers):
-    """Cross-attention keys/values of the image context for `layers`, written into the storage
-    `_cross_storage` prepared (device work only: it may be captured)."""
-    context = model.img_emb(visual_context)
-    b = context.shape[0]
-    for i in layers:
-        layer, slot = plan.blocks[i], cache.cross[i]
-        ops.norm_rope_store(layer.cross_k(context), *layer.cross_k_norm, cos=None, sin=None,
-                            heads=layer.heads, dest=slot["k"])
-        slot["v"].copy_(layer.cross_v(context).view(b, -1, layer.heads, slot["v"].shape[-1]))
+def _allocate_stream(model, batch: int, tokens_per_frame: int) -> StreamCache:
+    """Caches owned by the model (its dtype and device): upstream-style dicts sized by the
+    attention window (its sink included) and nothing more, action caches only for layers with an
+    action module, used as ring storage."""
+    window = attention_window_frames(model.local_attn_size)
+    dicts = new_stream_caches(model, batch, window, tokens_per_frame, action_layers_only=True)
+    return StreamCache.from_upstream_dicts(model, dicts["kv_cache"], dicts["kv_cache_mouse"],
+                                           dicts["kv_cache_keyboard"], dicts["crossattn_cache"],
+                                           tokens_per_frame, window)
 
 
 def _condition_window(action, cond, start_frame: int, frames: int):

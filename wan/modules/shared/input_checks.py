@@ -1,7 +1,7 @@
 """Checks of a forward call's inputs, run before anything is computed or written to a cache.
 
-Shared by the reference and the optimized model. It lives in wan/runtime so that
-optimized_causal_model.py plus wan/runtime and wan/kernels can be copied into an upstream tree.
+Shared by the reference and the optimized model (`python -m wan.integrate` copies this package
+with the optimized model into an upstream tree).
 
 Upstream fails late (an assert, a shape error deep inside, or silently wrong output). Here every
 problem is a ValueError/TypeError that names the argument, what was expected and what came, raised
@@ -103,34 +103,6 @@ def _check_cache_tensor(name, tensor, shape_desc, expected, dtype, device=None):
     if not ok:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape_desc} = "
                          f"{tuple('*' if e is None else e for e in expected)}")
-
-
-TRUE_WORDS = ("1", "true", "yes", "on")
-FALSE_WORDS = ("0", "false", "no", "off")
-
-
-def parse_switch(value, name: str) -> bool:
-    """An on/off value, parsed one way everywhere (constructor and config keys, options,
-    setters): a bool; the ints 0 and 1; or, as a config.json, YAML file or environment variable
-    may carry them, the strings true/false, 1/0, yes/no, on/off (any case, surrounding spaces
-    ignored). Anything else is an error naming `name`: TypeError for another type, ValueError for
-    another string or int. (`bool("false")` is True: a string is never taken by truthiness.)"""
-    if isinstance(value, bool):
-        return value
-    if type(value).__name__ == "bool_" and hasattr(value, "item"):  # numpy's bool scalar
-        return bool(value.item())
-    if isinstance(value, int):
-        if value in (0, 1):
-            return bool(value)
-        raise ValueError(f"{name} must be true or false (or 1/0), got {value!r}")
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in TRUE_WORDS or word in FALSE_WORDS:
-            return word in TRUE_WORDS
-        raise ValueError(f"{name} must be true or false: use a bool or one of the strings "
-                         f"true/false, 1/0, yes/no, on/off; got {value!r}")
-    raise TypeError(f"{name} must be true or false (a bool), got {type(value).__name__} "
-                    f"{value!r}")
 
 
 def check_positive_ints(owner: str, **values) -> None:
