@@ -1,7 +1,7 @@
 """The play server under load: 1..N scripted WebSocket players (continuous, held keys changing
 every 0.7 s) against one `python -m wan.play` engine in this process, with re-makes on (reactive
-play) and off (blocks only), and 1-2 players with the frames sent after the whole block instead of
-as soon as they are decoded (`--no-compare-send` leaves that out); then N - 1 players beside one who keeps starting new games (time
+play) and off (blocks only), and 1-2 players with the frames sent as soon as they are decoded instead
+of after the whole block (`--no-compare-send` leaves that out); then N - 1 players beside one who keeps starting new games (time
 to first frame after a join, a new game, an upload; the others' late blocks); then one on-input
 player.
 
@@ -87,9 +87,10 @@ def _p(values, q):
 
 
 def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
-           send_at_frames_ready: bool = True) -> list:
+           send_at_frames_ready: bool = False) -> list:
     """Continuous players 1..--players (or `counts`) with re-makes on or off: a row per player
-    count. `send_at_frames_ready` False: frames sent after the whole block (the old way)."""
+    count. `send_at_frames_ready`: frames sent as soon as they are decoded instead of after the
+    whole block (EngineConfig.send_at_frames_ready)."""
     engine.config.reactive = reactive
     engine.config.send_at_frames_ready = send_at_frames_ready
     rows = []
@@ -151,20 +152,24 @@ def main(argv=None):
     p.add_argument("--vae", help="Wan2.1_VAE.pth (default: random decoder weights)")
     p.add_argument("--matrix-game-dir", help="a Matrix-Game-2 checkout: its encoders condition "
                    "the start images (the weights beside --vae)")
+    p.add_argument("--jpeg", default="auto", choices=("auto", "cpu", "gpu", "pillow"),
+                   help="the play engine's JPEG encoder (default auto: cpu where simplejpeg is "
+                        "installed)")
     p.add_argument("--images", help="the start images the new-games player uploads (a folder, "
                    "e.g. a checkout's demo_images/universal; default: generated ones)")
     p.add_argument("--skip-blocks-only", action="store_true",
                    help="only the sweep with re-makes on")
     p.add_argument("--compare-send", action=argparse.BooleanOptionalAction, default=True,
-                   help="also 1-2 players with the frames sent after the whole block instead of "
-                        "as soon as they are decoded")
+                   help="also 1-2 players with the frames sent as soon as they are decoded "
+                        "instead of after the whole block")
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     metrics = PlayMetrics()
     engine = GameEngine(EngineConfig(mode=args.mode, device=args.device, checkpoint=args.checkpoint,
-                                     vae=args.vae, matrix_game_dir=args.matrix_game_dir),
+                                     vae=args.vae, matrix_game_dir=args.matrix_game_dir,
+                                     jpeg=args.jpeg),
                         metrics=metrics)
     engine.warm_up()
     measured_capacity = engine.capacity
@@ -178,12 +183,11 @@ def main(argv=None):
         memory.append({"after_leaving_bytes": engine.device_memory()})
         blocks_only = [] if args.skip_blocks_only else _sweep(engine, running, blocks, args,
                                                               reactive=False)
-        # the same with the frames sent after the whole block (what sending them as soon as
-        # they are decoded saves)
-        after_block = _sweep(engine, running, blocks, args, reactive=True,
-                             counts=range(1, min(args.players, 2) + 1),
-                             send_at_frames_ready=False) if args.compare_send else []
-        engine.config.reactive, engine.config.send_at_frames_ready = True, True
+        # the same with the frames sent as soon as they are decoded (what that saves or costs)
+        at_ready = _sweep(engine, running, blocks, args, reactive=True,
+                          counts=range(1, min(args.players, 2) + 1),
+                          send_at_frames_ready=True) if args.compare_send else []
+        engine.config.reactive, engine.config.send_at_frames_ready = True, False
         # N - 1 players while one more keeps starting games: joins, new games, uploads
         t0 = time.perf_counter()
         others = max(1, min(args.players, measured_capacity) - 1)  # within the capacity
@@ -223,14 +227,15 @@ def main(argv=None):
             "remakes": {k: sum(r["remakes"][k] for r in reactive)
                         for k in ("granted", "refused", "late")},
             "encode_ms_per_block": _median([r["encode_ms_per_block_p50"] for r in reactive]),
-            "sent_after_block": {
-                "press_to_frame_p50_ms": by_count(after_block, "press_to_frame_p50_ms"),
-                "press_to_frame_p95_ms": by_count(after_block, "press_to_frame_p95_ms")},
-            "on_input": on_input, "sweep": reactive + blocks_only + after_block,
+            "sent_at_frames_ready": {
+                "press_to_frame_p50_ms": by_count(at_ready, "press_to_frame_p50_ms"),
+                "press_to_frame_p95_ms": by_count(at_ready, "press_to_frame_p95_ms")},
+            "on_input": on_input, "sweep": reactive + blocks_only + at_ready,
             "games": games}}
     if args.matrix_game_dir:
         report["start_image"] = {
-            "demo": engine.demo,
+            # the conditions' own demo flag (the engine's also says DEMO for random DiT weights)
+            "demo": engine.conditioner.demo,
             "upload_to_first_frame_ms": starts["upload"],
             "late_blocks_of_others": late_of_others,
             "settled_latent_frame": getattr(engine, "settled_latent_frame", None),
@@ -241,7 +246,7 @@ def main(argv=None):
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     print("\nplayers | re-makes | sent at | fps per player | press->shown p50/p95 ms | press->arrival p50 | "
           "to frames / block ms | encode ms | late | underruns | re-makes granted/refused/late")
-    for r in reactive + blocks_only + after_block:
+    for r in reactive + blocks_only + at_ready:
         print(f"{r['players']:7d} | {'on ' if r['reactive'] else 'off'} | "
               f"{'frames' if r['send_at_frames_ready'] else 'block '} | "
               f"{', '.join(f'{f:.1f}' for f in r['per_player_fps']):14s} | "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite, or part of it:
 #   bash scripts/test.sh                         # all of tests/ (pyproject.toml's testpaths)
-#   bash scripts/test.sh tests/test_play.py      # just those paths (files, folders, node ids)
+#   bash scripts/test.sh tests/play              # just those paths (folders, files, node ids)
+#   bash scripts/test.sh tests/play/test_play.py tests/serving/test_remake.py
 #   bash scripts/test.sh -k decoder -x           # options go to pytest
 # On a machine without CUDA the GPU tests skip. Paths may be given from any folder.
 CALLER="$PWD"

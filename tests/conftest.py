@@ -4,7 +4,12 @@ from pathlib import Path
 
 import torch
 
-# the helper modules beside the tests (helpers.py, golden_runner.py) import as top-level modules
+# tests/ mirrors the package (kernels/, runtime/, modules/, serving/, play/, tools/; the seed's suite,
+# the docs and seed-command tests at the top). The folders have no __init__.py: pytest's default
+# import mode imports each test file by its name with its folder on sys.path, so test file names
+# are unique across folders, and a test file imports one beside it by name (test_remake.py:
+# `from test_serving import ...`). The helper modules here (helpers.py, golden_runner.py,
+# proxy_nginx.py) import as top-level modules from every folder:
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Without a GPU, Triton kernels run in Triton's interpreter. It is chosen when a kernel is defined,

@@ -1,4 +1,4 @@
-"""Helpers for the proxy and soak tests (tests/test_proxy.py, tests/test_soak.py): play servers
+"""Helpers for the proxy and soak tests (tests/play/test_proxy.py, tests/play/test_soak.py): play servers
 as real `python -m wan.play` processes, the README's nginx configuration made runnable (its
 ports, a self-signed certificate) and nginx run unprivileged in the foreground with every path in
 one temporary folder, and what /proc says about a process (RSS, threads, open fds).

@@ -39,7 +39,7 @@ timed, capacity = how many such blocks fit in one 0.48 s period with 5% to spare
 A player who leaves takes its caches with it (the session, its cache dicts and decoder stream
 are dropped in the worker; `memory_report` shows the device memory before and after).
 
-Frames out as soon as they exist (`send_at_frames_ready`, on by default): the runner decodes a
+Frames out as soon as they exist (`send_at_frames_ready`, off by default): the runner decodes a
 block ahead of its cache update, so the worker encodes and sends the frames when they are decoded
 (the scheduler's `on_frames`), on the decode stream, while the GPU still writes the block into
 the caches; what needs the finished block (the player's latest block for re-makes, an on-input
@@ -108,11 +108,14 @@ class EngineConfig:
     matrix_game_dir: Optional[str] = None  # a checkout: its VAE encoder + CLIP condition on images
     warmup_blocks: int = 4
     jpeg_quality: int = 85
+    jpeg: str = "auto"                   # the JPEG encoder: auto, cpu, gpu or pillow (encode.py)
     seed: int = 0
     reactive: bool = True                # continuous play re-makes the block on screen on input
-    # a block's frames are encoded and sent as soon as they are decoded, while the GPU still
-    # writes the block into the caches (False: after the whole block, as before)
-    send_at_frames_ready: bool = True
+    # True: a block's frames are encoded and sent as soon as they are decoded, while the GPU
+    # still writes the block into the caches. Off by default: measured on an H100 with nvJPEG it
+    # was slower (the encode waited ~20 ms behind the update on the GPU: press-to-frame 246 ms
+    # against 216; docs/LAB_NOTEBOOK.md step 47); with jpeg="cpu" it is not measured on a GPU yet
+    send_at_frames_ready: bool = False
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
 
     def resolved_device(self) -> torch.device:
@@ -324,7 +327,7 @@ class GameEngine:
         self.demo = config.checkpoint is None or self.conditioner.demo
         self.frame_size = self.conditioner.image_size
         self.default_image = builtin_start_image(self.frame_size)
-        self.encoder = JpegEncoder(self.device, config.jpeg_quality)
+        self.encoder = JpegEncoder(self.device, config.jpeg_quality, config.jpeg)
         self.scheduler = DeadlineScheduler(synchronize=self._synchronize)
         self.capacity = config.max_players
         self.metrics = metrics

@@ -17,7 +17,7 @@ installed *into* upstream's package instead, as new files, plus one changed line
   strings, which the optimized decoder does not read; what stays upstream's is the interface (the
   constructor, the state-dict names that `load_state_dict` of Wan2.1_VAE.pth's `decoder.`/`conv2`
   keys needs, the call and the cache list), checked against upstream's own decoder in
-  tests/test_matrix_game_checkout.py;
+  tests/tools/test_matrix_game_checkout.py;
 * changed: `utils/wan_wrapper.py`, whose import of `CausalWanModel` becomes the optimized class
   (so every pipeline WanDiffusionWrapper builds runs it), and every Python file of the tree that
   imports upstream's decoder with `from demo_utils.vae_block3 import VAEDecoderWrapper`

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import cli
 from ..play.actions import MODES
+from ..play.encode import ENCODERS
 from ..play.engine import PLAY_MODES, EngineConfig, GameEngine
 from ..serving import memory
 
@@ -96,6 +97,9 @@ def parse_args(argv=None):
                    "or from the previous response (default 10; slow clients are closed)")
     p.add_argument("--no-graphs", action="store_true", help="run eagerly (no CUDA graphs)")
     p.add_argument("--jpeg-quality", type=_jpeg_quality, default=85, help="1 to 100 (default 85)")
+    p.add_argument("--jpeg", choices=ENCODERS, default="auto",
+                   help="the JPEG encoder: cpu (libjpeg-turbo threads, off the GPU), gpu "
+                        "(nvJPEG), pillow; auto (default): the first of these that can run")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                    metavar="{" + ",".join(LOG_LEVELS) + "}",
                    help="the server's log messages shown, from this level up (default INFO; "
@@ -183,7 +187,7 @@ def _main(argv=None):
         mode=args.mode, preset=args.preset, device=device, checkpoint=args.checkpoint,
         vae=args.vae, matrix_game_dir=args.matrix_game_dir,
         cuda_graphs=False if args.no_graphs else None, max_players=args.max_players,
-        jpeg_quality=args.jpeg_quality, reactive=args.reactive == "on")
+        jpeg_quality=args.jpeg_quality, jpeg=args.jpeg, reactive=args.reactive == "on")
     _check_listen(args.host, port)
     preflight(args, config)
     from ..play.metrics import PlayMetrics

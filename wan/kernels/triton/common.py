@@ -1,5 +1,5 @@
 """Math the Triton kernels share, written once as `@triton.jit` helpers. Each has one eager twin
-(the reference it is tested against, tests/test_triton_kernels.py and tests/test_fp8.py):
+(the reference it is tested against, tests/kernels/test_triton_kernels.py and tests/kernels/test_fp8.py):
 
 * `gelu_tanh`: torch's `F.gelu(x, approximate="tanh")` (wan/kernels/eager.py);
 * `e4m3_row_scale`: `row_scales` in wan/kernels/fp8.py; the kernels take E4M3_MAX and MIN_SCALE

@@ -3,7 +3,9 @@ decoders (issue 24). Every row is a user error that must raise an exception of t
 (TypeError: wrong type or dtype; ValueError: wrong value, shape, device or position;
 FileNotFoundError / CheckpointFileError / CheckpointMismatchError for files), whose message names
 the argument, file or key, before any state changes: after it, the next valid call gives exactly
-what a fresh object gives (tiny configs, random weights, CPU)."""
+what a fresh object gives (tiny configs, random weights, CPU). The streaming call's shape and
+position checks on both models (a section of their own) assert the caller's caches untouched and
+the two legal positions (repeat the latest block, advance to the next)."""
 import copy
 from dataclasses import dataclass
 from typing import Callable, Tuple
@@ -360,6 +362,125 @@ def test_optimized_takes_action_caches_with_none_for_layers_without_actions():
             outputs[name, layout] = out
         assert torch.equal(outputs[name, "full"], outputs[name, "action layers only"])
     assert rel_err(outputs["optimized", "full"], outputs["reference", "full"]) < 1e-5
+
+
+# ------------------------------------------------------------------ the streaming call's shapes and positions
+# (formerly tests/test_input_validation.py) each case on both models in the caller's dicts, after
+# one full block: a clear error naming the problem, raised before any cache is touched
+MODEL_CLASSES = list(MODELS.values())
+
+
+@pytest.fixture(scope="module", params=MODEL_CLASSES, ids=[m.__name__ for m in MODEL_CLASSES])
+def model(request):
+    """Each case runs on both models: the optimized one checks on its own path (and remembers the
+    caller's caches, so a second call with the same storage skips the per-layer checks)."""
+    return build_model("tiny", torch.float32, cls=request.param)
+
+
+@pytest.fixture
+def streamed(model):
+    """Caches after one full block (frames 0-2), and inputs for the next block (frames 3-5)."""
+    caches = make_caches(model)
+    with torch.no_grad():
+        model(**make_inputs(model), **caches, current_start=0)
+    return caches, make_inputs(model, start_frame=3, seed=2)
+
+
+def _untouched(before, caches) -> bool:
+    """The caches equal their snapshot, the optimized model's tag of the dicts (their ring cache)
+    aside."""
+    return same_nested(before, caches, ignore_keys=(DICT_TAG,))
+
+
+def _bad_inputs(model, inputs):
+    """(description, changes to the call, expected message fragment)."""
+    x, cond = inputs["x"], inputs["cond_concat"]
+    return [
+        ("channels", {"x": x[:, :15]}, "channels"),
+        ("latent size", {"x": x[..., :15], "cond_concat": cond[..., :15]}, "not divisible"),
+        ("latent size vs cache", {"x": x[..., :10], "cond_concat": cond[..., :10]}, "latent size"),
+        ("x vs cond", {"cond_concat": cond[:, :, :2]}, "must agree"),
+        ("keyboard length", {"keyboard_cond": inputs["keyboard_cond"][:, :-1]}, r"1 \+ 4 \* 5 = 21"),
+        ("mouse length", {"mouse_cond": torch.cat([inputs["mouse_cond"]] * 2, 1)}, "steps"),
+        ("missing mouse", {"mouse_cond": None}, "mouse_cond is required"),
+        ("missing keyboard", {"keyboard_cond": None}, "keyboard_cond is required"),
+        ("keyboard width", {"keyboard_cond": inputs["keyboard_cond"][..., :3]}, "keyboard_cond"),
+        ("x dtype", {"x": x.double()}, "dtype"),
+        ("visual dtype", {"visual_context": inputs["visual_context"].half()}, "dtype"),
+        ("t shape", {"t": inputs["t"][:, :2]}, "t must be"),
+        ("visual shape", {"visual_context": inputs["visual_context"][..., :100]}, "visual_context"),
+        ("start not frame aligned", {"current_start": 3 * TOKENS + 5}, "multiple"),
+        # the reference reads the position from the dicts first; the optimized model checks the
+        # action histories first (they do not fit frames 9-11 either)
+        ("start skips ahead", {"current_start": 9 * TOKENS},
+         "must start at|must hold the whole history"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_bad_input_raises_and_leaves_caches_untouched(model, streamed, case):
+    caches, inputs = streamed
+    description, changes, message = _bad_inputs(model, inputs)[case]
+    call = dict(inputs, **caches, current_start=NEXT)
+    call.update(changes)
+    before = copy.deepcopy(caches)
+    with pytest.raises((ValueError, TypeError), match=message):
+        model(**call)
+    assert _untouched(before, caches), description
+
+
+def test_going_backwards_is_refused(model, streamed):
+    """Frames 6-8 streamed, then frames 3-5 again. (current_start=0 is not "backwards" for the
+    optimized model: it starts a new stream in the same dicts, as upstream's pipeline does.)"""
+    caches, inputs = streamed
+    with torch.no_grad():
+        model(**inputs, **caches, current_start=NEXT)
+        model(**make_inputs(model, start_frame=6, seed=3), **caches, current_start=6 * TOKENS)
+    before = copy.deepcopy(caches)
+    with pytest.raises(ValueError, match="Going backwards"):
+        model(**inputs, **caches, current_start=NEXT)
+    assert _untouched(before, caches)
+
+
+def test_bad_cache_lists(model, streamed):
+    caches, inputs = streamed
+    call = dict(inputs, current_start=NEXT)
+    short = dict(caches, kv_cache=caches["kv_cache"][:1])
+    with pytest.raises(ValueError, match="1 entries but the model has 2 layers"):
+        model(**call, **short)
+    with pytest.raises(ValueError, match="kv_cache_mouse is required"):
+        model(**call, **dict(caches, kv_cache_mouse=None))
+    wrong_dtype = copy.deepcopy(caches)
+    wrong_dtype["kv_cache"][1]["k"] = wrong_dtype["kv_cache"][1]["k"].double()
+    with pytest.raises(TypeError, match=r"kv_cache\[1\]\['k'\]"):
+        model(**call, **wrong_dtype)
+    mouse_rows = copy.deepcopy(caches)
+    mouse_rows["kv_cache_mouse"][0]["k"] = mouse_rows["kv_cache_mouse"][0]["k"][:10]
+    with pytest.raises(ValueError, match="kv_cache_mouse"):
+        model(**call, **mouse_rows)
+
+
+@pytest.mark.parametrize("cls", MODEL_CLASSES, ids=[m.__name__ for m in MODEL_CLASSES])
+def test_actions_rejected_for_models_without_them(cls):
+    plain = build_model("tiny", torch.float32, cls=cls, action_config={})
+    inputs = make_inputs(model=build_model("tiny", torch.float32))
+    with pytest.raises(ValueError, match="no action module"):
+        plain(**inputs, **make_caches(plain), current_start=0)
+    no_mouse = build_model("tiny", torch.float32, cls=cls)
+    for block in no_mouse.blocks:
+        if block.action_model is not None:
+            block.action_model.enable_mouse = False
+    with pytest.raises(ValueError, match="no mouse branch"):
+        no_mouse(**inputs, **make_caches(no_mouse), current_start=0)
+
+
+def test_valid_calls_pass(model, streamed):
+    """The two legal positions: repeating the latest block and advancing to the next."""
+    caches, inputs = streamed
+    with torch.no_grad():
+        out = model(**inputs, **caches, current_start=NEXT)
+        repeat = model(**inputs, **caches, current_start=NEXT)
+    assert torch.equal(out, repeat)
 
 
 # ------------------------------------------------------------------ constructors and configs

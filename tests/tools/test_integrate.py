@@ -1,9 +1,14 @@
-"""`python -m wan.integrate` is all or nothing (wan/tools/integrate.py): a write that fails at any
-point (the first, a middle one, the last: the journal's completion; a failing os.replace; a
-read-only folder or file) leaves the checkout byte for byte as it was, with one line of error and
-exit status 2; an install stopped part-way (KeyboardInterrupt from a write, as a kill would) keeps
-its journal, `--status` says so and `--undo` restores the tree from it; edited files get one way
-on, `--undo --force`; every user error of the command line is one line on stderr and exit 2."""
+"""`python -m wan.integrate` (wan/tools/integrate.py) on a stand-in Matrix-Game-2 tree (the files
+it recognises a checkout by, nothing runnable; a real checkout: tests/tools/test_matrix_game_checkout.py).
+On a tree it recognises: apply (the diff shown, every decoder line changed, the DiT only where no
+decoder line is found), idempotent, exact undo; on one it does not: refusal, untouched.
+It is all or nothing: a write that fails at any point (the first, a middle one, the last: the
+journal's completion; a failing os.replace; a read-only folder or file) leaves the checkout byte
+for byte as it was, with one line of error and exit status 2; an install stopped part-way
+(KeyboardInterrupt from a write, as a kill would) keeps its journal, `--status` says so and
+`--undo` restores the tree from it; edited files get one way on, `--undo --force`; every user
+error of the command line is one line on stderr and exit 2."""
+import hashlib
 import json
 import os
 import shutil
@@ -13,13 +18,152 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from test_integration import _fake_checkout
+from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.tools import integrate
-from wan.tools.integrate import (EDITS_DIR, MANIFEST, STATE_DIR, IntegrateError, install, status,
-                                 undo)
+from wan.tools.integrate import (DECODER_FILES, DECODER_IMPORT, EDITS_DIR, MANIFEST,
+                                 OPTIMIZED_DECODER_IMPORT, OPTIMIZED_IMPORT, RECOGNISED_BY,
+                                 STATE_DIR, UPSTREAM_IMPORT, IntegrateError, install, status, undo)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------- apply, idempotent, undo; refusals
+def _fake_checkout(root: Path, decoder_lines: bool = True) -> Path:
+    """The files the command recognises a Matrix-Game-2 tree by (nothing runnable)."""
+    for relative, marker in RECOGNISED_BY.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(f"{marker}:\n    pass\n")
+    wrapper = root / "utils" / "wan_wrapper.py"
+    wrapper.write_text(f"import torch\n{UPSTREAM_IMPORT}\n\n\n{wrapper.read_text()}")
+    (root / "wan" / "modules" / "optimized_causal_model.py").write_text("# the fork's template\n")
+    (root / "tests").mkdir()
+    (root / "tests" / "baseline_performance.txt").write_text("Mean: 166.60 ms\n")
+    if decoder_lines:  # scripts that build upstream's decoder (one with CRLF line ends)
+        (root / "inference.py").write_text(f"import os\n{DECODER_IMPORT}\nVAEDecoderWrapper()\n")
+        (root / "server").mkdir()
+        (root / "server" / "vae_cache.py").write_bytes(
+            f"import torch\r\n{DECODER_IMPORT}\r\n".encode())
+    return root
+
+
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_integrate_applies_is_idempotent_and_undoes_exactly(tmp_path):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2")
+    before = _tree(root)
+    lines = []
+    written = install(root, out=lines.append)
+    assert "wan/kernels/registry.py" in written and "tests/test_causal_wan_model.py" in written
+    assert OPTIMIZED_IMPORT in (root / "utils" / "wan_wrapper.py").read_text()
+    assert any(line.startswith("--- a/utils/wan_wrapper.py") for line in lines)  # the diff shown
+    assert (root / "tests" / "run_tests.sh").stat().st_mode & 0o111
+    assert install(root, out=lines.append) == []  # again: nothing to do
+    (root / "tests" / "baseline_performance.txt").write_text("Mean: 20.00 ms\n")  # the suite ran
+    undo(root, out=lines.append)
+    assert _tree(root) == before
+
+
+def test_integrate_changes_every_decoder_line_shows_lists_and_undoes_them(tmp_path):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2")
+    (root / "Matrix-Game-2.0").mkdir()
+    upstream_cache = root / "Matrix-Game-2.0" / "compiled_vae_decoder.pt"
+    upstream_cache.write_bytes(b"upstream's pickled compiled decoder")
+    before = _tree(root)
+    lines = []
+    written = install(root, out=lines.append)
+    assert {"inference.py", "server/vae_cache.py", *DECODER_FILES} <= set(written)
+    assert (root / "inference.py").read_text() == \
+        f"import os\n{OPTIMIZED_DECODER_IMPORT}\nVAEDecoderWrapper()\n"
+    assert (root / "server" / "vae_cache.py").read_bytes() == \
+        f"import torch\r\n{OPTIMIZED_DECODER_IMPORT}\r\n".encode()  # its line ends kept
+    shown = "".join(lines)
+    for relative in ("utils/wan_wrapper.py", "inference.py", "server/vae_cache.py"):
+        assert f"--- a/{relative}" in shown
+    assert f"-{DECODER_IMPORT}" in shown and f"+{OPTIMIZED_DECODER_IMPORT}" in shown
+    # upstream's pickled decoder would be loaded in place of ours: moved away, put back by undo
+    assert not upstream_cache.exists() and "moved   Matrix-Game-2.0/compiled_vae_decoder.pt" in shown
+    listed = []
+    status(root, out=listed.append)
+    assert "the DiT and the decoder" in listed[0]
+    assert f"  changed inference.py, line 2: {OPTIMIZED_DECODER_IMPORT}" in listed
+    assert f"  changed server/vae_cache.py, line 2: {OPTIMIZED_DECODER_IMPORT}" in listed
+    assert any(line.startswith("  changed utils/wan_wrapper.py, line 2:") for line in listed)
+    assert install(root, out=lines.append) == []
+    # what the optimized decoder's torch.save writes there meanwhile: undo deletes that marker
+    decoder = OptimizedVAEDecoderWrapper()
+    torch.save(decoder, upstream_cache)
+    undo(root, out=lines.append)
+    assert _tree(root) == before
+
+
+def test_integrate_without_a_decoder_line_installs_the_dit_only(tmp_path):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2", decoder_lines=False)
+    (root / "other.py").write_text("import demo_utils.vae_block3 as v\nv.VAEDecoderWrapper()\n")
+    before = _tree(root)
+    lines = []
+    written = install(root, out=lines.append)
+    assert "utils/wan_wrapper.py" in written and not set(DECODER_FILES) & set(written)
+    assert not (root / "wan" / "modules" / "optimized_vae_decoder.py").exists()
+    shown = "\n".join(lines)
+    assert f"no file of {root} has the line `{DECODER_IMPORT}`: installed the DiT only" in shown
+    assert "name upstream's decoder another way and keep it: other.py" in shown
+    listed = []
+    status(root, out=listed.append)
+    assert "the DiT only, upstream decoder kept" in listed[0]
+    undo(root, out=lines.append)
+    assert _tree(root) == before
+
+
+@pytest.mark.parametrize("case", ["decoder file of that name", "decoder line twice"])
+def test_integrate_refuses_decoder_trees_it_does_not_recognise_untouched(tmp_path, case):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2")
+    if case == "decoder file of that name":
+        (root / "wan" / "modules" / "vae_decoder.py").write_text("# upstream's own\n")
+        match = "wan/modules/vae_decoder.py exists and was not installed"
+    else:
+        (root / "inference.py").write_text(f"{DECODER_IMPORT}\n{DECODER_IMPORT}\n")
+        match = "inference.py: expected the line .* exactly once, found it 2 times"
+    before = _tree(root)
+    with pytest.raises(SystemExit, match=match):
+        install(root, out=lambda line: None)
+    assert _tree(root) == before
+
+
+def test_integrate_refuses_an_edited_install_on_undo(tmp_path):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2")
+    install(root, out=lambda line: None)
+    (root / "wan" / "kernels" / "registry.py").write_text("# edited\n")
+    with pytest.raises(SystemExit, match="edited"):
+        undo(root, out=lambda line: None)
+
+
+def test_integrate_refuses_a_tree_it_does_not_recognise(tmp_path):
+    (tmp_path / "Matrix-Game-2").mkdir()
+    result = subprocess.run([sys.executable, "-m", "wan.integrate", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "is not a Matrix-Game-2 checkout" in result.stderr
+    assert "wan/modules/causal_model.py is missing" in result.stderr
+    assert "did you mean" in result.stderr and "Matrix-Game-2" in result.stderr
+    assert list(tmp_path.rglob("*")) == [tmp_path / "Matrix-Game-2"]  # nothing written
+
+
+def test_integrate_refuses_a_wrapper_it_does_not_recognise(tmp_path):
+    root = _fake_checkout(tmp_path / "Matrix-Game-2")
+    wrapper = root / "utils" / "wan_wrapper.py"
+    wrapper.write_text(wrapper.read_text().replace(UPSTREAM_IMPORT, "from x import CausalWanModel"))
+    before = _tree(root)
+    with pytest.raises(SystemExit, match="exactly once"):
+        install(root, out=lambda line: None)
+    assert _tree(root) == before
+
+
+# ---------------------------------------------------------------------- all or nothing
 QUIET = dict(out=lambda line: None)
 
 
@@ -37,7 +181,7 @@ def _snapshot(root: Path) -> dict:
 
 
 def _checkout(tmp_path: Path) -> Path:
-    """The stand-in checkout of tests/test_integration.py, with an upstream compiled decoder that
+    """The stand-in checkout (_fake_checkout), with an upstream compiled decoder that
     the install moves aside (so a plan holds a move too)."""
     root = _fake_checkout(tmp_path / "Matrix-Game-2")
     (root / "Matrix-Game-2.0").mkdir()

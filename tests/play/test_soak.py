@@ -1,7 +1,7 @@
 """A soak of the play server: one `python -m wan.play --preset tiny --device cpu` process (3
 players, 1 s linger), real WebSocket clients, seeded random misbehaviour, bounded in time.
 
-    WAN_SOAK_SECONDS=600 pytest tests/test_soak.py -s     # longer (default 40 s of chaos)
+    WAN_SOAK_SECONDS=600 pytest tests/play/test_soak.py -s     # longer (default 40 s of chaos)
     WAN_SOAK_SEED=7 ...                                   # another sequence (default 0)
     WAN_SOAK_SKIP=reset_flood,big_burst ...               # leave actions out (names: ACTIONS)
     WAN_SOAK_LOG=/tmp/soak.log ...                        # what everyone did, with times

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MISSING_DIR = "/nonexistent-wan-cli-test"
 
 

@@ -33,7 +33,7 @@ from wan.modules.vae_decoder import VAEDecoderWrapper
 from wan.runtime import conv_search_cache
 from wan.runtime.cuda_graphs import EagerGraphRunner
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HW = (1, 2)  # latent h, w: the decoder is fully convolutional
 TOL = 1e-5  # both decoders in float32 (rounding apart: ~1e-7)
 

@@ -1,25 +1,19 @@
-"""What a Matrix-Game-2 checkout relies on, without one: the constructor signature that diffusers'
-from_config reads, options from config.json and the environment, t of shape [B, 1], longer cache
-lists, and `python -m wan.integrate` on a tree it recognises (apply, idempotent, exact undo) or
-does not (refusal)."""
+"""What a Matrix-Game-2 checkout relies on from the models, without one: the constructor signature
+that diffusers' from_config reads, options from config.json and the environment, the decoder in
+upstream's scripts, t of shape [B, 1], longer cache lists. (`python -m wan.integrate` itself:
+tests/tools/test_integrate.py; against a real checkout: tests/tools/test_matrix_game_checkout.py.)"""
 import functools
 import gc
-import hashlib
 import inspect
 import logging
-import subprocess
-import sys
 import warnings
 from copy import deepcopy
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import build_model, make_caches, make_inputs, rel_err
 from wan import CausalWanModel
-from wan.tools.integrate import (DECODER_FILES, DECODER_IMPORT, OPTIMIZED_DECODER_IMPORT,
-                           OPTIMIZED_IMPORT, RECOGNISED_BY, UPSTREAM_IMPORT, install, status, undo)
 from wan.runtime.options import cuda_graphs_on
 from wan.runtime.options import publish_model_options
 from wan.kernels.registry import BackendUnavailableError
@@ -29,8 +23,6 @@ from wan.modules.vae_decoder import VAEDecoderWrapper
 from wan.modules.random_init import randomize_decoder_weights_
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel, _constructor_signature
 from wan.modules.presets import model_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------- constructor signature
@@ -272,137 +264,3 @@ def test_cache_lists_longer_than_the_model_are_accepted(cls):
     out = model(**make_inputs(model), **longer, current_start=0)
     assert rel_err(out, expected) <= 1e-10
     assert spare["kv_cache"][0]["k"].abs().max() == 0 and not spare["crossattn_cache"][0]["is_init"]
-
-
-# ---------------------------------------------------------------------- python -m wan.integrate
-def _fake_checkout(root: Path, decoder_lines: bool = True) -> Path:
-    """The files the command recognises a Matrix-Game-2 tree by (nothing runnable)."""
-    for relative, marker in RECOGNISED_BY.items():
-        (root / relative).parent.mkdir(parents=True, exist_ok=True)
-        (root / relative).write_text(f"{marker}:\n    pass\n")
-    wrapper = root / "utils" / "wan_wrapper.py"
-    wrapper.write_text(f"import torch\n{UPSTREAM_IMPORT}\n\n\n{wrapper.read_text()}")
-    (root / "wan" / "modules" / "optimized_causal_model.py").write_text("# the fork's template\n")
-    (root / "tests").mkdir()
-    (root / "tests" / "baseline_performance.txt").write_text("Mean: 166.60 ms\n")
-    if decoder_lines:  # scripts that build upstream's decoder (one with CRLF line ends)
-        (root / "inference.py").write_text(f"import os\n{DECODER_IMPORT}\nVAEDecoderWrapper()\n")
-        (root / "server").mkdir()
-        (root / "server" / "vae_cache.py").write_bytes(
-            f"import torch\r\n{DECODER_IMPORT}\r\n".encode())
-    return root
-
-
-def _tree(root: Path) -> dict:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
-
-
-def test_integrate_applies_is_idempotent_and_undoes_exactly(tmp_path):
-    root = _fake_checkout(tmp_path / "Matrix-Game-2")
-    before = _tree(root)
-    lines = []
-    written = install(root, out=lines.append)
-    assert "wan/kernels/registry.py" in written and "tests/test_causal_wan_model.py" in written
-    assert OPTIMIZED_IMPORT in (root / "utils" / "wan_wrapper.py").read_text()
-    assert any(line.startswith("--- a/utils/wan_wrapper.py") for line in lines)  # the diff shown
-    assert (root / "tests" / "run_tests.sh").stat().st_mode & 0o111
-    assert install(root, out=lines.append) == []  # again: nothing to do
-    (root / "tests" / "baseline_performance.txt").write_text("Mean: 20.00 ms\n")  # the suite ran
-    undo(root, out=lines.append)
-    assert _tree(root) == before
-
-
-def test_integrate_changes_every_decoder_line_shows_lists_and_undoes_them(tmp_path):
-    root = _fake_checkout(tmp_path / "Matrix-Game-2")
-    (root / "Matrix-Game-2.0").mkdir()
-    upstream_cache = root / "Matrix-Game-2.0" / "compiled_vae_decoder.pt"
-    upstream_cache.write_bytes(b"upstream's pickled compiled decoder")
-    before = _tree(root)
-    lines = []
-    written = install(root, out=lines.append)
-    assert {"inference.py", "server/vae_cache.py", *DECODER_FILES} <= set(written)
-    assert (root / "inference.py").read_text() == \
-        f"import os\n{OPTIMIZED_DECODER_IMPORT}\nVAEDecoderWrapper()\n"
-    assert (root / "server" / "vae_cache.py").read_bytes() == \
-        f"import torch\r\n{OPTIMIZED_DECODER_IMPORT}\r\n".encode()  # its line ends kept
-    shown = "".join(lines)
-    for relative in ("utils/wan_wrapper.py", "inference.py", "server/vae_cache.py"):
-        assert f"--- a/{relative}" in shown
-    assert f"-{DECODER_IMPORT}" in shown and f"+{OPTIMIZED_DECODER_IMPORT}" in shown
-    # upstream's pickled decoder would be loaded in place of ours: moved away, put back by undo
-    assert not upstream_cache.exists() and "moved   Matrix-Game-2.0/compiled_vae_decoder.pt" in shown
-    listed = []
-    status(root, out=listed.append)
-    assert "the DiT and the decoder" in listed[0]
-    assert f"  changed inference.py, line 2: {OPTIMIZED_DECODER_IMPORT}" in listed
-    assert f"  changed server/vae_cache.py, line 2: {OPTIMIZED_DECODER_IMPORT}" in listed
-    assert any(line.startswith("  changed utils/wan_wrapper.py, line 2:") for line in listed)
-    assert install(root, out=lines.append) == []
-    # what the optimized decoder's torch.save writes there meanwhile: undo deletes that marker
-    decoder = OptimizedVAEDecoderWrapper()
-    torch.save(decoder, upstream_cache)
-    undo(root, out=lines.append)
-    assert _tree(root) == before
-
-
-def test_integrate_without_a_decoder_line_installs_the_dit_only(tmp_path):
-    root = _fake_checkout(tmp_path / "Matrix-Game-2", decoder_lines=False)
-    (root / "other.py").write_text("import demo_utils.vae_block3 as v\nv.VAEDecoderWrapper()\n")
-    before = _tree(root)
-    lines = []
-    written = install(root, out=lines.append)
-    assert "utils/wan_wrapper.py" in written and not set(DECODER_FILES) & set(written)
-    assert not (root / "wan" / "modules" / "optimized_vae_decoder.py").exists()
-    shown = "\n".join(lines)
-    assert f"no file of {root} has the line `{DECODER_IMPORT}`: installed the DiT only" in shown
-    assert "name upstream's decoder another way and keep it: other.py" in shown
-    listed = []
-    status(root, out=listed.append)
-    assert "the DiT only, upstream decoder kept" in listed[0]
-    undo(root, out=lines.append)
-    assert _tree(root) == before
-
-
-@pytest.mark.parametrize("case", ["decoder file of that name", "decoder line twice"])
-def test_integrate_refuses_decoder_trees_it_does_not_recognise_untouched(tmp_path, case):
-    root = _fake_checkout(tmp_path / "Matrix-Game-2")
-    if case == "decoder file of that name":
-        (root / "wan" / "modules" / "vae_decoder.py").write_text("# upstream's own\n")
-        match = "wan/modules/vae_decoder.py exists and was not installed"
-    else:
-        (root / "inference.py").write_text(f"{DECODER_IMPORT}\n{DECODER_IMPORT}\n")
-        match = "inference.py: expected the line .* exactly once, found it 2 times"
-    before = _tree(root)
-    with pytest.raises(SystemExit, match=match):
-        install(root, out=lambda line: None)
-    assert _tree(root) == before
-
-
-def test_integrate_refuses_an_edited_install_on_undo(tmp_path):
-    root = _fake_checkout(tmp_path / "Matrix-Game-2")
-    install(root, out=lambda line: None)
-    (root / "wan" / "kernels" / "registry.py").write_text("# edited\n")
-    with pytest.raises(SystemExit, match="edited"):
-        undo(root, out=lambda line: None)
-
-
-def test_integrate_refuses_a_tree_it_does_not_recognise(tmp_path):
-    (tmp_path / "Matrix-Game-2").mkdir()
-    result = subprocess.run([sys.executable, "-m", "wan.integrate", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2
-    assert "is not a Matrix-Game-2 checkout" in result.stderr
-    assert "wan/modules/causal_model.py is missing" in result.stderr
-    assert "did you mean" in result.stderr and "Matrix-Game-2" in result.stderr
-    assert list(tmp_path.rglob("*")) == [tmp_path / "Matrix-Game-2"]  # nothing written
-
-
-def test_integrate_refuses_a_wrapper_it_does_not_recognise(tmp_path):
-    root = _fake_checkout(tmp_path / "Matrix-Game-2")
-    wrapper = root / "utils" / "wan_wrapper.py"
-    wrapper.write_text(wrapper.read_text().replace(UPSTREAM_IMPORT, "from x import CausalWanModel"))
-    before = _tree(root)
-    with pytest.raises(SystemExit, match="exactly once"):
-        install(root, out=lambda line: None)
-    assert _tree(root) == before

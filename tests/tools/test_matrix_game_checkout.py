@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHECKOUT = os.environ.get("MATRIX_GAME_DIR")
 pytestmark = pytest.mark.skipif(not CHECKOUT, reason="set MATRIX_GAME_DIR to a Matrix-Game-2 "
                                                      "checkout to run these")

@@ -29,7 +29,7 @@ from helpers import build_decoder
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.runtime import conv_search_cache as csc
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HW = (1, 2)
 
 

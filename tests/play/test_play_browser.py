@@ -36,7 +36,7 @@ WAIT_MS = 60_000          # any one "eventually" (a CPU block is ~0.3-1.5 s; 2 p
 START_S = 120             # the server's start (model, decoder) at most
 VIEWPORT = {"width": 1300, "height": 640}
 UNIVERSAL_KEYS = ["W", "S", "A", "D", "I", "K", "J", "L"]
-SAVED_SCREENSHOT = (Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+SAVED_SCREENSHOT = (Path(__file__).resolve().parents[2] / "benchmarks" / "results"
                     / "2026-12-01_cpu_play_page.png")
 
 if not os.path.exists(CHROMIUM):

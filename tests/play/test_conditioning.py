@@ -4,7 +4,7 @@ without a Matrix-Game-2 checkout: `StartConditions` over stand-in encoders whose
 that never settles (bounded by the cap), the device flag read a call late; `DemoConditioner`'s
 `start`; the error for a missing weights file, before anything loads; upstream's tile plan; the
 1x1x1 convolution run over the reference length. The checkout's own encoder is compared with
-upstream's encoding in tests/test_matrix_game_checkout.py (MATRIX_GAME_DIR)."""
+upstream's encoding in tests/tools/test_matrix_game_checkout.py (MATRIX_GAME_DIR)."""
 import logging
 
 import pytest

@@ -14,7 +14,7 @@ from wan.kernels.registry import (OPS, BackendUnavailableError, load_selection, 
                                   resolve_all)
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_auto_resolves_every_op_on_cpu_to_eager():

@@ -18,7 +18,7 @@ from wan.serving.scheduler import (BLOCK_FRAMES, VIDEO_FPS, DeadlineScheduler, P
                          players_report)
 
 PERIOD = BLOCK_FRAMES / VIDEO_FPS  # 0.48 s
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeClock:

@@ -23,7 +23,7 @@ from wan.runtime.options import DEFAULT_FP8_GEMMS, FP8_GEMMS
 from wan.kernels.registry import BackendUnavailableError
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EMULATED = {"linear_fp8": "eager"}
 # e4m3: 3 mantissa bits, so rounding to nearest is within 2^-4 relative for normal values;
 # values below 2^-6 (subnormal) are within half a step of 2^-9, i.e. 2^-10, absolute

@@ -427,32 +427,44 @@ def test_bad_configurations_are_clear_errors():
         GameEngine(EngineConfig(device="cpu", vae="Wan2.1_VAE.pth"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
-def test_gpu_jpeg_encoding_matches_the_cpu_encoder():
-    """nvJPEG (torchvision on CUDA) and Pillow give pictures within JPEG's error of the frame."""
+@pytest.mark.parametrize("where,device", [("pillow", "cpu"), ("cpu", "cpu"), ("cpu", "cuda"),
+                                          ("gpu", "cuda")])
+def test_every_jpeg_encoder_gives_the_frames_within_jpegs_error(where, device):
+    """libjpeg-turbo threads (simplejpeg; from host or CUDA frames), nvJPEG and Pillow each give
+    the frames back within JPEG's error at quality 85, in order, one picture per frame."""
     from wan.play.encode import JpegEncoder, to_uint8
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the device)")
     gen = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(12, 3, 22, 40, generator=gen) * 2 - 1,
                                              size=(352, 640), mode="bilinear")
     frames = to_uint8(smooth)
-    gpu = JpegEncoder(torch.device("cuda"))
-    assert gpu.gpu, "nvJPEG should be available on the device"
-    cpu = JpegEncoder(torch.device("cpu"))
-    for encoded_gpu, encoded_cpu, frame in zip(gpu.encode(frames.cuda()), cpu.encode(frames),
-                                               frames):
-        for data in (encoded_gpu, encoded_cpu):
-            with Image.open(io.BytesIO(data)) as image:
-                decoded = torch.frombuffer(bytearray(image.convert("RGB").tobytes()),
-                                           dtype=torch.uint8).view(352, 640, 3).permute(2, 0, 1)
-            error = (decoded.float() - frame.float()).abs()
-            assert error.mean() < 3.0 and error.max() < 64, (error.mean(), error.max())
+    encoder = JpegEncoder(torch.device(device), where=where)
+    assert encoder.kind == where
+    encoded = encoder.encode(frames.to(device))
+    assert len(encoded) == len(frames)
+    for data, frame in zip(encoded, frames):
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "JPEG" and image.size == (640, 352)
+            decoded = torch.frombuffer(bytearray(image.convert("RGB").tobytes()),
+                                       dtype=torch.uint8).view(352, 640, 3).permute(2, 0, 1)
+        error = (decoded.float() - frame.float()).abs()
+        assert error.mean() < 3.0 and error.max() < 64, (error.mean(), error.max())
 
 
+def test_a_jpeg_encoder_that_cannot_run_here_is_a_clear_error():
+    from wan.play.encode import JpegEncoder
+    with pytest.raises(ValueError, match="unknown JPEG encoder 'png'"):
+        JpegEncoder(torch.device("cpu"), where="png")
+    with pytest.raises(ValueError, match="'gpu' needs a CUDA device"):
+        JpegEncoder(torch.device("cpu"), where="gpu")
+    with pytest.raises(ValueError, match="quality must be in 1..100"):
+        JpegEncoder(torch.device("cpu"), quality=0)
 
 
 def test_a_checkout_conditioner_without_its_weight_files_says_which_before_loading(tmp_path):
     """With --matrix-game-dir the checkout's own encoders condition the game (bitwise upstream's:
-    tests/test_conditioning.py, tests/test_matrix_game_checkout.py); without the VAE, the CLIP
+    tests/play/test_conditioning.py, tests/tools/test_matrix_game_checkout.py); without the VAE, the CLIP
     checkpoint or the tokenizer folder beside the VAE, a clear error names each, before the
     checkout is imported (this library's `wan` untouched)."""
     import sys
