@@ -103,13 +103,39 @@ def test_training_path_is_the_parents():
         assert torch.equal(optimized(**inputs), reference(**inputs))
 
 
-def test_cuda_graphs_fall_back_on_cpu_with_a_warning():
+def test_cuda_graphs_fall_back_on_cpu_said_once():
+    """Graphs asked for on a CPU: the forward runs eagerly (the reference's numbers), and says so
+    once: in the device's start-up log line when graphs were asked for before the first forward
+    (no warning repeating it), with a warning when they are turned on after it."""
+    import logging
+    import warnings
     reference, optimized = _pair()
     optimized.enable_cuda_graphs()
     optimized.start_stream(latent_size=(8, 16))
-    with pytest.warns(UserWarning, match="needs a CUDA device"):
-        got = run_stream(optimized, 2)
+    handler = logging.Handler()
+    records = []
+    handler.emit = records.append
+    logger = logging.getLogger("wan")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a repeated warning fails here
+            got = run_stream(optimized, 2)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert any("CUDA graphs off" in r.getMessage() and "not on CUDA" in r.getMessage()
+               for r in records), [r.getMessage() for r in records]
     assert max_rel_err(got, run_stream(reference, 2, caches=make_caches(reference))) <= 1e-6
+    # turned on after the first forward (the log line said off): a warning, once
+    late = _pair()[1]
+    late.start_stream(latent_size=(8, 16))
+    run_stream(late, 1)
+    late.enable_cuda_graphs()
+    with pytest.warns(UserWarning, match="needs a CUDA device"):
+        run_stream(late, 1)
 
 
 @torch.no_grad()

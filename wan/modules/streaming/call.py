@@ -78,6 +78,7 @@ class StreamingForward:
         self.owned: list = []          # every stream the model owns (start_stream)
         self.current: Optional[StreamCache] = None
         self._warned_no_graphs = False
+        self._said_no_graphs = None  # the graphs setting a CPU device's start-up log line reported
 
     # ------------------------------------------------------------------ derived state
     def forget_plan(self):
@@ -266,13 +267,15 @@ class StreamingForward:
         return cache
 
     def _graphs_usable(self, x) -> bool:
-        """Graphs replay on CUDA unless turned off (default: on); asked for on a CPU: a warning."""
+        """Graphs replay on CUDA unless turned off (default: on). Asked for off CUDA: the forward
+        runs eagerly, said once: by the start-up log line of the device when graphs were already
+        asked for then, else (turned on later) by a warning."""
         setting = self.model.options.cuda_graphs
         if setting is False:
             return False
         if x.is_cuda:
             return True
-        if setting and not self._warned_no_graphs:
+        if setting and not self._warned_no_graphs and self._said_no_graphs is not setting:
             warnings.warn("cuda_graphs=True needs a CUDA device; running the forward eagerly")
             self._warned_no_graphs = True
         return False
@@ -289,6 +292,8 @@ class StreamingForward:
                              f"{', '.join(sorted(options.fp8_gemms, key=FP8_GEMMS.index))}")
             info("%s on %s in %s, %s%s: %s", type(self.model).__name__, device, dtype,
                  options.describe_graphs(device), precision, state.description)
+            if device.type != "cuda":  # that line said graphs are off here: no warning repeats it
+                self._said_no_graphs = options.cuda_graphs
         return self.per_device[key]
 
     # ------------------------------------------------------------------ explicit warm-up
