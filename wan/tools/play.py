@@ -7,7 +7,7 @@
 
 Then open the printed URL. One process serves one GPU: for several GPUs start one per GPU (its
 `--device` and `--port`, or under torchrun each rank takes its local GPU and `--port` + rank)
-behind a reverse proxy with sticky sessions (README, "Play it").
+behind a reverse proxy with sticky sessions (docs/PLAY_SERVER_PROXY.md).
 
 With a token (--token, or generated for a non-loopback --host) every route needs it (the page,
 /ws, /stream, /health, /metrics, /start-image, /static/...; ?token=... or the cookie the page

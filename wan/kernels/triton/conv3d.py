@@ -18,7 +18,8 @@ mantissa would double the error), and in the input's dtype for float32/float64.
 
 Measured on an H200 at the head's steady shape (window [1, 96, 14, 352, 640], fp16): 0.74 ms
 against cuDNN's 1.85 ms, relative error vs float32 2.9e-4 (cuDNN 3.0e-4); Z in float32 1.02 ms
-(benchmarks/decoder_convs.py, benchmarks/results/2026-12-01_h200_decoder_convs.json).
+(benchmarks/results/2026-12-01_h200_decoder_convs.json; the benchmark that made it, since
+removed, is in docs/LAB_NOTEBOOK.md, "Experiments that left the tree").
 """
 import torch
 import triton

@@ -6,7 +6,8 @@ A program takes a few rows, in chunks: a first pass finds each row's largest mag
 in float32 and rounded to the model's dtype, as the eager twin's separate GELU would round it), a
 second pass reads the row again (from cache: a row is at most 18 KB) and stores it as e4m3 with that
 scale (wan/kernels/fp8.py). Chunks keep the registers per thread low for 8960-wide rows, where
-holding the whole row spilled (benchmarks/fp8_quantize.py).
+holding the whole row spilled (measured by a benchmark since removed: docs/LAB_NOTEBOOK.md,
+"Experiments that left the tree").
 """
 import torch
 import triton
@@ -15,7 +16,7 @@ import triton.language as tl
 from ..fp8 import E4M3, E4M3_MAX, MIN_SCALE, Fp8Rows
 from .common import e4m3_row_scale, gelu_tanh
 
-# rows per program, chunk width and warps, measured on an H200 (benchmarks/fp8_quantize.py)
+# rows per program, chunk width and warps, measured on an H200 (docs/LAB_NOTEBOOK.md, step 28)
 ROWS, CHUNK, NUM_WARPS = 1, 1024, 8
 
 
