@@ -1,5 +1,5 @@
 """Helpers for the proxy and soak tests (tests/play/test_proxy.py, tests/play/test_soak.py): play servers
-as real `python -m wan.play` processes, the README's nginx configuration made runnable (its
+as real `python -m wan.play` processes, the proxy guide's nginx configuration (docs/PLAY_SERVER_PROXY.md) made runnable (its
 ports, a self-signed certificate) and nginx run unprivileged in the foreground with every path in
 one temporary folder, and what /proc says about a process (RSS, threads, open fds).
 
@@ -37,7 +37,7 @@ def nginx_binary() -> Optional[str]:
 
 
 def readme_nginx_block(readme: Path = README) -> str:
-    """The README's nginx configuration (the ```nginx block after "With nginx:")."""
+    """The proxy guide's nginx configuration (the ```nginx block after "With nginx:")."""
     match = NGINX_BLOCK.search(readme.read_text())
     if match is None:
         raise AssertionError(f"{readme}: no ```nginx block after 'With nginx:' (the proxy section)")
@@ -47,7 +47,7 @@ def readme_nginx_block(readme: Path = README) -> str:
 def _sub(pattern: str, replacement, text: str, what: str) -> str:
     new, count = re.subn(pattern, replacement, text)
     if count == 0:
-        raise AssertionError(f"the README's nginx block has no {what} (pattern {pattern!r}); the "
+        raise AssertionError(f"the proxy guide's nginx block has no {what} (pattern {pattern!r}); the "
                              f"tests cannot make it runnable:\n{text}")
     return new
 

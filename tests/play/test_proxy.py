@@ -1,8 +1,8 @@
-"""Several play servers behind the README's nginx configuration (README, "Play it": "More GPUs";
-docs/PLAY_SERVER_PROXY.md), with real clients over TLS.
+"""Several play servers behind the nginx configuration of docs/PLAY_SERVER_PROXY.md, with real
+clients over TLS.
 
 Two `python -m wan.play --preset tiny --device cpu` processes (3 players each, no linger, one
-token for both, as servers off loopback need) behind nginx running the README's ```nginx block as
+token for both, as servers off loopback need) behind nginx running that guide's ```nginx block as
 written (only its ports, certificate paths and the folders nginx writes to are replaced;
 tests/proxy_nginx.py), with a self-signed certificate that the clients verify. What it checks:
 
