@@ -46,8 +46,8 @@ the caches; what needs the finished block (the player's latest block for re-make
 player's next block) waits for it.
 
 NaN or inf: every block's latents and frames are checked (`StreamingBlockRunner.check_finite`,
-read when the frames are ready: the check is made on the decode stream just before them). A block that holds any is not sent; its
-player gets `{"type": "error", "reason": ...}` naming the block and a new game (fresh caches and
+read when the frames are ready: the check is made on the decode stream just before them). A
+block that holds any is not sent; its player gets `{"type": "error", "reason": ...}` naming the block and a new game (fresh caches and
 decoder stream; the other players' games go on untouched). After MAX_NONFINITE_RESTARTS such
 games in a row without one good block the game is stopped instead, with a message ("New game"
 starts it again). During the warm-up such a block is an error at start-up.
@@ -749,6 +749,11 @@ class GameEngine:
         return True
 
     # frames out --------------------------------------------------------------------------------
+    def _player(self, player_id: int) -> Optional[Player]:
+        """The player with this id, None once it left."""
+        with self._lock:
+            return next((p for p in self.players if p.id == player_id), None)
+
     def _frames_ready(self, record, frames):
         """The scheduler's on_frames: a block's frames are decoded (its cache update may still
         run on the GPU): send them now."""
@@ -758,14 +763,12 @@ class GameEngine:
         """After a whole block: its frames out (unless `_frames_ready` sent them), then what
         needs the finished block (the player's latest block, an on-input player's next one)."""
         sent = self._send(record, frames) if self._sent is _UNSENT else self._sent
-        self._sent = _UNSENT
-        with self._lock:
-            player = next((p for p in self.players if p.id == record.player), None)
+        player = self._player(record.player)
         if player is None:
             return
         if record.remake is not None:
             player.remake_waiting = False
-        if sent is None or sent is not player:  # not sent: the player left, or its game ended
+        if sent is not player:  # not sent (None): the player left, or its game ended
             return
         if record.remake is None:
             player.latest = record
@@ -776,8 +779,7 @@ class GameEngine:
         """Encode a block's frames (a re-made block's from its splice on) and hand them to the
         player's sink; returns the player, or None when nothing went out (the player left, or
         the block failed or held NaN/inf: the player's game then ends or restarts)."""
-        with self._lock:
-            player = next((p for p in self.players if p.id == record.player), None)
+        player = self._player(record.player)
         if player is None or player.session is None:  # left while its block ran
             return None
         remake = record.remake

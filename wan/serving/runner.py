@@ -293,7 +293,7 @@ class StreamingBlockRunner:
                 # as they are ready (`_Clock.wait_frames`) can read it without waiting for the
                 # update (x0 is final here; the update only writes caches, which the next
                 # block's check covers)
-                check = _to_host(torch.stack([_non_finite(x0), _non_finite(frames)]))
+                check = _finite_check(x0, frames)
                 clock.mark("frames")
             update()
             main.wait_stream(self.side)
@@ -306,7 +306,7 @@ class StreamingBlockRunner:
             # one count per block of non-finite latents and frames, on its way to the host
             # (before "done": once timing() has waited for the block, it has arrived)
             if not self.overlap:
-                check = _to_host(torch.stack([_non_finite(x0), _non_finite(frames)]))
+                check = _finite_check(x0, frames)
             parts = [("both", *check)]
             clock.mark("done")
             clock.after = lambda: self.check_finite(wait=False)
@@ -359,6 +359,12 @@ def decode_stream(device: torch.device) -> torch.cuda.Stream:
 def _non_finite(tensor: torch.Tensor) -> torch.Tensor:
     """How many values of `tensor` are NaN or inf (a 0-d int64 on its device; no sync)."""
     return torch.isfinite(tensor).logical_not().sum()
+
+
+def _finite_check(latents: torch.Tensor, frames: torch.Tensor):
+    """A block's non-finite counts (latents, frames) as one tensor on its way to the host, with
+    its event (`_to_host`): made on the current stream."""
+    return _to_host(torch.stack([_non_finite(latents), _non_finite(frames)]))
 
 
 def _to_host(count: torch.Tensor):
