@@ -124,12 +124,21 @@ def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
                "client_block_ms_p50": _median([c.get("block_ms_p50") for c in clients]),
                "ready_to_sent_ms_p50": _median([c.get("ready_to_sent_ms_p50") for c in clients]),
                "transport_ms_p50": _median([c.get("transport_ms_p50") for c in clients]),
+               # where a press's time goes (wan/play/client.py press_parts), medians of players'
+               "press_parts_ms_p50": _press_parts(clients),
                "errors": [e for c in clients for e in c["errors"]]}
         rows.append(row)
         _wait_for_leaving(engine)
         log.info("%d players, reactive %s: fps %s, press-to-frame p50 %s ms, re-makes %s", n,
                  reactive, row["per_player_fps"], row["press_to_frame_p50_ms"], row["remakes"])
     return rows
+
+
+def _press_parts(clients) -> dict:
+    """The players' press_parts_ms_p50, part by part (the median of the players' medians)."""
+    per_player = [c["press_parts_ms_p50"] for c in clients if c.get("press_parts_ms_p50")]
+    names = dict.fromkeys(name for parts in per_player for name in parts)
+    return {name: _median([parts.get(name) for parts in per_player]) for name in names}
 
 
 def _wait_for_leaving(engine):
@@ -255,6 +264,14 @@ def main(argv=None):
               f"{fmt(r['encode_ms_per_block_p50'])} | {r['late_blocks']}/{r['blocks']} | "
               f"{r['underruns']} | {r['remakes']['granted']}/{r['remakes']['refused']}/"
               f"{r['remakes']['late']}")
+    print("\nwhere a press's time goes, p50 ms: to the start of the block that reads it | that "
+          "block to its frames | frames ready to sent | transport | page (arrival to shown)")
+    for r in reactive + blocks_only + at_ready:
+        parts = r["press_parts_ms_p50"]
+        print(f"{r['players']} player(s), re-makes {'on ' if r['reactive'] else 'off'}, sent at "
+              f"{'frames' if r['send_at_frames_ready'] else 'block '}: " + " | ".join(
+                  fmt(parts.get(k)) for k in ("to_block_start", "block", "ready_to_sent",
+                                              "transport", "page")))
     print("time to first frame ms (p50/max): " + ", ".join(
         f"{k} {fmt(starts[k]['p50'])}/{fmt(starts[k]['max'])}" for k in ("join", "new_game",
                                                                           "upload"))

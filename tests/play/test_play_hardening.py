@@ -616,3 +616,26 @@ def test_the_client_counts_replaced_frames_once_per_block():
     assert result.replaced_frames() == 3
     from wan.play.client import _block_firsts
     assert [f.block for f in _block_firsts(result.frames)] == [0, 1]
+
+
+def test_press_parts_split_a_press_into_its_waits():
+    """press_parts against hand-made timelines: the server's clock is epoch + ms; each part is
+    the median over the presses of its span, and the parts add up to the press-to-arrival."""
+    from wan.play.client import press_parts
+    epoch = 1000.0
+    # press at server ms 100 (client 1000.1): block starts at 160, frames at 270, sent at 275,
+    # received at 283; a second press at 600: 650 / 760 / 768 / 778
+    presses = [(epoch + 0.100, Frame(3, 0, 12, 1, 160.0, 270.0, 275.0, b"", epoch + 0.283)),
+               (epoch + 0.600, Frame(4, 5, 12, 2, 650.0, 760.0, 768.0, b"", epoch + 0.778))]
+    arrival = [183.0, 178.0]
+    shown = [203.0, 210.0]
+    parts = press_parts(presses, epoch, shown, arrival)
+    expected = {"to_block_start": (60 + 50) / 2, "block": 110.0, "ready_to_sent": (5 + 8) / 2,
+                "transport": (8 + 10) / 2, "page": (203 + 210) / 2 - (183 + 178) / 2}
+    assert parts.keys() == expected.keys()
+    for name, value in expected.items():
+        assert abs(parts[name] - value) < 1e-6, (name, parts[name], value)
+    # per press the four server-side parts are the arrival latency exactly
+    for (sent, f), total in zip(presses, arrival):
+        one = press_parts([(sent, f)], epoch, [], [])
+        assert abs(sum(one.values()) - total) < 1e-6 and "page" not in one

@@ -248,11 +248,12 @@ def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
     begin = result.begin
     window = [f for f in result.frames if warmup_s <= f.received - begin <= seconds]
     presses = [(i, t) for i, t in result.presses if t - begin >= warmup_s]
-    latency = []
+    latency, reflecting = [], []
     for input_id, sent in presses:
         reflected = next((f for f in result.frames if f.input_id >= input_id), None)
         if reflected is not None:
             latency.append(1e3 * (reflected.received - sent))
+            reflecting.append((sent, reflected))
     epoch = (result.hello or {}).get("clock_epoch_s")
     firsts = _block_firsts(window)
     parts = {}
@@ -272,6 +273,8 @@ def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
         fps = shown / (firsts[-1].received - firsts[0].received)
     viewer = result.viewer
     shown = viewer.press_to_shown_ms(presses)
+    if epoch is not None and reflecting:
+        parts["press_parts_ms_p50"] = press_parts(reflecting, epoch, shown, latency)
     on_screen = [t for t, *_ in viewer.shown if warmup_s <= t - begin <= seconds]
     shown_fps = (len(on_screen) - 1) / (on_screen[-1] - on_screen[0]) if len(on_screen) > 2 \
         else 0.0
@@ -289,6 +292,28 @@ def summarize(result: PlayResult, warmup_s: float, seconds: float) -> dict:
             "frames_replaced": viewer.replaced, "frames_too_late": viewer.too_late,
             "first_frame_ms": [1e3 * (got - asked) for asked, got in result.games],
             "errors": result.errors(), "closed": result.closed, **parts}
+
+
+def press_parts(reflecting, epoch: float, shown_ms, arrival_ms) -> dict:
+    """Where a press's time to the screen goes (medians over the presses, ms), from the frame
+    that first reflected each press (`reflecting`: (press time, Frame) on this machine's
+    perf_counter; the server's clock is `epoch` + its ms): `to_block_start` (the press reaching
+    the server and waiting for a block that reads it to start: the block running then, others'
+    blocks, the scheduler's release), `block` (that block's start to its frames ready),
+    `ready_to_sent` (the rest of the block when the frames go after it, the JPEG encode, the
+    send queue), `transport` (the WebSocket to this process) and `page` (arrival to shown: the
+    page's jitter buffer and frame clock; p50 shown minus p50 arrival). Their sum is about the
+    press-to-frame p50."""
+    def median_of(part):
+        return statistics.median(part(sent, f) for sent, f in reflecting)
+
+    out = {"to_block_start": median_of(lambda sent, f: f.block_start_ms - 1e3 * (sent - epoch)),
+           "block": median_of(lambda sent, f: f.frames_ready_ms - f.block_start_ms),
+           "ready_to_sent": median_of(lambda sent, f: f.sent_ms - f.frames_ready_ms),
+           "transport": median_of(lambda sent, f: 1e3 * (f.received - epoch) - f.sent_ms)}
+    if shown_ms and arrival_ms:
+        out["page"] = statistics.median(shown_ms) - statistics.median(arrival_ms)
+    return out
 
 
 def key_schedule(keys_cycle, period_s: float, seconds: float, phase_s: float = 0.0):
