@@ -50,6 +50,10 @@ class BlockLog:
         original = metrics.block_done
 
         def block_done(player, batch):
+            if batch.first_frame and not batch.remake:  # a later part of a block sent in parts
+                self.blocks[-1]["encode_ms"] += batch.encode_ms
+                original(player, batch)
+                return
             self.blocks.append({"player": player.id, "block": batch.block,
                                 "block_ms": batch.block_ms, "encode_ms": batch.encode_ms,
                                 "wait_ms": batch.wait_ms, "late": batch.late and not batch.remake,
@@ -87,12 +91,15 @@ def _p(values, q):
 
 
 def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
-           send_at_frames_ready: bool = False) -> list:
+           send_at_frames_ready: bool = False, frames_in_parts: bool = False) -> list:
     """Continuous players 1..--players (or `counts`) with re-makes on or off: a row per player
     count. `send_at_frames_ready`: frames sent as soon as they are decoded instead of after the
-    whole block (EngineConfig.send_at_frames_ready)."""
+    whole block (EngineConfig.send_at_frames_ready); `frames_in_parts`: and decoded one latent
+    frame per call, each part sent when decoded (EngineConfig.frames_in_parts)."""
     engine.config.reactive = reactive
     engine.config.send_at_frames_ready = send_at_frames_ready
+    if args.frames_in_parts:
+        engine.set_frames_in_parts(frames_in_parts)
     rows = []
     for n in counts or range(1, args.players + 1):
         t0 = time.perf_counter() + args.warmup
@@ -104,6 +111,7 @@ def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
         latency = [v for c in clients for v in c["press_to_frame_ms"]]
         arrival = [v for c in clients for v in c["press_to_arrival_ms"]]
         row = {"players": n, "reactive": reactive, "send_at_frames_ready": send_at_frames_ready,
+               "frames_in_parts": frames_in_parts,
                "realtime": all(c["fps"] >= REALTIME_FPS for c in clients),
                "per_player_fps": [round(c["fps"], 2) for c in clients],
                "per_player_shown_fps": [round(c["shown_fps"], 2) for c in clients],
@@ -132,6 +140,12 @@ def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
         log.info("%d players, reactive %s: fps %s, press-to-frame p50 %s ms, re-makes %s", n,
                  reactive, row["per_player_fps"], row["press_to_frame_p50_ms"], row["remakes"])
     return rows
+
+
+def _sent_at(row) -> str:
+    """When a row's frames were sent: after the block, when decoded, or part by part."""
+    return "parts " if row.get("frames_in_parts") else \
+        "frames" if row["send_at_frames_ready"] else "block "
 
 
 def _press_parts(clients) -> dict:
@@ -171,6 +185,10 @@ def main(argv=None):
     p.add_argument("--compare-send", action=argparse.BooleanOptionalAction, default=True,
                    help="also 1-2 players with the frames sent as soon as they are decoded "
                         "instead of after the whole block")
+    p.add_argument("--frames-in-parts", action="store_true",
+                   help="also 1-2 players with each latent frame's frames decoded and sent on "
+                        "their own, as soon as they are ready (the other rows decode whole "
+                        "blocks)")
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -178,7 +196,7 @@ def main(argv=None):
     metrics = PlayMetrics()
     engine = GameEngine(EngineConfig(mode=args.mode, device=args.device, checkpoint=args.checkpoint,
                                      vae=args.vae, matrix_game_dir=args.matrix_game_dir,
-                                     jpeg=args.jpeg),
+                                     jpeg=args.jpeg, frames_in_parts=args.frames_in_parts),
                         metrics=metrics)
     engine.warm_up()
     measured_capacity = engine.capacity
@@ -196,6 +214,11 @@ def main(argv=None):
         at_ready = _sweep(engine, running, blocks, args, reactive=True,
                           counts=range(1, min(args.players, 2) + 1),
                           send_at_frames_ready=True) if args.compare_send else []
+        in_parts = _sweep(engine, running, blocks, args, reactive=True,
+                          counts=range(1, min(args.players, 2) + 1), send_at_frames_ready=True,
+                          frames_in_parts=True) if args.frames_in_parts else []
+        if args.frames_in_parts:
+            engine.set_frames_in_parts(False)
         engine.config.reactive, engine.config.send_at_frames_ready = True, False
         # N - 1 players while one more keeps starting games: joins, new games, uploads
         t0 = time.perf_counter()
@@ -239,7 +262,10 @@ def main(argv=None):
             "sent_at_frames_ready": {
                 "press_to_frame_p50_ms": by_count(at_ready, "press_to_frame_p50_ms"),
                 "press_to_frame_p95_ms": by_count(at_ready, "press_to_frame_p95_ms")},
-            "on_input": on_input, "sweep": reactive + blocks_only + at_ready,
+            "sent_in_parts": {
+                "press_to_frame_p50_ms": by_count(in_parts, "press_to_frame_p50_ms"),
+                "press_to_frame_p95_ms": by_count(in_parts, "press_to_frame_p95_ms")},
+            "on_input": on_input, "sweep": reactive + blocks_only + at_ready + in_parts,
             "games": games}}
     if args.matrix_game_dir:
         report["start_image"] = {
@@ -255,9 +281,9 @@ def main(argv=None):
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     print("\nplayers | re-makes | sent at | fps per player | press->shown p50/p95 ms | press->arrival p50 | "
           "to frames / block ms | encode ms | late | underruns | re-makes granted/refused/late")
-    for r in reactive + blocks_only + at_ready:
+    for r in reactive + blocks_only + at_ready + in_parts:
         print(f"{r['players']:7d} | {'on ' if r['reactive'] else 'off'} | "
-              f"{'frames' if r['send_at_frames_ready'] else 'block '} | "
+              f"{_sent_at(r)} | "
               f"{', '.join(f'{f:.1f}' for f in r['per_player_fps']):14s} | "
               f"{fmt(r['press_to_frame_p50_ms'])}/{fmt(r['press_to_frame_p95_ms'])} | "
               f"{fmt(r['press_to_arrival_p50_ms'])} | {fmt(r['server_block_ms_p50'])}/{fmt(r['full_block_ms'])} | "
@@ -266,10 +292,10 @@ def main(argv=None):
               f"{r['remakes']['late']}")
     print("\nwhere a press's time goes, p50 ms: to the start of the block that reads it | that "
           "block to its frames | frames ready to sent | transport | page (arrival to shown)")
-    for r in reactive + blocks_only + at_ready:
+    for r in reactive + blocks_only + at_ready + in_parts:
         parts = r["press_parts_ms_p50"]
         print(f"{r['players']} player(s), re-makes {'on ' if r['reactive'] else 'off'}, sent at "
-              f"{'frames' if r['send_at_frames_ready'] else 'block '}: " + " | ".join(
+              f"{_sent_at(r)}: " + " | ".join(
                   fmt(parts.get(k)) for k in ("to_block_start", "block", "ready_to_sent",
                                               "transport", "page")))
     print("time to first frame ms (p50/max): " + ", ".join(

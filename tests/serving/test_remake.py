@@ -240,7 +240,9 @@ class _DecodedFirst:
         session = self
 
         class Clock:
-            def wait_frames(self):
+            parts = []
+
+            def wait_frames(self, mark="frames"):
                 session.clock.now = session.started + session.ready_s
 
             def timing(self):
@@ -262,7 +264,7 @@ def test_frames_go_out_when_decoded_before_the_block_finishes():
     scheduler.join(player)
     handed = []
 
-    def on_frames(record, frames):
+    def on_frames(record, frames, part):
         handed.append((clock.now, record, frames))
     for block in range(3):
         clock.now = max(clock.now, scheduler.next_release())

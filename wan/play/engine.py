@@ -116,6 +116,10 @@ class EngineConfig:
     # was slower (the encode waited ~20 ms behind the update on the GPU: press-to-frame 246 ms
     # against 216; docs/LAB_NOTEBOOK.md step 47); with jpeg="cpu" it is not measured on a GPU yet
     send_at_frames_ready: bool = False
+    # with send_at_frames_ready: a block decoded one latent frame per decoder call, each part's
+    # frames sent as soon as they are decoded (the first 4 frames ~2/3 of a decode earlier);
+    # off by default until measured on a GPU (docs/LAB_NOTEBOOK.md step 48)
+    frames_in_parts: bool = False
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
 
     def resolved_device(self) -> torch.device:
@@ -176,7 +180,8 @@ class FrameBatch:
     block_ms: float
     wait_ms: float
     late: bool
-    first_frame: int = 0        # the block's frame index of jpegs[0] (> 0: a re-made block's)
+    first_frame: int = 0        # the block's frame index of jpegs[0] (> 0: a re-made block's
+                                # from its splice, or a later part of a block sent in parts)
     remake: bool = False        # frames of a re-made block: they replace those not yet shown
     game: int = 0               # the player's game these frames belong to
     frames_in_block: int = 0    # the block's frames in all (jpegs may hold fewer: a re-make)
@@ -367,6 +372,7 @@ class GameEngine:
     def _new_runner(self) -> StreamingBlockRunner:
         runner = StreamingBlockRunner(self.model, self.decoder, latent_hw=self.latent_hw)
         runner.keep_for_remake = self.config.reactive
+        runner.frames_in_parts = self.config.frames_in_parts
         return runner
 
     def _conditions_for(self, image: Optional[Image.Image]) -> "GameConditions":
@@ -445,6 +451,20 @@ class GameEngine:
         self.captures_at_start = graph_captures(self.model, self.decoder)
         log.info("%d player slot(s) ready; %d CUDA graphs captured before serving", self.slots,
                  self.captures_at_start)
+
+    def set_frames_in_parts(self, on: bool):
+        """Every player slot's blocks decoded in parts (`EngineConfig.frames_in_parts`) or whole,
+        from its next block on (a benchmark measures both in one run). On needs the engine built
+        with it on: the one-latent-frame calls' graphs are captured at start-up, not while
+        serving."""
+        if on and not self.config.frames_in_parts:
+            raise ValueError("frames in parts: build the engine with "
+                             "EngineConfig(frames_in_parts=True) (its graphs are captured at "
+                             "start-up)")
+        with self._lock:
+            runners = self._free_slots + [p.slot for p in self.players if p.slot is not None]
+        for runner in runners:
+            runner.frames_in_parts = on
 
     def free_slots(self) -> int:
         """Player slots not in a game now."""
@@ -754,10 +774,13 @@ class GameEngine:
         with self._lock:
             return next((p for p in self.players if p.id == player_id), None)
 
-    def _frames_ready(self, record, frames):
-        """The scheduler's on_frames: a block's frames are decoded (its cache update may still
-        run on the GPU): send them now."""
-        self._sent = self._send(record, frames)
+    def _frames_ready(self, record, frames, part=None):
+        """The scheduler's on_frames: a block's frames (or one part of them, `frames_in_parts`)
+        are decoded (its cache update may still run on the GPU): send them now. After a part
+        that could not go (the player left, the block failed), the later parts do not either."""
+        if self._sent is None:
+            return
+        self._sent = self._send(record, frames, part)
 
     def _block_done(self, record, frames):
         """After a whole block: its frames out (unless `_frames_ready` sent them), then what
@@ -775,10 +798,11 @@ class GameEngine:
         if player.play_mode == "on-input" and player.input.has_pending_taps():
             self.scheduler.request(player)  # presses that came while this block was made
 
-    def _send(self, record, frames) -> Optional[Player]:
-        """Encode a block's frames (a re-made block's from its splice on) and hand them to the
-        player's sink; returns the player, or None when nothing went out (the player left, or
-        the block failed or held NaN/inf: the player's game then ends or restarts)."""
+    def _send(self, record, frames, part=None) -> Optional[Player]:
+        """Encode a block's frames (a re-made block's from its splice on), or of one part of it
+        (a `FramesPart`: the frames from `part.first` on), and hand them to the player's sink;
+        returns the player, or None when nothing went out (the player left, or the block failed
+        or held NaN/inf: the player's game then ends or restarts)."""
         player = self._player(record.player)
         if player is None or player.session is None:  # left while its block ran
             return None
@@ -790,14 +814,22 @@ class GameEngine:
                 return None
             if player.broken is not None:
                 raise player.broken
-            player.session.runner.check_finite()
+            if part is None:
+                player.session.runner.check_finite()
+            else:
+                player.session.runner.check_part(part)
         except NonFiniteOutputError as error:
             self._nonfinite(player, error)
             return None
         player.nonfinite_restarts = 0
         begin = self.scheduler.begin_time()
         start = time.perf_counter()
-        shown = frames[0] if remake is None else frames[0][remake:]
+        # the block's frames from `first` on: a part's own, from the splice of a re-made block
+        offset = part.first if part is not None else 0
+        first = max(offset, remake or 0)
+        shown = frames[0][first - offset:]
+        if not len(shown):  # a part before a re-made block's splice: nothing of it changed
+            return player
         # on the decode stream, which the block's frames came from: the cache update, still
         # running on the default stream, does not hold the encoding back
         with _on_stream(player.session.runner.side):
@@ -812,8 +844,8 @@ class GameEngine:
             frames_ready=begin + ready, encoded=encoded,
             encode_ms=1e3 * (encoded - start), block_ms=1e3 * (ready - record.start),
             wait_ms=1e3 * max(0.0, record.start - record.release), late=record.late,
-            first_frame=remake or 0, remake=remake is not None, game=player.games,
-            frames_in_block=frames.shape[1])
+            first_frame=first, remake=remake is not None, game=player.games,
+            frames_in_block=record.frames)
         if remake is None:
             player.frames_shown.append((encoded, len(jpegs)))
         elif record.late:

@@ -55,7 +55,9 @@ class PlayMetrics:
         self.first_frame_ms.labels(after).observe(ms)
 
     def block_done(self, player, batch):
-        if not batch.remake:  # a re-made block's lateness is a splice's, not a stall
+        # once per block (a block sent in parts: at its first part); a re-made block's
+        # lateness is a splice's, not a stall
+        if not batch.remake and batch.first_frame == 0:
             self.blocks.inc()
             self.block_ms.observe(batch.block_ms)
             self.wait_ms.observe(batch.wait_ms)

@@ -41,7 +41,7 @@ import functools
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -148,6 +148,10 @@ class StreamingBlockRunner:
         # what a re-make of the latest block needs (`remake`): kept only when asked for, since
         # it holds the decoder history from before that block alive (~1 GiB at 44 x 80, fp16)
         self.keep_for_remake = False
+        # frames out per latent frame: the decoder called once per latent frame of a block, so
+        # its first frames are ready a third of a decode earlier; each part's frames, non-finite
+        # check and clock mark are in the block clock's `parts` (a sender reads them there)
+        self.frames_in_parts = False
         self._latest: Optional[_BlockReplay] = None
         self._checks = []           # blocks whose non-finite counts were not read yet
         self._failure: Optional[NonFiniteOutputError] = None
@@ -196,6 +200,8 @@ class StreamingBlockRunner:
             latents = torch.zeros(b, f, 16, h, w, dtype=self.decoder_dtype,
                                   device=self.decoder_device)
             captured += self.decoder.warm_up(latents)
+            if self.frames_in_parts and f > 1:  # the one-latent-frame calls' graphs too
+                captured += self.decoder.warm_up(latents[:, :1])
         return captured
 
     def check_finite(self, wait: bool = True):
@@ -288,7 +294,7 @@ class StreamingBlockRunner:
             latents.record_stream(self.side)  # made on main, read on the side stream
             with torch.cuda.stream(self.side):
                 clock.mark("decode")
-                frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
+                frames = self._decode(latents, x0, clock)
                 # the check on this stream too, before "frames": whoever sends the frames as soon
                 # as they are ready (`_Clock.wait_frames`) can read it without waiting for the
                 # update (x0 is final here; the update only writes caches, which the next
@@ -300,7 +306,7 @@ class StreamingBlockRunner:
         else:  # upstream's order
             update()
             clock.mark("decode")
-            frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
+            frames = self._decode(latents, x0, clock)
             clock.mark("frames")
         if clock is not None:
             # one count per block of non-finite latents and frames, on its way to the host
@@ -311,9 +317,54 @@ class StreamingBlockRunner:
             clock.mark("done")
             clock.after = lambda: self.check_finite(wait=False)
         self._checks.append(_FiniteCheck(self.blocks_done, self.frame, parts))
+        if clock is not None:
+            for part in clock.parts:
+                part.block, part.frame = self.blocks_done, self.frame
         self.frame += f
         self.blocks_done += 1
         return frames, clock
+
+    def _decode(self, latents, x0, clock: "_Clock"):
+        """The block's latents [B, F, 16, h, w] -> its frames, on the current stream: one decoder
+        call, or with `frames_in_parts` one per latent frame, each part's frames with their
+        non-finite check (made on this stream before the part's mark) in `clock.parts`."""
+        if not self.frames_in_parts:
+            frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
+            return frames
+        pieces = []
+        for i in range(latents.shape[1]):
+            piece, self.decoder_cache = self.decoder(latents[:, i:i + 1], *self.decoder_cache)
+            mark = f"part{i}"
+            clock.parts.append(FramesPart(sum(p.shape[1] for p in pieces), piece, mark,
+                                          _finite_check(x0, piece)))
+            clock.mark(mark)
+            pieces.append(piece)
+        return torch.cat(pieces, dim=1)
+
+    def check_part(self, part: "FramesPart"):
+        """`check_finite` for a sender of one part of the latest block (`frames_in_parts`): the
+        blocks before it, then that part's own counts (ready at its mark), without waiting for
+        the rest of the block."""
+        self.check_finite(wait=False)
+        error = _FiniteCheck(part.block, part.frame, [("both", *part.check)]).error(
+            self.frames_per_block)
+        if error is not None:
+            self._checks, self._failure = [], error
+            raise error
+
+
+@dataclass
+class FramesPart:
+    """One latent frame's video frames of a block decoded in parts (`frames_in_parts`): `first`
+    is its first frame's index in the block, `mark` its clock mark (the frames and `check`, its
+    non-finite counts on their way to the host, are ready there); `block` and `frame` (the
+    block's index and first latent frame) are set once the block is made."""
+    first: int
+    frames: torch.Tensor
+    mark: str
+    check: tuple
+    block: int = -1
+    frame: int = -1
 
 
 @dataclass
@@ -400,6 +451,7 @@ class _Clock:
     def __init__(self, device):
         self.cuda = device.type == "cuda"
         self.marks = {}
+        self.parts: List[FramesPart] = []  # a block decoded in parts (`frames_in_parts`)
         self.after = None  # called once the block's work is known done (the runner's check)
 
     def mark(self, name: str):
@@ -410,11 +462,12 @@ class _Clock:
         else:
             self.marks[name] = time.perf_counter()
 
-    def wait_frames(self):
+    def wait_frames(self, mark: str = "frames"):
         """Wait until the block's frames (and their non-finite check) are ready, not for the
-        rest of the block (the cache update may still run): on a CPU they already are."""
+        rest of the block (the cache update may still run); `mark` a part's (`parts`) for that
+        part's. On a CPU they already are."""
         if self.cuda:
-            self.marks["frames"].synchronize()
+            self.marks[mark].synchronize()
 
     def timing(self) -> BlockTiming:
         """The block's times (waits for its work); raises NonFiniteOutputError if this or an

@@ -275,13 +275,17 @@ class DeadlineScheduler:
         index = session.blocks_done - 1
         if on_frames is not None and frames is not None:
             # the frames go out as soon as they exist, while the GPU still writes the block
-            # into the caches (the runner decodes ahead of that update)
-            if clock is not None:
-                clock.wait_frames()
-            ready = self.clock() - begin
-            on_frames(BlockRecord(session.player_id, index, block_frames(index), chosen.joined,
-                                  chosen.due, chosen.release, start, None, chosen.remake, ready),
-                      frames)
+            # into the caches (the runner decodes ahead of that update); a block decoded in
+            # parts (the runner's frames_in_parts) goes out part by part
+            parts = clock.parts if clock is not None else []
+            for part in parts or [None]:
+                if clock is not None:
+                    clock.wait_frames(part.mark if part is not None else "frames")
+                ready = self.clock() - begin
+                on_frames(BlockRecord(session.player_id, index, block_frames(index),
+                                      chosen.joined, chosen.due, chosen.release, start, None,
+                                      chosen.remake, ready),
+                          frames if part is None else part.frames, part)
         self.synchronize()
         finish = self.clock() - begin
         ready = None
@@ -386,9 +390,11 @@ class DeadlineScheduler:
 
     def step(self, timeout: float = 0.1, on_frames=None):
         """Run the released live block with the earliest deadline, or wait up to `timeout` for
-        one: returns (record, frames), or None when nothing ran. `on_frames(record, frames)`, if
-        given, is called as soon as the block's frames are ready, before the rest of the block
-        (the cache update) is done: its record has no `finish` yet and `ready` set."""
+        one: returns (record, frames), or None when nothing ran. `on_frames(record, frames, part)`,
+        if given, is called as soon as the block's frames are ready, before the rest of the
+        block (the cache update) is done: its record has no `finish` yet and `ready` set; `part`
+        is None, or for a block decoded in parts (the runner's `frames_in_parts`) the
+        `FramesPart` whose frames these are, one call per part in order."""
         with self._wake:
             now = self.now()
             released = [n for n in self._queue if n.release <= now]
