@@ -47,7 +47,9 @@ def summarize(ms):
 
 
 def device_name(device):
-    return torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    # (a torch.device is not equal to the string "cuda": compare the type)
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" \
+        else platform.processor() or "cpu"
 
 
 def run_header(device) -> dict:

@@ -147,6 +147,9 @@ def main():
                        out / "upstream_pipeline_full_pipeline.log", 3000, plain)
     if pipeline is not None and pipeline.returncode == 0:
         report["pipeline"] = json.loads(pipeline_json.read_text())
+        # the device and torch the pipeline ran on, at the top as every report has them
+        report["device"] = report["pipeline"].get("device")
+        report["torch"] = report["pipeline"].get("torch")
         report.update(block_times(report["pipeline"]))
         report["targets"] = targets(report)
     suite = None
