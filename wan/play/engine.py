@@ -112,13 +112,15 @@ class EngineConfig:
     seed: int = 0
     reactive: bool = True                # continuous play re-makes the block on screen on input
     # True: a block's frames are encoded and sent as soon as they are decoded, while the GPU
-    # still writes the block into the caches. Off by default: measured on an H100 with nvJPEG it
-    # was slower (the encode waited ~20 ms behind the update on the GPU: press-to-frame 246 ms
-    # against 216; docs/LAB_NOTEBOOK.md step 47); with jpeg="cpu" it is not measured on a GPU yet
+    # still writes the block into the caches. Off by default: on an H100 it was not faster to
+    # the screen, with nvJPEG (246 ms p50 against 216: the encode waited behind the update) nor
+    # with jpeg="cpu" (217 against 186: the frames arrive sooner but show at their slot of the
+    # playback; docs/LAB_NOTEBOOK.md steps 47 and 49)
     send_at_frames_ready: bool = False
     # with send_at_frames_ready: a block decoded one latent frame per decoder call, each part's
-    # frames sent as soon as they are decoded (the first 4 frames ~2/3 of a decode earlier);
-    # off by default until measured on a GPU (docs/LAB_NOTEBOOK.md step 48)
+    # frames sent as soon as they are decoded (the decoder's first 4 frames 26 ms sooner, the
+    # decode 10 ms longer). Off by default: not faster to the screen yet (each part's copy to
+    # the host waits behind the later parts' decode on the decode stream; step 49)
     frames_in_parts: bool = False
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
 
