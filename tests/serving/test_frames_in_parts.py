@@ -70,6 +70,7 @@ def test_a_block_in_parts_is_the_block_in_one_call(models):
         assert clock_whole.parts == []
         assert [p.first for p in clock.parts] == ([0, 1, 5] if index == 0 else [0, 4, 8])
         assert [p.mark for p in clock.parts] == ["part0", "part1", "part2"]
+        assert all(p.reader_stream() is None for p in clock.parts)  # a CPU: no stream to wait on
         assert all(p.block == index for p in clock.parts)
         assert all(p.frame == 3 * index for p in clock.parts)
         joined = torch.cat([p.frames for p in clock.parts], dim=1)
@@ -190,7 +191,8 @@ def test_the_engine_sends_a_block_in_parts_that_make_up_the_block():
 @torch.no_grad()
 def test_on_cuda_each_part_and_its_check_are_ready_at_its_mark():
     """CUDA (decode on its own stream, graphs): once `wait_frames(part.mark)` returns, that
-    part's check has arrived and its frames are final; the parts make up the frames of a whole
+    part's check has arrived and its frames, read on `reader_stream()` (which waits for that
+    part's mark only, not on the decode stream), are final; the parts make up the frames of a whole
     decode within fp16 rounding; the one-latent-frame graphs were captured by warm-up."""
     from helpers import HAS_CUDA
     if not HAS_CUDA:
@@ -209,9 +211,12 @@ def test_on_cuda_each_part_and_its_check_are_ready_at_its_mark():
             _, event = part.check[0], part.check[1]
             assert event.query(), "the part's check had not arrived at its mark"
             runner.check_part(part)
-            with torch.cuda.stream(runner.side):
+            # where the engine reads a part: a stream that waits for this part's mark only
+            reader = part.reader_stream()
+            assert reader is not None and reader != runner.side
+            with torch.cuda.stream(reader):
                 early.append(part.frames.clone())
-        runner.side.synchronize()
+        reader.synchronize()
         torch.cuda.synchronize()
         assert torch.equal(torch.cat(early, dim=1), frames)
     assert decoder.counters["captures"] == captures, "a part's graph was captured while playing"

@@ -119,8 +119,9 @@ class EngineConfig:
     send_at_frames_ready: bool = False
     # with send_at_frames_ready: a block decoded one latent frame per decoder call, each part's
     # frames sent as soon as they are decoded (the decoder's first 4 frames 26 ms sooner, the
-    # decode 10 ms longer). Off by default: not faster to the screen yet (each part's copy to
-    # the host waits behind the later parts' decode on the decode stream; step 49)
+    # decode 10 ms longer). Off by default: not faster to the screen in the H100 run (each
+    # part's copy to the host waited behind the later parts' decode on the decode stream; each
+    # part is now read on a stream of its own, not measured yet; step 49)
     frames_in_parts: bool = False
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
 
@@ -833,8 +834,10 @@ class GameEngine:
         if not len(shown):  # a part before a re-made block's splice: nothing of it changed
             return player
         # on the decode stream, which the block's frames came from: the cache update, still
-        # running on the default stream, does not hold the encoding back
-        with _on_stream(player.session.runner.side):
+        # running on the default stream, does not hold the encoding back; a part's frames on a
+        # stream that waits for that part only (the next parts' decode is queued on the other)
+        stream = player.session.runner.side if part is None else part.reader_stream()
+        with _on_stream(stream):
             jpegs = self.encoder.encode(to_uint8(shown))
         encoded = time.perf_counter()
         # the block's time as the metrics define it: its start to its frames ready

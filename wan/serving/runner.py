@@ -335,9 +335,11 @@ class StreamingBlockRunner:
         for i in range(latents.shape[1]):
             piece, self.decoder_cache = self.decoder(latents[:, i:i + 1], *self.decoder_cache)
             mark = f"part{i}"
-            clock.parts.append(FramesPart(sum(p.shape[1] for p in pieces), piece, mark,
-                                          _finite_check(x0, piece)))
+            part = FramesPart(sum(p.shape[1] for p in pieces), piece, mark,
+                              _finite_check(x0, piece))
             clock.mark(mark)
+            part.ready = clock.marks[mark]
+            clock.parts.append(part)
             pieces.append(piece)
         return torch.cat(pieces, dim=1)
 
@@ -357,14 +359,27 @@ class StreamingBlockRunner:
 class FramesPart:
     """One latent frame's video frames of a block decoded in parts (`frames_in_parts`): `first`
     is its first frame's index in the block, `mark` its clock mark (the frames and `check`, its
-    non-finite counts on their way to the host, are ready there); `block` and `frame` (the
-    block's index and first latent frame) are set once the block is made."""
+    non-finite counts on their way to the host, are ready there; `ready`: the mark itself, a
+    CUDA event on a GPU); `block` and `frame` (the block's index and first latent frame) are
+    set once the block is made."""
     first: int
     frames: torch.Tensor
     mark: str
     check: tuple
+    ready: object = None
     block: int = -1
     frame: int = -1
+
+    def reader_stream(self) -> Optional[torch.cuda.Stream]:
+        """A stream on which this part's frames can be read as soon as they are ready (None on a
+        CPU): one that waits for this part's mark only. The decode stream would not do: the
+        later parts' decode is queued there ahead of anything a sender adds."""
+        if not self.frames.is_cuda:
+            return None
+        stream = parts_stream(self.frames.device)
+        stream.wait_event(self.ready)
+        self.frames.record_stream(stream)  # read there: its memory is not reused before
+        return stream
 
 
 @dataclass
@@ -404,6 +419,13 @@ def decode_stream(device: torch.device) -> torch.cuda.Stream:
     """One high-priority decode stream per device, shared by every runner (player): cuBLAS and
     cuDNN keep a workspace per stream for the life of the process (32 MiB and more each), so a
     stream per player would leave that much behind every player who came and went."""
+    return torch.cuda.Stream(device, priority=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def parts_stream(device: torch.device) -> torch.cuda.Stream:
+    """One high-priority stream per device on which the parts of blocks decoded in parts are
+    read (copied to the host, encoded) while the decode stream goes on with the next part."""
     return torch.cuda.Stream(device, priority=-1)
 
 
