@@ -155,6 +155,12 @@ def test_the_scheduler_hands_the_parts_out_one_by_one():
         assert part_frames is part.frames
     assert torch.equal(torch.cat([f for _, _, f, _ in handed], dim=1), frames)
     assert record.finish == pytest.approx(record.start + 0.11)
+    assert scheduler.part_ready_estimates_s == {}  # a stream's first blocks pay captures
+    for _ in range(2):  # blocks 1 and 2: the third one's parts make the estimates
+        now.now = max(now.now, scheduler.next_release())
+        scheduler.step(timeout=0.0, on_frames=lambda r, f, p: None)
+    assert scheduler.part_ready_estimates_s == {
+        12: {first: pytest.approx(ready_at[f"part{i}"]) for i, first in enumerate((0, 4, 8))}}
 
 
 def test_the_engine_sends_a_block_in_parts_that_make_up_the_block():
@@ -220,3 +226,51 @@ def test_on_cuda_each_part_and_its_check_are_ready_at_its_mark():
         torch.cuda.synchronize()
         assert torch.equal(torch.cat(early, dim=1), frames)
     assert decoder.counters["captures"] == captures, "a part's graph was captured while playing"
+
+
+def test_a_remake_of_a_block_in_parts_splices_at_the_part_ready_first():
+    """With part estimates (blocks decoded in parts), a re-made block splices at the first frame
+    whose own part can be ready before it shows: the early part's frames are ready sooner than
+    the whole block's, so the splice comes earlier than without parts; a frame of a late part
+    is planned with that part's time. The part estimates come from the parts handed out (blocks
+    from the third on), and a re-make planned so is not late."""
+    from wan.serving.scheduler import DeadlineScheduler
+
+    class FakeClock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    def scheduler_with(parts):
+        clock = FakeClock()
+        scheduler = DeadlineScheduler(clock=clock, sleep=lambda s: None,
+                                      synchronize=lambda: None)
+        scheduler.block_estimate_s, scheduler.ready_estimate_s = 0.12, 0.10
+        if parts:
+            for first, seconds in ((0, 0.05), (4, 0.075), (8, 0.10)):
+                scheduler._note_part_ready(12, first, seconds)
+        scheduler.start_live()
+        return scheduler, clock
+
+    class Session:
+        player_id, blocks_done = 0, 5
+
+    shown_at = 1.0  # frame 0 of the latest (12-frame) block shows at 1.0
+    whole, clock = scheduler_with(parts=False)
+    clock.now = 0.95
+    # the whole block's frames at 0.95 + 0.10 + 0.02 margin = 1.07: frame ceil(0.07 * 25) = 2
+    assert whole.try_remake(Session(), shown_at, 12, 5) == 2
+    in_parts, clock = scheduler_with(parts=True)
+    clock.now = 0.95
+    # the first part's frames at 0.95 + 0.05 + 0.02 = 1.02: frame 1 (1.04) is the first after
+    assert in_parts.try_remake(Session(), shown_at, 12, 5) == 1
+    late, clock = scheduler_with(parts=True)
+    clock.now = 1.10  # frame 3 shows at 1.12; a frame of part 1 (4-7) needs 1.10 + 0.075 + 0.02
+    assert late.try_remake(Session(), shown_at, 12, 5) == 5  # 1.20 <= frame 5's 1.20
+    # the estimates: an exponential average per (frames, first)
+    estimates = DeadlineScheduler(clock=FakeClock(), sleep=lambda s: None,
+                                  synchronize=lambda: None)
+    estimates._note_part_ready(12, 4, 0.1)
+    estimates._note_part_ready(12, 4, 0.2)
+    assert estimates.part_ready_estimates_s == {12: {4: pytest.approx(0.12)}}

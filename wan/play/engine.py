@@ -121,7 +121,8 @@ class EngineConfig:
     # frames sent as soon as they are decoded (the decoder's first 4 frames 26 ms sooner, the
     # decode 10 ms longer). Off by default: not faster to the screen in the H100 run (each
     # part's copy to the host waited behind the later parts' decode on the decode stream; each
-    # part is now read on a stream of its own, not measured yet; step 49)
+    # part is now read on a stream of its own and a re-make's splice planned with its part's
+    # frames-ready time, neither measured yet; step 49)
     frames_in_parts: bool = False
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
 

@@ -200,6 +200,8 @@ class _Next:
     session: PlayerSession = field(compare=False)
     joined: float = field(compare=False)
     remake: Optional[int] = field(default=None, compare=False)  # re-make from this frame on
+    # a re-make: from its start to its splice frame's readiness (default: the block's frames)
+    ready: Optional[float] = field(default=None, compare=False)
 
 
 class DeadlineScheduler:
@@ -235,6 +237,10 @@ class DeadlineScheduler:
         # ... and of the time from a block's start to its frames (the decode runs ahead of the
         # cache update): what a re-made block's frames wait for
         self.ready_estimate_s: Optional[float] = None
+        # blocks decoded in parts (the runner's frames_in_parts): {block's frames: {a part's
+        # first frame: the time from the block's start to that part's frames}}, so that a
+        # re-make can splice at a frame of an early part sooner than the whole block's frames
+        self.part_ready_estimates_s: dict = {}
 
     def run(self, blocks_per_player: int, on_block=None, stagger: bool = True) -> List[BlockRecord]:
         """Blocks until every session has done `blocks_per_player` (blocks done before this call
@@ -282,6 +288,8 @@ class DeadlineScheduler:
                 if clock is not None:
                     clock.wait_frames(part.mark if part is not None else "frames")
                 ready = self.clock() - begin
+                if part is not None and index >= 2:  # (the first blocks pay captures)
+                    self._note_part_ready(block_frames(index), part.first, ready - start)
                 on_frames(BlockRecord(session.player_id, index, block_frames(index),
                                       chosen.joined, chosen.due, chosen.release, start, None,
                                       chosen.remake, ready),
@@ -341,6 +349,19 @@ class DeadlineScheduler:
             self._wake.notify()
             return True
 
+    def _note_part_ready(self, frames: int, first: int, seconds: float):
+        """A running estimate of when the part from frame `first` of a `frames`-frame block is
+        ready after the block's start."""
+        parts = self.part_ready_estimates_s.setdefault(frames, {})
+        parts[first] = seconds if first not in parts else 0.8 * parts[first] + 0.2 * seconds
+
+    def _splice_ready(self, frames: int, splice: int, ready: float) -> float:
+        """When frame `splice` of a re-made `frames`-frame block is ready after its start: its
+        part's estimate for blocks decoded in parts, else `ready` (the block's frames)."""
+        parts = self.part_ready_estimates_s.get(frames)
+        holding = [first for first in (parts or ()) if first <= splice]
+        return min(parts[max(holding)], ready) if holding else ready
+
     def try_remake(self, session, shown_at: float, frames: int, index: int) -> Optional[int]:
         """Grant a re-make of `session`'s latest block (block `index`, `frames` video frames, its
         frame 0 on screen at `shown_at` on this clock) if it can be ready before one of its frames
@@ -357,11 +378,16 @@ class DeadlineScheduler:
                         continuous=self._continuous, lead=self.release_lead(),
                         horizon=now + 2 * PERIOD_S, keep=self.RELEASE_MARGIN_S)
             overrun_anyway = _overruns(self._queue, **plan)
-            first = max(0, math.ceil((now + ready + self.REMAKE_MARGIN_S - shown_at) * VIDEO_FPS
-                                     - 1e-6))
-            for splice in range(first, frames):
+            for splice in range(frames):
+                # the first frame whose re-made version can be ready before it shows (a block in
+                # parts: its part's frames, sooner for the early parts)
+                splice_ready = self._splice_ready(frames, splice, ready)
+                if splice < (now + splice_ready + self.REMAKE_MARGIN_S - shown_at) * VIDEO_FPS \
+                        - 1e-6:
+                    continue
                 due = shown_at + splice / VIDEO_FPS - self.REMAKE_MARGIN_S
-                entry = _Next(due, next(self._order), now, session, now, remake=splice)
+                entry = _Next(due, next(self._order), now, session, now, remake=splice,
+                              ready=splice_ready)
                 overrun = _overruns(self._queue + [entry], **plan)
                 # none later than it would be anyway (slack may be used, down to the margin)
                 if _key(entry) not in overrun and all(
@@ -428,7 +454,7 @@ def _overruns(entries: List[_Next], now: float, duration: float, ready: float,
     one of its blocks finishes) until `horizon`: {(session id, deadline, splice): seconds} of
     those that miss. A block must finish `keep` before its deadline (the margin its late release
     keeps: the page plays its frames about that early), a re-made block's frames be ready
-    (`ready` after its start) by its own."""
+    (its own `ready` after its start, else `ready`) by its own."""
     late, pending, t = {}, sorted(entries), now
     while pending and t < horizon:
         released = [n for n in pending if n.release <= t]
@@ -437,7 +463,10 @@ def _overruns(entries: List[_Next], now: float, duration: float, ready: float,
             continue
         chosen = released[0]  # sorted: the earliest deadline
         pending.remove(chosen)
-        done = t + ready if chosen.remake is not None else t + duration + keep
+        if chosen.remake is not None:
+            done = t + (chosen.ready if chosen.ready is not None else ready)
+        else:
+            done = t + duration + keep
         t += duration
         if done > chosen.due + 1e-9:
             late[_key(chosen)] = done - chosen.due
