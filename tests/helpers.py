@@ -122,6 +122,37 @@ def decoder_weights():
     return randomize_decoder_weights_(VAEDecoderWrapper().double()).state_dict()
 
 
+def tiny_play_decoder(cls, device="cpu", dtype=torch.float32):
+    """A decoder of class `cls` with the play server's tiny decoder inside (quick on a CPU), its
+    weights random from seed 3."""
+    from wan.modules.vae_decoder import VAEDecoder3d
+    decoder = cls()
+    decoder.decoder = VAEDecoder3d(dim=16)
+    torch.manual_seed(3)
+    randomize_decoder_weights_(decoder)
+    return decoder.to(device, dtype).eval()
+
+
+def play_batches(engine, count: int, seed=None, timeout_s: float = 300.0) -> list:
+    """Start `engine` (a play GameEngine) with one continuous player (its noise seed `seed`
+    when given), collect the frame batches it is sent until there are `count`, stop it; fails
+    when the engine's worker failed or fewer came within `timeout_s`."""
+    import time
+    batches = []
+    player = engine.add_player("continuous", batches.append)
+    if seed is not None:
+        player.seed = seed
+    engine.start()
+    try:
+        deadline = time.perf_counter() + timeout_s
+        while len(batches) < count and time.perf_counter() < deadline and engine.failure is None:
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    assert engine.failure is None and len(batches) >= count, (engine.failure, len(batches))
+    return batches
+
+
 def build_decoder(cls, dtype=torch.float64):
     """A decoder of class `cls` (VAEDecoderWrapper or the optimized one) with decoder_weights()."""
     decoder = cls().to(dtype)

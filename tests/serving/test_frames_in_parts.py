@@ -4,17 +4,15 @@ the optimized one within float32 rounding), its parts in order with their clock 
 non-finite checks; the scheduler hands the parts out one by one; the play engine sends them as
 batches that make up the block (CPU, tiny preset). A CUDA test checks that each part and its
 check are ready at its mark, before the block's end."""
-import time
-
 import pytest
 import torch
 
-from helpers import build_model
+from helpers import build_model, play_batches, tiny_play_decoder
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
-from wan.modules.random_init import random_inputs, randomize_decoder_weights_
-from wan.modules.vae_decoder import VAEDecoder3d, VAEDecoderWrapper
+from wan.modules.random_init import random_inputs
+from wan.modules.vae_decoder import VAEDecoderWrapper
 from wan.serving.runner import NonFiniteOutputError, StreamingBlockRunner
 
 LATENT = (4, 8)
@@ -22,11 +20,7 @@ LATENT = (4, 8)
 
 def _pair(model_cls, decoder_cls, device="cpu", dtype=torch.float32, decoder_dtype=None):
     model = build_model(dtype=dtype, device=device, cls=model_cls)
-    decoder = decoder_cls()
-    decoder.decoder = VAEDecoder3d(dim=16)  # the play server's tiny decoder
-    torch.manual_seed(3)
-    randomize_decoder_weights_(decoder)
-    decoder = decoder.to(device, decoder_dtype or dtype).eval()
+    decoder = tiny_play_decoder(decoder_cls, device, decoder_dtype or dtype)
     return model, decoder, random_inputs(model, LATENT, 3, 0, seed=1)
 
 
@@ -174,16 +168,7 @@ def test_the_engine_sends_a_block_in_parts_that_make_up_the_block():
     engine = GameEngine(EngineConfig(device="cpu", max_players=1, reactive=False,
                                      send_at_frames_ready=True, frames_in_parts=True),
                         metrics=metrics)
-    batches = []
-    engine.add_player("continuous", batches.append)
-    engine.start()
-    try:
-        deadline = time.perf_counter() + 300
-        while len(batches) < 6 and time.perf_counter() < deadline and engine.failure is None:
-            time.sleep(0.05)
-    finally:
-        engine.stop()
-    assert engine.failure is None and len(batches) >= 6, len(batches)
+    batches = play_batches(engine, 6)
     assert [(b.block, b.first_frame, len(b.jpegs), b.frames_in_block) for b in batches[:6]] == [
         (0, 0, 1, 9), (0, 1, 4, 9), (0, 5, 4, 9), (1, 0, 4, 12), (1, 4, 4, 12), (1, 8, 4, 12)]
     assert all(not b.remake and b.block_start <= b.frames_ready <= b.encoded for b in batches)

@@ -5,30 +5,22 @@ actions gives the same frames again. Tiny preset, float32, CPU: reference and op
 import pytest
 import torch
 
-from helpers import build_model
+from helpers import build_model, play_batches, tiny_play_decoder
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
-from wan.modules.random_init import randomize_decoder_weights_, random_inputs
-from wan.modules.vae_decoder import VAEDecoder3d, VAEDecoderWrapper
+from wan.modules.random_init import random_inputs
+from wan.modules.vae_decoder import VAEDecoderWrapper
 from wan.serving.runner import StreamingBlockRunner
 from wan.serving.scheduler import PlayerSession
 
 LATENT = (4, 8)  # small: the decoder dominates a CPU block
 
 
-def _decoder(cls):
-    decoder = cls()
-    decoder.decoder = VAEDecoder3d(dim=16)  # the play server's tiny decoder: quick on a CPU
-    torch.manual_seed(3)
-    randomize_decoder_weights_(decoder)
-    return decoder.float().eval()
-
-
 def _parts(model_cls, decoder_cls):
     model = build_model(dtype=torch.float32, cls=model_cls)
     inputs = random_inputs(model, LATENT, 3, 0, seed=1)
-    return model, _decoder(decoder_cls), inputs
+    return model, tiny_play_decoder(decoder_cls), inputs
 
 
 @pytest.fixture(scope="module")
@@ -287,24 +279,12 @@ def test_frames_go_out_when_decoded_before_the_block_finishes():
 def test_frames_sent_when_decoded_equal_frames_sent_after_the_block():
     """The play engine (CPU, tiny preset) sends the same frames, bitwise, whether it sends them
     as soon as they are decoded (the default) or after the whole block."""
-    import time
-
     from wan.play.engine import EngineConfig, GameEngine
     sent = {}
     for early in (True, False):
         engine = GameEngine(EngineConfig(device="cpu", max_players=1, reactive=False,
                                          send_at_frames_ready=early))
-        batches = []
-        player = engine.add_player("continuous", batches.append)
-        player.seed = 11  # the same noise for both engines
-        engine.start()
-        try:
-            deadline = time.perf_counter() + 300
-            while len(batches) < 2 and time.perf_counter() < deadline and engine.failure is None:
-                time.sleep(0.05)
-        finally:
-            engine.stop()
-        assert engine.failure is None and len(batches) >= 2, f"early={early}: {len(batches)}"
+        batches = play_batches(engine, 2, seed=11)  # the same noise for both engines
         sent[early] = [(b.block, b.jpegs) for b in batches[:2]]
         for b in batches[:2]:
             assert b.block_start <= b.frames_ready <= b.encoded and not b.remake
@@ -415,7 +395,7 @@ def cuda_parts():
         pytest.skip("needs a CUDA GPU (run on the device)")
     model = build_model(dtype=torch.bfloat16, device="cuda", cls=OptimizedCausalWanModel,
                         cuda_graphs=True)
-    decoder = _decoder(OptimizedVAEDecoderWrapper).to("cuda", torch.float16)
+    decoder = tiny_play_decoder(OptimizedVAEDecoderWrapper, "cuda", torch.float16)
     decoder.cuda_graphs = True
     inputs = random_inputs(model, LATENT, 3, 0, seed=1)
     return model, decoder, inputs

@@ -212,10 +212,7 @@ class StreamingBlockRunner:
         if self._failure is not None:
             raise self._failure
         while self._checks and (wait or self._checks[0].done()):
-            error = self._checks.pop(0).error(self.frames_per_block)
-            if error is not None:
-                self._checks, self._failure = [], error
-                raise error
+            self._raise_if(self._checks.pop(0).error(self.frames_per_block))
 
     @torch.no_grad()
     def block(self, cond_concat, mouse_cond=None, keyboard_cond=None, noise=None):
@@ -317,9 +314,6 @@ class StreamingBlockRunner:
             clock.mark("done")
             clock.after = lambda: self.check_finite(wait=False)
         self._checks.append(_FiniteCheck(self.blocks_done, self.frame, parts))
-        if clock is not None:
-            for part in clock.parts:
-                part.block, part.frame = self.blocks_done, self.frame
         self.frame += f
         self.blocks_done += 1
         return frames, clock
@@ -331,25 +325,26 @@ class StreamingBlockRunner:
         if not self.frames_in_parts:
             frames, self.decoder_cache = self.decoder(latents, *self.decoder_cache)
             return frames
-        pieces = []
+        first = 0
         for i in range(latents.shape[1]):
             piece, self.decoder_cache = self.decoder(latents[:, i:i + 1], *self.decoder_cache)
-            mark = f"part{i}"
-            part = FramesPart(sum(p.shape[1] for p in pieces), piece, mark,
-                              _finite_check(x0, piece))
+            check, mark = _finite_check(x0, piece), f"part{i}"  # the check before the mark
             clock.mark(mark)
-            part.ready = clock.marks[mark]
-            clock.parts.append(part)
-            pieces.append(piece)
-        return torch.cat(pieces, dim=1)
+            clock.parts.append(FramesPart(first, piece, mark, check, clock.marks[mark],
+                                          self.blocks_done, self.frame))
+            first += piece.shape[1]
+        return torch.cat([part.frames for part in clock.parts], dim=1)
 
     def check_part(self, part: "FramesPart"):
         """`check_finite` for a sender of one part of the latest block (`frames_in_parts`): the
         blocks before it, then that part's own counts (ready at its mark), without waiting for
         the rest of the block."""
         self.check_finite(wait=False)
-        error = _FiniteCheck(part.block, part.frame, [("both", *part.check)]).error(
-            self.frames_per_block)
+        self._raise_if(_FiniteCheck(part.block, part.frame, [("both", *part.check)]).error(
+            self.frames_per_block))
+
+    def _raise_if(self, error: Optional[NonFiniteOutputError]):
+        """A non-finite block found: the stream stops here (every later check raises it)."""
         if error is not None:
             self._checks, self._failure = [], error
             raise error
@@ -360,15 +355,14 @@ class FramesPart:
     """One latent frame's video frames of a block decoded in parts (`frames_in_parts`): `first`
     is its first frame's index in the block, `mark` its clock mark (the frames and `check`, its
     non-finite counts on their way to the host, are ready there; `ready`: the mark itself, a
-    CUDA event on a GPU); `block` and `frame` (the block's index and first latent frame) are
-    set once the block is made."""
+    CUDA event on a GPU); `block` and `frame`: the block's index and first latent frame."""
     first: int
     frames: torch.Tensor
     mark: str
     check: tuple
-    ready: object = None
-    block: int = -1
-    frame: int = -1
+    ready: object
+    block: int
+    frame: int
 
     def reader_stream(self) -> Optional[torch.cuda.Stream]:
         """A stream on which this part's frames can be read as soon as they are ready (None on a
