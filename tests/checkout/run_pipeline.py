@@ -27,8 +27,9 @@ to bf16 even in float32), and reports each model's latents' error against it. Wr
 "max-autotune-no-cudagraphs")` after the load and move (the optimized decoder warms up there: its
 conv search and graphs), then the move again that `pipeline.to(device, dtype)` makes (which drops
 the graphs: the first block captures again). `--count-startup` records the optimized decoder's
-counters (captures, conv searches, warm-ups) at compile() and per block; on a CPU it also lets the
-decoder treat the CPU as a device for graphs (a stand-in that replays eagerly) and for the conv
+counters (captures, conv searches, warm-ups) at compile() and per block, and the optimized DiT's
+graphs captured per block (`dit_captures`); on a CPU it also lets the decoder and the DiT treat
+the CPU as a device for graphs (a stand-in that replays eagerly) and the decoder for the conv
 search, so the counters move as on a GPU. `--conv-search-cache PATH` names the search cache file.
 Every block's time is kept (`block_ms`, per video: from one block's decode to the next's).
 """
@@ -54,6 +55,7 @@ import utils.wan_wrapper as wan_wrapper  # noqa: E402
 from pipeline import CausalInferencePipeline  # noqa: E402
 from wan.modules.causal_model import CausalWanModel as UpstreamCausalWanModel  # noqa: E402
 from wan.modules.shared.conditioning import history_steps  # noqa: E402
+from wan.runtime.cuda_graphs import EagerGraphRunner  # noqa: E402
 from wan.runtime.options import cuda_graphs_on  # noqa: E402
 from wan.kernels.dtypes import DTYPES  # noqa: E402
 from wan.modules.random_init import randomize_weights_  # noqa: E402
@@ -161,6 +163,16 @@ class Decoders:
             if kind == "integrated" and args is not None:
                 self._integrated_startup(args)
         self.block_ends, self.frames, self.video_start = [], [], None
+        self.dit = None  # the optimized DiT, whose captures per block --count-startup records
+        self._dit_captures = 0
+
+    def count_dit(self, model):
+        """Record `model`'s (the optimized DiT's) graphs captured per block too; on a CPU give it
+        the stand-ins for graphs first."""
+        if self.device.type == "cpu":
+            model._runtime.graph_device_types = ("cuda", "cpu")
+            model._runtime.graphs = EagerGraphRunner()
+        self.dit = model
 
     def _integrated_startup(self, args):
         """--conv-search-cache, --count-startup, --compile for the integrated decoder."""
@@ -191,6 +203,8 @@ class Decoders:
         self.video_start = self._mark()
         if self.startup is not None:
             self.startup["per_block"].append([])
+        if self.dit is not None:
+            self._dit_captures = self.dit.counters["captures"]
 
     @torch.no_grad()
     def __call__(self, z, *cache):
@@ -202,7 +216,11 @@ class Decoders:
             before = self.decoder.counters if self.startup is not None else None
             video, cache = self.decoder(z.to(self.dtype), *cache)
             if before is not None:
-                self.startup["per_block"][-1].append(counter_delta(self.decoder.counters, before))
+                counts = counter_delta(self.decoder.counters, before)
+                if self.dit is not None:  # the DiT's since the last block's decode
+                    now = self.dit.counters["captures"]
+                    counts["dit_captures"], self._dit_captures = now - self._dit_captures, now
+                self.startup["per_block"][-1].append(counts)
             self.frames.append(video.cpu())
         self.block_ends.append(self._mark())
         return video, cache
@@ -239,8 +257,6 @@ def install_cpu_startup_standins(decoder):
     """On a CPU, let the optimized decoder capture "graphs" (a GraphRunner whose capture keeps the
     function and whose replay runs it eagerly) and run its conv search pass, so that its counters
     move as on a GPU (the seams `_graph_device_types` / `_conv_search_device_types`)."""
-    from wan.runtime.cuda_graphs import EagerGraphRunner
-
     decoder._graph_device_types = ("cuda", "cpu")
     decoder._conv_search_device_types = ("cuda", "cpu")
     decoder._graphs = EagerGraphRunner()
@@ -262,6 +278,9 @@ def run_videos(generator, args, device, dtype, decoder_kind, decoder_dtype=None,
     config = OmegaConf.load("configs/inference_yaml/inference_universal.yaml")
     decoders = Decoders(decoder_kind, device, decoder_dtype or DTYPES[args.decoder_dtype], weights,
                         args.decode_crop, args)
+    if args.count_startup and decoders.startup is not None and hasattr(generator.model,
+                                                                       "counters"):
+        decoders.count_dit(generator.model)
     pipe = CausalInferencePipeline(config, device=str(device), generator=generator,
                                    vae_decoder=decoders)
     latent = LATENT

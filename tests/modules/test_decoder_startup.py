@@ -14,8 +14,9 @@ whose "graph" replays the captured function eagerly, so the counters move exactl
   decoder does with the same cache (graphs or not).
 
 The checkout test (MATRIX_GAME_DIR; skipped without it): upstream's own CausalInferencePipeline
-with the integrated decoder, compile() called first as upstream's scripts do: the first steady
-block of each video does no search and no capture (tests/checkout/run_pipeline.py --count-startup).
+with the integrated DiT and decoder, compile() called first as upstream's scripts do: the first
+steady block of each video does no search and no capture, the decoder's nor the DiT's
+(tests/checkout/run_pipeline.py --count-startup).
 """
 import json
 import os
@@ -264,7 +265,11 @@ def test_upstream_pipeline_first_steady_block_neither_searches_nor_captures(tmp_
     else:
         assert per_video[0][0]["searches"] > 10 and per_video[0][0]["captures"] == 3
     for video in per_video:
+        # the DiT: every graph of the video's new cache dicts in its first block (its first
+        # call's warm-up: the image context, the window filling and full), none later
+        assert video[0]["dit_captures"] >= 3, per_video
         for block in video[1:]:  # the first steady block and every later one
-            assert block["searches"] == 0 and block["captures"] == 0, per_video
-    assert per_video[1][0] == {"captures": 0, "searches": 0, "warm_ups": 0}
+            assert block["searches"] == block["captures"] == block["dit_captures"] == 0, per_video
+    assert {k: per_video[1][0][k] for k in ("captures", "searches", "warm_ups")} == \
+        {"captures": 0, "searches": 0, "warm_ups": 0}
     assert max(report["frames_optimized_vs_upstream_rel_err"]) <= 1e-4

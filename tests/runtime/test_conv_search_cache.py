@@ -305,15 +305,16 @@ def test_decide_takes_the_cheapest_start_among_the_fast_plans():
     assert csc.decide(measured, tolerance=0.0)["a"] == "search:all"
 
 
-@pytest.mark.parametrize("strategy,benchmark,limit", [("heuristic", False, None),
-                                                      ("search:3", True, 3),
-                                                      ("search:all", True, 0)])
-def test_strategy_flags(strategy, benchmark, limit):
+# (not named `benchmark`: pytest-benchmark, where installed, claims that name for its fixture)
+@pytest.mark.parametrize("strategy,searches,limit", [("heuristic", False, None),
+                                                     ("search:3", True, 3),
+                                                     ("search:all", True, 0)])
+def test_strategy_flags(strategy, searches, limit):
     cudnn = torch.backends.cudnn
     before = (cudnn.benchmark, cudnn.benchmark_limit)
     deterministic, allow_tf32 = cudnn.deterministic, cudnn.allow_tf32
     with csc.strategy_flags(strategy):
-        assert cudnn.benchmark is benchmark
+        assert cudnn.benchmark is searches
         if limit is not None and cudnn.is_available():  # (no limit without cuDNN)
             assert cudnn.benchmark_limit == limit
         assert (cudnn.deterministic, cudnn.allow_tf32) == (deterministic, allow_tf32)

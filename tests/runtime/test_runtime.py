@@ -10,6 +10,7 @@ from wan.modules.optimized_causal_model import OptimizedCausalWanModel
 from wan.modules.optimized_vae_decoder import OptimizedVAEDecoderWrapper
 from wan.modules.presets import model_config
 from wan.modules.vae_decoder import VAEDecoderWrapper
+from wan.runtime.cuda_graphs import EagerGraphRunner
 from wan.runtime.options import DEFAULT_FP8_GEMMS, FP8_GEMMS
 from wan.runtime.options import FastOptions, publish_model_options
 
@@ -128,6 +129,61 @@ def test_warm_up_over_the_callers_dicts_leaves_them_as_fresh_ones():
     expected = run_stream(plain, 3, caches=make_caches(plain))
     got = run_stream(warmed, 3, caches=caches)
     assert max(rel_err(g, e) for g, e in zip(got, expected)) == 0.0
+
+
+def _graphs_on_cpu(model):
+    """The model replays "graphs" on this CPU (the seam and the stand-in runner that capture and
+    replay the function eagerly), so captures are counted as on a GPU."""
+    model._runtime.graph_device_types = ("cuda", "cpu")
+    model._runtime.graphs = EagerGraphRunner()
+    return model
+
+
+@pytest.mark.parametrize("update_only", [False, True], ids=["full_update", "cache_update_only"])
+@torch.no_grad()
+def test_a_stream_in_new_dicts_captures_every_graph_in_its_first_call(update_only):
+    """Upstream's pipeline makes new cache dicts for every video and never calls warm_up: with
+    graphs, a stream's first call warms up over its dicts first, so every graph is captured in the
+    first block and none later (the window filling, then full, then the next video's), and the
+    outputs are a never-warmed eager model's, bit for bit (the warm-up left the dicts fresh)."""
+    eager = build_model(cls=OptimizedCausalWanModel, dtype=torch.float64, cuda_graphs=False)
+    graphed = _graphs_on_cpu(build_model(cls=OptimizedCausalWanModel, dtype=torch.float64))
+    extra = {"cache_update_only": True} if update_only else None
+    for video in range(2):
+        captures = []
+
+        def count():
+            captures.append(graphed.counters["captures"] - sum(captures) - before)
+
+        before = graphed.counters["captures"]
+        got = run_stream(graphed, 4, caches=make_caches(graphed), seed=20 * video,
+                         update_kwargs=extra, after_block=count)
+        expected = run_stream(eager, 4, caches=make_caches(eager), seed=20 * video,
+                              update_kwargs=extra)
+        # (an update-only call returns None; what it wrote, the next block's outputs read)
+        assert all(g is e is None or torch.equal(g, e) for g, e in zip(got, expected))
+        # the image context, the window filling and full, per kind of call (a full one, an
+        # update-only one); the first block's shorter condition history is a shape of its own
+        assert captures[0] >= (5 if update_only else 3) and captures[1:] == [0, 0, 0], captures
+
+
+@torch.no_grad()
+def test_first_call_warm_up_can_be_turned_off_and_an_explicit_warm_up_is_not_repeated():
+    off = _graphs_on_cpu(build_model(cls=OptimizedCausalWanModel, dtype=torch.float64,
+                                     first_call_warm_up=False))
+    assert off.options_report()["first_call_warm_up"] is False
+    captures = []
+    run_stream(off, 3, caches=make_caches(off),
+               after_block=lambda: captures.append(off.counters["captures"]))
+    assert captures[0] < captures[-1]  # captured phase by phase, as the stream went on
+    warmed = _graphs_on_cpu(build_model(cls=OptimizedCausalWanModel, dtype=torch.float64))
+    caches, inputs = make_caches(warmed), make_inputs(warmed)
+    captured = warmed.warm_up(inputs["visual_context"], inputs["cond_concat"],
+                              inputs["mouse_cond"], inputs["keyboard_cond"], caches=caches,
+                              t_dtype=inputs["t"].dtype)
+    assert captured >= 3
+    run_stream(warmed, 3, caches=caches)
+    assert warmed.counters["captures"] == captured  # the first call found the dicts warmed
 
 
 def test_warm_up_without_a_stream_or_conditions_is_a_clear_error():

@@ -41,7 +41,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
 
     def __init__(self, *args, backend=None, cuda_graphs: Optional[bool] = None,
                  precision: Optional[str] = None, fp8_gemms=None, fused_qkv: Optional[bool] = None,
-                 residual_in_gemm: Optional[bool] = None, inject_sample_info: bool = False,
+                 residual_in_gemm: Optional[bool] = None,
+                 first_call_warm_up: Optional[bool] = None, inject_sample_info: bool = False,
                  **kwargs):
         """Arguments of CausalWanModel, plus the options (wan/runtime/options.py; each None:
         its environment variable, else its default):
@@ -59,6 +60,11 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         * `residual_in_gemm`: the cross-attention's residual add inside its output GEMM, whose
           bias the LayerNorm kernel before adds to the residual stream ahead
           (WAN_RESIDUAL_IN_GEMM; on);
+        * `first_call_warm_up`: with CUDA graphs, the first call of a stream in cache dicts this
+          model has not warmed up (upstream's pipeline makes new ones for every video) runs
+          `warm_up` over them first, so every graph the stream will replay is captured inside its
+          first block, not one phase at a time in the middle of the stream
+          (WAN_FIRST_CALL_WARM_UP; on);
         * `inject_sample_info`: a key of upstream's config.json that no constructor uses; accepted
           (and ignored) so that building from that file keeps every key.
 
@@ -68,7 +74,8 @@ class OptimizedCausalWanModel(ForgetsDerivedStateOnNewWeights, CausalWanModel):
         """
         super().__init__(*args, **kwargs)
         given = dict(backend=backend, cuda_graphs=cuda_graphs, precision=precision,
-                     fp8_gemms=fp8_gemms, fused_qkv=fused_qkv, residual_in_gemm=residual_in_gemm)
+                     fp8_gemms=fp8_gemms, fused_qkv=fused_qkv, residual_in_gemm=residual_in_gemm,
+                     first_call_warm_up=first_call_warm_up)
         register = getattr(self, "register_to_config", None)
         if register is not None:  # diffusers' ConfigMixin (upstream's parent): keep them in .config
             register(**given, inject_sample_info=inject_sample_info)

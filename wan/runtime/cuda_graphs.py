@@ -115,7 +115,6 @@ class GraphRunner:
         return graph, static_inputs, static_out
 
 
-@functools.lru_cache(maxsize=None)
 class EagerGraphRunner(GraphRunner):
     """GraphRunner's twin for a CPU (tests and the benchmarks' CPU runs of code that captures
     graphs): a capture runs the function once and keeps it, a replay runs it again into the
@@ -136,6 +135,7 @@ class EagerGraphRunner(GraphRunner):
         return _Graph(), static_inputs, static_out
 
 
+@functools.lru_cache(maxsize=None)
 def _capture_stream(device: int) -> torch.cuda.Stream:
     """One capture stream per device for every capture: cuBLAS and cuDNN keep a workspace per
     stream for the life of the process, so a new stream per capture (per player's graphs) would

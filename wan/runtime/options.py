@@ -1,20 +1,20 @@
 """The optimized models' options, resolved once into one object.
 
 `FastOptions` holds what the optimized DiT and decoder may be told: the backend selection, CUDA
-graphs, the precision, the set of GEMMs FP8 runs, fused q/k/v and the cross-attention's residual
-add inside its output GEMM (the DiT), cuDNN's full engine search for the convolutions (the
-decoder). Each option is resolved once, when
+graphs, the precision, the set of GEMMs FP8 runs, fused q/k/v, the cross-attention's residual
+add inside its output GEMM and the graphs of a stream in the caller's dicts captured at its first
+call (the DiT), cuDNN's full engine search for the convolutions (the decoder). Each option is resolved once, when
 the model is built (or when a setter changes it), strongest first:
 
 1. the constructor's keyword, which is also how a key of the model's config.json arrives
    (`from_config`, this library's or diffusers', passes config keys as keywords);
 2. the environment: WAN_BACKEND, WAN_CUDA_GRAPHS, WAN_PRECISION, WAN_FP8_GEMMS, WAN_FUSED_QKV,
-   WAN_RESIDUAL_IN_GEMM, WAN_CONV_SEARCH, read here only, from the one mapping `resolve` is
+   WAN_RESIDUAL_IN_GEMM, WAN_FIRST_CALL_WARM_UP, WAN_CONV_SEARCH, read here only, from the one mapping `resolve` is
    given (os.environ unless a test passes its own); WAN_BACKEND's value is handed to the
    registry's `layer_selection`, which reads no environment;
 3. the defaults: backend `auto` for every op, CUDA graphs on wherever the model runs on CUDA,
    precision `native`, FP8 (when asked for) on the default GEMM set, q/k/v fused, the residual
-   in the GEMM, the conv search on.
+   in the GEMM, the first-call warm-up on, the conv search on.
 
 The model keeps the object (`model.options`), builds its plan from it and reports it
 (`options_report()`, the start-up log line), so what is reported is what runs.
@@ -55,7 +55,7 @@ DEFAULT_FP8_GEMMS = ("qkv", "ffn_in")
 ENVIRONMENT = {"backend": "WAN_BACKEND", "cuda_graphs": "WAN_CUDA_GRAPHS",
                "precision": "WAN_PRECISION", "fp8_gemms": "WAN_FP8_GEMMS",
                "fused_qkv": "WAN_FUSED_QKV", "residual_in_gemm": "WAN_RESIDUAL_IN_GEMM",
-               "conv_search": "WAN_CONV_SEARCH"}
+               "first_call_warm_up": "WAN_FIRST_CALL_WARM_UP", "conv_search": "WAN_CONV_SEARCH"}
 OPTION_NAMES = tuple(ENVIRONMENT)
 
 
@@ -67,6 +67,7 @@ class FastOptions:
     fp8_gemms: FrozenSet[str]         # the GEMMs precision='fp8' runs in FP8
     fused_qkv: bool                   # q, k and v of self-attention in one GEMM
     residual_in_gemm: bool            # the cross-attention's residual add inside its out GEMM
+    first_call_warm_up: bool          # a stream in new caller dicts: every graph at its first call
     conv_search: bool                 # the decoder: cuDNN's full engine search for its convs
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)  # option -> origin
     given: Mapping = field(default_factory=dict, compare=False)      # what the keywords said
@@ -125,7 +126,7 @@ class FastOptions:
         return {"backend": dict(self.backend), "cuda_graphs": self.cuda_graphs,
                 "precision": self.precision, "fp8_gemms": sorted(self.fp8_gemms, key=FP8_GEMMS.index),
                 "fused_qkv": self.fused_qkv, "residual_in_gemm": self.residual_in_gemm,
-                "conv_search": self.conv_search,
+                "first_call_warm_up": self.first_call_warm_up, "conv_search": self.conv_search,
                 "sources": dict(self.sources)}
 
 
@@ -233,7 +234,8 @@ def _switch_on_by_default(raw, origin):
 
 _PARSERS = {"cuda_graphs": _switch, "precision": _precision,
             "fp8_gemms": _fp8_gemms, "fused_qkv": _switch_on_by_default,
-            "residual_in_gemm": _switch_on_by_default, "conv_search": _switch_on_by_default}
+            "residual_in_gemm": _switch_on_by_default,
+            "first_call_warm_up": _switch_on_by_default, "conv_search": _switch_on_by_default}
 
 
 # ---------------------------------------------------------------------- the DiT -> decoder hand-off

@@ -88,6 +88,9 @@ class StreamCache:
         self.own_cross = None       # storage of streams given no crossattn_cache
         self.cross_checked = None   # (input shape, cross_identity) of the dicts last checked
         self.cross_ids = buffer_ids(self.cross)  # the k/v tensors the graphs were captured with
+        # (input shape, t dtype, cache_update_only) of the calls whose graphs `warm_up` captured
+        # over this storage (the streaming call's first-call warm-up asks)
+        self.warmed_for = set()
 
     @property
     def cross_ready(self) -> bool:

@@ -17,6 +17,13 @@ host sync). `StreamingForward` holds everything a call does around it, in this o
    passes no `crossattn_cache`: the image may change, as the reference model reads it every call);
 5. run `blocks.compute` (the math) from the CUDA graph of this phase, or eagerly.
 
+Before step 2, the first call of a stream in caller's dicts that were not warmed up for calls of
+this shape (upstream's pipeline makes new dicts for every video and never calls `warm_up`) runs
+the explicit warm-up over them, then itself (`first_call_warm_up`, on by default with graphs):
+every graph the stream replays is captured inside its first block, where the caller already
+waits, instead of one phase at a time as the window fills and its blocks settle (measured on an
+H100 in upstream's pipeline: the second block 349 ms against 132 steady).
+
 So the data of a call goes one way: the model's forward (optimized_causal_model.py) -> this
 module (checks, caches, positions, graphs) -> the math (blocks.py) -> the ops (wan/kernels);
 nothing below calls back up (the graph runner is handed the math as a function to capture and
@@ -28,6 +35,7 @@ import collections
 import functools
 import math
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -79,6 +87,10 @@ class StreamingForward:
         self.current: Optional[StreamCache] = None
         self._warned_no_graphs = False
         self._said_no_graphs = None  # the graphs setting a CPU device's start-up log line reported
+        self._warming = False        # inside warm_up: its own calls must not warm up again
+        # the device types whose forward replays graphs (a seam: the CPU tests add "cpu" with an
+        # EagerGraphRunner, so that captures are counted there as on a GPU)
+        self.graph_device_types = ("cuda",)
 
     # ------------------------------------------------------------------ derived state
     def forget_plan(self):
@@ -169,10 +181,17 @@ class StreamingForward:
                              *stream_dicts, crossattn_cache, current_start,
                              read_cache_position=False, streaming=True,
                              check_caches=not dicts_checked, check_cross=not cross_checked)
-        t = per_frame_timesteps(model, x, t)
         tokens_per_frame = frame_tokens(x.shape[3], x.shape[4], model.patch_size)
-        frames = x.shape[2] // model.patch_size[0]
         start = current_start // tokens_per_frame
+        if self._first_call_warm_up_due(x, t, bound, tokens_per_frame, start, kv_cache,
+                                        cache_update_only):
+            self._warm_up_first_call(x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
+                                     stream_dicts, crossattn_cache, cache_update_only)
+            # the call itself, over the warmed dicts (checked again: the warm-up bound them)
+            return self(x, t, visual_context, cond_concat, mouse_cond, keyboard_cond, *stream_dicts,
+                        crossattn_cache, current_start, cache_update_only)
+        t = per_frame_timesteps(model, x, t)
+        frames = x.shape[2] // model.patch_size[0]
 
         # 2. the cache (a ring over the caller's dicts, or the owned stream) and the position
         if kv_cache is not None:  # the dicts' ring cache carries their stream's position
@@ -251,6 +270,28 @@ class StreamingForward:
         cache.end_frame = max(cache.end_frame, end)
         return out
 
+    def _first_call_warm_up_due(self, x, t, bound, tokens_per_frame, start, kv_cache,
+                                cache_update_only) -> bool:
+        """Whether this call starts a stream (frame 0) in caller's dicts whose graphs for calls
+        like it were not captured by a warm-up yet, with graphs and `first_call_warm_up` on."""
+        if (self._warming or kv_cache is None or start != 0
+                or not self.model.options.first_call_warm_up or not self._graphs_usable(x)):
+            return False
+        return (bound is None or bound.tokens_per_frame != tokens_per_frame
+                or _warm_key(x.shape, t.dtype, cache_update_only) not in bound.warmed_for)
+
+    def _warm_up_first_call(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
+                            stream_dicts, crossattn_cache, cache_update_only):
+        begin = time.perf_counter()
+        captured = self.warm_up(
+            visual_context, cond_concat, mouse_cond, keyboard_cond,
+            caches=dict(zip(("kv_cache", "kv_cache_mouse", "kv_cache_keyboard"), stream_dicts),
+                        crossattn_cache=crossattn_cache),
+            t_dtype=t.dtype, cache_update_only=cache_update_only)
+        info("%s: a stream's first call in new cache dicts: warmed up first (%d graphs captured, "
+             "%.0f ms; first_call_warm_up=False / WAN_FIRST_CALL_WARM_UP=0 turns this off)",
+             type(self.model).__name__, captured, (time.perf_counter() - begin) * 1e3)
+
     def _graph_references(self) -> dict:
         """id -> how many of the captured graphs' storages hold that tensor (references of this
         model's own, which say nothing about whether a caller still holds it)."""
@@ -273,7 +314,7 @@ class StreamingForward:
         setting = self.model.options.cuda_graphs
         if setting is False:
             return False
-        if x.is_cuda:
+        if x.device.type in self.graph_device_types:
             return True
         if setting and not self._warned_no_graphs and self._said_no_graphs is not setting:
             warnings.warn("cuda_graphs=True needs a CUDA device; running the forward eagerly")
@@ -321,10 +362,35 @@ class StreamingForward:
         if caches is None:
             self.use_stream(stream)
             stream.reset()
+        before = self.graphs.captures
+        self._warming = True
+        try:
+            x_shape = self._warm_up_blocks(visual_context, cond_concat, mouse_cond, keyboard_cond,
+                                     caches, t_dtype, cache_update_only)
+        finally:
+            self._warming = False
+        # rewound: the next call at frame 0 starts the stream and projects its image again
+        if caches is None:
+            stream.reset()
+        else:
+            for slot in caches["crossattn_cache"] or ():
+                slot["is_init"] = False
+            stream_dicts = (caches["kv_cache"], caches.get("kv_cache_mouse"),
+                            caches.get("kv_cache_keyboard"))
+            stream = bound_cache(stream_dicts, dict_identity(stream_dicts))
+        if stream is not None:  # (None: no call bound the dicts, e.g. without graphs on a CPU)
+            stream.warmed_for.update(_warm_key(x_shape, t_dtype, update_only)
+                                     for update_only in {False, cache_update_only})
+        return self.graphs.captures - before
+
+    def _warm_up_blocks(self, visual_context, cond_concat, mouse_cond, keyboard_cond, caches,
+                        t_dtype, cache_update_only):
+        """warm_up's blocks on zeros (the caller's dicts, `caches`, or the current stream);
+        returns the shape of the x they were called with."""
+        model = self.model
         batch, _, frames, h, w = cond_concat.shape
         frames //= model.patch_size[0]
         tokens_per_frame = frame_tokens(h, w, model.patch_size)
-        before = self.graphs.captures
         action = first_action_module(model)
         # after the window has filled, a block's phase and shapes repeat; the condition windows
         # settle once the first block's shorter history is past: two more blocks cover both
@@ -344,13 +410,12 @@ class StreamingForward:
                 model(x, t, visual_context, cond_concat, **conditions, **(caches or {}),
                       current_start=block * frames * tokens_per_frame,
                       cache_update_only=update_only)
-        # rewound: the next call at frame 0 starts the stream and projects its image again
-        if caches is None:
-            stream.reset()
-        else:
-            for slot in caches["crossattn_cache"] or ():
-                slot["is_init"] = False
-        return self.graphs.captures - before
+        return tuple(x.shape)
+
+
+def _warm_key(x_shape, t_dtype, cache_update_only: bool) -> tuple:
+    """What a warm-up over a storage covers: calls with this x shape, t dtype and kind."""
+    return tuple(x_shape), t_dtype, cache_update_only
 
 
 def _device_state(model, device, dtype) -> DeviceState:
