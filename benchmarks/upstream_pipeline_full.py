@@ -68,6 +68,8 @@ def block_times(pipeline: dict) -> dict:
         videos = run.get("every_block_ms") or []
         out[name] = {"first_video_block_ms": videos[0] if videos else None,
                      "second_video_block_ms": videos[1] if len(videos) > 1 else None,
+                     "every_video_block_ms": videos,
+                     "every_video_decode_ms": run.get("decode_ms"),
                      "steady_block_ms": run.get("block_ms_median")}
         if run.get("decoder_startup"):
             startup = run["decoder_startup"]
@@ -112,6 +114,11 @@ def main():
     p.add_argument("--videos", type=int, default=2)
     p.add_argument("--skip-suite", action="store_true", help="leave out the seed suite's benchmark")
     p.add_argument("--suite-only", action="store_true", help="only the seed suite's benchmark")
+    p.add_argument("--skip-compile", action="store_true",
+                   help="the decoder's compile() not called at start-up (a diagnosis: upstream's "
+                        "scripts call it)")
+    p.add_argument("--skip-oracle", action="store_true",
+                   help="no float32 run (faster; no error comparison)")
     args = p.parse_args()
     source = os.environ.get("MATRIX_GAME_DIR")
     if not source:
@@ -142,8 +149,10 @@ def main():
         pipeline = run([sys.executable, str(ROOT / "tests" / "checkout" / "run_pipeline.py"),
                         "--device", "cuda", "--dtype", "bf16", "--config", "universal",
                         "--blocks", str(args.blocks), "--videos", str(args.videos),
-                        "--decoder", "integrated", "--decoder-dtype", "fp16", "--oracle",
-                        "--compile", "--count-startup", "--out", str(pipeline_json)], checkout,
+                        "--decoder", "integrated", "--decoder-dtype", "fp16",
+                        *([] if args.skip_oracle else ["--oracle"]),
+                        *([] if args.skip_compile else ["--compile"]),
+                        "--count-startup", "--out", str(pipeline_json)], checkout,
                        out / "upstream_pipeline_full_pipeline.log", 3000, plain)
     if pipeline is not None and pipeline.returncode == 0:
         report["pipeline"] = json.loads(pipeline_json.read_text())
@@ -183,11 +192,13 @@ def main():
             print(f"speedup {r['speedup']:.2f}x")
         for name in ("upstream", "optimized"):
             blocks = report["blocks"][name]
-            for video in ("first", "second"):
-                times = blocks[f"{video}_video_block_ms"]
-                if times:
-                    print(f"{name:>9} {video} video, every block (ms): "
-                          + " ".join(f"{ms:.0f}" for ms in times))
+            decodes = blocks.get("every_video_decode_ms") or []
+            for video, times in enumerate(blocks["every_video_block_ms"] or []):
+                print(f"{name:>9} video {video + 1}, every block (ms): "
+                      + " ".join(f"{ms:.0f}" for ms in times))
+                if video < len(decodes) and decodes[video]:
+                    print(f"{'':>9} its decoder calls (ms):   "
+                          + " ".join(f"{ms:.0f}" for ms in decodes[video]))
         startup = report["blocks"]["optimized"].get("decoder_startup")
         if startup and startup.get("compile_s") is not None:
             print(f"integrated decoder compile(): {startup['compile_s']:.1f} s "

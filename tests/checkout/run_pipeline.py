@@ -163,6 +163,7 @@ class Decoders:
             if kind == "integrated" and args is not None:
                 self._integrated_startup(args)
         self.block_ends, self.frames, self.video_start = [], [], None
+        self.decodes = []  # (start, end) marks of each block's decoder call
         self.dit = None  # the optimized DiT, whose captures per block --count-startup records
         self._dit_captures = 0
 
@@ -199,6 +200,7 @@ class Decoders:
     def new_video(self):
         """A video starts now: its first block's time counts from here."""
         self.block_ends.clear()
+        self.decodes.clear()
         self.frames.clear()
         self.video_start = self._mark()
         if self.startup is not None:
@@ -214,7 +216,9 @@ class Decoders:
             if self.crop:
                 z = z[..., :self.crop[0], :self.crop[1]]
             before = self.decoder.counters if self.startup is not None else None
+            begin = self._mark()
             video, cache = self.decoder(z.to(self.dtype), *cache)
+            self.decodes.append((begin, self._mark()))
             if before is not None:
                 counts = counter_delta(self.decoder.counters, before)
                 if self.dit is not None:  # the DiT's since the last block's decode
@@ -240,6 +244,13 @@ class Decoders:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return [self._ms(a, b) for a, b in zip(self.block_ends, self.block_ends[1:])]
+
+    def decode_ms(self):
+        """Milliseconds of each block's decoder call (the rest of a block is the DiT's and the
+        pipeline's)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return [self._ms(a, b) for a, b in self.decodes]
 
     def first_block_ms(self):
         """Milliseconds from the video's start (the pipeline's inference call) to its first
@@ -285,7 +296,7 @@ def run_videos(generator, args, device, dtype, decoder_kind, decoder_dtype=None,
                                    vae_decoder=decoders)
     latent = LATENT
     frames = 3 * args.blocks
-    latents, block_ms, video_ms, videos, first_ms = [], [], [], [], []
+    latents, block_ms, video_ms, videos, first_ms, decode_ms = [], [], [], [], [], []
     for video in range(args.videos):
         torch.manual_seed(100 + video)  # the pipeline's re-noising draws from the global generator
         noise = torch.randn(1, 16, frames, *latent, generator=torch.Generator().manual_seed(video))
@@ -301,12 +312,13 @@ def run_videos(generator, args, device, dtype, decoder_kind, decoder_dtype=None,
         latents.append(out.float().cpu())
         block_ms.append(decoders.block_ms())
         first_ms.append(decoders.first_block_ms())
+        decode_ms.append(decoders.decode_ms())
         if decoders.frames:
             videos.append(torch.cat(decoders.frames, dim=1))
     decoder_class = type(decoders.decoder).__name__ if decoders.decoder is not None else None
     graphs = getattr(decoders.decoder, "cuda_graphs", None)
     return (latents, block_ms, video_ms, videos, decoder_class, graphs, decoders.startup,
-            first_ms)
+            first_ms, decode_ms)
 
 
 def rel_err(a, b):
@@ -343,8 +355,8 @@ def main():
                              f"(python -m wan.integrate)?")
         kind = "integrated" if args.decoder == "integrated" and name == "optimized" else (
             "upstream" if args.decoder != "none" else "none")
-        latents, block_ms, video_ms, videos, decoder_class, decoder_graphs, startup, first_ms = \
-            run_videos(generator, args, device, dtype, kind, weights=weights_vae)
+        (latents, block_ms, video_ms, videos, decoder_class, decoder_graphs, startup, first_ms,
+         decode_ms) = run_videos(generator, args, device, dtype, kind, weights=weights_vae)
         steady = [ms for video in block_ms for ms in video[2:]]  # blocks 0-1: windows filling
         print(f"{name} run: every block's ms {[[f, *rest] for f, rest in zip(first_ms, block_ms)]}",
               flush=True)
@@ -359,6 +371,8 @@ def main():
                       "block_ms": block_ms, "first_block_ms": first_ms,
                       # every block of each video: the first, then the rest
                       "every_block_ms": [[f, *rest] for f, rest in zip(first_ms, block_ms)],
+                      # each block's decoder call, every block of each video
+                      "decode_ms": decode_ms,
                       "video_ms": video_ms}
         del generator
         if device.type == "cuda":
