@@ -70,6 +70,7 @@ def block_times(pipeline: dict) -> dict:
                      "second_video_block_ms": videos[1] if len(videos) > 1 else None,
                      "every_video_block_ms": videos,
                      "every_video_decode_ms": run.get("decode_ms"),
+                     "every_video_dit_ms": run.get("dit_ms"),
                      "steady_block_ms": run.get("block_ms_median")}
         if run.get("decoder_startup"):
             startup = run["decoder_startup"]
@@ -193,12 +194,16 @@ def main():
         for name in ("upstream", "optimized"):
             blocks = report["blocks"][name]
             decodes = blocks.get("every_video_decode_ms") or []
+            dits = blocks.get("every_video_dit_ms") or []
             for video, times in enumerate(blocks["every_video_block_ms"] or []):
                 print(f"{name:>9} video {video + 1}, every block (ms): "
                       + " ".join(f"{ms:.0f}" for ms in times))
                 if video < len(decodes) and decodes[video]:
                     print(f"{'':>9} its decoder calls (ms):   "
                           + " ".join(f"{ms:.0f}" for ms in decodes[video]))
+                if video < len(dits) and dits[video]:
+                    print(f"{'':>9} its DiT calls (ms):       "
+                          + " ".join(f"{ms:.0f}" for ms in dits[video]))
         startup = report["blocks"]["optimized"].get("decoder_startup")
         if startup and startup.get("compile_s") is not None:
             print(f"integrated decoder compile(): {startup['compile_s']:.1f} s "

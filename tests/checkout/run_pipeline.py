@@ -164,6 +164,7 @@ class Decoders:
                 self._integrated_startup(args)
         self.block_ends, self.frames, self.video_start = [], [], None
         self.decodes = []  # (start, end) marks of each block's decoder call
+        self.dit_calls = [[]]  # per block: (start, end) marks of the DiT's calls (count_dit)
         self.dit = None  # the optimized DiT, whose captures per block --count-startup records
         self._dit_captures = 0
 
@@ -174,6 +175,23 @@ class Decoders:
             model._runtime.graph_device_types = ("cuda", "cpu")
             model._runtime.graphs = EagerGraphRunner()
         self.dit = model
+        # each call's marks (CUDA events on a GPU): the DiT's own time per block, apart from the
+        # decoder's and from the gaps where the GPU waits for the host
+        # (top-level calls only: the first call's warm-up calls the model from inside its call)
+        depth = [0]
+
+        def before(*_):
+            depth[0] += 1
+            if depth[0] == 1:
+                self.dit_calls[-1].append([self._mark()])
+
+        def after(*_):
+            depth[0] -= 1
+            if depth[0] == 0:
+                self.dit_calls[-1][-1].append(self._mark())
+
+        model.register_forward_pre_hook(before)
+        model.register_forward_hook(after)
 
     def _integrated_startup(self, args):
         """--conv-search-cache, --count-startup, --compile for the integrated decoder."""
@@ -201,6 +219,7 @@ class Decoders:
         """A video starts now: its first block's time counts from here."""
         self.block_ends.clear()
         self.decodes.clear()
+        self.dit_calls = [[]]
         self.frames.clear()
         self.video_start = self._mark()
         if self.startup is not None:
@@ -219,6 +238,7 @@ class Decoders:
             begin = self._mark()
             video, cache = self.decoder(z.to(self.dtype), *cache)
             self.decodes.append((begin, self._mark()))
+            self.dit_calls.append([])
             if before is not None:
                 counts = counter_delta(self.decoder.counters, before)
                 if self.dit is not None:  # the DiT's since the last block's decode
@@ -251,6 +271,12 @@ class Decoders:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return [self._ms(a, b) for a, b in self.decodes]
+
+    def dit_ms(self):
+        """Milliseconds of the DiT's calls in each block (summed; `count_dit` only)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return [sum(self._ms(a, b) for a, b in calls) for calls in self.dit_calls[:len(self.decodes)]]
 
     def first_block_ms(self):
         """Milliseconds from the video's start (the pipeline's inference call) to its first
@@ -296,7 +322,7 @@ def run_videos(generator, args, device, dtype, decoder_kind, decoder_dtype=None,
                                    vae_decoder=decoders)
     latent = LATENT
     frames = 3 * args.blocks
-    latents, block_ms, video_ms, videos, first_ms, decode_ms = [], [], [], [], [], []
+    latents, block_ms, video_ms, videos, first_ms, decode_ms, dit_ms = [], [], [], [], [], [], []
     for video in range(args.videos):
         torch.manual_seed(100 + video)  # the pipeline's re-noising draws from the global generator
         noise = torch.randn(1, 16, frames, *latent, generator=torch.Generator().manual_seed(video))
@@ -313,12 +339,14 @@ def run_videos(generator, args, device, dtype, decoder_kind, decoder_dtype=None,
         block_ms.append(decoders.block_ms())
         first_ms.append(decoders.first_block_ms())
         decode_ms.append(decoders.decode_ms())
+        if decoders.dit is not None:
+            dit_ms.append(decoders.dit_ms())
         if decoders.frames:
             videos.append(torch.cat(decoders.frames, dim=1))
     decoder_class = type(decoders.decoder).__name__ if decoders.decoder is not None else None
     graphs = getattr(decoders.decoder, "cuda_graphs", None)
     return (latents, block_ms, video_ms, videos, decoder_class, graphs, decoders.startup,
-            first_ms, decode_ms)
+            first_ms, decode_ms, dit_ms)
 
 
 def rel_err(a, b):
@@ -356,7 +384,7 @@ def main():
         kind = "integrated" if args.decoder == "integrated" and name == "optimized" else (
             "upstream" if args.decoder != "none" else "none")
         (latents, block_ms, video_ms, videos, decoder_class, decoder_graphs, startup, first_ms,
-         decode_ms) = run_videos(generator, args, device, dtype, kind, weights=weights_vae)
+         decode_ms, dit_ms) = run_videos(generator, args, device, dtype, kind, weights=weights_vae)
         steady = [ms for video in block_ms for ms in video[2:]]  # blocks 0-1: windows filling
         print(f"{name} run: every block's ms {[[f, *rest] for f, rest in zip(first_ms, block_ms)]}",
               flush=True)
@@ -373,6 +401,8 @@ def main():
                       "every_block_ms": [[f, *rest] for f, rest in zip(first_ms, block_ms)],
                       # each block's decoder call, every block of each video
                       "decode_ms": decode_ms,
+                      # the optimized DiT's calls per block, summed (--count-startup)
+                      "dit_ms": dit_ms,
                       "video_ms": video_ms}
         del generator
         if device.type == "cuda":
