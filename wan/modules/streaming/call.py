@@ -365,8 +365,8 @@ class StreamingForward:
         before = self.graphs.captures
         self._warming = True
         try:
-            x_shape = self._warm_up_blocks(visual_context, cond_concat, mouse_cond, keyboard_cond,
-                                     caches, t_dtype, cache_update_only)
+            x_shape = self._warm_up_blocks(visual_context, cond_concat, mouse_cond,
+                                           keyboard_cond, caches, t_dtype, cache_update_only)
         finally:
             self._warming = False
         # rewound: the next call at frame 0 starts the stream and projects its image again
