@@ -1,9 +1,11 @@
 """The play server under load: 1..N scripted WebSocket players (continuous, held keys changing
 every 0.7 s) against one `python -m wan.play` engine in this process, with re-makes on (reactive
 play) and off (blocks only), and 1-2 players with the frames sent as soon as they are decoded instead
-of after the whole block (`--no-compare-send` leaves that out); then N - 1 players beside one who keeps starting new games (time
-to first frame after a join, a new game, an upload; the others' late blocks); then one on-input
-player.
+of after the whole block (`--no-compare-send` leaves that out); with `--send-rounds N`, one
+player with each way of sending (after the block, at frames-ready, in parts) N times in turn,
+presses pooled per way (the run's drift then falls on each alike); then N - 1 players beside one
+who keeps starting new games (time to first frame after a join, a new game, an upload; the
+others' late blocks); then one on-input player.
 
     python benchmarks/play_server.py --players 4 --out play.json       # a GPU: universal, bf16
     python benchmarks/play_server.py --players 2 --seconds 6           # a CPU: tiny (functional)
@@ -117,6 +119,7 @@ def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
                "per_player_shown_fps": [round(c["shown_fps"], 2) for c in clients],
                "press_to_frame_p50_ms": _median(latency),
                "press_to_frame_p95_ms": _p(latency, 0.95), "presses": len(latency),
+               "press_to_frame_ms": [round(v, 1) for v in latency],  # (pooled by --send-rounds)
                "press_to_arrival_p50_ms": _median(arrival),
                "underruns": sum(c["underruns"] for c in clients),
                "stall_ms": sum(c["stall_ms"] for c in clients),
@@ -140,6 +143,31 @@ def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
         log.info("%d players, reactive %s: fps %s, press-to-frame p50 %s ms, re-makes %s", n,
                  reactive, row["per_player_fps"], row["press_to_frame_p50_ms"], row["remakes"])
     return rows
+
+
+SEND_SETTINGS = {"block": {}, "frames": {"send_at_frames_ready": True},
+                 "parts": {"send_at_frames_ready": True, "frames_in_parts": True}}
+
+
+def _send_rounds(engine, running, blocks, args) -> dict:
+    """One player, re-makes on, the frames sent after the block / at frames-ready / in parts
+    (with --frames-in-parts), `--send-rounds` times in turn (block, frames, parts, block, ...), so
+    that the machine's drift over the run falls on every setting alike; each setting's presses are
+    pooled over its rounds. {setting: {p50, p95, presses, round_p50s}}."""
+    settings = [s for s in SEND_SETTINGS if s != "parts" or args.frames_in_parts]
+    presses = {s: [] for s in settings}
+    round_p50s = {s: [] for s in settings}
+    for _ in range(args.send_rounds):
+        for setting in settings:
+            row = _sweep(engine, running, blocks, args, reactive=True, counts=[1],
+                         **SEND_SETTINGS[setting])[0]
+            presses[setting] += row["press_to_frame_ms"]
+            round_p50s[setting].append(row["press_to_frame_p50_ms"])
+    if args.frames_in_parts:
+        engine.set_frames_in_parts(False)
+    engine.config.send_at_frames_ready = False
+    return {s: {"p50": _median(presses[s]), "p95": _p(presses[s], 0.95),
+                "presses": len(presses[s]), "round_p50s": round_p50s[s]} for s in settings}
 
 
 def _sent_at(row) -> str:
@@ -189,6 +217,10 @@ def main(argv=None):
                    help="also 1-2 players with each latent frame's frames decoded and sent on "
                         "their own, as soon as they are ready (the other rows decode whole "
                         "blocks)")
+    p.add_argument("--send-rounds", type=int, default=0,
+                   help="also one player with the frames sent after the block, at frames-ready "
+                        "and (with --frames-in-parts) in parts, N rounds taken in turn, presses "
+                        "pooled per setting (the rows above take each once, one after another)")
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -219,6 +251,7 @@ def main(argv=None):
                           frames_in_parts=True) if args.frames_in_parts else []
         if args.frames_in_parts:
             engine.set_frames_in_parts(False)
+        rounds = _send_rounds(engine, running, blocks, args) if args.send_rounds > 0 else {}
         engine.config.reactive, engine.config.send_at_frames_ready = True, False
         # N - 1 players while one more keeps starting games: joins, new games, uploads
         t0 = time.perf_counter()
@@ -265,6 +298,8 @@ def main(argv=None):
             "sent_in_parts": {
                 "press_to_frame_p50_ms": by_count(in_parts, "press_to_frame_p50_ms"),
                 "press_to_frame_p95_ms": by_count(in_parts, "press_to_frame_p95_ms")},
+            # one player, the send settings taken in turn (--send-rounds), presses pooled
+            "send_rounds": rounds,
             "on_input": on_input, "sweep": reactive + blocks_only + at_ready + in_parts,
             "games": games}}
     if args.matrix_game_dir:
@@ -298,6 +333,11 @@ def main(argv=None):
               f"{_sent_at(r)}: " + " | ".join(
                   fmt(parts.get(k)) for k in ("to_block_start", "block", "ready_to_sent",
                                               "transport", "page")))
+    for setting, pooled in rounds.items():
+        print(f"one player, sent at {setting:6s} over {len(pooled['round_p50s'])} rounds in turn: "
+              f"press->shown p50/p95 {fmt(pooled['p50'])}/{fmt(pooled['p95'])} ms of "
+              f"{pooled['presses']} presses (each round's p50: "
+              f"{', '.join(fmt(v) for v in pooled['round_p50s'])})")
     print("time to first frame ms (p50/max): " + ", ".join(
         f"{k} {fmt(starts[k]['p50'])}/{fmt(starts[k]['max'])}" for k in ("join", "new_game",
                                                                           "upload"))
