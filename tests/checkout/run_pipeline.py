@@ -276,7 +276,8 @@ class Decoders:
         """Milliseconds of the DiT's calls in each block (summed; `count_dit` only)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return [sum(self._ms(a, b) for a, b in calls) for calls in self.dit_calls[:len(self.decodes)]]
+        blocks = self.dit_calls[:len(self.decodes)]  # (the calls after the last decode: none)
+        return [sum(self._ms(a, b) for a, b in calls) for calls in blocks]
 
     def first_block_ms(self):
         """Milliseconds from the video's start (the pipeline's inference call) to its first

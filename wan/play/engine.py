@@ -114,15 +114,13 @@ class EngineConfig:
     # True: a block's frames are encoded and sent as soon as they are decoded, while the GPU
     # still writes the block into the caches. Off by default: on an H100 it was not faster to
     # the screen, with nvJPEG (246 ms p50 against 216: the encode waited behind the update) nor
-    # with jpeg="cpu" (217 against 186: the frames arrive sooner but show at their slot of the
-    # playback; docs/LAB_NOTEBOOK.md steps 47 and 49)
+    # with jpeg="cpu" (no lead over sending after the block in three runs; the frames arrive
+    # sooner but show at their slot of the playback; docs/LAB_NOTEBOOK.md steps 47, 49, 53)
     send_at_frames_ready: bool = False
     # with send_at_frames_ready: a block decoded one latent frame per decoder call, each part's
-    # frames sent as soon as they are decoded (the decoder's first 4 frames 26 ms sooner, the
-    # decode 10 ms longer). Off by default: not faster to the screen in the H100 run (each
-    # part's copy to the host waited behind the later parts' decode on the decode stream; each
-    # part is now read on a stream of its own and a re-make's splice planned with its part's
-    # frames-ready time, neither measured yet; step 49)
+    # frames read on a stream of their own and sent as soon as they are decoded (the decoder's
+    # first 4 frames 26 ms sooner, the decode 10 ms longer), a re-make's splice planned with its
+    # part's frames-ready time. Off by default: no lead in three H100 runs (step 53)
     frames_in_parts: bool = False
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
 

@@ -183,8 +183,7 @@ class StreamingForward:
                              check_caches=not dicts_checked, check_cross=not cross_checked)
         tokens_per_frame = frame_tokens(x.shape[3], x.shape[4], model.patch_size)
         start = current_start // tokens_per_frame
-        if self._first_call_warm_up_due(x, t, bound, tokens_per_frame, start, kv_cache,
-                                        cache_update_only):
+        if self._first_call_warm_up_due(x, t, bound, start, kv_cache, cache_update_only):
             self._warm_up_first_call(x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
                                      stream_dicts, crossattn_cache, cache_update_only)
             # the call itself, over the warmed dicts (checked again: the warm-up bound them)
@@ -270,14 +269,14 @@ class StreamingForward:
         cache.end_frame = max(cache.end_frame, end)
         return out
 
-    def _first_call_warm_up_due(self, x, t, bound, tokens_per_frame, start, kv_cache,
-                                cache_update_only) -> bool:
+    def _first_call_warm_up_due(self, x, t, bound, start, kv_cache, cache_update_only) -> bool:
         """Whether this call starts a stream (frame 0) in caller's dicts whose graphs for calls
         like it were not captured by a warm-up yet, with graphs and `first_call_warm_up` on."""
         if (self._warming or kv_cache is None or start != 0
                 or not self.model.options.first_call_warm_up or not self._graphs_usable(x)):
             return False
-        return (bound is None or bound.tokens_per_frame != tokens_per_frame
+        # (the key holds x's shape, so a latent size the ring cache was not warmed for is new)
+        return (bound is None
                 or _warm_key(x.shape, t.dtype, cache_update_only) not in bound.warmed_for)
 
     def _warm_up_first_call(self, x, t, visual_context, cond_concat, mouse_cond, keyboard_cond,
