@@ -5,7 +5,8 @@ of after the whole block (`--no-compare-send` leaves that out); with `--send-rou
 player with each way of sending (after the block, at frames-ready, in parts) N times in turn,
 presses pooled per way (the run's drift then falls on each alike); then N - 1 players beside one
 who keeps starting new games (time to first frame after a join, a new game, an upload; the
-others' late blocks); then one on-input player.
+others' late blocks); then one on-input player, its frames sent when decoded and after the
+block in turn.
 
     python benchmarks/play_server.py --players 4 --out play.json       # a GPU: universal, bf16
     python benchmarks/play_server.py --players 2 --seconds 6           # a CPU: tiny (functional)
@@ -170,6 +171,33 @@ def _send_rounds(engine, running, blocks, args) -> dict:
                 "presses": len(presses[s]), "round_p50s": round_p50s[s]} for s in settings}
 
 
+def _on_input_rounds(engine, running, blocks, args) -> dict:
+    """One on-input player with its frames sent as soon as they are decoded (the engine's
+    default, `on_input_at_frames_ready`) and after the whole block, --on-input-rounds times in
+    turn, presses pooled per setting: {"frames": {...}, "block": {...}}, each with p50, p95,
+    presses, round_p50s and the server's block (start to frames ready) p50."""
+    pooled = {s: {"presses": [], "round_p50s": [], "server_block_ms": []}
+              for s in ("frames", "block")}
+    for _ in range(max(1, args.on_input_rounds)):
+        for setting in pooled:
+            engine.config.on_input_at_frames_ready = setting == "frames"
+            t0 = time.perf_counter()
+            row = _clients(running.ws, args, on_input=args.on_input_presses)
+            if engine.failure is not None:
+                raise RuntimeError("the engine's GPU worker failed") from engine.failure
+            pooled[setting]["presses"] += row["press_to_frame_ms"]
+            pooled[setting]["round_p50s"].append(row["press_to_frame_p50_ms"])
+            pooled[setting]["server_block_ms"] += [b["block_ms"] for b in blocks.since(t0)][3:]
+            _wait_for_leaving(engine)
+    engine.config.on_input_at_frames_ready = True
+    return {s: {"press_to_frame_p50_ms": _median(v["presses"]),
+                "press_to_frame_p95_ms": _p(v["presses"], 0.95), "presses": len(v["presses"]),
+                "press_to_frame_ms": [round(x, 1) for x in v["presses"]],
+                "round_p50s": v["round_p50s"],
+                "server_block_ms_p50": _median(v["server_block_ms"])}
+            for s, v in pooled.items()}
+
+
 def _sent_at(row) -> str:
     """When a row's frames were sent: after the block, when decoded, or part by part."""
     return "parts " if row.get("frames_in_parts") else \
@@ -197,6 +225,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=float, default=4.0,
                    help="first seconds of each count not measured (new players' first blocks)")
     p.add_argument("--on-input-presses", type=int, default=10)
+    p.add_argument("--on-input-rounds", type=int, default=2,
+                   help="the on-input player's rounds: its frames sent when decoded and after "
+                        "the block, taken in turn this many times, presses pooled per way")
     p.add_argument("--mode", default="universal")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint", help="the DiT's weights (default: random)")
@@ -261,9 +292,8 @@ def main(argv=None):
         starter = {b["player"] for b in during if b["games"] > 0}
         late_of_others = sum(b["late"] for b in during if b["player"] not in starter)
         _wait_for_leaving(engine)
-        t0 = time.perf_counter()
-        on_input = _clients(running.ws, args, on_input=args.on_input_presses)
-        on_input["server_block_ms_p50"] = _median([b["block_ms"] for b in blocks.since(t0)][3:])
+        on_input_ways = _on_input_rounds(engine, running, blocks, args)
+        on_input = on_input_ways["frames"]  # the engine's default
         captures_while_serving = engine.captures_while_serving()
     held = [r["players"] for r in reactive if r["realtime"]]
     starts = games["time_to_first_frame_ms"]
@@ -300,7 +330,8 @@ def main(argv=None):
                 "press_to_frame_p95_ms": by_count(in_parts, "press_to_frame_p95_ms")},
             # one player, the send settings taken in turn (--send-rounds), presses pooled
             "send_rounds": rounds,
-            "on_input": on_input, "sweep": reactive + blocks_only + at_ready + in_parts,
+            "on_input": on_input, "on_input_sent_after_block": on_input_ways["block"],
+            "sweep": reactive + blocks_only + at_ready + in_parts,
             "games": games}}
     if args.matrix_game_dir:
         report["start_image"] = {
@@ -342,9 +373,12 @@ def main(argv=None):
         f"{k} {fmt(starts[k]['p50'])}/{fmt(starts[k]['max'])}" for k in ("join", "new_game",
                                                                           "upload"))
           + f"; late blocks of the {others} other player(s) meanwhile: {late_of_others}")
-    print(f"on-input, one player: press->frame p50 {fmt(on_input['press_to_frame_p50_ms'])} ms, "
-          f"p95 {fmt(on_input['press_to_frame_p95_ms'])} ms (server block "
-          f"{on_input['server_block_ms_p50']})")
+    for setting, row in on_input_ways.items():
+        print(f"on-input, one player, sent at {setting:6s}: press->frame p50 "
+              f"{fmt(row['press_to_frame_p50_ms'])} ms, p95 {fmt(row['press_to_frame_p95_ms'])} "
+              f"ms of {row['presses']} presses (each round's p50: "
+              f"{', '.join(fmt(v) for v in row['round_p50s'])}; server block to frames "
+              f"{fmt(row['server_block_ms_p50'])} ms)")
     print(f"real-time players (re-makes on): {report['play']['max_realtime_players_per_gpu']} "
           f"(capacity measured at start-up: {measured_capacity}); graphs captured while "
           f"serving: {captures_while_serving}")

@@ -133,19 +133,26 @@ def tiny_play_decoder(cls, device="cpu", dtype=torch.float32):
     return decoder.to(device, dtype).eval()
 
 
-def play_batches(engine, count: int, seed=None, timeout_s: float = 300.0) -> list:
-    """Start `engine` (a play GameEngine) with one continuous player (its noise seed `seed`
-    when given), collect the frame batches it is sent until there are `count`, stop it; fails
-    when the engine's worker failed or fewer came within `timeout_s`."""
+def play_batches(engine, count: int, seed=None, timeout_s: float = 300.0,
+                 play_mode: str = "continuous") -> list:
+    """Start `engine` (a play GameEngine) with one player (its noise seed `seed` when given),
+    collect the frame batches it is sent until there are `count`, stop it; fails when the
+    engine's worker failed or fewer came within `timeout_s`. An on-input player presses "w"
+    once its previous block's frames came."""
     import time
     batches = []
-    player = engine.add_player("continuous", batches.append)
+    player = engine.add_player(play_mode, batches.append)
     if seed is not None:
         player.seed = seed
     engine.start()
     try:
         deadline = time.perf_counter() + timeout_s
+        pressed = 0
         while len(batches) < count and time.perf_counter() < deadline and engine.failure is None:
+            if play_mode == "on-input" and pressed == len(batches):
+                pressed += 1
+                player.input.tap("w", pressed, time.perf_counter())
+                engine.press(player)
             time.sleep(0.05)
     finally:
         engine.stop()

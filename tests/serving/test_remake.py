@@ -278,7 +278,8 @@ def test_frames_go_out_when_decoded_before_the_block_finishes():
 
 def test_frames_sent_when_decoded_equal_frames_sent_after_the_block():
     """The play engine (CPU, tiny preset) sends the same frames, bitwise, whether it sends them
-    as soon as they are decoded (the default) or after the whole block."""
+    as soon as they are decoded (`send_at_frames_ready`) or after the whole block (the default
+    for continuous play)."""
     from wan.play.engine import EngineConfig, GameEngine
     sent = {}
     for early in (True, False):
@@ -289,6 +290,29 @@ def test_frames_sent_when_decoded_equal_frames_sent_after_the_block():
         for b in batches[:2]:
             assert b.block_start <= b.frames_ready <= b.encoded and not b.remake
     assert [block for block, _ in sent[True]] == [0, 1]
+    assert sent[True] == sent[False]
+
+
+def test_an_on_input_players_frames_go_out_when_decoded(monkeypatch):
+    """On-input play (nothing plays between presses): the engine sends a block's frames from the
+    scheduler's frames-ready call, before the block's cache update is done (`on_input_at_frames_
+    ready`, the default), or after the whole block when that is off; the same frames either way,
+    and each press still gets its own block."""
+    from wan.play.engine import EngineConfig, GameEngine
+    sent = {}
+    for early in (True, False):
+        engine = GameEngine(EngineConfig(device="cpu", max_players=1,
+                                         on_input_at_frames_ready=early))
+        finished = []  # per frames sent: whether its block had finished (its record's finish)
+        send = engine._send
+        monkeypatch.setattr(engine, "_send", lambda record, frames, part=None, send=send,
+                            finished=finished: (finished.append(record.finish is not None),
+                                                send(record, frames, part))[1])
+        batches = play_batches(engine, 3, seed=4, play_mode="on-input")
+        assert [b.block for b in batches[:3]] == [0, 1, 2]
+        assert finished[:3] == [not early] * 3
+        assert all(b.block_start <= b.frames_ready <= b.encoded for b in batches[:3])
+        sent[early] = [b.jpegs for b in batches[:3]]
     assert sent[True] == sent[False]
 
 

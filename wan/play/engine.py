@@ -39,10 +39,11 @@ timed, capacity = how many such blocks fit in one 0.48 s period with 5% to spare
 A player who leaves takes its caches with it (the session, its cache dicts and decoder stream
 are dropped in the worker; `memory_report` shows the device memory before and after).
 
-Frames out as soon as they exist (`send_at_frames_ready`, off by default): the runner decodes a
-block ahead of its cache update, so the worker encodes and sends the frames when they are decoded
-(the scheduler's `on_frames`), on the decode stream, while the GPU still writes the block into
-the caches; what needs the finished block (the player's latest block for re-makes, an on-input
+Frames out as soon as they exist (an on-input player's always, `on_input_at_frames_ready`; a
+continuous player's with `send_at_frames_ready`, off by default): the runner decodes a block ahead
+of its cache update, so the worker encodes and sends the frames when they are decoded (the
+scheduler's `on_frames`), on the decode stream, while the GPU still writes the block into the
+caches; what needs the finished block (the player's latest block for re-makes, an on-input
 player's next block) waits for it.
 
 NaN or inf: every block's latents and frames are checked (`StreamingBlockRunner.check_finite`,
@@ -122,6 +123,11 @@ class EngineConfig:
     # first 4 frames 26 ms sooner, the decode 10 ms longer), a re-make's splice planned with its
     # part's frames-ready time. Off by default: no lead in three H100 runs (step 53)
     frames_in_parts: bool = False
+    # an on-input player's frames sent as soon as they are decoded, whatever send_at_frames_ready
+    # says: nothing plays between its presses, so the page shows them as they arrive and the
+    # cache update (the block's last DiT pass) no longer stands between the press and the frame.
+    # False sends them after the block, as continuous play does (a benchmark measures both)
+    on_input_at_frames_ready: bool = True
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
 
     def resolved_device(self) -> torch.device:
@@ -584,7 +590,8 @@ class GameEngine:
                     if self._encode_in_slack():
                         continue
                     self._sent = _UNSENT
-                    early = self._frames_ready if self.config.send_at_frames_ready else None
+                    early = self._frames_ready if self.config.send_at_frames_ready or \
+                        self.config.on_input_at_frames_ready else None
                     done = self.scheduler.step(timeout=0.05 if not self._encoding() else 0.005,
                                                on_frames=early)
                     if done is not None:
@@ -782,7 +789,15 @@ class GameEngine:
         that could not go (the player left, the block failed), the later parts do not either."""
         if self._sent is None:
             return
+        player = self._player(record.player)
+        if player is not None and not self._sends_at_frames_ready(player):
+            return  # `_block_done` sends them
         self._sent = self._send(record, frames, part)
+
+    def _sends_at_frames_ready(self, player: Player) -> bool:
+        """Whether `player`'s frames go out when they are decoded (else after the block)."""
+        return self.config.send_at_frames_ready or (
+            player.play_mode == "on-input" and self.config.on_input_at_frames_ready)
 
     def _block_done(self, record, frames):
         """After a whole block: its frames out (unless `_frames_ready` sent them), then what
