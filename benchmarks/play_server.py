@@ -115,6 +115,7 @@ def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
         arrival = [v for c in clients for v in c["press_to_arrival_ms"]]
         row = {"players": n, "reactive": reactive, "send_at_frames_ready": send_at_frames_ready,
                "frames_in_parts": frames_in_parts,
+               "encode_in_background": engine.encodes_in_background,
                "realtime": all(c["fps"] >= REALTIME_FPS for c in clients),
                "per_player_fps": [round(c["fps"], 2) for c in clients],
                "per_player_shown_fps": [round(c["shown_fps"], 2) for c in clients],
@@ -200,8 +201,9 @@ def _on_input_rounds(engine, running, blocks, args) -> dict:
 
 def _sent_at(row) -> str:
     """When a row's frames were sent: after the block, when decoded, or part by part."""
-    return "parts " if row.get("frames_in_parts") else \
+    sent = "parts " if row.get("frames_in_parts") else \
         "frames" if row["send_at_frames_ready"] else "block "
+    return sent if row.get("encode_in_background", True) else sent + " (JPEG on the worker)"
 
 
 def _press_parts(clients) -> dict:
@@ -252,6 +254,9 @@ def main(argv=None):
                    help="also one player with the frames sent after the block, at frames-ready "
                         "and (with --frames-in-parts) in parts, N rounds taken in turn, presses "
                         "pooled per setting (the rows above take each once, one after another)")
+    p.add_argument("--compare-encode", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the most players with the JPEG encoding on the GPU's worker thread "
+                        "instead of the sender thread beside the next block (host encoders)")
     p.add_argument("--out", help="write the JSON report here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -283,6 +288,13 @@ def main(argv=None):
         if args.frames_in_parts:
             engine.set_frames_in_parts(False)
         rounds = _send_rounds(engine, running, blocks, args) if args.send_rounds > 0 else {}
+        # the most players with the JPEG encoding on the worker (what the sender thread saves)
+        on_worker = []
+        if args.compare_encode and engine.encoder.encodes_on_host:
+            engine.set_encode_in_background(False)
+            on_worker = _sweep(engine, running, blocks, args, reactive=True,
+                               counts=[args.players])
+            engine.set_encode_in_background(True)
         engine.config.reactive, engine.config.send_at_frames_ready = True, False
         # N - 1 players while one more keeps starting games: joins, new games, uploads
         t0 = time.perf_counter()
@@ -330,6 +342,8 @@ def main(argv=None):
                 "press_to_frame_p95_ms": by_count(in_parts, "press_to_frame_p95_ms")},
             # one player, the send settings taken in turn (--send-rounds), presses pooled
             "send_rounds": rounds,
+            # the most players, the JPEG encoding on the worker instead of the sender thread
+            "encode_on_worker": on_worker,
             "on_input": on_input, "on_input_sent_after_block": on_input_ways["block"],
             "sweep": reactive + blocks_only + at_ready + in_parts,
             "games": games}}
@@ -347,7 +361,7 @@ def main(argv=None):
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     print("\nplayers | re-makes | sent at | fps per player | press->shown p50/p95 ms | press->arrival p50 | "
           "to frames / block ms | encode ms | late | underruns | re-makes granted/refused/late")
-    for r in reactive + blocks_only + at_ready + in_parts:
+    for r in reactive + blocks_only + at_ready + in_parts + on_worker:
         print(f"{r['players']:7d} | {'on ' if r['reactive'] else 'off'} | "
               f"{_sent_at(r)} | "
               f"{', '.join(f'{f:.1f}' for f in r['per_player_fps']):14s} | "
@@ -358,7 +372,7 @@ def main(argv=None):
               f"{r['remakes']['late']}")
     print("\nwhere a press's time goes, p50 ms: to the start of the block that reads it | that "
           "block to its frames | frames ready to sent | transport | page (arrival to shown)")
-    for r in reactive + blocks_only + at_ready + in_parts:
+    for r in reactive + blocks_only + at_ready + in_parts + on_worker:
         parts = r["press_parts_ms_p50"]
         print(f"{r['players']} player(s), re-makes {'on ' if r['reactive'] else 'off'}, sent at "
               f"{_sent_at(r)}: " + " | ".join(

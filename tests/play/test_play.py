@@ -5,6 +5,7 @@ input refused with its reason while the other player keeps playing, the token, i
 on-input play, metrics)."""
 import asyncio
 import base64
+import contextlib
 import gc
 import http.client
 import io
@@ -450,6 +451,32 @@ def test_every_jpeg_encoder_gives_the_frames_within_jpegs_error(where, device):
                                        dtype=torch.uint8).view(352, 640, 3).permute(2, 0, 1)
         error = (decoded.float() - frame.float()).abs()
         assert error.mean() < 3.0 and error.max() < 64, (error.mean(), error.max())
+
+
+@pytest.mark.parametrize("where,device", [("cpu", "cpu"), ("pillow", "cpu"), ("cpu", "cuda")])
+def test_a_started_encoding_holds_the_frames_as_they_were_when_it_started(where, device):
+    """`JpegEncoder.start` (the play engine's sender thread finishes it beside the next block):
+    its JPEGs are those of the frames when it was started, although the frames' memory is
+    written again afterwards on the same stream, behind work still queued there; equal, byte
+    for byte, to the encoding the caller waits for."""
+    from wan.play.encode import JpegEncoder, to_uint8
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the device)")
+    gen = torch.Generator().manual_seed(1)
+    frames = to_uint8(torch.rand(5, 3, 72, 136, generator=gen) * 2 - 1).to(device)
+    encoder = JpegEncoder(torch.device(device), where=where)
+    expected = encoder.encode(frames)
+    stream = torch.cuda.Stream() if device == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        if stream is not None:  # work queued ahead of the frames, so the copy cannot be done yet
+            a = torch.randn(2048, 2048, device=device)
+            for _ in range(20):
+                a = a @ a / 2048 ** 0.5
+        own = frames.clone()
+        job = encoder.start(own)
+        own.zero_()  # the frames' memory written again, after the copy on this stream
+    assert (job.copied is not None) == (device == "cuda")
+    assert job.result() == expected
 
 
 def test_a_jpeg_encoder_that_cannot_run_here_is_a_clear_error():

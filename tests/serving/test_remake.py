@@ -316,6 +316,58 @@ def test_an_on_input_players_frames_go_out_when_decoded(monkeypatch):
     assert sent[True] == sent[False]
 
 
+def test_frames_encoded_in_the_background_equal_frames_encoded_by_the_worker():
+    """`encode_in_background` (the JPEG encoding on a sender thread beside the next block) sends
+    the same frames, bitwise and in the same order, as the worker encoding them itself; with it
+    the frames go out from the sender thread, without it from the worker."""
+    import threading
+    from wan.play.engine import EngineConfig, GameEngine
+
+    class Threads:  # the metrics hooks, called where the frames go out: on which thread
+        def __init__(self):
+            self.names = set()
+
+        def block_done(self, player, batch):
+            self.names.add(threading.current_thread().name)
+
+        def first_frame(self, after, ms):
+            pass
+
+    sent = {}
+    for background in (True, False):
+        threads = Threads()
+        engine = GameEngine(EngineConfig(device="cpu", max_players=1, reactive=False,
+                                         jpeg="pillow", encode_in_background=background),
+                            metrics=threads)
+        batches = play_batches(engine, 3, seed=6)
+        assert all(b.block_start <= b.frames_ready <= b.encoded for b in batches)
+        prefix = "wan-play-send" if background else "wan-play-gpu"
+        assert threads.names and all(n.startswith(prefix) for n in threads.names), threads.names
+        sent[background] = [(b.block, b.jpegs) for b in batches[:3]]
+    assert [block for block, _ in sent[True]] == [0, 1, 2]
+    assert sent[True] == sent[False]
+
+
+def test_frames_of_a_game_that_ended_meanwhile_are_not_delivered():
+    """The sender thread delivers a block's frames after the worker went on: frames of a game
+    that a new game (or an error) ended in between are dropped, not shown after it."""
+    from wan.play.encode import EncodeJob
+    from wan.play.engine import EngineConfig, GameEngine
+    from wan.serving.scheduler import BlockRecord
+    engine = GameEngine(EngineConfig(device="cpu", max_players=1))
+    engine.scheduler.start_live()  # (the clock its records count from; no worker runs)
+    got = []
+    player = engine.add_player("continuous", got.append)
+    player.action = player.input.sample()
+    record = BlockRecord(player.id, 0, 9, 0.0, 0.36, 0.0, 0.01, 0.2, None, 0.15)
+    job = EncodeJob(lambda: [b"jpeg"] * 9)
+    player.games = 2
+    engine._deliver(player, job, record, player.action, 1, 0.0, 0)  # made in game 1
+    assert got == []
+    engine._deliver(player, job, record, player.action, 2, 0.0, 0)
+    assert len(got) == 1 and got[0].game == 2 and got[0].jpegs == [b"jpeg"] * 9
+
+
 @torch.no_grad()
 def test_a_rewound_slot_plays_a_new_game_as_a_fresh_runner(parts):
     """A player slot: the runner's own caches rewound in place for the next game (the graphs

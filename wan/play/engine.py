@@ -60,6 +60,7 @@ import logging
 import math
 import statistics
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -129,6 +130,10 @@ class EngineConfig:
     # False sends them after the block, as continuous play does (a benchmark measures both)
     on_input_at_frames_ready: bool = True
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
+    # the JPEG encoding of a block's frames (a host encoder: jpeg cpu or pillow) on a sender
+    # thread beside the next block, so the GPU's worker does not wait for it (the worker only
+    # queues the frames' copy to the host); False: the worker encodes and sends, then goes on
+    encode_in_background: bool = True
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -341,6 +346,9 @@ class GameEngine:
         self.frame_size = self.conditioner.image_size
         self.default_image = builtin_start_image(self.frame_size)
         self.encoder = JpegEncoder(self.device, config.jpeg_quality, config.jpeg)
+        # one thread, so a player's frames go out in the order they were made
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="wan-play-send") \
+            if config.encode_in_background and self.encoder.encodes_on_host else None
         self.scheduler = DeadlineScheduler(synchronize=self._synchronize)
         self.capacity = config.max_players
         self.metrics = metrics
@@ -374,7 +382,9 @@ class GameEngine:
         return (f"mode {self.space.mode}, preset {self.preset} on {self.device} "
                 f"({str(self.dtype).replace('torch.', '')}, CUDA graphs "
                 f"{'on' if self.cuda_graphs else 'off'}), {weights}, conditioning: "
-                f"{self.conditioner.name}, JPEG: {self.encoder.where}, capacity {self.capacity}")
+                f"{self.conditioner.name}, JPEG: {self.encoder.where}"
+                f"{' beside the next block' if self.encodes_in_background else ''}, "
+                f"capacity {self.capacity}")
 
     # set-up ----------------------------------------------------------------------------------
     def _new_runner(self) -> StreamingBlockRunner:
@@ -430,10 +440,13 @@ class GameEngine:
                 raise player.broken
             if player.failed is not None:
                 raise player.failed
-            self.encoder.encode(to_uint8(frames[0]))
+            job = self.encoder.start(to_uint8(frames[0]))
+            if self._sender is None:  # serving, the worker waits for the encoding too
+                job.result()
             self._synchronize()
             player.session.runner.check_finite()  # NaN/inf from these weights: refuse to serve
             times.append(time.perf_counter() - start)
+            job.result()  # (serving: on the sender thread, beside the next block)
         self._add_slot(player.session.runner)
         del player
         gc.collect()
@@ -445,8 +458,9 @@ class GameEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.memory_before_players = self.device_memory()
-        log.info("warm-up: %.1f ms per steady block (encode included) -> capacity %d players",
-                 self.steady_block_ms, self.capacity)
+        log.info("warm-up: %.1f ms per steady block (%s) -> capacity %d players",
+                 self.steady_block_ms, "the JPEG encoding beside it" if self._sender is not None
+                 else "its JPEG encoding included", self.capacity)
         return self.steady_block_ms
 
     @torch.no_grad()
@@ -473,6 +487,25 @@ class GameEngine:
             runners = self._free_slots + [p.slot for p in self.players if p.slot is not None]
         for runner in runners:
             runner.frames_in_parts = on
+
+    @property
+    def encodes_in_background(self) -> bool:
+        """Whether the frames' JPEG encoding runs on the sender thread (else on the worker)."""
+        return self._sender is not None
+
+    def set_encode_in_background(self, on: bool):
+        """The JPEG encoding on the sender thread (`EngineConfig.encode_in_background`) or on
+        the worker, from the next block on; call it with no player in a game (a benchmark
+        measures both in one run). On needs a host encoder (jpeg cpu or pillow)."""
+        if on and not self.encoder.encodes_on_host:
+            raise ValueError(f"encoding in the background needs a host JPEG encoder (jpeg cpu "
+                             f"or pillow); this engine's is {self.encoder.where}")
+        if on and self._sender is None:
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix="wan-play-send")
+        elif not on and self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
+        self.config.encode_in_background = on
 
     def free_slots(self) -> int:
         """Player slots not in a game now."""
@@ -573,6 +606,8 @@ class GameEngine:
         self.scheduler.wake()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._sender is not None:  # the frames already made still go out
+            self._sender.shutdown(wait=True)
 
     def started(self) -> bool:
         """Whether `start` ran (the worker thread exists)."""
@@ -839,7 +874,6 @@ class GameEngine:
             self._nonfinite(player, error)
             return None
         player.nonfinite_restarts = 0
-        begin = self.scheduler.begin_time()
         start = time.perf_counter()
         # the block's frames from `first` on: a part's own, from the splice of a re-made block
         offset = part.first if part is not None else 0
@@ -850,20 +884,46 @@ class GameEngine:
         # on the decode stream, which the block's frames came from: the cache update, still
         # running on the default stream, does not hold the encoding back; a part's frames on a
         # stream that waits for that part only (the next parts' decode is queued on the other)
-        stream = player.session.runner.side if part is None else part.reader_stream()
+        runner = player.session.runner
+        stream = runner.side if part is None else part.reader_stream()
         with _on_stream(stream):
-            jpegs = self.encoder.encode(to_uint8(shown))
+            job = self.encoder.start(to_uint8(shown))
+        if stream is not None and stream is not runner.side and job.copied is not None:
+            # (the decoder's next writes, on its own stream, after this part's frames are read)
+            runner.side.wait_event(job.copied)
+        made = (record, player.action, player.games, start, first)
+        if self._sender is None:
+            self._deliver(player, job, *made)
+        else:  # the encoding beside the next block; the frames go out from the sender thread
+            self._sender.submit(self._deliver, player, job, *made)
+        return player
+
+    def _deliver(self, player: Player, job, record, action, game: int, start: float,
+                 first: int):
+        """The frames' JPEGs (`job`) in a FrameBatch to the player's sink, with the metrics:
+        on the worker thread, or with `encode_in_background` on the sender thread (frames of a
+        game that has ended meanwhile, by a new game or an error, are dropped there: the page
+        was told of the new game first)."""
+        try:
+            jpegs = job.result()
+        except Exception as error:  # noqa: BLE001 - this player's; the worker reports it
+            log.exception("player %d: encoding its frames failed", player.id)
+            player.failed = error
+            return
+        if game != player.games or player.closed:
+            return
+        remake = record.remake
         encoded = time.perf_counter()
+        begin = self.scheduler.begin_time()
         # the block's time as the metrics define it: its start to its frames ready
         ready = record.ready if record.ready is not None else record.finish
-        action = player.action
         batch = FrameBatch(
             block=record.block, jpegs=jpegs, input_id=action.input_id,
             input_received=action.input_received, block_start=begin + record.start,
             frames_ready=begin + ready, encoded=encoded,
             encode_ms=1e3 * (encoded - start), block_ms=1e3 * (ready - record.start),
             wait_ms=1e3 * max(0.0, record.start - record.release), late=record.late,
-            first_frame=first, remake=remake is not None, game=player.games,
+            first_frame=first, remake=remake is not None, game=game,
             frames_in_block=record.frames)
         if remake is None:
             player.frames_shown.append((encoded, len(jpegs)))
@@ -877,7 +937,6 @@ class GameEngine:
         if self.metrics is not None:
             self.metrics.block_done(player, batch)
         player.sink(batch)
-        return player
 
 
 class GameConditions:
