@@ -290,7 +290,8 @@ class Player:
         return None, None
 
     def fps(self, now: float, window_s: float = 5.0) -> float:
-        recent = [(t, n) for t, n in self.frames_shown if now - t <= window_s]
+        # a copy first (taken at once under the GIL): the sender thread appends meanwhile
+        recent = [(t, n) for t, n in list(self.frames_shown) if now - t <= window_s]
         if len(recent) < 2:
             return 0.0
         span = recent[-1][0] - recent[0][0]
