@@ -559,7 +559,10 @@ def test_soak_memory_is_flat(soak):
 
 def test_soak_leaks_no_threads_fds_or_sockets(soak):
     baseline, final = soak["baseline"], soak["final"]
-    assert len(soak["clients"]) > 2 * POOL_SLACK  # enough connections for a leak to show
+    # enough connections for a leak to show: a thread (or fd) left per connection would exceed
+    # the pool's slack (twice the slack was asked before: 38 on a 16-core machine, more than
+    # the 40 s chaos makes there, 32 on an H100 host; CI's 2 cores ask 5)
+    assert len(soak["clients"]) > POOL_SLACK, (len(soak["clients"]), POOL_SLACK)
     assert soak["back_to_baseline"], (
         f"20 s after everyone left: {final} against the baseline {baseline} (fds and sockets "
         f"at most the baseline's, threads at most {POOL_SLACK} more)\n{_server_log(soak)}")
