@@ -94,13 +94,16 @@ def _p(values, q):
 
 
 def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
-           send_at_frames_ready: bool = False, frames_in_parts: bool = False) -> list:
+           send_at_frames_ready: bool = False, frames_in_parts: bool = False,
+           remakes_at_frames_ready: bool = True) -> list:
     """Continuous players 1..--players (or `counts`) with re-makes on or off: a row per player
     count. `send_at_frames_ready`: frames sent as soon as they are decoded instead of after the
     whole block (EngineConfig.send_at_frames_ready); `frames_in_parts`: and decoded one latent
-    frame per call, each part sent when decoded (EngineConfig.frames_in_parts)."""
+    frame per call, each part sent when decoded (EngineConfig.frames_in_parts);
+    `remakes_at_frames_ready` False: re-made blocks' frames after the whole block too."""
     engine.config.reactive = reactive
     engine.config.send_at_frames_ready = send_at_frames_ready
+    engine.config.remakes_at_frames_ready = remakes_at_frames_ready
     if args.frames_in_parts:
         engine.set_frames_in_parts(frames_in_parts)
     rows = []
@@ -114,6 +117,7 @@ def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
         latency = [v for c in clients for v in c["press_to_frame_ms"]]
         arrival = [v for c in clients for v in c["press_to_arrival_ms"]]
         row = {"players": n, "reactive": reactive, "send_at_frames_ready": send_at_frames_ready,
+               "remakes_at_frames_ready": remakes_at_frames_ready,
                "frames_in_parts": frames_in_parts,
                "encode_in_background": engine.encodes_in_background,
                "realtime": all(c["fps"] >= REALTIME_FPS for c in clients),
@@ -148,12 +152,15 @@ def _sweep(engine, running, blocks, args, reactive: bool, counts=None,
 
 
 SEND_SETTINGS = {"block": {}, "frames": {"send_at_frames_ready": True},
-                 "parts": {"send_at_frames_ready": True, "frames_in_parts": True}}
+                 "parts": {"send_at_frames_ready": True, "frames_in_parts": True},
+                 # every block's frames after the block, re-made ones too (before step 55)
+                 "all-block": {"remakes_at_frames_ready": False}}
 
 
 def _send_rounds(engine, running, blocks, args) -> dict:
-    """One player, re-makes on, the frames sent after the block / at frames-ready / in parts
-    (with --frames-in-parts), `--send-rounds` times in turn (block, frames, parts, block, ...), so
+    """One player, re-makes on, the frames sent after the block (re-made blocks' at
+    frames-ready: "block"; re-made ones after the block too: "all-block") / at frames-ready / in
+    parts (with --frames-in-parts), `--send-rounds` times in turn (block, frames, ...), so
     that the machine's drift over the run falls on every setting alike; each setting's presses are
     pooled over its rounds. {setting: {p50, p95, presses, round_p50s}}."""
     settings = [s for s in SEND_SETTINGS if s != "parts" or args.frames_in_parts]
@@ -167,7 +174,7 @@ def _send_rounds(engine, running, blocks, args) -> dict:
             round_p50s[setting].append(row["press_to_frame_p50_ms"])
     if args.frames_in_parts:
         engine.set_frames_in_parts(False)
-    engine.config.send_at_frames_ready = False
+    engine.config.send_at_frames_ready, engine.config.remakes_at_frames_ready = False, True
     return {s: {"p50": _median(presses[s]), "p95": _p(presses[s], 0.95),
                 "presses": len(presses[s]), "round_p50s": round_p50s[s]} for s in settings}
 
@@ -202,7 +209,8 @@ def _on_input_rounds(engine, running, blocks, args) -> dict:
 def _sent_at(row) -> str:
     """When a row's frames were sent: after the block, when decoded, or part by part."""
     sent = "parts " if row.get("frames_in_parts") else \
-        "frames" if row["send_at_frames_ready"] else "block "
+        "frames" if row["send_at_frames_ready"] else \
+        "block " if row.get("remakes_at_frames_ready", True) else "block (re-makes too)"
     return sent if row.get("encode_in_background", True) else sent + " (JPEG on the worker)"
 
 

@@ -316,6 +316,31 @@ def test_an_on_input_players_frames_go_out_when_decoded(monkeypatch):
     assert sent[True] == sent[False]
 
 
+def test_which_frames_go_out_when_decoded():
+    """The engine's rule for sending at frames-ready (else after the whole block): a re-made
+    block's (its splice was planned on that time) and an on-input player's by default, a
+    continuous player's regular block only with `send_at_frames_ready`; each switch alone."""
+    from wan.play.engine import EngineConfig, GameEngine, Player
+    from wan.serving.scheduler import BlockRecord
+    engine = GameEngine(EngineConfig(device="cpu", max_players=1))
+    continuous = Player(engine.space, "continuous", sink=lambda batch: None)
+    on_input = Player(engine.space, "on-input", sink=lambda batch: None)
+    block = BlockRecord(1, 3, 12, 0.0, 1.0, 0.7, 0.75, None, None, 0.85)
+    remake = BlockRecord(1, 3, 12, 0.0, 1.0, 0.7, 0.75, None, 5, 0.85)
+
+    def rule():
+        return [engine.sends_at_frames_ready(continuous, block),
+                engine.sends_at_frames_ready(continuous, remake),
+                engine.sends_at_frames_ready(on_input, block)]
+    assert rule() == [False, True, True]
+    engine.config.remakes_at_frames_ready = False
+    assert rule() == [False, False, True]
+    engine.config.on_input_at_frames_ready = False
+    assert rule() == [False, False, False]
+    engine.config.send_at_frames_ready = True
+    assert rule() == [True, True, True]
+
+
 def test_frames_encoded_in_the_background_equal_frames_encoded_by_the_worker():
     """`encode_in_background` (the JPEG encoding on a sender thread beside the next block) sends
     the same frames, bitwise and in the same order, as the worker encoding them itself; with it

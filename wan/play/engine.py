@@ -39,12 +39,12 @@ timed, capacity = how many such blocks fit in one 0.48 s period with 5% to spare
 A player who leaves takes its caches with it (the session, its cache dicts and decoder stream
 are dropped in the worker; `memory_report` shows the device memory before and after).
 
-Frames out as soon as they exist (an on-input player's always, `on_input_at_frames_ready`; a
-continuous player's with `send_at_frames_ready`, off by default): the runner decodes a block ahead
-of its cache update, so the worker encodes and sends the frames when they are decoded (the
-scheduler's `on_frames`), on the decode stream, while the GPU still writes the block into the
-caches; what needs the finished block (the player's latest block for re-makes, an on-input
-player's next block) waits for it.
+Frames out as soon as they exist (an on-input player's, `on_input_at_frames_ready`, and a re-made
+block's, `remakes_at_frames_ready`, both on; every block's with `send_at_frames_ready`, off by
+default): the runner decodes a block ahead of its cache update, so the worker hands the frames to
+the encoder when they are decoded (the scheduler's `on_frames`), on the decode stream, while the
+GPU still writes the block into the caches; what needs the finished block (the player's latest
+block for re-makes, an on-input player's next block) waits for it.
 
 NaN or inf: every block's latents and frames are checked (`StreamingBlockRunner.check_finite`,
 read when the frames are ready: the check is made on the decode stream just before them). A
@@ -129,6 +129,11 @@ class EngineConfig:
     # cache update (the block's last DiT pass) no longer stands between the press and the frame.
     # False sends them after the block, as continuous play does (a benchmark measures both)
     on_input_at_frames_ready: bool = True
+    # a re-made block's frames sent as soon as they are decoded, whatever send_at_frames_ready
+    # says: the scheduler plans a re-make's splice on the frames-ready time (its frames replace
+    # ones about to show). False sends them after the block, ~20 ms after that plan (on an H100
+    # 6-14 re-made frames a run then came too late for their slot, `frames_too_late`)
+    remakes_at_frames_ready: bool = True
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
     # the JPEG encoding of a block's frames (a host encoder: jpeg cpu or pillow) on a sender
     # thread beside the next block, so the GPU's worker does not wait for it (the worker only
@@ -626,8 +631,10 @@ class GameEngine:
                     if self._encode_in_slack():
                         continue
                     self._sent = _UNSENT
-                    early = self._frames_ready if self.config.send_at_frames_ready or \
-                        self.config.on_input_at_frames_ready else None
+                    config = self.config
+                    early = self._frames_ready if config.send_at_frames_ready or \
+                        config.on_input_at_frames_ready or config.remakes_at_frames_ready \
+                        else None
                     done = self.scheduler.step(timeout=0.05 if not self._encoding() else 0.005,
                                                on_frames=early)
                     if done is not None:
@@ -826,14 +833,18 @@ class GameEngine:
         if self._sent is None:
             return
         player = self._player(record.player)
-        if player is not None and not self._sends_at_frames_ready(player):
+        if player is not None and not self.sends_at_frames_ready(player, record):
             return  # `_block_done` sends them
         self._sent = self._send(record, frames, part)
 
-    def _sends_at_frames_ready(self, player: Player) -> bool:
-        """Whether `player`'s frames go out when they are decoded (else after the block)."""
-        return self.config.send_at_frames_ready or (
-            player.play_mode == "on-input" and self.config.on_input_at_frames_ready)
+    def sends_at_frames_ready(self, player: Player, record) -> bool:
+        """Whether the frames of `player`'s block `record` go out when they are decoded (else
+        after the whole block): every block's with `send_at_frames_ready`, a re-made block's
+        (`remakes_at_frames_ready`), an on-input player's (`on_input_at_frames_ready`)."""
+        config = self.config
+        return config.send_at_frames_ready or (
+            record.remake is not None and config.remakes_at_frames_ready) or (
+            player.play_mode == "on-input" and config.on_input_at_frames_ready)
 
     def _block_done(self, record, frames):
         """After a whole block: its frames out (unless `_frames_ready` sent them), then what
