@@ -352,9 +352,9 @@ class GameEngine:
         self.frame_size = self.conditioner.image_size
         self.default_image = builtin_start_image(self.frame_size)
         self.encoder = JpegEncoder(self.device, config.jpeg_quality, config.jpeg)
-        # one thread, so a player's frames go out in the order they were made
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="wan-play-send") \
-            if config.encode_in_background and self.encoder.encodes_on_host else None
+        self._sender: Optional[ThreadPoolExecutor] = None  # encode_in_background's thread
+        if config.encode_in_background and self.encoder.encodes_on_host:
+            self.set_encode_in_background(True)
         self.scheduler = DeadlineScheduler(synchronize=self._synchronize)
         self.capacity = config.max_players
         self.metrics = metrics
@@ -452,7 +452,8 @@ class GameEngine:
             self._synchronize()
             player.session.runner.check_finite()  # NaN/inf from these weights: refuse to serve
             times.append(time.perf_counter() - start)
-            job.result()  # (serving: on the sender thread, beside the next block)
+            if self._sender is not None:  # serving, on the sender thread beside the next block
+                job.result()
         self._add_slot(player.session.runner)
         del player
         gc.collect()
@@ -507,6 +508,7 @@ class GameEngine:
             raise ValueError(f"encoding in the background needs a host JPEG encoder (jpeg cpu "
                              f"or pillow); this engine's is {self.encoder.where}")
         if on and self._sender is None:
+            # one thread, so a player's frames go out in the order they were made
             self._sender = ThreadPoolExecutor(1, thread_name_prefix="wan-play-send")
         elif not on and self._sender is not None:
             self._sender.shutdown(wait=True)
