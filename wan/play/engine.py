@@ -132,7 +132,7 @@ class EngineConfig:
     # a re-made block's frames sent as soon as they are decoded, whatever send_at_frames_ready
     # says: the scheduler plans a re-make's splice on the frames-ready time (its frames replace
     # ones about to show). False sends them after the block, ~20 ms after that plan (on an H100
-    # 6-14 re-made frames a run then came too late for their slot, `frames_too_late`)
+    # 6-20 re-made frames a row then came too late for their slot, `frames_too_late`; step 55)
     remakes_at_frames_ready: bool = True
     new_game_interval_s: float = 1.0     # a player's new games start at most this often
     # the JPEG encoding of a block's frames (a host encoder: jpeg cpu or pillow) on a sender
