@@ -2,6 +2,8 @@
 from one of its frames on is, bitwise, the stream that was fed the spliced actions from the start
 (frames, the DiT's caches, the decoder's history, the blocks after); a re-make with unchanged
 actions gives the same frames again. Tiny preset, float32, CPU: reference and optimized models."""
+import math
+
 import pytest
 import torch
 
@@ -140,60 +142,86 @@ def test_only_the_latest_block_can_be_remade(parts):
 from test_serving import FakeClock, FakeSession  # noqa: E402  (players whose blocks take block_s)
 
 
-def _play(players, block_s, change_every_s, seconds=12.0):
-    """Live scheduling on a fake clock with every player's keys changing every `change_every_s`
-    (phases spread): each change asks for a re-make of the player's latest block, shown from
-    the later of its deadline and its finish. Returns (records, granted, refused)."""
-    from wan.serving.scheduler import DeadlineScheduler, block_frames
-    clock = FakeClock()
-    scheduler = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=lambda: None)
-    scheduler.block_estimate_s = block_s
-    scheduler.start_live()
-    sessions = [FakeSession(p, clock, block_s) for p in range(players)]
-    changes = sorted((0.5 + p * 0.097 + k * change_every_s, p)
-                     for p in range(players) for k in range(int(seconds / change_every_s)))
-    latest, records, granted, refused = {}, [], 0, 0
-    for session in sessions:
-        scheduler.join(session)
-    while clock.now < seconds:
-        while changes and changes[0][0] <= clock.now:
-            _, p = changes.pop(0)
-            if p not in latest:
-                continue
-            record = latest[p]
-            splice = scheduler.try_remake(sessions[p], max(record.due, record.finish),
-                                          block_frames(record.block), record.block)
-            granted, refused = granted + (splice is not None), refused + (splice is None)
-        done = scheduler.step(timeout=0.0)
-        if done is None:  # idle until the next release or input change
-            upcoming = [t for t in (scheduler.next_release(), changes[0][0] if changes else None)
-                        if t is not None]
-            clock.now = max(clock.now, min(upcoming)) if upcoming else seconds
-            continue
-        record, _ = done
-        records.append(record)
-        if record.remake is None:
-            latest[record.player] = record
-    return records, granted, refused
-
-
 @pytest.mark.parametrize("players,block_s", [(1, 0.12), (2, 0.1), (3, 0.1), (4, 0.115)])
-def test_remakes_are_granted_in_slack_and_never_make_a_block_late(players, block_s):
-    records, granted, refused = _play(players, block_s, change_every_s=0.3)
-    blocks = [r for r in records if r.remake is None]
-    remakes = [r for r in records if r.remake is not None]
-    # joining at once, the last players' first blocks may be late: never because of a re-make
-    without, _, _ = _play(players, block_s, change_every_s=1e9)
-    late_anyway = {(r.player, r.block) for r in without if r.late}
+@pytest.mark.parametrize("seed", [0, 1])
+def test_remakes_are_granted_in_slack_and_never_make_a_block_late(players, block_s, seed):
+    """The live scheduler on a simulated clock (wan.serving.schedule_sim), players joining at
+    once, every player's keys changing every 0.3 s on average, each change asking for a re-make."""
+    from wan.serving.schedule_sim import simulate
+    run = simulate(players, block_s, change_every_s=0.3, seconds=12.0, stagger=False, seed=seed)
+    blocks = [r for r in run.records if r.remake is None]
+    remakes = [r for r in run.records if r.remake is not None]
+    without = simulate(players, block_s, change_every_s=math.inf, seconds=12.0, stagger=False,
+                       seed=seed)
+    late_anyway = {(r.player, r.block) for r in without.records if r.late}
     assert {(r.player, r.block) for r in blocks if r.late} <= late_anyway, "a re-make made a block late"
-    assert len(late_anyway) <= 1
+    assert not late_anyway  # joining at once, the first deadlines are placed where they fit
     assert not [r for r in remakes if r.late], "a re-made block missed its splice frame"
-    assert len(remakes) == granted
+    assert run.granted - 1 <= len(remakes) <= run.granted  # (the last may still wait at the end)
+    # a change shows in a re-made frame, or in the next block (it starts within a period and is
+    # released at most a period before it shows)
+    assert run.press_to_shown_s and all(0 < s <= 2 * 0.48 + 0.05 for s in run.press_to_shown_s)
     if players * block_s <= 0.3:  # a period has room for a re-make per player and change
-        assert granted >= refused > 0 or refused == 0
-        assert granted > 0
+        assert run.granted > 0
     if players == 4:  # 4 x 115 ms fill the 480 ms period: no slack for re-makes
-        assert granted <= refused
+        assert run.granted == 0 < run.refused
+
+
+@pytest.mark.parametrize("players,block_s", [(1, 0.126), (2, 0.126), (1, 0.105), (2, 0.105)])
+def test_a_join_makes_no_playing_players_block_late(players, block_s):
+    """One more player joins beside `players` every 3 s at a random phase and leaves after
+    1.5 s (simulated clock, blocks varying by +-3%): none of the playing players' blocks is
+    late, and the joiner's first frame comes within a period of the 0.36 s it would take alone.
+    (Before its first deadline was placed where it fits, a join beside one player made 13-15
+    of its blocks late in 57 joins: lab notebook step 57.)"""
+    from wan.serving.schedule_sim import simulate
+    run = simulate(players, block_s, block_s * 0.85, change_every_s=math.inf, seconds=60.0,
+                   jitter=0.03, joiner_every_s=3.0, seed=players)
+    assert len(run.first_frame_s) >= 18
+    assert run.late_blocks_of_others == 0
+    assert max(run.first_frame_s) <= 0.36 + 0.48 + 1e-9
+    assert min(run.first_frame_s) == pytest.approx(0.36)
+
+
+def test_a_joiners_first_deadline_moves_off_a_playing_players_block():
+    """One player plays with 126 ms blocks; a second joins just when a block of the first would
+    have to run where the joiner's first block is due: the joiner's first deadline moves on by
+    whole frames until both fit, and neither is late."""
+    from wan.serving.scheduler import DeadlineScheduler
+    from wan.serving.schedule_sim import SimClock, SimSession
+    clock = SimClock()
+    scheduler = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=lambda: None)
+    scheduler.block_estimate_s = 0.126
+    scheduler.start_live()
+    first = SimSession(0, clock, 0.126, 0.11)
+    scheduler.join(first)  # block 0 due 0.36, then every 0.48 s
+    records = []
+    while len(records) < 3:
+        done = scheduler.step(timeout=0.0)
+        if done is None:
+            clock.now = scheduler.next_release()
+            continue
+        records.append(done[0])
+    # the first player's block 3 is due at 1.80, released at 1.624 (one player's lead: it waits
+    # since before the join); a joiner now (1.45) due at 1.81 would finish 76 ms late after it
+    clock.now = 1.45
+    joiner = SimSession(1, clock, 0.126, 0.11)
+    scheduler.join(joiner)
+    (entry,) = [n for n in scheduler._queue if n.session is joiner]
+    assert entry.due > 1.45 + 0.36 + 1e-9
+    assert ((entry.due - 1.81) * 25) == pytest.approx(round((entry.due - 1.81) * 25))
+    while clock.now < 4.0:
+        done = scheduler.step(timeout=0.0)
+        if done is None:
+            clock.now = scheduler.next_release()
+            continue
+        records.append(done[0])
+    assert not [r for r in records if r.late]
+    alone = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=lambda: None)
+    alone.start_live()
+    clock.now = 5.0
+    alone.join(SimSession(2, clock, 0.126, 0.11))  # nothing else waits: 0.36 s
+    assert alone._queue[0].due == pytest.approx(5.0 - alone.begin_time() + 0.36)
 
 
 def test_a_remake_splices_at_the_first_frame_it_can_be_ready_for():

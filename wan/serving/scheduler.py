@@ -327,15 +327,41 @@ class DeadlineScheduler:
 
     def join(self, session, continuous: bool = True):
         """A live session joins now: continuous sessions get their first block due when its
-        frames would show (0.36 s from now), on-input ones wait for `request`."""
+        frames would show (0.36 s from now, later by as many frames as it takes, up to a period,
+        for its blocks to fit beside the others' without making one of them late:
+        `_first_fitting_due`), on-input ones wait for `request`."""
         with self._wake:
             if continuous:
                 self._continuous.add(id(session))
                 now = self.now()
-                due = now + block_frames(session.blocks_done) / VIDEO_FPS
+                due = self._first_fitting_due(
+                    session, now, now + block_frames(session.blocks_done) / VIDEO_FPS)
                 self._queue.append(_Next(due, next(self._order), max(now, due - self.release_lead()),
                                          session, now))
             self._wake.notify()
+
+    def _first_fitting_due(self, session, now: float, due: float) -> float:
+        """The first of `due`, `due` + a frame, ... up to a period later at which a new
+        continuous player's blocks (the one waiting and the next ones, `_overruns`' plan) make no
+        waiting block later than it would be anyway, and are not late themselves; `due` itself
+        when none does (the GPU is over its capacity: everyone slows down alike). Under the lock,
+        with the session already counted as continuous (the release lead counts it)."""
+        plan = self._plan(now)
+        anyway = _overruns(self._queue, **plan)
+        for frames in range(BLOCK_FRAMES + 1):
+            entry = _Next(due + frames / VIDEO_FPS, next(self._order), now, session, now)
+            entry.release = max(now, entry.due - plan["lead"])
+            overrun = _overruns(self._queue + [entry], **plan)
+            if all(late <= anyway.get(key, 0.0) + 1e-9 for key, late in overrun.items()):
+                return entry.due
+        return due
+
+    def _plan(self, now: float) -> dict:
+        """`_overruns`' arguments for a plan made now: the scheduler's estimates, two periods on."""
+        ready = min(self.ready_estimate_s or math.inf, self.block_estimate_s)
+        return dict(now=now, duration=self.block_estimate_s, ready=ready,
+                    continuous=self._continuous, lead=self.release_lead(),
+                    horizon=now + 2 * PERIOD_S, keep=self.RELEASE_MARGIN_S)
 
     def request(self, session) -> bool:
         """An on-input session asks for its next block now (its deadline: now + one block's time).
@@ -373,10 +399,8 @@ class DeadlineScheduler:
             if any(n.session is session and n.remake is not None for n in self._queue):
                 return None
             now = self.now()
-            ready = min(self.ready_estimate_s or math.inf, self.block_estimate_s)
-            plan = dict(now=now, duration=self.block_estimate_s, ready=ready,
-                        continuous=self._continuous, lead=self.release_lead(),
-                        horizon=now + 2 * PERIOD_S, keep=self.RELEASE_MARGIN_S)
+            plan = self._plan(now)
+            ready = plan["ready"]
             overrun_anyway = _overruns(self._queue, **plan)
             for splice in range(frames):
                 # the first frame whose re-made version can be ready before it shows (a block in
