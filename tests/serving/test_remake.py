@@ -196,12 +196,15 @@ def test_a_joiners_first_deadline_moves_off_a_playing_players_block():
     first = SimSession(0, clock, 0.126, 0.11)
     scheduler.join(first)  # block 0 due 0.36, then every 0.48 s
     records = []
-    while len(records) < 3:
-        done = scheduler.step(timeout=0.0)
-        if done is None:
-            clock.now = scheduler.next_release()
-            continue
-        records.append(done[0])
+
+    def run_until(done_when):  # the scheduler's blocks, idling to each next release
+        while not done_when():
+            done = scheduler.step(timeout=0.0)
+            if done is None:
+                clock.now = scheduler.next_release()
+            else:
+                records.append(done[0])
+    run_until(lambda: len(records) == 3)
     # the first player's block 3 is due at 1.80, released at 1.624 (one player's lead: it waits
     # since before the join); a joiner now (1.45) due at 1.81 would finish 76 ms late after it
     clock.now = 1.45
@@ -210,12 +213,7 @@ def test_a_joiners_first_deadline_moves_off_a_playing_players_block():
     (entry,) = [n for n in scheduler._queue if n.session is joiner]
     assert entry.due > 1.45 + 0.36 + 1e-9
     assert ((entry.due - 1.81) * 25) == pytest.approx(round((entry.due - 1.81) * 25))
-    while clock.now < 4.0:
-        done = scheduler.step(timeout=0.0)
-        if done is None:
-            clock.now = scheduler.next_release()
-            continue
-        records.append(done[0])
+    run_until(lambda: clock.now >= 4.0)
     assert not [r for r in records if r.late]
     alone = DeadlineScheduler(clock=clock, sleep=lambda s: None, synchronize=lambda: None)
     alone.start_live()

@@ -12,13 +12,11 @@ starts after t (it reads the new keys when it starts).
 """
 import math
 import random
-import statistics
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
-from .scheduler import (VIDEO_FPS, BlockRecord, DeadlineScheduler, block_frames,
-                        percentile)
+from .scheduler import VIDEO_FPS, BlockRecord, DeadlineScheduler, block_frames
 
 
 class SimClock:
@@ -74,21 +72,10 @@ class SimResult:
     def late_remakes(self) -> int:
         return sum(r.late for r in self.records if r.remake is not None)
 
-    def summary(self) -> Dict:
-        presses = [1e3 * s for s in self.press_to_shown_s]
-        firsts = [1e3 * s for s in self.first_frame_s]
-        return {"press_to_shown_p50_ms": statistics.median(presses) if presses else None,
-                "press_to_shown_p95_ms": percentile(presses, 0.95) if presses else None,
-                "presses": len(presses), "granted": self.granted, "refused": self.refused,
-                "late_blocks": self.late_blocks, "late_remakes": self.late_remakes,
-                "first_frame_p50_ms": statistics.median(firsts) if firsts else None,
-                "first_frame_max_ms": max(firsts) if firsts else None,
-                "late_blocks_of_others": self.late_blocks_of_others}
-
 
 def simulate(players: int, block_s: float, ready_s: Optional[float] = None,
-             change_every_s: float = 0.7, seconds: float = 30.0, reactive: bool = True, jitter: float = 0.0, seed: int = 0,
-             joiner_every_s: Optional[float] = None, joiner_plays_s: float = 1.5,
+             change_every_s: float = 0.7, seconds: float = 30.0, reactive: bool = True,
+             jitter: float = 0.0, seed: int = 0, joiner_every_s: Optional[float] = None, joiner_plays_s: float = 1.5,
              stagger: bool = True) -> SimResult:
     """`players` continuous players (joining spread over a period with `stagger`, else at
     once), each player's keys changing at random (exponential gaps of mean `change_every_s`;
@@ -146,7 +133,8 @@ def simulate(players: int, block_s: float, ready_s: Optional[float] = None,
                     result.press_to_shown_s.append(
                         max(shown_at + splice / VIDEO_FPS, clock.now) - at)
                 else:
-                    result.refused += reactive
+                    if reactive:
+                        result.refused += 1
                     waiting.append((at, session.player_id))
         done = scheduler.step(timeout=0.0)
         if done is None:  # idle until the next start or event

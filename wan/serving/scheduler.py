@@ -329,32 +329,33 @@ class DeadlineScheduler:
         """A live session joins now: continuous sessions get their first block due when its
         frames would show (0.36 s from now, later by as many frames as it takes, up to a period,
         for its blocks to fit beside the others' without making one of them late:
-        `_first_fitting_due`), on-input ones wait for `request`."""
+        `_first_fitting_block`), on-input ones wait for `request`."""
         with self._wake:
             if continuous:
                 self._continuous.add(id(session))
-                now = self.now()
-                due = self._first_fitting_due(
-                    session, now, now + block_frames(session.blocks_done) / VIDEO_FPS)
-                self._queue.append(_Next(due, next(self._order), max(now, due - self.release_lead()),
-                                         session, now))
+                self._queue.append(self._first_fitting_block(session, self.now()))
             self._wake.notify()
 
-    def _first_fitting_due(self, session, now: float, due: float) -> float:
-        """The first of `due`, `due` + a frame, ... up to a period later at which a new
-        continuous player's blocks (the one waiting and the next ones, `_overruns`' plan) make no
-        waiting block later than it would be anyway, and are not late themselves; `due` itself
-        when none does (the GPU is over its capacity: everyone slows down alike). Under the lock,
-        with the session already counted as continuous (the release lead counts it)."""
+    def _first_fitting_block(self, session, now: float) -> _Next:
+        """A new continuous player's first block, due at the first of 0.36 s from now, a frame
+        later, ... up to a period later at which its blocks (this one and the next ones,
+        `_overruns`' plan) make no waiting block later than it would be anyway and are not late
+        themselves; due at 0.36 s when none is (the GPU is over its capacity: everyone slows down
+        alike). Released `release_lead()` before it is due. Under the lock, with the session
+        already counted as continuous (the release lead counts it)."""
         plan = self._plan(now)
         anyway = _overruns(self._queue, **plan)
+        first_due = now + block_frames(session.blocks_done) / VIDEO_FPS
+        order = next(self._order)
+
+        def block(due):
+            return _Next(due, order, max(now, due - plan["lead"]), session, now)
         for frames in range(BLOCK_FRAMES + 1):
-            entry = _Next(due + frames / VIDEO_FPS, next(self._order), now, session, now)
-            entry.release = max(now, entry.due - plan["lead"])
+            entry = block(first_due + frames / VIDEO_FPS)
             overrun = _overruns(self._queue + [entry], **plan)
             if all(late <= anyway.get(key, 0.0) + 1e-9 for key, late in overrun.items()):
-                return entry.due
-        return due
+                return entry
+        return block(first_due)
 
     def _plan(self, now: float) -> dict:
         """`_overruns`' arguments for a plan made now: the scheduler's estimates, two periods on."""
